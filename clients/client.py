@@ -1,0 +1,158 @@
+"""A small synchronous client for onnxserve (or any KServe V2 gRPC server)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import grpc
+import numpy as np
+
+from onnxserve.protos import inference_pb2 as pb
+from onnxserve.protos import inference_pb2_grpc
+from onnxserve.protos.codec import decode_contents, decode_raw, encode_contents, encode_raw
+from onnxserve.protos.datatypes import by_name, by_numpy
+
+DEFAULT_URL = "localhost:8001"
+MAX_MESSAGE_BYTES = 256 * 1024 * 1024
+
+
+class InferenceServerError(Exception):
+    """The server answered with an error status (or could not be reached)."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(f"{code.name}: {message}")
+        self.code = code
+        self.message = message
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    datatype: str
+    shape: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class ModelMetadata:
+    name: str
+    versions: tuple[str, ...]
+    platform: str
+    inputs: tuple[TensorInfo, ...]
+    outputs: tuple[TensorInfo, ...]
+    parameters: dict[str, object] = field(default_factory=dict)
+
+
+def _parameter(param: pb.InferParameter) -> object:
+    choice = param.WhichOneof("parameter_choice")
+    return getattr(param, choice) if choice else None
+
+
+class Client:
+    """``Client("localhost:8001")``: health, metadata and inference over gRPC."""
+
+    def __init__(self, url: str = DEFAULT_URL, timeout: float = 60.0) -> None:
+        self.url = url
+        self.timeout = timeout
+        self._channel = grpc.insecure_channel(
+            url,
+            options=[
+                ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+                ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+            ],
+        )
+        self._stub = inference_pb2_grpc.GRPCInferenceServiceStub(self._channel)
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def _call(self, method: str, request):
+        try:
+            return getattr(self._stub, method)(request, timeout=self.timeout)
+        except grpc.RpcError as exc:
+            raise InferenceServerError(exc.code(), exc.details() or "") from None
+
+    def is_server_live(self) -> bool:
+        return self._call("ServerLive", pb.ServerLiveRequest()).live
+
+    def is_server_ready(self) -> bool:
+        return self._call("ServerReady", pb.ServerReadyRequest()).ready
+
+    def is_model_ready(self, name: str, version: str = "") -> bool:
+        return self._call("ModelReady", pb.ModelReadyRequest(name=name, version=version)).ready
+
+    def server_metadata(self) -> dict[str, object]:
+        r = self._call("ServerMetadata", pb.ServerMetadataRequest())
+        return {"name": r.name, "version": r.version, "extensions": list(r.extensions)}
+
+    def model_metadata(self, name: str, version: str = "") -> ModelMetadata:
+        r = self._call("ModelMetadata", pb.ModelMetadataRequest(name=name, version=version))
+
+        def info(tensors) -> tuple[TensorInfo, ...]:
+            return tuple(TensorInfo(t.name, t.datatype, tuple(t.shape)) for t in tensors)
+
+        return ModelMetadata(
+            name=r.name,
+            versions=tuple(r.versions),
+            platform=r.platform,
+            inputs=info(r.inputs),
+            outputs=info(r.outputs),
+            parameters={k: _parameter(v) for k, v in r.parameters.items()},
+        )
+
+    def models(self) -> list[dict[str, str]]:
+        """The repository index: name, version, state and reason of each model."""
+        r = self._call("RepositoryIndex", pb.RepositoryIndexRequest())
+        return [
+            {"name": m.name, "version": m.version, "state": m.state, "reason": m.reason}
+            for m in r.models
+        ]
+
+    def infer(
+        self,
+        model: str,
+        inputs: dict[str, np.ndarray],
+        outputs: list[str] | None = None,
+        *,
+        version: str = "",
+        classification: int | None = None,
+        request_id: str = "",
+        raw: bool = True,
+    ) -> dict[str, np.ndarray]:
+        """Run inference; returns each output as an array (BYTES as an object array).
+
+        ``classification=k`` asks for the top-k classes of each requested output as
+        "score:index:label" strings (the requested outputs must then be named).
+        ``raw=False`` sends typed contents instead of raw bytes.
+        """
+        request = pb.ModelInferRequest(model_name=model, model_version=version, id=request_id)
+        for name, value in inputs.items():
+            array = np.asarray(value)
+            datatype = by_numpy(array.dtype)
+            tensor = request.inputs.add(name=name, datatype=datatype.name, shape=array.shape)
+            if raw:
+                request.raw_input_contents.append(encode_raw(array, datatype))
+            else:
+                tensor.contents.CopyFrom(encode_contents(array, datatype))
+        for name in outputs or ():
+            requested = request.outputs.add(name=name)
+            if classification is not None:
+                requested.parameters["classification"].int64_param = classification
+        response = self._call("ModelInfer", request)
+        results: dict[str, np.ndarray] = {}
+        for i, tensor in enumerate(response.outputs):
+            datatype = by_name(tensor.datatype)
+            if i < len(response.raw_output_contents):
+                results[tensor.name] = decode_raw(
+                    response.raw_output_contents[i], datatype, tuple(tensor.shape)
+                )
+            else:
+                results[tensor.name] = decode_contents(
+                    tensor.contents, datatype, tuple(tensor.shape)
+                )
+        return results

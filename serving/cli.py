@@ -1,0 +1,107 @@
+"""The `onnxserve` command: serve, export, samples, demo."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from pathlib import Path
+
+from .settings import (
+    DEFAULT_GRPC_PORT,
+    DEFAULT_MAX_MESSAGE_BYTES,
+    DEFAULT_MODEL_REPOSITORY,
+    PROVIDER_MODES,
+    ServerSettings,
+    env,
+)
+
+
+def add_repository_argument(parser: argparse.ArgumentParser) -> None:
+    """The --model-repository flag the subcommands share (env ONNXSERVE_MODEL_REPOSITORY)."""
+    parser.add_argument(
+        "--model-repository",
+        type=Path,
+        default=Path(env("MODEL_REPOSITORY", str(DEFAULT_MODEL_REPOSITORY))),
+        help="model repository folder (env ONNXSERVE_MODEL_REPOSITORY; default %(default)s)",
+    )
+
+
+def _add_serve(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("serve", help="serve a model repository over gRPC (KServe V2)")
+    add_repository_argument(p)
+    p.add_argument("--grpc-host", default=env("GRPC_HOST", "0.0.0.0"),
+                   help="address to listen on (env ONNXSERVE_GRPC_HOST; default %(default)s)")
+    p.add_argument("--grpc-port", type=int, default=int(env("GRPC_PORT", str(DEFAULT_GRPC_PORT))),
+                   help="gRPC port (env ONNXSERVE_GRPC_PORT; default %(default)s)")
+    p.add_argument("--providers", choices=PROVIDER_MODES, default=env("PROVIDERS", "auto"),
+                   help="execution provider: auto (CUDA when it really works, else CPU), cpu, "
+                        "or cuda (fail if CUDA is not usable) (env ONNXSERVE_PROVIDERS; "
+                        "default %(default)s)")
+    p.add_argument("--max-message-bytes", type=int,
+                   default=int(env("MAX_MESSAGE_BYTES", str(DEFAULT_MAX_MESSAGE_BYTES))),
+                   help="largest gRPC message accepted or sent (env ONNXSERVE_MAX_MESSAGE_BYTES; "
+                        "default %(default)s)")
+    p.add_argument("--intra-op-threads", type=int, default=int(env("INTRA_OP_THREADS", "0")),
+                   help="onnxruntime threads per session, 0 = one per core "
+                        "(env ONNXSERVE_INTRA_OP_THREADS; default %(default)s)")
+    p.add_argument("--log-level", default=env("LOG_LEVEL", "INFO"),
+                   choices=("DEBUG", "INFO", "WARNING", "ERROR"),
+                   help="(env ONNXSERVE_LOG_LEVEL; default %(default)s)")
+    p.set_defaults(func=_run_serve)
+
+
+def _run_serve(args: argparse.Namespace) -> int:
+    from .server import serve
+
+    try:
+        settings = ServerSettings(
+            model_repository=args.model_repository,
+            grpc_host=args.grpc_host,
+            grpc_port=args.grpc_port,
+            providers=args.providers,
+            max_message_bytes=args.max_message_bytes,
+            intra_op_threads=args.intra_op_threads,
+            log_level=args.log_level,
+        )
+    except ValueError as exc:
+        print(f"onnxserve serve: {exc}", file=sys.stderr)
+        return 2
+    logging.getLogger().setLevel(settings.log_level)
+    if not settings.model_repository.is_dir():
+        print(f"onnxserve serve: model repository {settings.model_repository} is not a folder "
+              "(export a model first: onnxserve export lenet5)", file=sys.stderr)
+        return 2
+    asyncio.run(serve(settings))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from onnxserve.export.cli import add_export_parser, add_samples_parser
+
+    from .demo import add_demo_parser
+
+    parser = argparse.ArgumentParser(
+        prog="onnxserve", description="Export Keras CNNs to ONNX and serve them over gRPC."
+    )
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    _add_serve(subparsers)
+    add_export_parser(subparsers)
+    add_samples_parser(subparsers)
+    add_demo_parser(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(
+        level=logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,35 @@
+"""Errors the serving layers raise; grpc_service maps each kind to a gRPC status code.
+
+The layers below the gRPC service (validation, scheduler, runner, registry) raise these
+without knowing about gRPC, so the service is the only place that speaks status codes.
+"""
+
+from __future__ import annotations
+
+
+class ServingError(Exception):
+    """Base class: a request or operation failed with a message meant for the caller."""
+
+
+class NotFoundError(ServingError):
+    """The model or version named by the request does not exist."""
+
+
+class InvalidInputError(ServingError):
+    """The request does not match the model: names, datatypes, shapes or sizes."""
+
+
+class UnavailableError(ServingError):
+    """The model exists but is not ready (failed to load, unloading, or shutting down)."""
+
+
+class ResourceExhaustedError(ServingError):
+    """The server cannot take the request now (queue full)."""
+
+
+class InferenceFailedError(ServingError):
+    """The runtime failed while executing a batch."""
+
+
+class ModelLoadError(ServingError):
+    """A model could not be loaded; the message says which file or field and why."""

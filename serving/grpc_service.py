@@ -1,0 +1,225 @@
+"""The KServe V2 gRPC service: decode requests, hand them to the scheduler, encode answers.
+
+This is the only layer that speaks protobuf and gRPC status codes; it knows nothing of
+onnxruntime. Request tensors are decoded as zero-copy views of the message's raw bytes.
+"""
+
+from __future__ import annotations
+
+import logging
+from importlib.metadata import PackageNotFoundError
+from importlib.metadata import version as package_version
+
+import grpc
+import numpy as np
+
+from onnxserve.protos import inference_pb2 as pb
+from onnxserve.protos import inference_pb2_grpc
+from onnxserve.protos.codec import (
+    TensorCodecError,
+    datatype_of,
+    decode_contents,
+    decode_raw,
+    encode_raw,
+)
+from onnxserve.protos.datatypes import by_config_type, by_numpy
+
+from .classification import top_k
+from .errors import (
+    InferenceFailedError,
+    InvalidInputError,
+    NotFoundError,
+    ResourceExhaustedError,
+    ServingError,
+    UnavailableError,
+)
+from .model import Model
+from .registry import Registry
+from .validation import check_inputs, check_outputs, expected_shape
+
+log = logging.getLogger(__name__)
+
+SERVER_NAME = "onnxserve"
+EXTENSIONS = ("classification", "model_configuration")
+CLASSIFICATION_PARAMETER = "classification"
+
+_STATUS = {
+    NotFoundError: grpc.StatusCode.NOT_FOUND,
+    InvalidInputError: grpc.StatusCode.INVALID_ARGUMENT,
+    UnavailableError: grpc.StatusCode.UNAVAILABLE,
+    ResourceExhaustedError: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    InferenceFailedError: grpc.StatusCode.INTERNAL,
+}
+
+
+def _server_version() -> str:
+    try:
+        return package_version("onnxserve")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def _parameter_value(param: pb.InferParameter) -> object:
+    choice = param.WhichOneof("parameter_choice")
+    return getattr(param, choice) if choice else None
+
+
+def decode_inputs(request: pb.ModelInferRequest, model: Model) -> tuple[dict[str, np.ndarray], int]:
+    """Validate and decode the request's input tensors; return them and the batch size."""
+    declared = [(t.name, t.datatype, tuple(t.shape)) for t in request.inputs]
+    batch_size = check_inputs(model.config, declared)
+    raw = request.raw_input_contents
+    if raw and len(raw) != len(request.inputs):
+        raise InvalidInputError(
+            f"raw_input_contents has {len(raw)} entries but the request has "
+            f"{len(request.inputs)} inputs; send one per input, in order"
+        )
+    tensors: dict[str, np.ndarray] = {}
+    for i, tensor in enumerate(request.inputs):
+        has_contents = tensor.HasField("contents") and bool(tensor.contents.ListFields())
+        try:
+            datatype = datatype_of(tensor.datatype)
+            if raw:
+                if has_contents:
+                    raise TensorCodecError(
+                        "has both contents and raw_input_contents; use one or the other"
+                    )
+                tensors[tensor.name] = decode_raw(raw[i], datatype, tensor.shape)
+            else:
+                tensors[tensor.name] = decode_contents(tensor.contents, datatype, tensor.shape)
+        except TensorCodecError as exc:
+            raise InvalidInputError(f"input {tensor.name!r}: {exc}") from None
+    return tensors, batch_size
+
+
+def _classification_counts(request: pb.ModelInferRequest) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for output in request.outputs:
+        if CLASSIFICATION_PARAMETER in output.parameters:
+            value = _parameter_value(output.parameters[CLASSIFICATION_PARAMETER])
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise InvalidInputError(
+                    f"output {output.name!r}: parameter 'classification' must be an integer "
+                    f">= 1, got {value!r}"
+                )
+            counts[output.name] = value
+    return counts
+
+
+def encode_response(
+    request: pb.ModelInferRequest,
+    model: Model,
+    version: int,
+    names: list[str],
+    outputs: dict[str, np.ndarray],
+    classification: dict[str, int],
+) -> pb.ModelInferResponse:
+    """Build the response, with every output as raw_output_contents."""
+    response = pb.ModelInferResponse(
+        model_name=model.name, model_version=str(version), id=request.id
+    )
+    batched = model.config.max_batch_size > 0
+    for name in names:
+        array = outputs[name]
+        if name in classification:
+            array = top_k(array, classification[name], model.labels.get(name), batched=batched)
+        datatype = by_numpy(array.dtype)
+        response.outputs.add(name=name, datatype=datatype.name, shape=array.shape)
+        response.raw_output_contents.append(encode_raw(array, datatype))
+    return response
+
+
+class InferenceService(inference_pb2_grpc.GRPCInferenceServiceServicer):
+    """GRPCInferenceService over a model registry."""
+
+    def __init__(self, registry: Registry) -> None:
+        self._registry = registry
+        self.accepting = True
+
+    async def _fail(self, context: grpc.aio.ServicerContext, exc: Exception, what: str) -> None:
+        if isinstance(exc, ServingError):
+            code = next(
+                (c for t, c in _STATUS.items() if isinstance(exc, t)), grpc.StatusCode.INTERNAL
+            )
+            log.info("%s failed: %s %s", what, code.name, exc)
+            await context.abort(code, str(exc))
+        log.exception("%s failed unexpectedly", what)
+        await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {exc}")
+
+    async def ServerLive(self, request, context):
+        return pb.ServerLiveResponse(live=True)
+
+    async def ServerReady(self, request, context):
+        return pb.ServerReadyResponse(ready=self.accepting and self._registry.all_ready)
+
+    async def ModelReady(self, request, context):
+        try:
+            self._registry.get(request.name, request.version)
+        except ServingError:
+            return pb.ModelReadyResponse(ready=False)
+        return pb.ModelReadyResponse(ready=self.accepting)
+
+    async def ServerMetadata(self, request, context):
+        return pb.ServerMetadataResponse(
+            name=SERVER_NAME, version=_server_version(), extensions=EXTENSIONS
+        )
+
+    async def ModelMetadata(self, request, context):
+        try:
+            model, _ = self._registry.get(request.name, request.version)
+        except ServingError as exc:
+            await self._fail(context, exc, f"ModelMetadata {request.name!r}")
+        config = model.config
+        response = pb.ModelMetadataResponse(
+            name=model.name,
+            versions=[str(v) for v in sorted(model.versions)],
+            platform=config.platform,
+        )
+        for tensors, target in ((config.input, response.inputs), (config.output, response.outputs)):
+            for tensor in tensors:
+                target.add(
+                    name=tensor.name,
+                    datatype=by_config_type(tensor.data_type).name,
+                    shape=expected_shape(tensor.dims, config.max_batch_size),
+                )
+        for key, value in model.parameters().items():
+            response.parameters[key].string_param = value
+        return response
+
+    async def ModelConfig(self, request, context):
+        try:
+            model, _ = self._registry.get(request.name, request.version)
+        except ServingError as exc:
+            await self._fail(context, exc, f"ModelConfig {request.name!r}")
+        return pb.ModelConfigResponse(config=model.config)
+
+    async def RepositoryIndex(self, request, context):
+        response = pb.RepositoryIndexResponse()
+        for entry in self._registry.entries():
+            if request.ready and entry.state != "READY":
+                continue
+            versions = sorted(entry.model.versions) if entry.model else [None]
+            for version in versions:
+                response.models.add(
+                    name=entry.name,
+                    version="" if version is None else str(version),
+                    state=entry.state,
+                    reason=entry.reason,
+                )
+        return response
+
+    async def ModelInfer(self, request, context):
+        what = f"ModelInfer {request.model_name!r} id={request.id!r}"
+        try:
+            if not self.accepting:
+                raise UnavailableError("the server is shutting down")
+            model, version = self._registry.get(request.model_name, request.model_version)
+            inputs, batch_size = decode_inputs(request, model)
+            names = check_outputs(model.config, [o.name for o in request.outputs])
+            classification = _classification_counts(request)
+            outputs = await version.scheduler.infer(inputs, names, batch_size)
+            return encode_response(
+                request, model, version.version, names, outputs, classification
+            )
+        except Exception as exc:
+            await self._fail(context, exc, what)

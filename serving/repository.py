@@ -1,0 +1,202 @@
+"""Read a Triton-style model repository: folders, config.pbtxt, labels and version folders.
+
+    <repository>/<model>/config.pbtxt          ModelConfig in protobuf text format
+    <repository>/<model>/<label file>          optional, one class name per line
+    <repository>/<model>/<version>/model.onnx  integer version folders
+
+``complete_config`` fills in what the ONNX file implies when the config is partial
+and rejects a config that contradicts the file, naming the field.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from google.protobuf import text_format
+
+from onnxserve.protos import model_config_pb2
+from onnxserve.protos.datatypes import by_config_type, by_name
+
+from .errors import ModelLoadError
+from .runner import Signature, TensorSpec
+
+CONFIG_FILE = "config.pbtxt"
+DEFAULT_MODEL_FILE = "model.onnx"
+ONNX_PLATFORM = "onnxruntime_onnx"
+ONNX_BACKEND = "onnxruntime"
+#: max_batch_size given to a model that has no config.pbtxt but can batch.
+AUTO_MAX_BATCH_SIZE = 32
+_MODEL_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]*$")
+
+ModelConfig = model_config_pb2.ModelConfig
+
+
+@dataclass
+class ModelSource:
+    """What the repository holds for one model, before anything is loaded."""
+
+    name: str
+    path: Path
+    config: ModelConfig
+    has_config_file: bool
+    #: version number -> model file
+    versions: dict[int, Path] = field(default_factory=dict)
+
+
+def list_models(repository: Path) -> list[str]:
+    """Names of the model folders in the repository, sorted."""
+    if not repository.is_dir():
+        raise ModelLoadError(f"model repository {repository} is not a directory")
+    return sorted(
+        p.name for p in repository.iterdir() if p.is_dir() and _MODEL_NAME.match(p.name)
+    )
+
+
+def parse_config(text: str, source: str) -> ModelConfig:
+    """Parse config.pbtxt text; an unknown or malformed field is an error naming it."""
+    config = ModelConfig()
+    try:
+        text_format.Parse(text, config)
+    except text_format.ParseError as exc:
+        raise ModelLoadError(f"{source}: {exc}") from None
+    return config
+
+
+def read_model(repository: Path, name: str) -> ModelSource:
+    """Read one model's config and find its version folders (all of them, unfiltered)."""
+    if not _MODEL_NAME.match(name):
+        raise ModelLoadError(f"invalid model name {name!r}")
+    path = repository / name
+    if not path.is_dir():
+        raise ModelLoadError(f"model {name!r} has no folder in {repository}")
+    config_path = path / CONFIG_FILE
+    has_config = config_path.is_file()
+    config = ModelConfig()
+    if has_config:
+        config = parse_config(config_path.read_text(), str(config_path))
+    if config.name and config.name != name:
+        raise ModelLoadError(
+            f"{config_path}: name is {config.name!r} but the model folder is {name!r}"
+        )
+    config.name = name
+    if config.platform and config.platform != ONNX_PLATFORM:
+        raise ModelLoadError(
+            f"{config_path}: platform {config.platform!r} is not supported; "
+            f"expected {ONNX_PLATFORM!r}"
+        )
+    if config.backend and config.backend != ONNX_BACKEND:
+        raise ModelLoadError(
+            f"{config_path}: backend {config.backend!r} is not supported; expected {ONNX_BACKEND!r}"
+        )
+    if config.max_batch_size < 0:
+        raise ModelLoadError(f"{config_path}: max_batch_size must be >= 0")
+    filename = config.default_model_filename or DEFAULT_MODEL_FILE
+    versions = {
+        int(p.name): p / filename
+        for p in path.iterdir()
+        if p.is_dir() and p.name.isdigit() and (p / filename).is_file()
+    }
+    return ModelSource(name, path, config, has_config, versions)
+
+
+def select_versions(config: ModelConfig, available: list[int]) -> list[int]:
+    """Apply the config's version_policy (default: the latest one) to the available versions."""
+    available = sorted(available)
+    policy = config.version_policy
+    choice = policy.WhichOneof("policy_choice")
+    if choice == "all":
+        return available
+    if choice == "specific":
+        wanted = set(policy.specific.versions)
+        return [v for v in available if v in wanted]
+    count = policy.latest.num_versions if choice == "latest" else 1
+    return available[-count:] if count else []
+
+
+def read_labels(model_path: Path, config: ModelConfig) -> dict[str, list[str]]:
+    """Class names per output, from each output's label_filename."""
+    labels: dict[str, list[str]] = {}
+    for output in config.output:
+        if not output.label_filename:
+            continue
+        label_path = (model_path / output.label_filename).resolve()
+        if model_path.resolve() not in label_path.parents:
+            raise ModelLoadError(
+                f"output {output.name!r}: label_filename {output.label_filename!r} "
+                "points outside the model folder"
+            )
+        if not label_path.is_file():
+            raise ModelLoadError(
+                f"output {output.name!r}: label file {label_path} does not exist"
+            )
+        labels[output.name] = label_path.read_text(encoding="utf-8").splitlines()
+    return labels
+
+
+def _config_dims(spec: TensorSpec, batched: bool, where: str) -> list[int]:
+    if batched:
+        if not spec.shape or spec.shape[0] != -1:
+            raise ModelLoadError(
+                f"{where}: max_batch_size > 0 needs a dynamic first dimension, but the ONNX "
+                f"file declares shape {list(spec.shape)}"
+            )
+        return list(spec.shape[1:])
+    return list(spec.shape)
+
+
+def _complete_tensors(config_tensors, specs: tuple[TensorSpec, ...], batched: bool, kind: str):
+    by_name_ = {s.name: s for s in specs}
+    if not config_tensors:
+        for spec in specs:
+            tensor = config_tensors.add()
+            tensor.name = spec.name
+            tensor.data_type = by_name(spec.datatype).config_type
+            tensor.dims.extend(_config_dims(spec, batched, f"{kind} {spec.name!r}"))
+        return
+    for tensor in config_tensors:
+        where = f"{kind} {tensor.name!r}"
+        spec = by_name_.get(tensor.name)
+        if spec is None:
+            raise ModelLoadError(
+                f"{where} is not in the ONNX file, whose {kind}s are {', '.join(by_name_)}"
+            )
+        if tensor.data_type == model_config_pb2.TYPE_INVALID:
+            tensor.data_type = by_name(spec.datatype).config_type
+        elif by_config_type(tensor.data_type).name != spec.datatype:
+            raise ModelLoadError(
+                f"{where}: data_type is {model_config_pb2.DataType.Name(tensor.data_type)} but "
+                f"the ONNX file says {spec.datatype}"
+            )
+        if tensor.HasField("reshape"):
+            raise ModelLoadError(f"{where}: reshape is not supported")
+        onnx_dims = _config_dims(spec, batched, where)
+        if not tensor.dims:
+            tensor.dims.extend(onnx_dims)
+        elif len(tensor.dims) != len(onnx_dims) or any(
+            c != o and o != -1 for c, o in zip(tensor.dims, onnx_dims, strict=True)
+        ):
+            raise ModelLoadError(
+                f"{where}: dims {list(tensor.dims)} do not match the ONNX file's {onnx_dims}"
+                + (" (max_batch_size > 0: dims leave out the batch dimension)" if batched else "")
+            )
+    if kind == "input":
+        missing = [s.name for s in specs if s.name not in {t.name for t in config_tensors}]
+        if missing:
+            raise ModelLoadError(f"the ONNX file's inputs {missing} are missing from the config")
+
+
+def complete_config(source: ModelSource, signature: Signature) -> ModelConfig:
+    """The model's config with inputs, outputs and batching filled in from the ONNX signature."""
+    config = ModelConfig()
+    config.CopyFrom(source.config)
+    config.platform = ONNX_PLATFORM
+    config.backend = ONNX_BACKEND
+    if not source.has_config_file:
+        batchable = all(s.shape and s.shape[0] == -1 for s in signature.inputs + signature.outputs)
+        config.max_batch_size = AUTO_MAX_BATCH_SIZE if batchable else 0
+    batched = config.max_batch_size > 0
+    _complete_tensors(config.input, signature.inputs, batched, "input")
+    _complete_tensors(config.output, signature.outputs, batched, "output")
+    return config

@@ -1,0 +1,105 @@
+"""Run ONNX models with onnxruntime: session creation, the I/O signature, and execution.
+
+The runner knows nothing of protobuf or gRPC: it takes and returns numpy arrays.
+``run`` is synchronous and called from worker threads (onnxruntime releases the GIL).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from .errors import InferenceFailedError, ModelLoadError
+from .providers import check_active, requested_providers
+
+log = logging.getLogger(__name__)
+
+# onnxruntime's element type strings and the protocol datatype of each.
+_ORT_TYPES = {
+    "tensor(bool)": "BOOL",
+    "tensor(uint8)": "UINT8",
+    "tensor(uint16)": "UINT16",
+    "tensor(uint32)": "UINT32",
+    "tensor(uint64)": "UINT64",
+    "tensor(int8)": "INT8",
+    "tensor(int16)": "INT16",
+    "tensor(int32)": "INT32",
+    "tensor(int64)": "INT64",
+    "tensor(float16)": "FP16",
+    "tensor(float)": "FP32",
+    "tensor(double)": "FP64",
+    "tensor(string)": "BYTES",
+}
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """A model input or output as the ONNX file declares it; -1 marks a dynamic dimension."""
+
+    name: str
+    datatype: str
+    shape: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Signature:
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+
+
+def _spec(arg: ort.NodeArg) -> TensorSpec:
+    datatype = _ORT_TYPES.get(arg.type)
+    if datatype is None:
+        raise ModelLoadError(f"tensor {arg.name!r} has type {arg.type}, which is not supported")
+    shape = tuple(d if isinstance(d, int) and d >= 0 else -1 for d in (arg.shape or ()))
+    return TensorSpec(arg.name, datatype, shape)
+
+
+class Runner:
+    """One onnxruntime session for one model version."""
+
+    def __init__(
+        self,
+        model_path: Path,
+        *,
+        model_name: str,
+        providers: str = "auto",
+        intra_op_threads: int = 0,
+    ) -> None:
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = intra_op_threads
+        options.inter_op_num_threads = 1
+        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        try:
+            requested = requested_providers(providers, ort.get_available_providers())
+            self._session = ort.InferenceSession(
+                str(model_path), sess_options=options, providers=requested
+            )
+            self.provider = check_active(
+                providers, requested, self._session.get_providers(), model_name
+            )
+        except ModelLoadError:
+            raise
+        except Exception as exc:  # onnxruntime raises several unrelated types
+            raise ModelLoadError(f"cannot load {model_path}: {exc}") from exc
+        self.signature = Signature(
+            inputs=tuple(_spec(a) for a in self._session.get_inputs()),
+            outputs=tuple(_spec(a) for a in self._session.get_outputs()),
+        )
+
+    def run(
+        self, inputs: dict[str, np.ndarray], output_names: Sequence[str] | None = None
+    ) -> dict[str, np.ndarray]:
+        """Execute one batch and return the named outputs (all when ``output_names`` is None)."""
+        names = list(output_names) if output_names else [o.name for o in self.signature.outputs]
+        try:
+            results = self._session.run(names, inputs)
+        except Exception as exc:
+            raise InferenceFailedError(f"onnxruntime failed: {exc}") from exc
+        return dict(zip(names, results, strict=True))

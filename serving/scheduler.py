@@ -1,0 +1,194 @@
+"""Per-model-version dynamic batcher: queue requests, form batches, run them, split results.
+
+Requests wait in one queue per model version. A worker (one per model instance) takes the
+oldest request, adds queued requests with the same per-sample shapes and datatypes until
+``max_batch_size`` samples or ``max_queue_delay`` passes, runs the batch on its runner in a
+thread, and hands each request its own slice of the outputs. A request whose caller went
+away before its batch formed is dropped, never computed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .errors import InferenceFailedError, UnavailableError
+from .runner import Runner
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Pending:
+    inputs: dict[str, np.ndarray]
+    outputs: tuple[str, ...]
+    batch_size: int
+    #: requests batch together only when these match
+    key: tuple
+    future: asyncio.Future
+    enqueued_ns: int = field(default_factory=time.perf_counter_ns)
+
+
+def _batch_key(inputs: dict[str, np.ndarray]) -> tuple:
+    return tuple(sorted((n, a.dtype.str, a.shape[1:]) for n, a in inputs.items()))
+
+
+class Scheduler:
+    """Queues and batches inference requests for one model version."""
+
+    def __init__(
+        self,
+        runners: Sequence[Runner],
+        *,
+        max_batch_size: int,
+        max_queue_delay_us: int = 0,
+        name: str = "",
+    ) -> None:
+        if not runners:
+            raise ValueError("a scheduler needs at least one runner")
+        self._runners = list(runners)
+        self._max_batch_size = max_batch_size
+        self._max_delay_s = max_queue_delay_us / 1e6
+        self._name = name
+        self._queue: asyncio.Queue[_Pending] = asyncio.Queue()
+        self._carry: collections.deque[_Pending] = collections.deque()
+        self._executor = ThreadPoolExecutor(
+            max_workers=len(self._runners), thread_name_prefix=f"run-{name}"
+        )
+        self._workers: list[asyncio.Task] = []
+        self._closed = False
+
+    def start(self) -> None:
+        """Start one worker task per runner on the running event loop."""
+        loop = asyncio.get_running_loop()
+        self._workers = [
+            loop.create_task(self._work(r), name=f"batcher-{self._name}-{i}")
+            for i, r in enumerate(self._runners)
+        ]
+
+    async def close(self) -> None:
+        """Stop taking requests, fail what is still queued, and stop the workers."""
+        self._closed = True
+        for task in self._workers:
+            task.cancel()
+        await asyncio.gather(*self._workers, return_exceptions=True)
+        while self._carry or not self._queue.empty():
+            pending = self._carry.popleft() if self._carry else self._queue.get_nowait()
+            if not pending.future.done():
+                pending.future.set_exception(UnavailableError(f"model {self._name} was unloaded"))
+        self._executor.shutdown(wait=True)
+
+    async def infer(
+        self, inputs: dict[str, np.ndarray], outputs: Sequence[str], batch_size: int
+    ) -> dict[str, np.ndarray]:
+        """Queue one request and wait for its outputs.
+
+        ``batch_size`` is the request's own leading dimension (0 for models without batching).
+        """
+        if self._closed:
+            raise UnavailableError(f"model {self._name} is not accepting requests")
+        future = asyncio.get_running_loop().create_future()
+        key = _batch_key(inputs) if self._max_batch_size else ()
+        self._queue.put_nowait(_Pending(inputs, tuple(outputs), batch_size, key, future))
+        return await future
+
+    async def _next(self, timeout: float | None) -> _Pending | None:
+        while True:
+            if self._carry:
+                pending = self._carry.popleft()
+            elif timeout is None:
+                pending = await self._queue.get()
+            elif timeout <= 0:
+                if self._queue.empty():
+                    return None
+                pending = self._queue.get_nowait()
+            else:
+                got = await self._get_within(timeout)
+                if got is None:
+                    return None
+                pending = got
+            if not pending.future.done():  # skip requests whose caller is gone
+                return pending
+
+    async def _get_within(self, timeout: float) -> _Pending | None:
+        # Not asyncio.wait_for: on Python 3.11 it can drop an item that arrives as the
+        # timeout fires.
+        getter = asyncio.ensure_future(self._queue.get())
+        done, _ = await asyncio.wait({getter}, timeout=timeout)
+        if getter not in done:
+            getter.cancel()
+            try:
+                return await getter
+            except asyncio.CancelledError:
+                return None
+        return getter.result()
+
+    async def _gather(self) -> list[_Pending]:
+        first = await self._next(None)
+        assert first is not None
+        batch = [first]
+        if not self._max_batch_size:
+            return batch
+        size = first.batch_size
+        deadline = time.monotonic() + self._max_delay_s
+        while size < self._max_batch_size:
+            nxt = await self._next(deadline - time.monotonic())
+            if nxt is None:
+                break
+            if nxt.key != first.key or size + nxt.batch_size > self._max_batch_size:
+                self._carry.appendleft(nxt)
+                break
+            batch.append(nxt)
+            size += nxt.batch_size
+        return batch
+
+    async def _work(self, runner: Runner) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            batch = await self._gather()
+            try:
+                results = await loop.run_in_executor(self._executor, _run_batch, runner, batch)
+            except asyncio.CancelledError:
+                for pending in batch:
+                    if not pending.future.done():
+                        pending.future.set_exception(
+                            UnavailableError(f"model {self._name} was unloaded")
+                        )
+                raise
+            except Exception as exc:
+                if not isinstance(exc, InferenceFailedError):
+                    log.exception("batch of model %s failed", self._name)
+                    exc = InferenceFailedError(f"model {self._name} failed: {exc}")
+                for pending in batch:
+                    if not pending.future.done():
+                        pending.future.set_exception(exc)
+                continue
+            for pending, outputs in zip(batch, results, strict=True):
+                if not pending.future.done():
+                    pending.future.set_result(outputs)
+
+
+def _run_batch(runner: Runner, batch: list[_Pending]) -> list[dict[str, np.ndarray]]:
+    """Concatenate, run and split one batch (in a worker thread)."""
+    wanted = list(dict.fromkeys(name for p in batch for name in p.outputs))
+    if len(batch) == 1:
+        only = batch[0]
+        return [runner.run(only.inputs, wanted)]
+    inputs = {
+        name: np.concatenate([p.inputs[name] for p in batch]) for name in batch[0].inputs
+    }
+    outputs = runner.run(inputs, wanted)
+    results: list[dict[str, np.ndarray]] = []
+    start = 0
+    for pending in batch:
+        stop = start + pending.batch_size
+        results.append({name: outputs[name][start:stop] for name in pending.outputs})
+        start = stop
+    return results

@@ -1,0 +1,48 @@
+"""Server settings: command-line flags, then ONNXSERVE_* environment variables, then defaults."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+PROVIDER_MODES = ("auto", "cpu", "cuda")
+
+DEFAULT_MODEL_REPOSITORY = Path("model_repository")
+DEFAULT_GRPC_PORT = 8001
+# A batch of 64 float 331x331x3 images (the largest seed input) is 84 MB; gRPC's
+# default of 4 MB does not take even one 224x224x3 float batch of 8.
+DEFAULT_MAX_MESSAGE_BYTES = 256 * 1024 * 1024
+
+
+def env(name: str, default: str) -> str:
+    """The value of ONNXSERVE_<NAME>, or ``default`` when it is unset or empty."""
+    return os.environ.get(f"ONNXSERVE_{name}") or default
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    """Everything `onnxserve serve` needs to run."""
+
+    model_repository: Path = DEFAULT_MODEL_REPOSITORY
+    grpc_host: str = "0.0.0.0"
+    grpc_port: int = DEFAULT_GRPC_PORT
+    providers: str = "auto"
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    #: onnxruntime intra-op threads per session; 0 lets onnxruntime use every core.
+    intra_op_threads: int = 0
+    log_level: str = "INFO"
+
+    def __post_init__(self) -> None:
+        if self.providers not in PROVIDER_MODES:
+            raise ValueError(
+                f"providers must be one of {', '.join(PROVIDER_MODES)}, not {self.providers!r}"
+            )
+        if not 0 <= self.grpc_port <= 65535:
+            raise ValueError(f"grpc port must be 0-65535, not {self.grpc_port}")
+        if self.max_message_bytes < 4 * 1024 * 1024:
+            raise ValueError(
+                f"max message size must be at least 4 MiB, not {self.max_message_bytes} bytes"
+            )
+        if self.intra_op_threads < 0:
+            raise ValueError(f"intra-op threads must be >= 0, not {self.intra_op_threads}")
