@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from .errors import InferenceFailedError, ModelLoadError
+from .errors import InferenceFailedError, InvalidInputError, ModelLoadError
 from .providers import check_active, requested_providers
 
 log = logging.getLogger(__name__)
@@ -92,6 +92,28 @@ class Runner:
             inputs=tuple(_spec(a) for a in self._session.get_inputs()),
             outputs=tuple(_spec(a) for a in self._session.get_outputs()),
         )
+
+    def prepare(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Convert one request's inputs to what onnxruntime takes, before it is batched.
+
+        onnxruntime string tensors hold text: BYTES elements must be UTF-8 and become str
+        (onnxruntime would otherwise store the repr of a bytes object).
+        """
+        for spec in self.signature.inputs:
+            array = inputs.get(spec.name)
+            if spec.datatype != "BYTES" or array is None:
+                continue
+            text = np.empty(array.shape, dtype=object)
+            try:
+                for index, item in np.ndenumerate(array):
+                    text[index] = item.decode("utf-8") if isinstance(item, bytes) else str(item)
+            except UnicodeDecodeError as exc:
+                raise InvalidInputError(
+                    f"input {spec.name!r}: element {index} is not UTF-8 text ({exc.reason}); "
+                    "this model's string input only takes text"
+                ) from None
+            inputs = {**inputs, spec.name: text}
+        return inputs
 
     def run(
         self, inputs: dict[str, np.ndarray], output_names: Sequence[str] | None = None

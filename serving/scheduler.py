@@ -94,6 +94,7 @@ class Scheduler:
         """
         if self._closed:
             raise UnavailableError(f"model {self._name} is not accepting requests")
+        inputs = self._runners[0].prepare(inputs)
         future = asyncio.get_running_loop().create_future()
         key = _batch_key(inputs) if self._max_batch_size else ()
         self._queue.put_nowait(_Pending(inputs, tuple(outputs), batch_size, key, future))

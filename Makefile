@@ -1,0 +1,43 @@
+# onnxserve: `make demo` runs the main job, `make test` the test suite.
+# Both create .venv and install what they need on first use.
+
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+MODEL_REPOSITORY ?= model_repository
+
+.PHONY: demo serve test test-slow lint protos clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+
+# Stamp files: reinstall when pyproject.toml changes.
+$(VENV)/.export-installed: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet -e ".[export]"
+	touch $@
+
+$(VENV)/.test-installed: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet -e ".[export,test]"
+	touch $@ $(VENV)/.export-installed
+
+demo: $(VENV)/.export-installed
+	$(BIN)/onnxserve demo --model-repository $(MODEL_REPOSITORY)
+
+serve: $(VENV)/.export-installed
+	$(BIN)/onnxserve serve --model-repository $(MODEL_REPOSITORY)
+
+test: $(VENV)/.test-installed
+	$(BIN)/python -m pytest -m "not slow"
+
+test-slow: $(VENV)/.test-installed
+	$(BIN)/python -m pytest -m slow || [ $$? -eq 5 ]  # 5: no test is marked slow
+
+lint: $(VENV)/.test-installed
+	$(BIN)/ruff check .
+
+protos: $(VENV)/.test-installed
+	$(BIN)/python -m onnxserve.protos.generate
+
+clean:
+	rm -rf $(VENV) $(MODEL_REPOSITORY) samples .pytest_cache .hypothesis

@@ -1,0 +1,158 @@
+"""Shared fixtures: test model repositories and a real server started as a subprocess."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from onnx_models import add_one_model, echo_model, scores_model
+
+from onnxserve.clients.client import Client, InferenceServerError
+
+ROOT = Path(__file__).resolve().parent.parent
+SCORES_LABELS = ["cat", "dog", "bird", "fish", "horse"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def onnxserve_command(*args: str) -> list[str]:
+    return [sys.executable, "-m", "onnxserve.serving.cli", *args]
+
+
+@dataclass
+class ServerProcess:
+    """A server this test session started; stopped by its own PID."""
+
+    url: str
+    process: subprocess.Popen
+    log_path: Path
+
+    def log(self) -> str:
+        return self.log_path.read_text()
+
+    def stop(self, timeout: float = 30.0) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        return self.process.returncode
+
+
+def start_server(
+    repository: Path, log_path: Path, *extra: str, timeout: float = 60.0
+) -> ServerProcess:
+    """Start `onnxserve serve` on a free localhost port and wait until loading is done."""
+    port = free_port()
+    log_file = log_path.open("w")
+    process = subprocess.Popen(
+        onnxserve_command("serve", "--model-repository", str(repository), "--grpc-host",
+                          "127.0.0.1", "--grpc-port", str(port), *extra),
+        stdout=log_file, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    server = ServerProcess(f"127.0.0.1:{port}", process, log_path)
+    deadline = time.monotonic() + timeout
+    with Client(server.url, timeout=2.0) as client:
+        while time.monotonic() < deadline:
+            if process.poll() is not None:
+                raise RuntimeError(f"server exited with {process.returncode}:\n{server.log()}")
+            try:
+                index = client.models()
+                if all(m["state"] != "LOADING" for m in index) and "ready:" in server.log():
+                    return server
+            except InferenceServerError:
+                pass
+            time.sleep(0.2)
+    server.stop()
+    raise RuntimeError(f"server did not finish loading in {timeout}s:\n{server.log()}")
+
+
+def write_config(folder: Path, text: str) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.pbtxt").write_text(text)
+
+
+def build_test_models(repository: Path) -> None:
+    """echo (full config), add_one (no config: auto-completed), scores (labels)."""
+    echo_model(repository / "echo" / "1" / "model.onnx")
+    inputs = "".join(
+        f'input {{ name: "in_{t}" data_type: TYPE_{"STRING" if t == "BYTES" else t} dims: [2] }}\n'
+        for t in ("BOOL", "UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16", "INT32",
+                  "INT64", "FP16", "FP32", "FP64", "BYTES")
+    )
+    write_config(repository / "echo", f'name: "echo"\nbackend: "onnxruntime"\n'
+                 f"max_batch_size: 8\n{inputs}")
+    add_one_model(repository / "add_one" / "1" / "model.onnx")
+    add_one_model(repository / "add_one" / "2" / "model.onnx")
+    scores_model(repository / "scores" / "1" / "model.onnx", classes=len(SCORES_LABELS))
+    write_config(repository / "scores", (
+        'platform: "onnxruntime_onnx"\nmax_batch_size: 4\n'
+        'input { name: "scores_in" data_type: TYPE_FP32 dims: [5] }\n'
+        'output { name: "scores" data_type: TYPE_FP32 dims: [5] label_filename: "labels.txt" }\n'
+        'parameters { key: "onnxserve.note" value { string_value: "test model" } }\n'
+    ))
+    (repository / "scores" / "labels.txt").write_text("\n".join(SCORES_LABELS) + "\n")
+
+
+@dataclass
+class ExportedLenet5:
+    repository: Path
+    output: str
+
+
+@pytest.fixture(scope="session")
+def lenet5_export(tmp_path_factory: pytest.TempPathFactory) -> ExportedLenet5:
+    """LeNet-5 trained on the bundled digits and exported, once per test session."""
+    repository = tmp_path_factory.mktemp("repository")
+    result = subprocess.run(
+        onnxserve_command("export", "lenet5", "--dataset", "digits",
+                          "--model-repository", str(repository)),
+        capture_output=True, text=True, timeout=900,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    return ExportedLenet5(repository, result.stdout)
+
+
+@pytest.fixture(scope="session")
+def repository(lenet5_export: ExportedLenet5) -> Path:
+    """The exported LeNet-5 plus the small test models, in one repository."""
+    build_test_models(lenet5_export.repository)
+    return lenet5_export.repository
+
+
+@pytest.fixture(scope="session")
+def samples(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("samples")
+    subprocess.run(onnxserve_command("samples", "--out", str(out)), check=True,
+                   capture_output=True, timeout=300)
+    return out
+
+
+@pytest.fixture(scope="session")
+def server(repository: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    proc = start_server(repository, tmp_path_factory.mktemp("logs") / "server.log")
+    yield proc
+    proc.stop()
+
+
+@pytest.fixture
+def client(server: ServerProcess) -> Iterator[Client]:
+    with Client(server.url, timeout=30.0) as c:
+        yield c

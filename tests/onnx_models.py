@@ -1,0 +1,68 @@
+"""Small ONNX models built in code for the tests (no TensorFlow needed)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import onnx
+from onnx import TensorProto, helper
+
+#: protocol datatype -> ONNX element type, for every type the echo model passes through
+ECHO_TYPES = {
+    "BOOL": TensorProto.BOOL,
+    "UINT8": TensorProto.UINT8,
+    "UINT16": TensorProto.UINT16,
+    "UINT32": TensorProto.UINT32,
+    "UINT64": TensorProto.UINT64,
+    "INT8": TensorProto.INT8,
+    "INT16": TensorProto.INT16,
+    "INT32": TensorProto.INT32,
+    "INT64": TensorProto.INT64,
+    "FP16": TensorProto.FLOAT16,
+    "FP32": TensorProto.FLOAT,
+    "FP64": TensorProto.DOUBLE,
+    "BYTES": TensorProto.STRING,
+}
+
+
+def _save(graph: onnx.GraphProto, path: Path, opset: int = 17) -> Path:
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(model, str(path))
+    return path
+
+
+def echo_model(path: Path) -> Path:
+    """Inputs in_<TYPE> [batch, 2] for every datatype, each copied to out_<TYPE>."""
+    inputs, outputs, nodes = [], [], []
+    for name, elem in ECHO_TYPES.items():
+        inputs.append(helper.make_tensor_value_info(f"in_{name}", elem, ["batch", 2]))
+        outputs.append(helper.make_tensor_value_info(f"out_{name}", elem, ["batch", 2]))
+        nodes.append(helper.make_node("Identity", [f"in_{name}"], [f"out_{name}"]))
+    return _save(helper.make_graph(nodes, "echo", inputs, outputs), path)
+
+
+def add_one_model(path: Path, size: int = 4) -> Path:
+    """y = x + 1 on FP32 [batch, size]; also z = x * 2."""
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", size])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", size])
+    z = helper.make_tensor_value_info("z", TensorProto.FLOAT, ["batch", size])
+    one = helper.make_tensor("one", TensorProto.FLOAT, [], [1.0])
+    two = helper.make_tensor("two", TensorProto.FLOAT, [], [2.0])
+    nodes = [
+        helper.make_node("Add", ["x", "one"], ["y"]),
+        helper.make_node("Mul", ["x", "two"], ["z"]),
+    ]
+    graph = helper.make_graph(nodes, "add_one", [x], [y, z], initializer=[one, two])
+    return _save(graph, path)
+
+
+def scores_model(path: Path, classes: int = 5) -> Path:
+    """Identity on FP32 [batch, classes]: lets tests choose the scores for classification."""
+    x = helper.make_tensor_value_info("scores_in", TensorProto.FLOAT, ["batch", classes])
+    y = helper.make_tensor_value_info("scores", TensorProto.FLOAT, ["batch", classes])
+    graph = helper.make_graph([helper.make_node("Identity", ["scores_in"], ["scores"])],
+                              "scores", [x], [y])
+    return _save(graph, path)

@@ -1,0 +1,140 @@
+"""The dynamic batcher: batches form, results split back exactly, failures stay contained."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import numpy as np
+import pytest
+
+from onnxserve.serving.errors import InferenceFailedError
+from onnxserve.serving.scheduler import Scheduler
+
+
+class FakeRunner:
+    """Doubles its input; records the batch sizes it ran; can be held or made to fail."""
+
+    provider = "fake"
+
+    def __init__(self) -> None:
+        self.batches: list[int] = []
+        self.gate = threading.Event()
+        self.gate.set()
+        self.fail_when = None
+
+    def prepare(self, inputs):
+        return inputs
+
+    def run(self, inputs, output_names=None):
+        self.gate.wait(10)
+        x = inputs["x"]
+        if self.fail_when is not None and self.fail_when(x):
+            raise InferenceFailedError("boom")
+        self.batches.append(len(x))
+        return {"y": x * 2, "n": np.full((len(x), 1), len(x))}
+
+
+def run(coro):
+    return asyncio.run(asyncio.wait_for(coro, 30))
+
+
+async def _with_scheduler(runner, body, **kwargs):
+    scheduler = Scheduler([runner], name="t", **kwargs)
+    scheduler.start()
+    try:
+        return await body(scheduler)
+    finally:
+        await scheduler.close()
+
+
+def test_queued_requests_batch_together_and_split_exactly() -> None:
+    runner = FakeRunner()
+
+    async def body(scheduler):
+        runner.gate.clear()  # hold the first batch so the rest queue up
+        first = asyncio.ensure_future(scheduler.infer({"x": np.zeros((1, 2))}, ["y"], 1))
+        await asyncio.sleep(0.05)
+        others = [
+            asyncio.ensure_future(
+                scheduler.infer({"x": np.full((i, 2), float(i))}, ["y", "n"], i)
+            )
+            for i in (1, 2, 3)
+        ]
+        await asyncio.sleep(0.05)
+        runner.gate.set()
+        await first
+        return await asyncio.gather(*others)
+
+    results = run(_with_scheduler(runner, body, max_batch_size=8))
+    assert runner.batches == [1, 6]
+    for i, result in zip((1, 2, 3), results, strict=True):
+        np.testing.assert_array_equal(result["y"], np.full((i, 2), 2.0 * i))
+        assert result["n"].ravel().tolist() == [6] * i
+
+
+def test_batches_respect_max_batch_size_and_shapes() -> None:
+    runner = FakeRunner()
+
+    async def body(scheduler):
+        runner.gate.clear()
+        first = asyncio.ensure_future(scheduler.infer({"x": np.zeros((1, 2))}, ["y"], 1))
+        await asyncio.sleep(0.05)
+        reqs = [scheduler.infer({"x": np.zeros((3, 2))}, ["y"], 3) for _ in range(2)]
+        reqs.append(scheduler.infer({"x": np.zeros((1, 5))}, ["y"], 1))  # other shape
+        futures = [asyncio.ensure_future(r) for r in reqs]
+        await asyncio.sleep(0.05)
+        runner.gate.set()
+        await first
+        return await asyncio.gather(*futures)
+
+    results = run(_with_scheduler(runner, body, max_batch_size=4))
+    assert runner.batches == [1, 3, 3, 1]
+    assert results[2]["y"].shape == (1, 5)
+
+
+def test_max_queue_delay_waits_for_more() -> None:
+    runner = FakeRunner()
+
+    async def body(scheduler):
+        a = asyncio.ensure_future(scheduler.infer({"x": np.ones((1, 2))}, ["y"], 1))
+        await asyncio.sleep(0.02)
+        b = asyncio.ensure_future(scheduler.infer({"x": np.ones((1, 2))}, ["y"], 1))
+        return await asyncio.gather(a, b)
+
+    run(_with_scheduler(runner, body, max_batch_size=8, max_queue_delay_us=300_000))
+    assert runner.batches == [2]
+
+
+def test_cancelled_requests_are_not_computed() -> None:
+    runner = FakeRunner()
+
+    async def body(scheduler):
+        runner.gate.clear()
+        first = asyncio.ensure_future(scheduler.infer({"x": np.zeros((1, 2))}, ["y"], 1))
+        await asyncio.sleep(0.05)
+        gone = asyncio.ensure_future(scheduler.infer({"x": np.zeros((5, 2))}, ["y"], 5))
+        kept = asyncio.ensure_future(scheduler.infer({"x": np.zeros((2, 2))}, ["y"], 2))
+        await asyncio.sleep(0.01)
+        gone.cancel()
+        runner.gate.set()
+        await first
+        return await kept
+
+    result = run(_with_scheduler(runner, body, max_batch_size=8))
+    assert runner.batches == [1, 2]
+    assert result["y"].shape == (2, 2)
+
+
+def test_a_failing_batch_fails_only_its_requests() -> None:
+    runner = FakeRunner()
+    runner.fail_when = lambda x: bool((x < 0).any())
+
+    async def body(scheduler):
+        bad = scheduler.infer({"x": -np.ones((1, 2))}, ["y"], 1)
+        with pytest.raises(InferenceFailedError, match="boom"):
+            await bad
+        return await scheduler.infer({"x": np.ones((1, 2))}, ["y"], 1)
+
+    result = run(_with_scheduler(runner, body, max_batch_size=0))
+    np.testing.assert_array_equal(result["y"], [[2.0, 2.0]])
