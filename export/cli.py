@@ -6,6 +6,7 @@ Importing this module is cheap: TensorFlow is imported only when an export runs.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import sys
@@ -43,6 +44,11 @@ def add_export_parser(subparsers: argparse._SubParsersAction) -> None:
     recipe.add_argument("--epochs", type=int,
                         help="train at most this many epochs (default: the seed's 30)")
     recipe.add_argument("--tensorboard", type=Path, help="write TensorBoard logs here")
+    recipe.add_argument("--seed", type=int, default=0,
+                        help="random seed for weights and shuffling (default %(default)s)")
+    recipe.add_argument("--keep-last-weights", action="store_true",
+                        help="when early stopping ends training, keep the last epoch's weights "
+                             "as the seed does (default: the best validation epoch's)")
     app = p.add_argument_group("ImageNet applications (mobilenet_v2)")
     app.add_argument("--weights", default="imagenet",
                      help="imagenet (Keras' download), none (random), or a weights file "
@@ -72,9 +78,13 @@ def _export_lenet5(args: argparse.Namespace):
     split = datasets.load(args.dataset, args.data_dir)
     print(f"training lenet5 on {split.source}: {len(split.x_train)} training, "
           f"{len(split.x_test)} held-out images", flush=True)
+    recipes.make_deterministic(args.seed)
     model = recipes.build_lenet5(len(split.class_names))
+    settings = recipes.LENET5_TRAINING
+    if args.keep_last_weights:
+        settings = dataclasses.replace(settings, restore_best_weights=False)
     result = recipes.train(
-        model, split, recipes.LENET5_TRAINING, epochs=args.epochs,
+        model, split, settings, epochs=args.epochs,
         tensorboard_dir=args.tensorboard,
     )
     print(f"held-out accuracy {result.heldout_accuracy:.4f} after {result.epochs_run} epochs",

@@ -129,6 +129,22 @@ def test_mnist_without_data_is_a_clear_error(tmp_path: Path) -> None:
     assert "has no mnist.npz" in result.stderr and "Traceback" not in result.stderr
 
 
+def test_training_is_reproducible(tmp_path: Path) -> None:
+    for _ in range(2):
+        result = _export(tmp_path, "lenet5", "--epochs", "1", "--seed", "3")
+        assert result.returncode == 0, result.stderr
+    # tf2onnx orders and names the graph's helper constants differently from run to run,
+    # so compare what the two models compute, not their bytes.
+    images = np.random.default_rng(0).random((16, 28, 28, 1), dtype=np.float32)
+    first, second = (
+        ort.InferenceSession(str(tmp_path / "repo" / "lenet5" / v / "model.onnx")).run(
+            None, {"input": images}
+        )[0]
+        for v in ("1", "2")
+    )
+    np.testing.assert_array_equal(first, second)
+
+
 def test_publish_adds_versions(tmp_path: Path) -> None:
     from onnxserve.export.publish import ModelCard, existing_versions, publish
 
