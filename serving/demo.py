@@ -91,7 +91,10 @@ def run_demo(args: argparse.Namespace) -> int:
     _export_missing(repository, weights)
     if not (args.samples / "china.jpg").is_file():
         print(f"== writing sample images to {args.samples}", flush=True)
-        subprocess.run(_onnxserve("samples", "--out", str(args.samples)), check=True)
+        subprocess.run(
+            _onnxserve("samples", "--out", str(args.samples)), check=True,
+            stdout=subprocess.DEVNULL,
+        )
 
     port = args.grpc_port or _free_port()
     url = f"127.0.0.1:{port}"
