@@ -61,44 +61,67 @@ def load_digits() -> Split:
     )
 
 
-def load_mnist(data_dir: Path | None = None) -> Split:
-    """MNIST via keras.datasets, or from ``data_dir/mnist.npz`` (Keras' file format)."""
+FASHION_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
+                   "Sneaker", "Bag", "Ankle boot"]
+CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse",
+                   "ship", "truck"]
+
+#: name -> (keras.datasets module, class names, scale to [0, 1]?)
+KERAS_DATASETS = {
+    "mnist": ("mnist", DIGIT_CLASSES, True),
+    "fashion_mnist": ("fashion_mnist", FASHION_CLASSES, True),
+    # CIFAR-10 stays in 0-255: the recipe standardises per channel, as the seed does.
+    "cifar10": ("cifar10", CIFAR10_CLASSES, False),
+}
+DATASETS = ("digits", *KERAS_DATASETS)
+
+
+def load_keras_dataset(name: str, data_dir: Path | None = None) -> Split:
+    """A keras.datasets set, or ``data_dir/<name>.npz`` holding x_train, y_train, x_test,
+    y_test (the layout of Keras' own mnist.npz; no pickles are read)."""
+    module, classes, to_unit = KERAS_DATASETS[name]
     if data_dir is not None:
-        path = Path(data_dir) / "mnist.npz"
+        path = Path(data_dir) / f"{name}.npz"
         if not path.is_file():
-            raise DatasetUnavailableError(f"--data-dir {data_dir} has no mnist.npz")
-        with np.load(path, allow_pickle=False) as data:
-            x_train, y_train = data["x_train"], data["y_train"]
-            x_test, y_test = data["x_test"], data["y_test"]
+            raise DatasetUnavailableError(
+                f"--data-dir {data_dir} has no {name}.npz (arrays x_train, y_train, x_test, "
+                "y_test, as in Keras' mnist.npz)"
+            )
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                x_train, y_train = data["x_train"], data["y_train"]
+                x_test, y_test = data["x_test"], data["y_test"]
+        except (KeyError, ValueError, OSError) as exc:
+            raise DatasetUnavailableError(f"{path} is not a usable {name} file: {exc}") from None
         source = str(path)
     else:
-        from keras.datasets import mnist
+        import importlib
 
+        loader = importlib.import_module(f"keras.datasets.{module}")
         try:
-            (x_train, y_train), (x_test, y_test) = mnist.load_data()
+            (x_train, y_train), (x_test, y_test) = loader.load_data()
         except Exception as exc:
             raise DatasetUnavailableError(
-                f"cannot download MNIST ({exc}); put Keras' mnist.npz in a folder and pass "
-                "--data-dir FOLDER, or use --dataset digits (bundled, offline)"
+                f"cannot download {name} ({type(exc).__name__}: {exc}); put {name}.npz in a "
+                "folder and pass --data-dir FOLDER"
+                + (", or use --dataset digits (bundled, offline)" if to_unit else "")
             ) from None
-        source = "keras.datasets.mnist"
+        source = f"keras.datasets.{module}"
 
     def prepare(x: np.ndarray) -> np.ndarray:
-        return (x[..., np.newaxis] / 255.0).astype(np.float32)
+        x = x.astype(np.float32)
+        if x.ndim == 3:
+            x = x[..., np.newaxis]
+        return x / 255.0 if to_unit else x
 
-    return Split(
-        prepare(x_train), y_train.astype(np.int64), prepare(x_test), y_test.astype(np.int64),
-        DIGIT_CLASSES, source,
-    )
-
-
-DATASETS = {"digits": load_digits, "mnist": load_mnist}
+    return Split(prepare(x_train), y_train.reshape(-1).astype(np.int64), prepare(x_test),
+                 y_test.reshape(-1).astype(np.int64), classes, source)
 
 
 def load(name: str, data_dir: Path | None = None) -> Split:
-    """Load a data set by name (digits or mnist)."""
+    """Load a data set by name: digits (bundled), mnist, fashion_mnist or cifar10."""
     if name == "digits":
         return load_digits()
-    if name == "mnist":
-        return load_mnist(data_dir)
+    if name in KERAS_DATASETS:
+        return load_keras_dataset(name, data_dir)
     raise ValueError(f"unknown dataset {name!r}; expected one of {', '.join(DATASETS)}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from dataclasses import dataclass, field
@@ -13,6 +14,8 @@ from onnxserve.protos import model_config_pb2 as mc
 from onnxserve.protos.datatypes import by_name
 
 LABELS_FILE = "labels.txt"
+REPORT_FILE = "verification.json"
+PROTOBUF_LIMIT = 2**31 - 1
 
 
 @dataclass
@@ -26,9 +29,10 @@ class ModelCard:
     input_dims: list[int]
     output_name: str
     output_dims: list[int]
-    labels: list[str]
+    labels: list[str] | None
     max_batch_size: int
     parameters: dict[str, str] = field(default_factory=dict)
+    output_datatype: str = "FP32"
 
 
 def build_config(card: ModelCard) -> mc.ModelConfig:
@@ -47,9 +51,9 @@ def build_config(card: ModelCard) -> mc.ModelConfig:
     )
     config.output.add(
         name=card.output_name,
-        data_type=mc.TYPE_FP32,
+        data_type=by_name(card.output_datatype).config_type,
         dims=card.output_dims,
-        label_filename=LABELS_FILE,
+        label_filename=LABELS_FILE if card.labels else "",
     )
     config.dynamic_batching.SetInParent()
     for key, value in sorted(card.parameters.items()):
@@ -81,16 +85,43 @@ def existing_versions(repository: Path, name: str) -> list[int]:
     )
 
 
+def _write_model(path: Path, onnx_model) -> None:
+    import onnx
+
+    if onnx_model.ByteSize() < PROTOBUF_LIMIT:
+        _write_atomically(path, onnx_model.SerializeToString())
+        return
+    # Over protobuf's 2 GB: weights go to model.onnx.data beside it (Triton reads that too).
+    path.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save_model(onnx_model, str(path), save_as_external_data=True,
+                    all_tensors_to_one_file=True, location=f"{path.name}.data")
+
+
 def publish(
-    repository: Path, card: ModelCard, onnx_bytes: bytes, version: int | None = None
+    repository: Path,
+    card: ModelCard,
+    onnx_model,
+    version: int | None = None,
+    report: dict | None = None,
 ) -> Path:
-    """Write the model as ``version`` (default: one above the newest); return its file."""
+    """Write the model as ``version`` (default: one above the newest); return its file.
+
+    ``onnx_model`` is an onnx.ModelProto (or its serialised bytes); ``report`` is written
+    beside it as verification.json.
+    """
     if version is None:
         version = max(existing_versions(repository, card.name), default=0) + 1
     folder = repository / card.name
     model_path = folder / str(version) / "model.onnx"
-    _write_atomically(model_path, onnx_bytes)
-    _write_atomically(folder / LABELS_FILE, ("\n".join(card.labels) + "\n").encode())
+    if isinstance(onnx_model, bytes):
+        _write_atomically(model_path, onnx_model)
+    else:
+        _write_model(model_path, onnx_model)
+    if report is not None:
+        _write_atomically(model_path.parent / REPORT_FILE,
+                          (json.dumps(report, indent=2) + "\n").encode())
+    if card.labels:
+        _write_atomically(folder / LABELS_FILE, ("\n".join(card.labels) + "\n").encode())
     config_text = text_format.MessageToString(build_config(card))
     _write_atomically(folder / "config.pbtxt", config_text.encode())
     return model_path
