@@ -6,7 +6,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 MODEL_REPOSITORY ?= model_repository
 
-.PHONY: demo serve test test-slow lint protos clean
+.PHONY: demo serve test test-slow export-report seed-accuracy lint protos clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +32,14 @@ test: $(VENV)/.test-installed
 
 test-slow: $(VENV)/.test-installed
 	$(BIN)/python -m pytest -m slow || [ $$? -eq 5 ]  # 5: no test is marked slow
+
+# Export every seed model (fp32, fp16, int8): parity, size, latency, peak memory.
+export-report: $(VENV)/.export-installed
+	$(BIN)/python -m onnxserve.benchmarks.export_report
+
+# Full-length training of every recipe on the seed's data (needs the data sets).
+seed-accuracy: $(VENV)/.export-installed
+	$(BIN)/python -m onnxserve.benchmarks.seed_accuracy $(if $(DATA_DIR),--data-dir $(DATA_DIR))
 
 lint: $(VENV)/.test-installed
 	$(BIN)/ruff check .

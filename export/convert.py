@@ -125,6 +125,9 @@ def fold_constants(onnx_model):
     import onnx
     import onnxruntime as ort
 
+    if onnx_model.ByteSize() > PROTOBUF_LIMIT:
+        log.warning("model over 2 GB: constants left unfolded (onnxruntime folds them at load)")
+        return onnx_model
     with tempfile.TemporaryDirectory() as tmp:
         source, target = Path(tmp) / "in.onnx", Path(tmp) / "out.onnx"
         onnx.save(onnx_model, str(source))
@@ -159,12 +162,3 @@ def keep_outputs(onnx_model, names: list[str]) -> None:
     outputs = [o for o in onnx_model.graph.output if o.name in names]
     del onnx_model.graph.output[:]
     onnx_model.graph.output.extend(outputs)
-
-
-def serialize(onnx_model) -> bytes:
-    """Bytes of the model, refusing what protobuf cannot hold (see save_external)."""
-    size = onnx_model.ByteSize()
-    if size > PROTOBUF_LIMIT:
-        raise ValueError(f"model is {size / 1e9:.1f} GB, above protobuf's 2 GB: save it with "
-                         "external data")
-    return onnx_model.SerializeToString()

@@ -206,7 +206,18 @@ def prepare_user_model(path: Path, *, labels: Path | None) -> Prepared:
 def _session(onnx_model):
     import onnxruntime as ort
 
-    return ort.InferenceSession(convert.serialize(onnx_model), providers=["CPUExecutionProvider"])
+    if onnx_model.ByteSize() <= convert.PROTOBUF_LIMIT:
+        return ort.InferenceSession(onnx_model.SerializeToString(),
+                                    providers=["CPUExecutionProvider"])
+    import tempfile
+
+    import onnx
+
+    with tempfile.TemporaryDirectory() as tmp:  # over 2 GB: weights in a side file
+        path = f"{tmp}/model.onnx"
+        onnx.save_model(onnx_model, path, save_as_external_data=True,
+                        location="model.onnx.data")
+        return ort.InferenceSession(path, providers=["CPUExecutionProvider"])
 
 
 def _agreement(reference, other, data: np.ndarray, output: str) -> float:

@@ -94,7 +94,8 @@ def _write_model(path: Path, onnx_model) -> None:
     # Over protobuf's 2 GB: weights go to model.onnx.data beside it (Triton reads that too).
     path.parent.mkdir(parents=True, exist_ok=True)
     onnx.save_model(onnx_model, str(path), save_as_external_data=True,
-                    all_tensors_to_one_file=True, location=f"{path.name}.data")
+                    all_tensors_to_one_file=True, location=f"{path.name}.data",
+                    size_threshold=0)
 
 
 def publish(

@@ -26,10 +26,11 @@ def load(path: Path):
         if not (path / "saved_model.pb").is_file():
             raise UserModelError(f"--from {path}: a folder must be a SavedModel (saved_model.pb)")
         try:
-            layer = keras.layers.TFSMLayer(str(path), call_endpoint="serving_default")
+            model = _wrap_savedmodel(path)
+        except UserModelError:
+            raise
         except Exception as exc:
             raise UserModelError(f"--from {path}: cannot load the SavedModel: {exc}") from None
-        model = _wrap_savedmodel(layer)
     elif path.suffix in (".keras", ".h5", ".hdf5"):
         try:
             model = keras.saving.load_model(str(path), compile=False, safe_mode=True)
@@ -44,6 +45,8 @@ def load(path: Path):
     if len(model.inputs) != 1:
         raise UserModelError(f"--from {path}: the model has {len(model.inputs)} inputs; "
                              "onnxserve exports single-input models")
+    if not hasattr(model, "output_names"):  # Sequential: the functional view names outputs
+        model = keras.Model(model.inputs, model.outputs, name=model.name)
     return model
 
 
@@ -52,16 +55,18 @@ def _first_line(exc: Exception) -> str:
     return text[0] if text else ""
 
 
-def _wrap_savedmodel(layer):
+def _wrap_savedmodel(path: Path):
+    """A Keras model around a SavedModel's serving signature (a graph: no Python runs)."""
     import keras
+    import tensorflow as tf
 
-    signature = layer._endpoint_signatures[layer.call_endpoint]  # noqa: SLF001
+    signature = tf.saved_model.load(str(path)).signatures["serving_default"]
     specs = list(signature.structured_input_signature[1].values())
     if len(specs) != 1:
         raise UserModelError(f"the SavedModel's serving signature takes {len(specs)} inputs, not 1")
     spec = specs[0]
     inputs = keras.Input(shape=tuple(spec.shape[1:]), dtype=spec.dtype.name, name=spec.name)
-    outputs = layer(inputs)
+    outputs = keras.layers.TFSMLayer(str(path), call_endpoint="serving_default")(inputs)
     if isinstance(outputs, dict):
         outputs = [keras.layers.Identity(name=k)(v) for k, v in sorted(outputs.items())]
     return keras.Model(inputs, outputs, name="savedmodel")

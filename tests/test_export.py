@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -44,17 +45,18 @@ def test_lenet5_export_checked_parity_and_wrote_a_full_config(
 
 
 def test_lenet5_architecture_is_the_seeds() -> None:
-    from onnxserve.export.recipes import LENET5_TRAINING, build_lenet5
+    from onnxserve.export.recipes import RECIPES
 
-    model = build_lenet5()
+    recipe = RECIPES["lenet5"]
+    model = recipe.build()
     # conv 5x5x1x6, conv 5x5x6x16, dense 784-120-84-10, one pooling layer used twice
     assert model.count_params() == 156 + 2416 + 94200 + 10164 + 850
     assert sum(1 for layer in model.layers if "pool" in layer.name) == 1
-    assert (LENET5_TRAINING.epochs, LENET5_TRAINING.batch_size) == (30, 32)
-    assert LENET5_TRAINING.early_stopping_patience == 3
+    assert (recipe.training.epochs, recipe.training.batch_size) == (30, 32)
+    assert recipe.training.early_stopping_patience == 3
 
 
-def test_parity_rejects_mismatch_and_flat_outputs() -> None:
+def test_parity_on_probabilities_rejects_mismatch_and_flat_outputs() -> None:
     probs = np.array([[0.7, 0.2, 0.1], [0.1, 0.1, 0.8]])
     assert verify.compare(probs, probs + 1e-7).top1_agreement == 1.0
     with pytest.raises(verify.ParityError, match="does not match"):
@@ -63,6 +65,27 @@ def test_parity_rejects_mismatch_and_flat_outputs() -> None:
         verify.compare(np.array([[0.5, 0.5 - 1e-4, 1e-4]]), np.array([[0.5, 0.5 - 2e-5, 2e-5]]))
     with pytest.raises(verify.ParityError, match="prove nothing"):
         verify.compare(np.full((2, 3), 1 / 3), np.full((2, 3), 1 / 3))
+
+
+def test_parity_on_logits_is_relative_to_their_scale() -> None:
+    # Random-weight ImageNet models: tiny logits, flat probabilities. The logits still
+    # must match to float32 precision, relative to their own size.
+    logits = np.array([[1e-11, 3e-11, -2e-11], [5e-12, -1e-11, 2e-11]])
+    probs = np.full((2, 3), 1 / 3)
+    report = verify.compare(probs, probs, logits, logits * (1 + 1e-6))
+    assert report.compared_on == "logits" and report.max_rel_score_diff < 1e-5
+    with pytest.raises(verify.ParityError, match="does not match"):
+        verify.compare(probs, probs, logits, logits[:, ::-1])
+    with pytest.raises(verify.ParityError, match="prove nothing"):
+        verify.compare(probs, probs, np.zeros((2, 3)), np.zeros((2, 3)))
+
+
+def test_top1_is_only_required_on_decisive_samples() -> None:
+    logits = np.array([[1.0, 1.0 + 1e-7, 0.0], [3.0, 0.0, 0.0]])
+    swapped = np.array([[1.0 + 1e-7, 1.0, 0.0], [3.0, 0.0, 0.0]])
+    probs = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+    report = verify.compare(probs, probs, logits, swapped)
+    assert report.decisive_samples == 1 and report.top1_agreement == 1.0
 
 
 def _export(tmp_path: Path, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -80,6 +103,9 @@ def test_mobilenet_v2_random_weights_export(tmp_path: Path) -> None:
     params = {k: v.string_value for k, v in source.config.parameters.items()}
     assert params["onnxserve.weights"].startswith("none (random weights")
     assert params["onnxserve.preprocessing"] == "in_graph"
+    report = json.loads((source.path / "1" / "verification.json").read_text())
+    assert report["parity"]["compared_on"] == "logits"
+    assert report["parity"]["max_rel_score_diff"] < 1e-3
     (tensor,) = source.config.input
     assert (tensor.name, list(tensor.dims)) == ("images", [224, 224, 3])
     assert len((source.path / "labels.txt").read_text().splitlines()) == 1000
@@ -88,7 +114,6 @@ def test_mobilenet_v2_random_weights_export(tmp_path: Path) -> None:
     probs = session.run(None, {"images": images})[0]
     assert probs.shape == (3, 1000)
     np.testing.assert_allclose(probs.sum(axis=1), 1.0, rtol=1e-4)
-    assert np.ptp(probs, axis=1).min() > 1e-5  # the random weights are not degenerate
 
 
 def test_imagenet_weights_unreachable_is_a_clear_error(tmp_path: Path) -> None:
