@@ -178,18 +178,22 @@ def test_savedmodel_folder_exports(tmp_path: Path) -> None:
 
 
 def test_models_over_two_gigabytes_use_external_data(tmp_path: Path, monkeypatch) -> None:
+    import onnx
     import onnxruntime as ort
+    from onnx import numpy_helper
+    from onnx_models import add_one_model
 
     from onnxserve.export import publish
     from onnxserve.export.publish import ModelCard
-    from onnx_models import add_one_model
 
-    model_path = add_one_model(tmp_path / "src.onnx")
-    import onnx
-
+    model = onnx.load(str(add_one_model(tmp_path / "src.onnx")))
+    raw = [numpy_helper.from_array(numpy_helper.to_array(t), t.name)  # raw_data, as exports
+           for t in model.graph.initializer]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(raw)
     monkeypatch.setattr(publish, "PROTOBUF_LIMIT", 10)  # pretend the model is huge
     card = ModelCard("big", "x", "FP32", [4], "y", [4], None, 8)
-    path = publish.publish(tmp_path / "repo", card, onnx.load(str(model_path)))
+    path = publish.publish(tmp_path / "repo", card, model)
     assert (path.parent / "model.onnx.data").is_file()
     out = ort.InferenceSession(str(path)).run(["y"], {"x": np.zeros((1, 4), np.float32)})[0]
     assert out.tolist() == [[1.0, 1.0, 1.0, 1.0]]
