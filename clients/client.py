@@ -105,6 +105,22 @@ class Client:
             parameters={k: _parameter(v) for k, v in r.parameters.items()},
         )
 
+    def statistics(self, name: str = "", version: str = "") -> list[dict[str, object]]:
+        """Per model version: counts and cumulative durations (ns) as the server reports."""
+        r = self._call("ModelStatistics", pb.ModelStatisticsRequest(name=name, version=version))
+        out = []
+        for s in r.model_stats:
+            infer = s.inference_stats
+            out.append({
+                "name": s.name, "version": s.version, "inference_count": s.inference_count,
+                "execution_count": s.execution_count,
+                **{f: {"count": getattr(infer, f).count, "ns": getattr(infer, f).ns}
+                   for f in ("success", "fail", "queue", "compute_input", "compute_infer",
+                             "compute_output")},
+                "batches": {b.batch_size: b.compute_infer.count for b in s.batch_stats},
+            })
+        return out
+
     def models(self) -> list[dict[str, str]]:
         """The repository index: name, version, state and reason of each model."""
         r = self._call("RepositoryIndex", pb.RepositoryIndexRequest())

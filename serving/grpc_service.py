@@ -33,14 +33,14 @@ from .errors import (
     ServingError,
     UnavailableError,
 )
-from .model import Model
+from .model import Model, ModelVersion
 from .registry import Registry
 from .validation import check_inputs, check_outputs, expected_shape
 
 log = logging.getLogger(__name__)
 
 SERVER_NAME = "onnxserve"
-EXTENSIONS = ("classification", "model_configuration")
+EXTENSIONS = ("classification", "model_configuration", "statistics")
 CLASSIFICATION_PARAMETER = "classification"
 
 _STATUS = {
@@ -129,6 +129,27 @@ def encode_response(
     return response
 
 
+def _duration(target: pb.StatisticDuration, source) -> None:
+    target.count, target.ns = source.count, source.ns
+
+
+def _statistics(name: str, version: ModelVersion) -> pb.ModelStatistics:
+    stats = version.scheduler.stats
+    out = pb.ModelStatistics(
+        name=name, version=str(version.version), last_inference=stats.last_inference_ms,
+        inference_count=stats.inference_count, execution_count=stats.execution_count,
+    )
+    infer = out.inference_stats
+    for field_name in ("success", "fail", "queue", "compute_input", "compute_infer",
+                       "compute_output"):
+        _duration(getattr(infer, field_name), getattr(stats, field_name))
+    for size, batch in sorted(stats.batches.items()):
+        entry = out.batch_stats.add(batch_size=size)
+        for field_name in ("compute_input", "compute_infer", "compute_output"):
+            _duration(getattr(entry, field_name), getattr(batch, field_name))
+    return out
+
+
 class InferenceService(inference_pb2_grpc.GRPCInferenceServiceServicer):
     """GRPCInferenceService over a model registry."""
 
@@ -192,6 +213,22 @@ class InferenceService(inference_pb2_grpc.GRPCInferenceServiceServicer):
         except ServingError as exc:
             await self._fail(context, exc, f"ModelConfig {request.name!r}")
         return pb.ModelConfigResponse(config=model.config)
+
+    async def ModelStatistics(self, request, context):
+        response = pb.ModelStatisticsResponse()
+        if request.name:
+            try:
+                model, version = self._registry.get(request.name, request.version)
+            except ServingError as exc:
+                await self._fail(context, exc, f"ModelStatistics {request.name!r}")
+            chosen = [(model, version)] if request.version else [
+                (model, v) for v in model.versions.values()]
+        else:
+            chosen = [(e.model, v) for e in self._registry.entries() if e.model
+                      for v in e.model.versions.values()]
+        for model, version in chosen:
+            response.model_stats.append(_statistics(model.name, version))
+        return response
 
     async def RepositoryIndex(self, request, context):
         response = pb.RepositoryIndexResponse()

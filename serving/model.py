@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -87,15 +88,20 @@ def load_model(repository: Path, name: str, settings: ServerSettings) -> Model:
         )
     config: ModelConfig | None = None
     versions: dict[int, ModelVersion] = {}
+    instances = _instance_count(source.config)
+    # Instances share the cores: each gets its share of threads, and none spins waiting
+    # for work (a spinning pool would steal the cores the other instances need).
+    threads = settings.intra_op_threads or max(1, (os.cpu_count() or 1) // instances)
     for number in chosen:
         runners = [
             Runner(
                 source.versions[number],
                 model_name=name,
                 providers=settings.providers,
-                intra_op_threads=settings.intra_op_threads,
+                intra_op_threads=threads,
+                allow_spinning=instances == 1,
             )
-            for _ in range(_instance_count(source.config))
+            for _ in range(instances)
         ]
         version_config = complete_config(source, runners[0].signature)
         if config is not None and version_config.input != config.input:
@@ -107,7 +113,9 @@ def load_model(repository: Path, name: str, settings: ServerSettings) -> Model:
         scheduler = Scheduler(
             runners,
             max_batch_size=config.max_batch_size,
+            batching=config.HasField("dynamic_batching"),
             max_queue_delay_us=batching.max_queue_delay_microseconds,
+            preferred_batch_sizes=list(batching.preferred_batch_size),
             name=f"{name}:{number}",
         )
         versions[number] = ModelVersion(number, runners, scheduler)

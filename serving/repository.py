@@ -196,6 +196,8 @@ def complete_config(source: ModelSource, signature: Signature) -> ModelConfig:
     if not source.has_config_file:
         batchable = all(s.shape and s.shape[0] == -1 for s in signature.inputs + signature.outputs)
         config.max_batch_size = AUTO_MAX_BATCH_SIZE if batchable else 0
+        if batchable:  # as Triton's auto-complete: a batching model gets the dynamic batcher
+            config.dynamic_batching.SetInParent()
     batched = config.max_batch_size > 0
     _complete_tensors(config.input, signature.inputs, batched, "input")
     _complete_tensors(config.output, signature.outputs, batched, "output")

@@ -1,10 +1,13 @@
 """Per-model-version dynamic batcher: queue requests, form batches, run them, split results.
 
 Requests wait in one queue per model version. A worker (one per model instance) takes the
-oldest request, adds queued requests with the same per-sample shapes and datatypes until
-``max_batch_size`` samples or ``max_queue_delay`` passes, runs the batch on its runner in a
-thread, and hands each request its own slice of the outputs. A request whose caller went
-away before its batch formed is dropped, never computed.
+oldest request and adds queued requests with the same per-sample shapes and datatypes,
+counting samples (a request may carry its own batch), until it reaches the largest
+preferred batch size (or ``max_batch_size``), or until ``max_queue_delay`` has passed
+(0: take what is queued when the instance frees). It copies the inputs into one
+preallocated buffer per input, runs the batch on its runner in a thread, and hands each
+request a view of its own rows of the outputs. A request whose caller went away before
+its batch formed is dropped, never computed. Without batching, each request runs alone.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import numpy as np
 
 from .errors import InferenceFailedError, UnavailableError
 from .runner import Runner
+from .statistics import ModelStats
 
 log = logging.getLogger(__name__)
 
@@ -34,10 +38,31 @@ class _Pending:
     key: tuple
     future: asyncio.Future
     enqueued_ns: int = field(default_factory=time.perf_counter_ns)
+    started_ns: int | None = None
 
 
 def _batch_key(inputs: dict[str, np.ndarray]) -> tuple:
     return tuple(sorted((n, a.dtype.str, a.shape[1:]) for n, a in inputs.items()))
+
+
+class _Buffers:
+    """Reusable input buffers of one instance, one per (input, dtype, sample shape)."""
+
+    def __init__(self, capacity: int) -> None:
+        self._capacity = capacity
+        self._buffers: dict[tuple, np.ndarray] = {}
+
+    def concatenate(self, name: str, parts: list[np.ndarray]) -> np.ndarray:
+        first = parts[0]
+        rows = sum(len(p) for p in parts)
+        if first.dtype == object or rows > self._capacity:
+            return np.concatenate(parts)
+        key = (name, first.dtype.str, first.shape[1:])
+        buffer = self._buffers.get(key)
+        if buffer is None:
+            buffer = self._buffers[key] = np.empty((self._capacity, *first.shape[1:]),
+                                                   first.dtype)
+        return np.concatenate(parts, out=buffer[:rows])
 
 
 class Scheduler:
@@ -48,15 +73,22 @@ class Scheduler:
         runners: Sequence[Runner],
         *,
         max_batch_size: int,
+        batching: bool = True,
         max_queue_delay_us: int = 0,
+        preferred_batch_sizes: Sequence[int] = (),
         name: str = "",
+        stats: ModelStats | None = None,
     ) -> None:
         if not runners:
             raise ValueError("a scheduler needs at least one runner")
         self._runners = list(runners)
         self._max_batch_size = max_batch_size
+        self._batching = batching and max_batch_size > 0
+        preferred = [p for p in preferred_batch_sizes if 0 < p <= max_batch_size]
+        self._target = max(preferred) if preferred else max_batch_size
         self._max_delay_s = max_queue_delay_us / 1e6
         self._name = name
+        self.stats = stats or ModelStats()
         self._queue: asyncio.Queue[_Pending] = asyncio.Queue()
         self._carry: collections.deque[_Pending] = collections.deque()
         self._executor = ThreadPoolExecutor(
@@ -64,6 +96,10 @@ class Scheduler:
         )
         self._workers: list[asyncio.Task] = []
         self._closed = False
+
+    @property
+    def queue_depth(self) -> int:
+        return self._queue.qsize() + len(self._carry)
 
     def start(self) -> None:
         """Start one worker task per runner on the running event loop."""
@@ -96,9 +132,18 @@ class Scheduler:
             raise UnavailableError(f"model {self._name} is not accepting requests")
         inputs = self._runners[0].prepare(inputs)
         future = asyncio.get_running_loop().create_future()
-        key = _batch_key(inputs) if self._max_batch_size else ()
-        self._queue.put_nowait(_Pending(inputs, tuple(outputs), batch_size, key, future))
-        return await future
+        key = _batch_key(inputs) if self._batching else ()
+        pending = _Pending(inputs, tuple(outputs), batch_size, key, future)
+        self._queue.put_nowait(pending)
+        ok = False
+        try:
+            result = await future
+            ok = True
+            return result
+        finally:
+            queued = None if pending.started_ns is None else (
+                pending.started_ns - pending.enqueued_ns)
+            self.stats.record_request(ok, time.perf_counter_ns() - pending.enqueued_ns, queued)
 
     async def _next(self, timeout: float | None) -> _Pending | None:
         while True:
@@ -135,11 +180,11 @@ class Scheduler:
         first = await self._next(None)
         assert first is not None
         batch = [first]
-        if not self._max_batch_size:
+        if not self._batching:
             return batch
         size = first.batch_size
         deadline = time.monotonic() + self._max_delay_s
-        while size < self._max_batch_size:
+        while size < self._target:
             nxt = await self._next(deadline - time.monotonic())
             if nxt is None:
                 break
@@ -152,10 +197,16 @@ class Scheduler:
 
     async def _work(self, runner: Runner) -> None:
         loop = asyncio.get_running_loop()
+        buffers = _Buffers(max(self._max_batch_size, 1))
         while True:
             batch = await self._gather()
+            started = time.perf_counter_ns()
+            for pending in batch:
+                pending.started_ns = started
             try:
-                results = await loop.run_in_executor(self._executor, _run_batch, runner, batch)
+                results = await loop.run_in_executor(
+                    self._executor, self._run_batch, runner, buffers, batch
+                )
             except asyncio.CancelledError:
                 for pending in batch:
                     if not pending.future.done():
@@ -175,21 +226,30 @@ class Scheduler:
                 if not pending.future.done():
                     pending.future.set_result(outputs)
 
-
-def _run_batch(runner: Runner, batch: list[_Pending]) -> list[dict[str, np.ndarray]]:
-    """Concatenate, run and split one batch (in a worker thread)."""
-    wanted = list(dict.fromkeys(name for p in batch for name in p.outputs))
-    if len(batch) == 1:
-        only = batch[0]
-        return [runner.run(only.inputs, wanted)]
-    inputs = {
-        name: np.concatenate([p.inputs[name] for p in batch]) for name in batch[0].inputs
-    }
-    outputs = runner.run(inputs, wanted)
-    results: list[dict[str, np.ndarray]] = []
-    start = 0
-    for pending in batch:
-        stop = start + pending.batch_size
-        results.append({name: outputs[name][start:stop] for name in pending.outputs})
-        start = stop
-    return results
+    def _run_batch(
+        self, runner: Runner, buffers: _Buffers, batch: list[_Pending]
+    ) -> list[dict[str, np.ndarray]]:
+        """Concatenate, run and split one batch (in a worker thread)."""
+        t0 = time.perf_counter_ns()
+        wanted = list(dict.fromkeys(name for p in batch for name in p.outputs))
+        if len(batch) == 1:
+            inputs = batch[0].inputs
+        else:
+            inputs = {name: buffers.concatenate(name, [p.inputs[name] for p in batch])
+                      for name in batch[0].inputs}
+        t1 = time.perf_counter_ns()
+        outputs = runner.run(inputs, wanted)
+        t2 = time.perf_counter_ns()
+        if len(batch) == 1:
+            results = [outputs]
+        else:
+            results = []
+            start = 0
+            for pending in batch:
+                stop = start + pending.batch_size
+                results.append({name: outputs[name][start:stop] for name in pending.outputs})
+                start = stop
+        samples = sum(max(p.batch_size, 1) for p in batch)
+        self.stats.record_batch(samples, t1 - t0, t2 - t1, time.perf_counter_ns() - t2,
+                                len(batch))
+        return results

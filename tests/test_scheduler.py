@@ -138,3 +138,56 @@ def test_a_failing_batch_fails_only_its_requests() -> None:
 
     result = run(_with_scheduler(runner, body, max_batch_size=0))
     np.testing.assert_array_equal(result["y"], [[2.0, 2.0]])
+
+
+def _queued_then_released(runner, scheduler_kwargs, sizes):
+    """Hold the runner, queue requests of ``sizes`` samples behind a first one, release."""
+
+    async def body(scheduler):
+        runner.gate.clear()
+        first = asyncio.ensure_future(scheduler.infer({"x": np.zeros((1, 2))}, ["y"], 1))
+        await asyncio.sleep(0.05)
+        futures = [
+            asyncio.ensure_future(scheduler.infer({"x": np.full((n, 2), float(i))}, ["y"], n))
+            for i, n in enumerate(sizes)
+        ]
+        await asyncio.sleep(0.05)
+        runner.gate.set()
+        await first
+        return await asyncio.gather(*futures), scheduler.stats
+
+    return run(_with_scheduler(runner, body, **scheduler_kwargs))
+
+
+def test_preferred_batch_size_caps_batches() -> None:
+    runner = FakeRunner()
+    results, _ = _queued_then_released(
+        runner, {"max_batch_size": 16, "preferred_batch_sizes": [4]}, [1] * 10
+    )
+    assert runner.batches == [1, 4, 4, 2]
+    assert [r["y"][0, 0] for r in results] == [2.0 * i for i in range(10)]
+
+
+def test_batching_off_runs_each_request_alone() -> None:
+    runner = FakeRunner()
+    _queued_then_released(runner, {"max_batch_size": 16, "batching": False}, [2, 3, 1])
+    assert runner.batches == [1, 2, 3, 1]
+
+
+def test_statistics_count_samples_executions_and_queue_time() -> None:
+    runner = FakeRunner()
+    _, stats = _queued_then_released(runner, {"max_batch_size": 16}, [2, 3])
+    assert stats.execution_count == 2 and stats.inference_count == 6
+    assert stats.success.count == 3 and stats.fail.count == 0
+    assert stats.queue.count == 3 and stats.queue.ns > 40_000_000  # held ~50 ms
+    assert set(stats.batches) == {1, 5}
+
+
+def test_buffers_are_reused_between_batches() -> None:
+    from onnxserve.serving.scheduler import _Buffers
+
+    buffers = _Buffers(8)
+    a = buffers.concatenate("x", [np.ones((2, 3)), np.zeros((1, 3))])
+    b = buffers.concatenate("x", [np.ones((4, 3))])
+    assert a.base is b.base and b.shape == (4, 3)
+    assert buffers.concatenate("x", [np.ones((9, 3))]).shape == (9, 3)  # over capacity

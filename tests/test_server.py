@@ -191,6 +191,22 @@ def test_concurrent_requests_all_answered_correctly(server: ServerProcess) -> No
         assert all(pool.map(one, range(200)))
 
 
+def test_statistics_follow_requests(client: Client) -> None:
+    before = client.statistics("scores")[0]
+    x = np.zeros((3, 5), np.float32)
+    for _ in range(4):
+        client.infer("scores", {"scores_in": x})
+    after = client.statistics("scores")[0]
+    assert after["inference_count"] - before["inference_count"] == 12
+    assert after["success"]["count"] - before["success"]["count"] == 4
+    assert after["compute_infer"]["ns"] > before["compute_infer"]["ns"]
+    assert after["batches"].get(3, 0) >= 4
+    assert {s["name"] for s in client.statistics()} >= {"scores", "lenet5", "add_one"}
+    with pytest.raises(InferenceServerError) as info:
+        client.statistics("missing")
+    assert info.value.code == grpc.StatusCode.NOT_FOUND
+
+
 def test_failed_model_reports_why_and_others_serve(tmp_path) -> None:
     add_one_model(tmp_path / "good" / "1" / "model.onnx")
     write_config(tmp_path / "broken", "max_batch_size: 4\nnot_a_field: 1\n")

@@ -1,0 +1,68 @@
+"""Per-model-version inference statistics, as Triton's ModelStatistics reports them.
+
+Durations are cumulative nanoseconds. ``inference_count`` counts samples, and
+``execution_count`` model runs (a batch of 8 from 3 requests: 8 and 1).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+
+@dataclass
+class Duration:
+    count: int = 0
+    ns: int = 0
+
+    def add(self, ns: int, count: int = 1) -> None:
+        self.count += count
+        self.ns += ns
+
+
+@dataclass
+class BatchStats:
+    compute_input: Duration = field(default_factory=Duration)
+    compute_infer: Duration = field(default_factory=Duration)
+    compute_output: Duration = field(default_factory=Duration)
+
+
+class ModelStats:
+    """Counters one scheduler updates; read by the ModelStatistics RPC and /metrics."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.last_inference_ms = 0
+        self.inference_count = 0
+        self.execution_count = 0
+        self.success = Duration()
+        self.fail = Duration()
+        self.queue = Duration()
+        self.compute_input = Duration()
+        self.compute_infer = Duration()
+        self.compute_output = Duration()
+        self.batches: dict[int, BatchStats] = defaultdict(BatchStats)
+
+    def record_batch(self, samples: int, input_ns: int, infer_ns: int, output_ns: int,
+                     requests: int) -> None:
+        """One model execution of ``samples`` samples from ``requests`` requests."""
+        with self._lock:
+            self.execution_count += 1
+            self.inference_count += samples
+            self.last_inference_ms = int(time.time() * 1000)
+            self.compute_input.add(input_ns, requests)
+            self.compute_infer.add(infer_ns, requests)
+            self.compute_output.add(output_ns, requests)
+            batch = self.batches[samples]
+            batch.compute_input.add(input_ns)
+            batch.compute_infer.add(infer_ns)
+            batch.compute_output.add(output_ns)
+
+    def record_request(self, ok: bool, total_ns: int, queue_ns: int | None) -> None:
+        """One request finished (``queue_ns`` is None when it never reached a batch)."""
+        with self._lock:
+            (self.success if ok else self.fail).add(total_ns)
+            if queue_ns is not None:
+                self.queue.add(queue_ns)
