@@ -1,4 +1,4 @@
-"""The `onnxserve` command: serve, export, samples, demo."""
+"""The `onnxserve` command: serve, export, samples, demo, bench."""
 
 from __future__ import annotations
 
@@ -46,6 +46,9 @@ def _add_serve(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--intra-op-threads", type=int, default=int(env("INTRA_OP_THREADS", "0")),
                    help="onnxruntime threads per session, 0 = one per core "
                         "(env ONNXSERVE_INTRA_OP_THREADS; default %(default)s)")
+    p.add_argument("--workers", type=int, default=int(env("WORKERS", "1")),
+                   help="server processes sharing the port (env ONNXSERVE_WORKERS; default "
+                        "%(default)s)")
     p.add_argument("--log-level", default=env("LOG_LEVEL", "INFO"),
                    choices=("DEBUG", "INFO", "WARNING", "ERROR"),
                    help="(env ONNXSERVE_LOG_LEVEL; default %(default)s)")
@@ -73,11 +76,23 @@ def _run_serve(args: argparse.Namespace) -> int:
         print(f"onnxserve serve: model repository {settings.model_repository} is not a folder "
               "(export a model first: onnxserve export lenet5)", file=sys.stderr)
         return 2
+    if args.workers < 1:
+        print("onnxserve serve: --workers must be at least 1", file=sys.stderr)
+        return 2
+    if args.workers > 1:
+        from .workers import run_workers
+
+        serve_args = ["--model-repository", str(args.model_repository), "--grpc-host",
+                      args.grpc_host, "--grpc-port", str(args.grpc_port), "--providers",
+                      args.providers, "--max-message-bytes", str(args.max_message_bytes),
+                      "--log-level", args.log_level]
+        return run_workers(serve_args, args.workers, args.intra_op_threads)
     asyncio.run(serve(settings))
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from onnxserve.benchmarks.bench import add_bench_parser
     from onnxserve.export.cli import add_export_parser, add_samples_parser
 
     from .demo import add_demo_parser
@@ -90,6 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_export_parser(subparsers)
     add_samples_parser(subparsers)
     add_demo_parser(subparsers)
+    add_bench_parser(subparsers)
     return parser
 
 

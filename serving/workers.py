@@ -1,0 +1,38 @@
+"""`onnxserve serve --workers N`: N server processes sharing one port (SO_REUSEPORT).
+
+Each worker is a full server with its own models and schedulers; the kernel spreads
+incoming connections across them (gRPC sets SO_REUSEPORT on Linux). It helps models
+bound by per-request Python overhead, and only for clients that open several
+connections: one HTTP/2 connection always lands on one worker. The parent forwards
+SIGTERM/SIGINT and exits with the worst exit status.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+
+log = logging.getLogger(__name__)
+
+
+def run_workers(serve_args: list[str], workers: int, intra_op_threads: int) -> int:
+    """Start ``workers`` copies of ``onnxserve serve serve_args`` and wait for them."""
+    threads = intra_op_threads or max(1, (os.cpu_count() or 1) // workers)
+    command = [sys.executable, "-m", "onnxserve.serving.cli", "serve", *serve_args,
+               "--workers", "1", "--intra-op-threads", str(threads)]
+    children = [subprocess.Popen(command) for _ in range(workers)]
+    log.info("started %d workers (pids %s), %d intra-op threads each", workers,
+             ", ".join(str(c.pid) for c in children), threads)
+
+    def forward(signum: int, _frame) -> None:
+        for child in children:
+            if child.poll() is None:
+                child.send_signal(signum)
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, forward)
+    codes = [child.wait() for child in children]
+    return max(codes, key=abs)

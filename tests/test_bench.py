@@ -1,0 +1,46 @@
+"""The benchmark tool and multi-process serving, on small models and short windows."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import numpy as np
+from conftest import build_test_models, onnxserve_command, start_server
+
+from onnxserve.clients.client import Client
+
+
+def test_bench_writes_results(tmp_path: Path) -> None:
+    build_test_models(tmp_path / "repo")
+    out = tmp_path / "results"
+    result = subprocess.run(
+        onnxserve_command("bench", "--model-repository", str(tmp_path / "repo"), "--models",
+                          "scores", "--concurrency", "1", "4", "--rate", "50", "--batching",
+                          "on", "off", "--workers", "1", "--warmup", "0.3", "--window", "0.5",
+                          "--max-windows", "3", "--out", str(out)),
+        capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    data = json.loads((out / "bench.json").read_text())
+    (model,) = data["results"]
+    assert set(model["raw_onnxruntime"]) == {"1", "8", "32"}
+    assert len(model["null_server"]) == 3 and len(model["onnxserve"]) == 6
+    for row in model["onnxserve"]:
+        assert row["errors"] == 0 and row["throughput"] > 0 and row["p50_ms"] > 0
+        assert "server_compute_ms" in row
+    assert "| onnxserve | 1 | off | c=4 |" in (out / "bench.md").read_text()
+
+
+def test_two_workers_share_the_port(tmp_path: Path) -> None:
+    build_test_models(tmp_path / "repo")
+    server = start_server(tmp_path / "repo", tmp_path / "server.log", "--workers", "2")
+    try:
+        x = np.ones((2, 5), np.float32)
+        for _ in range(4):  # separate connections may land on either worker
+            with Client(server.url) as client:
+                assert client.infer("scores", {"scores_in": x})["scores"].tolist() == x.tolist()
+    finally:
+        assert server.stop() == 0
+    assert server.log().count("gRPC server listening") == 2
