@@ -6,7 +6,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 MODEL_REPOSITORY ?= model_repository
 
-.PHONY: demo serve test test-slow export-report seed-accuracy lint protos clean
+.PHONY: demo serve test test-slow export-report seed-accuracy bench lint protos clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -40,6 +40,14 @@ export-report: $(VENV)/.export-installed
 # Full-length training of every recipe on the seed's data (needs the data sets).
 seed-accuracy: $(VENV)/.export-installed
 	$(BIN)/python -m onnxserve.benchmarks.seed_accuracy $(if $(DATA_DIR),--data-dir $(DATA_DIR))
+
+# Serving benchmark of the demo's models (exports them first if needed).
+bench: $(VENV)/.export-installed
+	$(BIN)/python -m pip install --quiet matplotlib
+	$(BIN)/onnxserve demo --model-repository $(MODEL_REPOSITORY) > /dev/null
+	$(BIN)/onnxserve bench --model-repository $(MODEL_REPOSITORY) --models lenet5 mobilenet_v2
+	$(BIN)/onnxserve bench --model-repository $(MODEL_REPOSITORY) --models lenet5 \
+		--samples-per-request 32 --concurrency 1 4 --workers 1 --tag bench_batch32
 
 lint: $(VENV)/.test-installed
 	$(BIN)/ruff check .

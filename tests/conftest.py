@@ -24,6 +24,16 @@ ROOT = Path(__file__).resolve().parent.parent
 SCORES_LABELS = ["cat", "dog", "bird", "fish", "horse"]
 
 
+def _die_with_parent() -> None:
+    """Run in the child before exec: SIGTERM it if the test process dies (Linux prctl)."""
+    import ctypes
+
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -66,6 +76,7 @@ def start_server(
         onnxserve_command("serve", "--model-repository", str(repository), "--grpc-host",
                           "127.0.0.1", "--grpc-port", str(port), *extra),
         stdout=log_file, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        preexec_fn=_die_with_parent,
     )
     server = ServerProcess(f"127.0.0.1:{port}", process, log_path)
     deadline = time.monotonic() + timeout
