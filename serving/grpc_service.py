@@ -35,7 +35,7 @@ from .errors import (
 )
 from .model import Model, ModelVersion
 from .registry import Registry
-from .validation import check_inputs, check_outputs, expected_shape
+from .validation import check_outputs, expected_shape
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +67,7 @@ def _parameter_value(param: pb.InferParameter) -> object:
 def decode_inputs(request: pb.ModelInferRequest, model: Model) -> tuple[dict[str, np.ndarray], int]:
     """Validate and decode the request's input tensors; return them and the batch size."""
     declared = [(t.name, t.datatype, tuple(t.shape)) for t in request.inputs]
-    batch_size = check_inputs(model.config, declared)
+    batch_size = model.rules.check(declared)
     raw = request.raw_input_contents
     if raw and len(raw) != len(request.inputs):
         raise InvalidInputError(

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import ModelLoadError, NotFoundError
@@ -19,6 +19,7 @@ from .repository import (
 from .runner import Runner
 from .scheduler import Scheduler
 from .settings import ServerSettings
+from .validation import InputRules
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +41,10 @@ class Model:
     config: ModelConfig
     labels: dict[str, list[str]]
     versions: dict[int, ModelVersion]
+    rules: InputRules = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.rules = InputRules(self.config)
 
     def version(self, requested: str) -> ModelVersion:
         """The version a request names, or the newest loaded one when it names none."""

@@ -21,53 +21,71 @@ def _shape_matches(shape: Sequence[int], expected: Sequence[int]) -> bool:
     )
 
 
-def check_inputs(config: ModelConfig, declared: Sequence[tuple[str, str, Sequence[int]]]) -> int:
-    """Validate (name, datatype, shape) of each request input; return the batch size.
+class InputRules:
+    """What a model's config allows, prepared once per model for the request path."""
 
-    The batch size is 0 for models without batching. Errors name the input, what the
-    model expects and what the request sent.
-    """
-    specs = {t.name: t for t in config.input}
-    seen: set[str] = set()
-    batch_sizes: set[int] = set()
-    for name, datatype, shape in declared:
-        spec = specs.get(name)
-        if spec is None:
-            raise InvalidInputError(
-                f"model {config.name!r} has no input {name!r}; its inputs are "
-                f"{', '.join(specs)}"
-            )
-        if name in seen:
-            raise InvalidInputError(f"input {name!r} appears more than once")
-        seen.add(name)
-        want_type = by_config_type(spec.data_type).name
-        if datatype != want_type:
-            raise InvalidInputError(
-                f"input {name!r}: expected datatype {want_type}, got {datatype!r}"
-            )
-        want_shape = expected_shape(spec.dims, config.max_batch_size)
-        if any(d < 0 for d in shape) or not _shape_matches(shape, want_shape):
-            raise InvalidInputError(
-                f"input {name!r}: expected shape {want_shape}, got {list(shape)}"
-            )
-        if config.max_batch_size > 0:
-            batch = shape[0]
-            if not 1 <= batch <= config.max_batch_size:
+    def __init__(self, config: ModelConfig) -> None:
+        self.model = config.name
+        self.max_batch_size = config.max_batch_size
+        #: input name -> (datatype name, expected shape, optional)
+        self.inputs = {
+            t.name: (by_config_type(t.data_type).name,
+                     expected_shape(t.dims, config.max_batch_size), t.optional)
+            for t in config.input
+        }
+        self.required = [n for n, (_, _, optional) in self.inputs.items() if not optional]
+
+    def check(self, declared: Sequence[tuple[str, str, Sequence[int]]]) -> int:
+        """Validate (name, datatype, shape) of each request input; return the batch size.
+
+        The batch size is 0 for models without batching. Errors name the input, what the
+        model expects and what the request sent.
+        """
+        seen: set[str] = set()
+        batch_sizes: set[int] = set()
+        for name, datatype, shape in declared:
+            rule = self.inputs.get(name)
+            if rule is None:
                 raise InvalidInputError(
-                    f"input {name!r}: batch size {batch} is outside 1..{config.max_batch_size} "
-                    f"(max_batch_size of model {config.name!r})"
+                    f"model {self.model!r} has no input {name!r}; its inputs are "
+                    f"{', '.join(self.inputs)}"
                 )
-            batch_sizes.add(batch)
-    missing = [n for n, t in specs.items() if n not in seen and not t.optional]
-    if missing:
-        raise InvalidInputError(
-            f"model {config.name!r} needs input(s) {', '.join(missing)}, which the request lacks"
-        )
-    if len(batch_sizes) > 1:
-        raise InvalidInputError(
-            f"inputs disagree on the batch size: {sorted(batch_sizes)}; all must be equal"
-        )
-    return batch_sizes.pop() if batch_sizes else 0
+            if name in seen:
+                raise InvalidInputError(f"input {name!r} appears more than once")
+            seen.add(name)
+            want_type, want_shape, _ = rule
+            if datatype != want_type:
+                raise InvalidInputError(
+                    f"input {name!r}: expected datatype {want_type}, got {datatype!r}"
+                )
+            if any(d < 0 for d in shape) or not _shape_matches(shape, want_shape):
+                raise InvalidInputError(
+                    f"input {name!r}: expected shape {want_shape}, got {list(shape)}"
+                )
+            if self.max_batch_size > 0:
+                batch = shape[0]
+                if not 1 <= batch <= self.max_batch_size:
+                    raise InvalidInputError(
+                        f"input {name!r}: batch size {batch} is outside 1..{self.max_batch_size}"
+                        f" (max_batch_size of model {self.model!r})"
+                    )
+                batch_sizes.add(batch)
+        missing = [n for n in self.required if n not in seen]
+        if missing:
+            raise InvalidInputError(
+                f"model {self.model!r} needs input(s) {', '.join(missing)}, which the request "
+                "lacks"
+            )
+        if len(batch_sizes) > 1:
+            raise InvalidInputError(
+                f"inputs disagree on the batch size: {sorted(batch_sizes)}; all must be equal"
+            )
+        return batch_sizes.pop() if batch_sizes else 0
+
+
+def check_inputs(config: ModelConfig, declared: Sequence[tuple[str, str, Sequence[int]]]) -> int:
+    """InputRules(config).check(declared), for one-off checks."""
+    return InputRules(config).check(declared)
 
 
 def check_outputs(config: ModelConfig, names: Iterable[str]) -> list[str]:
