@@ -65,6 +65,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data-dir", type=Path,
                         help="folder with mnist.npz / fashion_mnist.npz / cifar10.npz")
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--merge", action="store_true",
+                        help="replace only these models' rows in an existing export.json")
     args = parser.parse_args(argv)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -108,7 +110,12 @@ def main(argv: list[str] | None = None) -> int:
                 rows.append(row)
                 print(json.dumps({k: v for k, v in row.items() if k != "report"}), flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "export.json").write_text(json.dumps(rows, indent=2) + "\n")
+    existing = args.out / "export.json"
+    if args.merge and existing.is_file():
+        fresh = {(r["model"], r["variant"]): r for r in rows}
+        old = json.loads(existing.read_text())
+        rows = [fresh.pop((r["model"], r["variant"]), r) for r in old] + list(fresh.values())
+    existing.write_text(json.dumps(rows, indent=2) + "\n")
     (args.out / "export.md").write_text(markdown(rows))
     print(f"wrote {args.out / 'export.md'}")
     return 0 if all(r["status"] == 0 and r["peak_rss_mb"] <= r["budget_mb"] for r in rows) else 1

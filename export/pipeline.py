@@ -220,12 +220,6 @@ def _session(onnx_model):
         return ort.InferenceSession(path, providers=["CPUExecutionProvider"])
 
 
-def _agreement(reference, other, data: np.ndarray, output: str) -> float:
-    ref = verify.run_onnx(reference, data)[output]
-    got = verify.run_onnx(other, data)[output]
-    return verify.top1_agreement(ref, got)
-
-
 def _dims(value_info) -> list[int]:
     """Per-sample dims of a graph input/output; symbolic dimensions become -1."""
     return [d.dim_value if d.HasField("dim_value") else -1
@@ -270,13 +264,17 @@ def export(
     }
     served = onnx_model
     if variant != "fp32":
-        served = (variants.to_fp16(onnx_model, keep_io_types=not fp16_io) if variant == "fp16"
-                  else variants.to_int8(onnx_model, prepared.calibration))
-        variant_session = _session(served)
         data = prepared.agreement_data
         if variant == "fp16" and fp16_io and data.dtype == np.float32:
             data = data.astype(np.float16)
-        agreement = _agreement(session, variant_session, data, output)
+        reference = verify.run_onnx(session, prepared.agreement_data)[output]
+        del session  # keep one onnxruntime copy of the weights at a time
+        gc.collect()
+        served = (variants.to_fp16(onnx_model, keep_io_types=not fp16_io) if variant == "fp16"
+                  else variants.to_int8(onnx_model, prepared.calibration))
+        variant_session = _session(served)
+        agreement = verify.top1_agreement(reference, verify.run_onnx(variant_session,
+                                                                     data)[output])
         report["top1_agreement_vs_fp32"] = round(agreement, 4)
         report["agreement_samples"] = len(data)
         report["size_mb"][variant] = round(served.ByteSize() / 1e6, 3)
@@ -284,8 +282,8 @@ def export(
             verify.batch1_latency_ms(variant_session, data[0]), 3)
         if prepared.heldout is not None:
             x, y = prepared.heldout
-            x = x.astype(np.float16) if variant == "fp16" and fp16_io and x.dtype == np.float32 \
-                else x
+            if variant == "fp16" and fp16_io and x.dtype == np.float32:
+                x = x.astype(np.float16)
             probs = verify.run_onnx(variant_session, x)[output]
             report["heldout_accuracy"] = round(float(np.mean(probs.argmax(axis=1) == y)), 4)
         print(f"{variant}: top-1 agreement with fp32 {agreement:.2%} on {len(data)} samples",
