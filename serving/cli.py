@@ -46,6 +46,11 @@ def _add_serve(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--intra-op-threads", type=int, default=int(env("INTRA_OP_THREADS", "0")),
                    help="onnxruntime threads per session, 0 = one per core "
                         "(env ONNXSERVE_INTRA_OP_THREADS; default %(default)s)")
+    p.add_argument("--allow-spinning", action=argparse.BooleanOptionalAction,
+                   default=env("ALLOW_SPINNING", "0") in ("1", "true", "yes"),
+                   help="let idle onnxruntime threads spin: lower latency for compute-heavy "
+                        "models, fewer cores for the server's own work (env "
+                        "ONNXSERVE_ALLOW_SPINNING; default off)")
     p.add_argument("--workers", type=int, default=int(env("WORKERS", "1")),
                    help="server processes sharing the port (env ONNXSERVE_WORKERS; default "
                         "%(default)s)")
@@ -66,6 +71,7 @@ def _run_serve(args: argparse.Namespace) -> int:
             providers=args.providers,
             max_message_bytes=args.max_message_bytes,
             intra_op_threads=args.intra_op_threads,
+            allow_spinning=args.allow_spinning,
             log_level=args.log_level,
         )
     except ValueError as exc:
@@ -85,7 +91,8 @@ def _run_serve(args: argparse.Namespace) -> int:
         serve_args = ["--model-repository", str(args.model_repository), "--grpc-host",
                       args.grpc_host, "--grpc-port", str(args.grpc_port), "--providers",
                       args.providers, "--max-message-bytes", str(args.max_message_bytes),
-                      "--log-level", args.log_level]
+                      "--log-level", args.log_level,
+                      "--allow-spinning" if args.allow_spinning else "--no-allow-spinning"]
         return run_workers(serve_args, args.workers, args.intra_op_threads)
     asyncio.run(serve(settings))
     return 0

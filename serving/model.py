@@ -94,10 +94,9 @@ def load_model(repository: Path, name: str, settings: ServerSettings) -> Model:
     config: ModelConfig | None = None
     versions: dict[int, ModelVersion] = {}
     instances = _instance_count(source.config)
-    # Instances share the cores: each gets its share of threads. No pool spins waiting
-    # for work: a spinning pool steals the cores that the event loop (decoding, encoding,
-    # batching) and the other instances need; measured on 2 cores, LeNet-5 at concurrency
-    # 1 served about half as fast with spinning on.
+    # Instances share the cores: each gets its share of threads. By default no pool spins
+    # waiting for work: a spinning pool steals the cores that the event loop (decoding,
+    # encoding, batching) and the other instances need (see --allow-spinning).
     threads = settings.intra_op_threads or max(1, (os.cpu_count() or 1) // instances)
     for number in chosen:
         runners = [
@@ -106,7 +105,7 @@ def load_model(repository: Path, name: str, settings: ServerSettings) -> Model:
                 model_name=name,
                 providers=settings.providers,
                 intra_op_threads=threads,
-                allow_spinning=False,
+                allow_spinning=settings.allow_spinning,
             )
             for _ in range(instances)
         ]

@@ -31,6 +31,9 @@ class ServerSettings:
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     #: onnxruntime intra-op threads per session; 0 lets onnxruntime use every core.
     intra_op_threads: int = 0
+    #: let onnxruntime's idle intra-op threads spin (lower latency per operator for
+    #: compute-heavy models; steals the event loop's cores for small ones)
+    allow_spinning: bool = False
     log_level: str = "INFO"
 
     def __post_init__(self) -> None:
