@@ -14,7 +14,9 @@ from conftest import onnxserve_command
 from onnxserve.benchmarks.export_report import synthetic_cifar10
 from onnxserve.export import applications, cli, pipeline
 from onnxserve.export.recipes import RECIPES
+from onnxserve.serving.model import load_model
 from onnxserve.serving.repository import read_model
+from onnxserve.serving.settings import ServerSettings
 
 #: applications whose export takes over half a minute here: `make test-slow`
 SLOW_APPLICATIONS = {"vgg19", "inception_v3", "resnet50", "densenet201", "nasnet_large",
@@ -74,6 +76,19 @@ def test_every_recipe_trains_and_exports(recipe_name: str, tmp_path: Path) -> No
         assert list(tensor.dims) == [32, 32, 3] and tensor.data_type == 2  # TYPE_UINT8
     else:
         assert list(tensor.dims) == [28, 28, 1] and tensor.data_type == 11  # TYPE_FP32
+    _serves(tmp_path / "repo", recipe_name, 10)
+
+
+def _serves(repository: Path, name: str, classes: int) -> None:
+    """The serving side loads the exported model and runs a batch of two through it."""
+    model = load_model(repository, name, ServerSettings(providers="cpu"))
+    (tensor,) = model.config.input
+    dtype = np.uint8 if tensor.data_type == 2 else np.float32
+    x = np.zeros((2, *tensor.dims), dtype)
+    runner = model.versions[max(model.versions)].runners[0]
+    (out,) = runner.run({tensor.name: x}).values()
+    assert out.shape == (2, classes)
+    np.testing.assert_allclose(out.sum(axis=1), 1.0, rtol=1e-4)
 
 
 def test_training_loss_falls() -> None:
@@ -120,6 +135,7 @@ def test_application_converts_with_parity(app_name: str, tmp_path: Path) -> None
     assert report["parity"]["max_abs_prob_diff"] <= 1e-4
     size = applications.APPLICATIONS[app_name].size
     assert list(read_model(tmp_path / "repo", app_name).config.input[0].dims) == [size, size, 3]
+    _serves(tmp_path / "repo", app_name, 1000)
 
 
 def test_raw_float_input(tmp_path: Path) -> None:
