@@ -18,7 +18,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -28,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from onnxserve.clients.client import Client, InferenceServerError
+from onnxserve.serving.demo import free_port
 from onnxserve.serving.repository import read_model
 
 from .load import build_request, run_load
@@ -35,12 +35,6 @@ from .raw_onnxruntime import raw_onnxruntime
 
 RESULTS = Path(__file__).resolve().parent / "results"
 _TICKS = os.sysconf("SC_CLK_TCK")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _tree_cpu_seconds(pid: int) -> float:
@@ -161,7 +155,7 @@ def bench_model(repository: Path, name: str, args) -> dict:
         print(f"  batch {b}: {r['throughput']:.0f}/s p50 {r['p50_ms']:.3f} ms", flush=True)
     out: dict = {"model": name, "samples_per_request": args.samples_per_request,
                  "raw_onnxruntime": raw, "null_server": [], "onnxserve": []}
-    port = _free_port()
+    port = free_port()
     print(f"== {name}: null server", flush=True)
     null = Process([sys.executable, "-m", "onnxserve.benchmarks.null_server", "--port",
                     str(port), "--output-shape", *map(str, config.output[0].dims)],
@@ -176,7 +170,7 @@ def bench_model(repository: Path, name: str, args) -> dict:
         for batching in args.batching:
             with tempfile.TemporaryDirectory() as tmp:
                 _variant_repository(repository, name, Path(tmp), batching == "on")
-                port = _free_port()
+                port = free_port()
                 print(f"== {name}: onnxserve workers={workers} batching={batching}", flush=True)
                 server = Process(
                     [sys.executable, "-m", "onnxserve.serving.cli", "serve",

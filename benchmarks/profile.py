@@ -19,7 +19,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from .bench import RESULTS, Process, _free_port
+from onnxserve.serving.demo import free_port
+
+from .bench import RESULTS, Process
 
 _LOAD = """
 import asyncio, sys, numpy as np
@@ -65,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     if not Path(py_spy).exists():
         print("profile: py-spy is not installed (pip install py-spy)", file=sys.stderr)
         return 2
-    port = _free_port()
+    port = free_port()
     server = Process([sys.executable, "-m", "onnxserve.serving.cli", "serve",
                       "--model-repository", str(args.model_repository), "--grpc-host",
                       "127.0.0.1", "--grpc-port", str(port), "--log-level", "WARNING"],

@@ -40,7 +40,8 @@ def add_demo_parser(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run_demo)
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free right now (for servers started locally)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -96,7 +97,7 @@ def run_demo(args: argparse.Namespace) -> int:
             stdout=subprocess.DEVNULL,
         )
 
-    port = args.grpc_port or _free_port()
+    port = args.grpc_port or free_port()
     url = f"127.0.0.1:{port}"
     print(f"== starting the server on {url}", flush=True)
     server = subprocess.Popen(

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -19,6 +18,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from onnx_models import add_one_model, echo_model, scores_model
 
 from onnxserve.clients.client import Client, InferenceServerError
+from onnxserve.serving.demo import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 SCORES_LABELS = ["cat", "dog", "bird", "fish", "horse"]
@@ -32,12 +32,6 @@ def _die_with_parent() -> None:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
     except OSError:
         pass
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def onnxserve_command(*args: str) -> list[str]:
