@@ -256,6 +256,7 @@ def plot(results: list[dict], path: Path) -> bool:
         ax.set_xlabel("inferences/s")
         ax.set_ylabel("p50 latency (ms)")
         ax.set_yscale("log")
+        ax.set_xscale("log")
         ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
