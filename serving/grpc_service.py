@@ -35,7 +35,7 @@ from .errors import (
 )
 from .model import Model, ModelVersion
 from .registry import Registry
-from .validation import check_outputs, expected_shape
+from .validation import expected_shape
 
 log = logging.getLogger(__name__)
 
@@ -252,7 +252,7 @@ class InferenceService(inference_pb2_grpc.GRPCInferenceServiceServicer):
                 raise UnavailableError("the server is shutting down")
             model, version = self._registry.get(request.model_name, request.model_version)
             inputs, batch_size = decode_inputs(request, model)
-            names = check_outputs(model.config, [o.name for o in request.outputs])
+            names = model.rules.check_outputs([o.name for o in request.outputs])
             classification = _classification_counts(request)
             outputs = await version.scheduler.infer(inputs, names, batch_size)
             return encode_response(

@@ -97,10 +97,6 @@ class Scheduler:
         self._workers: list[asyncio.Task] = []
         self._closed = False
 
-    @property
-    def queue_depth(self) -> int:
-        return self._queue.qsize() + len(self._carry)
-
     def start(self) -> None:
         """Start one worker task per runner on the running event loop."""
         loop = asyncio.get_running_loop()

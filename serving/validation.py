@@ -34,6 +34,7 @@ class InputRules:
             for t in config.input
         }
         self.required = [n for n, (_, _, optional) in self.inputs.items() if not optional]
+        self.outputs = [t.name for t in config.output]
 
     def check(self, declared: Sequence[tuple[str, str, Sequence[int]]]) -> int:
         """Validate (name, datatype, shape) of each request input; return the batch size.
@@ -83,20 +84,25 @@ class InputRules:
         return batch_sizes.pop() if batch_sizes else 0
 
 
+    def check_outputs(self, names: Iterable[str]) -> list[str]:
+        """Validate requested output names; an empty request means every output."""
+        names = list(names)
+        for name in names:
+            if name not in self.outputs:
+                raise InvalidInputError(
+                    f"model {self.model!r} has no output {name!r}; its outputs are "
+                    f"{', '.join(self.outputs)}"
+                )
+        if len(set(names)) != len(names):
+            raise InvalidInputError("an output is requested more than once")
+        return names or list(self.outputs)
+
+
 def check_inputs(config: ModelConfig, declared: Sequence[tuple[str, str, Sequence[int]]]) -> int:
     """InputRules(config).check(declared), for one-off checks."""
     return InputRules(config).check(declared)
 
 
 def check_outputs(config: ModelConfig, names: Iterable[str]) -> list[str]:
-    """Validate requested output names; an empty request means every output."""
-    known = [t.name for t in config.output]
-    names = list(names)
-    for name in names:
-        if name not in known:
-            raise InvalidInputError(
-                f"model {config.name!r} has no output {name!r}; its outputs are {', '.join(known)}"
-            )
-    if len(set(names)) != len(names):
-        raise InvalidInputError("an output is requested more than once")
-    return names or known
+    """InputRules(config).check_outputs(names), for one-off checks."""
+    return InputRules(config).check_outputs(names)
