@@ -13,6 +13,7 @@ from .settings import (
     DEFAULT_MAX_MESSAGE_BYTES,
     DEFAULT_MODEL_REPOSITORY,
     PROVIDER_MODES,
+    SPINNING_MODES,
     ServerSettings,
     env,
 )
@@ -44,13 +45,21 @@ def _add_serve(subparsers: argparse._SubParsersAction) -> None:
                    help="largest gRPC message accepted or sent (env ONNXSERVE_MAX_MESSAGE_BYTES; "
                         "default %(default)s)")
     p.add_argument("--intra-op-threads", type=int, default=int(env("INTRA_OP_THREADS", "0")),
-                   help="onnxruntime threads per session, 0 = one per core "
-                        "(env ONNXSERVE_INTRA_OP_THREADS; default %(default)s)")
-    p.add_argument("--allow-spinning", action=argparse.BooleanOptionalAction,
-                   default=env("ALLOW_SPINNING", "0") in ("1", "true", "yes"),
-                   help="let idle onnxruntime threads spin: lower latency for compute-heavy "
-                        "models, fewer cores for the server's own work (env "
-                        "ONNXSERVE_ALLOW_SPINNING; default off)")
+                   help="onnxruntime threads per session, 0 = the cores split between a "
+                        "model's instances (env ONNXSERVE_INTRA_OP_THREADS; default %(default)s)")
+    p.add_argument("--cores", type=int, default=int(env("CORES", "0")),
+                   help="cores this server's onnxruntime sessions share, 0 = all (env "
+                        "ONNXSERVE_CORES; default %(default)s; --workers N gives each worker "
+                        "its share)")
+    p.add_argument("--spinning", choices=SPINNING_MODES, default=env("SPINNING", "") or None,
+                   help="when onnxruntime's threads spin waiting for work: off, run (only "
+                        "while a batch runs), always (env ONNXSERVE_SPINNING; default: run, "
+                        "or off when a model's instances have more threads than there are "
+                        "cores)")
+    p.add_argument("--warmup", action=argparse.BooleanOptionalAction,
+                   default=env("WARMUP", "1") not in ("0", "false", "no"),
+                   help="run warm-up batches before a model reports ready (env "
+                        "ONNXSERVE_WARMUP; default on)")
     p.add_argument("--workers", type=int, default=int(env("WORKERS", "1")),
                    help="server processes sharing the port (env ONNXSERVE_WORKERS; default "
                         "%(default)s)")
@@ -71,7 +80,9 @@ def _run_serve(args: argparse.Namespace) -> int:
             providers=args.providers,
             max_message_bytes=args.max_message_bytes,
             intra_op_threads=args.intra_op_threads,
-            allow_spinning=args.allow_spinning,
+            cores=args.cores,
+            spinning=args.spinning,
+            warmup=args.warmup,
             log_level=args.log_level,
         )
     except ValueError as exc:
@@ -92,8 +103,11 @@ def _run_serve(args: argparse.Namespace) -> int:
                       args.grpc_host, "--grpc-port", str(args.grpc_port), "--providers",
                       args.providers, "--max-message-bytes", str(args.max_message_bytes),
                       "--log-level", args.log_level,
-                      "--allow-spinning" if args.allow_spinning else "--no-allow-spinning"]
-        return run_workers(serve_args, args.workers, args.intra_op_threads)
+                      "--warmup" if args.warmup else "--no-warmup",
+                      *(["--spinning", args.spinning] if args.spinning else [])]
+        if args.intra_op_threads:
+            serve_args += ["--intra-op-threads", str(args.intra_op_threads)]
+        return run_workers(serve_args, args.workers, args.cores)
     asyncio.run(serve(settings))
     return 0
 

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import logging
-import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from .errors import ModelLoadError, NotFoundError
+from .execution import ExecutionPlan, plan_execution, should_run_inline
 from .repository import (
     ModelConfig,
     complete_config,
@@ -20,6 +20,13 @@ from .runner import Runner
 from .scheduler import Scheduler
 from .settings import ServerSettings
 from .validation import InputRules
+from .warmup import (
+    WarmupResult,
+    default_samples,
+    samples_from_config,
+    smallest_and_largest,
+    warm_up,
+)
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +36,7 @@ class ModelVersion:
     version: int
     runners: list[Runner]
     scheduler: Scheduler
+    warmup: list[WarmupResult] = field(default_factory=list)
 
     @property
     def provider(self) -> str:
@@ -41,6 +49,7 @@ class Model:
     config: ModelConfig
     labels: dict[str, list[str]]
     versions: dict[int, ModelVersion]
+    plan: ExecutionPlan | None = None
     rules: InputRules = field(init=False)
 
     def __post_init__(self) -> None:
@@ -65,6 +74,8 @@ class Model:
         """Details shown in model metadata: the config's parameters and the provider in use."""
         params = {k: v.string_value for k, v in self.config.parameters.items()}
         params["execution_provider"] = self.provider
+        if self.plan is not None:
+            params["execution"] = self.plan.describe()
         return params
 
     def start(self) -> None:
@@ -76,13 +87,16 @@ class Model:
             await version.scheduler.close()
 
 
-def _instance_count(config: ModelConfig) -> int:
-    count = sum(max(group.count, 1) for group in config.instance_group)
-    return max(count, 1)
+def _build_runners(path: Path, name: str, plan: ExecutionPlan,
+                   settings: ServerSettings) -> list[Runner]:
+    return [
+        Runner(path, model_name=name, providers=settings.providers, threads=plan.threads)
+        for _ in range(plan.instances)
+    ]
 
 
 def load_model(repository: Path, name: str, settings: ServerSettings) -> Model:
-    """Load every version the policy selects (blocking: call it from a thread)."""
+    """Load and warm up every version the policy selects (blocking: call it from a thread)."""
     started = time.perf_counter()
     source = read_model(repository, name)
     chosen = select_versions(source.config, list(source.versions))
@@ -91,30 +105,34 @@ def load_model(repository: Path, name: str, settings: ServerSettings) -> Model:
             f"model {name!r} has no version to load: found "
             f"{sorted(source.versions) or 'no <version>/model.onnx folders'}"
         )
+    plan = plan_execution(source.config, server_intra_op_threads=settings.intra_op_threads,
+                          server_spinning=settings.spinning, cores=settings.cores or None)
     config: ModelConfig | None = None
     versions: dict[int, ModelVersion] = {}
-    instances = _instance_count(source.config)
-    # Instances share the cores: each gets its share of threads. By default no pool spins
-    # waiting for work: a spinning pool steals the cores that the event loop (decoding,
-    # encoding, batching) and the other instances need (see --allow-spinning).
-    threads = settings.intra_op_threads or max(1, (os.cpu_count() or 1) // instances)
     for number in chosen:
-        runners = [
-            Runner(
-                source.versions[number],
-                model_name=name,
-                providers=settings.providers,
-                intra_op_threads=threads,
-                allow_spinning=settings.allow_spinning,
-            )
-            for _ in range(instances)
-        ]
+        path = source.versions[number]
+        runners = _build_runners(path, name, plan, settings)
         version_config = complete_config(source, runners[0].signature)
         if config is not None and version_config.input != config.input:
             raise ModelLoadError(
                 f"model {name!r}: version {number} has different inputs than the other versions"
             )
         config = version_config
+        samples = (samples_from_config(config, source.path) if config.model_warmup
+                   else default_samples(config) if settings.warmup else [])
+        where = f"model {name!r} version {number}"
+        timings = warm_up(runners, samples, where)
+        if plan.run_inline is None:
+            smallest, largest = smallest_and_largest(timings)
+            if should_run_inline(plan, smallest, largest, runners[0].provider):
+                plan = plan.inline()
+                runners = _build_runners(path, name, plan, settings)
+                timings = warm_up(runners, samples, where)
+            else:
+                plan = replace(plan, run_inline=False)
+        for result in timings:
+            log.info("warm-up of %s version %d: %s, first run %.2f ms, then %.3f ms",
+                     name, number, result.name, result.first_s * 1e3, result.typical_s * 1e3)
         batching = config.dynamic_batching
         scheduler = Scheduler(
             runners,
@@ -123,16 +141,18 @@ def load_model(repository: Path, name: str, settings: ServerSettings) -> Model:
             max_queue_delay_us=batching.max_queue_delay_microseconds,
             preferred_batch_sizes=list(batching.preferred_batch_size),
             name=f"{name}:{number}",
+            inline=bool(plan.run_inline),
         )
-        versions[number] = ModelVersion(number, runners, scheduler)
+        versions[number] = ModelVersion(number, runners, scheduler, timings)
     assert config is not None
     labels = read_labels(source.path, config)
-    model = Model(name, config, labels, versions)
+    model = Model(name, config, labels, versions, plan)
     log.info(
-        "loaded model %s versions %s on %s in %.2fs",
+        "loaded model %s versions %s on %s in %.2fs: %s",
         name,
         ",".join(str(v) for v in chosen),
         model.provider,
         time.perf_counter() - started,
+        plan.describe(),
     )
     return model

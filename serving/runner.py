@@ -15,6 +15,7 @@ import numpy as np
 import onnxruntime as ort
 
 from .errors import InferenceFailedError, InvalidInputError, ModelLoadError
+from .execution import SessionThreads
 from .providers import check_active, requested_providers
 
 log = logging.getLogger(__name__)
@@ -60,6 +61,24 @@ def _spec(arg: ort.NodeArg) -> TensorSpec:
     return TensorSpec(arg.name, datatype, shape)
 
 
+def session_options(threads: SessionThreads) -> ort.SessionOptions:
+    """onnxruntime options for one session: threads, spinning, sequential execution."""
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads.intra_op
+    options.inter_op_num_threads = threads.inter_op
+    options.execution_mode = (
+        ort.ExecutionMode.ORT_PARALLEL if threads.inter_op > 1 else ort.ExecutionMode.ORT_SEQUENTIAL
+    )
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    spin = "0" if threads.spinning == "off" else "1"
+    options.add_session_config_entry("session.intra_op.allow_spinning", spin)
+    options.add_session_config_entry("session.inter_op.allow_spinning", spin)
+    if threads.spinning == "run":
+        # Spin between operators during a run, but stop as soon as the run ends.
+        options.add_session_config_entry("session.force_spinning_stop", "1")
+    return options
+
+
 class Runner:
     """One onnxruntime session for one model version."""
 
@@ -69,16 +88,10 @@ class Runner:
         *,
         model_name: str,
         providers: str = "auto",
-        intra_op_threads: int = 0,
-        allow_spinning: bool = True,
+        threads: SessionThreads | None = None,
     ) -> None:
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = intra_op_threads
-        if not allow_spinning:
-            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        options.inter_op_num_threads = 1
-        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        self.threads = threads or SessionThreads()
+        options = session_options(self.threads)
         try:
             requested = requested_providers(providers, ort.get_available_providers())
             self._session = ort.InferenceSession(

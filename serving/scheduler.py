@@ -8,6 +8,8 @@ preferred batch size (or ``max_batch_size``), or until ``max_queue_delay`` has p
 preallocated buffer per input, runs the batch on its runner in a thread, and hands each
 request a view of its own rows of the outputs. A request whose caller went away before
 its batch formed is dropped, never computed. Without batching, each request runs alone.
+A scheduler made with ``inline=True`` runs its batches on the event loop's own thread
+instead: for models so small that the hand-off to a thread costs more than the run.
 """
 
 from __future__ import annotations
@@ -78,10 +80,14 @@ class Scheduler:
         preferred_batch_sizes: Sequence[int] = (),
         name: str = "",
         stats: ModelStats | None = None,
+        inline: bool = False,
     ) -> None:
         if not runners:
             raise ValueError("a scheduler needs at least one runner")
         self._runners = list(runners)
+        if inline and len(self._runners) != 1:
+            raise ValueError("a scheduler that runs on the event loop takes exactly one runner")
+        self._inline = inline
         self._max_batch_size = max_batch_size
         self._batching = batching and max_batch_size > 0
         preferred = [p for p in preferred_batch_sizes if 0 < p <= max_batch_size]
@@ -200,9 +206,12 @@ class Scheduler:
             for pending in batch:
                 pending.started_ns = started
             try:
-                results = await loop.run_in_executor(
-                    self._executor, self._run_batch, runner, buffers, batch
-                )
+                if self._inline:
+                    results = self._run_batch(runner, buffers, batch)
+                else:
+                    results = await loop.run_in_executor(
+                        self._executor, self._run_batch, runner, buffers, batch
+                    )
             except asyncio.CancelledError:
                 for pending in batch:
                     if not pending.future.done():

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 PROVIDER_MODES = ("auto", "cpu", "cuda")
+SPINNING_MODES = ("off", "run", "always")
 
 DEFAULT_MODEL_REPOSITORY = Path("model_repository")
 DEFAULT_GRPC_PORT = 8001
@@ -29,11 +30,15 @@ class ServerSettings:
     grpc_port: int = DEFAULT_GRPC_PORT
     providers: str = "auto"
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
-    #: onnxruntime intra-op threads per session; 0 lets onnxruntime use every core.
+    #: onnxruntime intra-op threads per session; 0 splits ``cores`` between a model's instances
     intra_op_threads: int = 0
-    #: let onnxruntime's idle intra-op threads spin (lower latency per operator for
-    #: compute-heavy models; steals the event loop's cores for small ones)
-    allow_spinning: bool = False
+    #: cores this process's sessions may use; 0 = all of the machine's
+    cores: int = 0
+    #: when onnxruntime's pool threads spin waiting for work: "off", "run" (only during a
+    #: run), "always"; None picks per model (see serving/execution.py)
+    spinning: str | None = None
+    #: run warm-up batches before a model reports ready
+    warmup: bool = True
     log_level: str = "INFO"
 
     def __post_init__(self) -> None:
@@ -41,11 +46,17 @@ class ServerSettings:
             raise ValueError(
                 f"providers must be one of {', '.join(PROVIDER_MODES)}, not {self.providers!r}"
             )
+        if self.spinning is not None and self.spinning not in SPINNING_MODES:
+            raise ValueError(
+                f"spinning must be one of {', '.join(SPINNING_MODES)}, not {self.spinning!r}"
+            )
         if not 0 <= self.grpc_port <= 65535:
             raise ValueError(f"grpc port must be 0-65535, not {self.grpc_port}")
         if self.max_message_bytes < 4 * 1024 * 1024:
             raise ValueError(
                 f"max message size must be at least 4 MiB, not {self.max_message_bytes} bytes"
             )
+        if self.cores < 0:
+            raise ValueError(f"cores must be >= 0, not {self.cores}")
         if self.intra_op_threads < 0:
             raise ValueError(f"intra-op threads must be >= 0, not {self.intra_op_threads}")

@@ -18,14 +18,17 @@ import sys
 log = logging.getLogger(__name__)
 
 
-def run_workers(serve_args: list[str], workers: int, intra_op_threads: int) -> int:
-    """Start ``workers`` copies of ``onnxserve serve serve_args`` and wait for them."""
-    threads = intra_op_threads or max(1, (os.cpu_count() or 1) // workers)
+def run_workers(serve_args: list[str], workers: int, cores: int = 0) -> int:
+    """Start ``workers`` copies of ``onnxserve serve serve_args`` and wait for them.
+
+    Each worker gets its share of ``cores`` (0: the machine's) for its sessions' threads.
+    """
+    share = max(1, (cores or os.cpu_count() or 1) // workers)
     command = [sys.executable, "-m", "onnxserve.serving.cli", "serve", *serve_args,
-               "--workers", "1", "--intra-op-threads", str(threads)]
+               "--workers", "1", "--cores", str(share)]
     children = [subprocess.Popen(command) for _ in range(workers)]
-    log.info("started %d workers (pids %s), %d intra-op threads each", workers,
-             ", ".join(str(c.pid) for c in children), threads)
+    log.info("started %d workers (pids %s), %d core(s) each", workers,
+             ", ".join(str(c.pid) for c in children), share)
 
     def forward(signum: int, _frame) -> None:
         for child in children:

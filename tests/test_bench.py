@@ -54,27 +54,3 @@ def test_profile_summary_shares() -> None:
     assert total == 4
     assert own[0] == ("decode", 75.0)
     assert dict(inclusive)["loop"] == 100.0
-
-
-def test_allow_spinning_flag_reaches_the_sessions(tmp_path: Path, monkeypatch) -> None:
-    from onnx_models import add_one_model
-
-    from onnxserve.serving import runner as runner_module
-    from onnxserve.serving.cli import build_parser
-    from onnxserve.serving.model import load_model
-    from onnxserve.serving.settings import ServerSettings
-
-    args = build_parser().parse_args(["serve", "--allow-spinning"])
-    assert args.allow_spinning and not build_parser().parse_args(["serve"]).allow_spinning
-    seen = []
-    real = runner_module.Runner.__init__
-
-    def spy(self, *a, **kw):
-        seen.append(kw["allow_spinning"])
-        real(self, *a, **kw)
-
-    monkeypatch.setattr(runner_module.Runner, "__init__", spy)
-    add_one_model(tmp_path / "m" / "1" / "model.onnx")
-    load_model(tmp_path, "m", ServerSettings(allow_spinning=True))
-    load_model(tmp_path, "m", ServerSettings())
-    assert seen == [True, False]

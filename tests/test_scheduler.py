@@ -191,3 +191,31 @@ def test_buffers_are_reused_between_batches() -> None:
     b = buffers.concatenate("x", [np.ones((4, 3))])
     assert a.base is b.base and b.shape == (4, 3)
     assert buffers.concatenate("x", [np.ones((9, 3))]).shape == (9, 3)  # over capacity
+
+
+def test_inline_scheduler_runs_on_the_event_loop_thread_and_batches() -> None:
+    runner = FakeRunner()
+    threads = []
+    real_run = runner.run
+
+    def run_and_note(inputs, output_names=None):
+        threads.append(threading.current_thread())
+        return real_run(inputs, output_names)
+
+    runner.run = run_and_note
+
+    async def body(scheduler):
+        # Queued in one go, before the worker gets the loop: they form one batch.
+        futures = [asyncio.ensure_future(scheduler.infer({"x": np.full((1, 2), float(i))},
+                                                         ["y"], 1)) for i in range(5)]
+        return await asyncio.gather(*futures)
+
+    results = run(_with_scheduler(runner, body, max_batch_size=8, inline=True))
+    assert threads and all(t is threading.main_thread() for t in threads)
+    assert runner.batches == [5]
+    assert [r["y"][0, 0] for r in results] == [2.0 * i for i in range(5)]
+
+
+def test_inline_scheduler_takes_one_runner() -> None:
+    with pytest.raises(ValueError, match="exactly one runner"):
+        Scheduler([FakeRunner(), FakeRunner()], max_batch_size=4, inline=True)
