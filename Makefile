@@ -48,6 +48,7 @@ bench: $(VENV)/.export-installed
 	$(BIN)/onnxserve bench --model-repository $(MODEL_REPOSITORY) --models lenet5 mobilenet_v2
 	$(BIN)/onnxserve bench --model-repository $(MODEL_REPOSITORY) --models lenet5 \
 		--samples-per-request 32 --concurrency 1 4 --workers 1 --tag bench_batch32
+	$(BIN)/python -m onnxserve.benchmarks.first_request --model-repository $(MODEL_REPOSITORY)
 
 lint: $(VENV)/.test-installed
 	$(BIN)/ruff check .

@@ -129,6 +129,14 @@ class Client:
             for m in r.models
         ]
 
+    def load_model(self, name: str) -> None:
+        """Load or reload a model (the server must run with --model-control-mode explicit)."""
+        self._call("RepositoryModelLoad", pb.RepositoryModelLoadRequest(model_name=name))
+
+    def unload_model(self, name: str) -> None:
+        """Unload a model; requests already admitted finish first."""
+        self._call("RepositoryModelUnload", pb.RepositoryModelUnloadRequest(model_name=name))
+
     def infer(
         self,
         model: str,

@@ -7,6 +7,9 @@ element type, and the model parameter ``onnxserve.preprocessing`` the scaling:
 - ``unit``: pixels / 255 (the seed's MNIST-style models).
 - ``tf``: pixels / 127.5 - 1.  ``caffe``: BGR minus ImageNet means.
   ``torch``: (pixels / 255 - mean) / std with ImageNet's mean and std.
+
+Decoding, resizing and scaling are the server's own functions (serving/images.py), so an
+image preprocessed here and one the server decodes give the model the same numbers.
 """
 
 from __future__ import annotations
@@ -16,12 +19,13 @@ from pathlib import Path
 
 import numpy as np
 
+from onnxserve.serving import images
+
 from .client import ModelMetadata
 
-PREPROCESSING_PARAMETER = "onnxserve.preprocessing"
-_CAFFE_MEAN_BGR = np.array([103.939, 116.779, 123.68], dtype=np.float32)
-_TORCH_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
-_TORCH_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
+PREPROCESSING_PARAMETER = images.PREPROCESSING_PARAMETER
+#: model metadata parameter present when the server decodes images itself
+ENCODED_IMAGE_PARAMETER = "encoded_image_input"
 _DTYPES = {"UINT8": np.uint8, "FP32": np.float32, "FP16": np.float16, "FP64": np.float64}
 
 
@@ -37,6 +41,13 @@ class ImageSpec:
     width: int
     channels: int
     preprocessing: str
+    #: the BYTES input the server decodes files from, when it offers one
+    encoded_input: str | None = None
+
+    def sample_spec(self) -> images.ImageSpec:
+        """The decoding spec for one sample (the same one the server uses)."""
+        return images.ImageSpec(self.height, self.width, self.channels,
+                                np.dtype(_DTYPES[self.datatype]), self.preprocessing)
 
 
 def image_spec(metadata: ModelMetadata) -> ImageSpec:
@@ -55,46 +66,19 @@ def image_spec(metadata: ModelMetadata) -> ImageSpec:
             f"model {metadata.name!r} input datatype {tensor.datatype} is not an image type"
         )
     mode = str(metadata.parameters.get(PREPROCESSING_PARAMETER, "in_graph"))
-    return ImageSpec(tensor.name, tensor.datatype, shape[0], shape[1], shape[2], mode)
-
-
-def _resize_center_crop(image, height: int, width: int):
-    from PIL import Image
-
-    if image.size == (width, height):
-        return image
-    scale = max(width / image.width, height / image.height)
-    size = (max(width, round(image.width * scale)), max(height, round(image.height * scale)))
-    image = image.resize(size, Image.Resampling.BILINEAR)
-    left, top = (size[0] - width) // 2, (size[1] - height) // 2
-    return image.crop((left, top, left + width, top + height))
-
-
-def scale(pixels: np.ndarray, mode: str) -> np.ndarray:
-    """Apply a preprocessing mode to HWC pixels in 0-255."""
-    x = pixels.astype(np.float32)
-    if mode == "in_graph":
-        return pixels
-    if mode == "unit":
-        return x / 255.0
-    if mode == "tf":
-        return x / 127.5 - 1.0
-    if mode == "caffe":
-        return x[..., ::-1] - _CAFFE_MEAN_BGR
-    if mode == "torch":
-        return (x / 255.0 - _TORCH_MEAN) / _TORCH_STD
-    raise ImageInputError(f"unknown preprocessing {mode!r}")
+    encoded = metadata.parameters.get(ENCODED_IMAGE_PARAMETER)
+    encoded_name = str(encoded).split(":", 1)[0] if encoded else None
+    return ImageSpec(tensor.name, tensor.datatype, shape[0], shape[1], shape[2], mode,
+                     encoded_name)
 
 
 def load_image(path: str | Path, spec: ImageSpec) -> np.ndarray:
     """Read an image file as one model input sample [H, W, C] of the input's datatype."""
-    from PIL import Image, UnidentifiedImageError
-
     try:
-        with Image.open(path) as opened:
-            image = opened.convert("L" if spec.channels == 1 else "RGB")
-    except (OSError, UnidentifiedImageError) as exc:
+        data = Path(path).read_bytes()
+    except OSError as exc:
         raise ImageInputError(f"cannot read image {path}: {exc}") from None
-    image = _resize_center_crop(image, spec.height, spec.width)
-    pixels = np.asarray(image, dtype=np.uint8).reshape(spec.height, spec.width, spec.channels)
-    return scale(pixels, spec.preprocessing).astype(_DTYPES[spec.datatype])
+    try:
+        return images.decode(data, spec.sample_spec())
+    except images.ImageError as exc:
+        raise ImageInputError(f"{path}: {exc}") from None

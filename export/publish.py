@@ -12,6 +12,10 @@ from google.protobuf import text_format
 
 from onnxserve.protos import model_config_pb2 as mc
 from onnxserve.protos.datatypes import by_name
+from onnxserve.serving.images import ENCODED_IMAGE_PARAMETER
+
+#: the BYTES input under which exported image models also take encoded files
+ENCODED_IMAGE_INPUT = "image_bytes"
 
 LABELS_FILE = "labels.txt"
 REPORT_FILE = "verification.json"
@@ -58,6 +62,10 @@ def build_config(card: ModelCard) -> mc.ModelConfig:
     config.dynamic_batching.SetInParent()
     for key, value in sorted(card.parameters.items()):
         config.parameters[key].string_value = value
+    dims = list(card.input_dims)
+    if len(dims) == 3 and dims[2] in (1, 3) and card.input_datatype in ("UINT8", "FP32"):
+        # Image models also take encoded files, which the server decodes.
+        config.parameters[ENCODED_IMAGE_PARAMETER].string_value = ENCODED_IMAGE_INPUT
     return config
 
 

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from .settings import (
+    CONTROL_MODES,
     DEFAULT_GRPC_PORT,
     DEFAULT_MAX_MESSAGE_BYTES,
     DEFAULT_MODEL_REPOSITORY,
@@ -60,6 +61,21 @@ def _add_serve(subparsers: argparse._SubParsersAction) -> None:
                    default=env("WARMUP", "1") not in ("0", "false", "no"),
                    help="run warm-up batches before a model reports ready (env "
                         "ONNXSERVE_WARMUP; default on)")
+    p.add_argument("--model-control-mode", choices=CONTROL_MODES,
+                   default=env("MODEL_CONTROL_MODE", "none"),
+                   help="none: load every model at start; poll: also rescan the repository "
+                        "and load, reload and unload what changed; explicit: load only "
+                        "--load-model models and what the load/unload RPCs ask for (env "
+                        "ONNXSERVE_MODEL_CONTROL_MODE; default %(default)s)")
+    p.add_argument("--repository-poll-secs", type=float,
+                   default=float(env("REPOSITORY_POLL_SECS", "15")),
+                   help="seconds between repository scans in poll mode (env "
+                        "ONNXSERVE_REPOSITORY_POLL_SECS; default %(default)s)")
+    p.add_argument("--load-model", action="append", default=[], metavar="NAME",
+                   help="in explicit mode, a model to load at start ('*': all); repeatable")
+    p.add_argument("--drain-seconds", type=float, default=float(env("DRAIN_SECONDS", "10")),
+                   help="seconds admitted requests get to finish at shutdown, unload or "
+                        "reload (env ONNXSERVE_DRAIN_SECONDS; default %(default)s)")
     p.add_argument("--workers", type=int, default=int(env("WORKERS", "1")),
                    help="server processes sharing the port (env ONNXSERVE_WORKERS; default "
                         "%(default)s)")
@@ -83,6 +99,10 @@ def _run_serve(args: argparse.Namespace) -> int:
             cores=args.cores,
             spinning=args.spinning,
             warmup=args.warmup,
+            model_control_mode=args.model_control_mode,
+            repository_poll_secs=args.repository_poll_secs,
+            load_models=tuple(args.load_model),
+            drain_seconds=args.drain_seconds,
             log_level=args.log_level,
         )
     except ValueError as exc:
@@ -104,6 +124,10 @@ def _run_serve(args: argparse.Namespace) -> int:
                       args.providers, "--max-message-bytes", str(args.max_message_bytes),
                       "--log-level", args.log_level,
                       "--warmup" if args.warmup else "--no-warmup",
+                      "--model-control-mode", args.model_control_mode,
+                      "--repository-poll-secs", str(args.repository_poll_secs),
+                      "--drain-seconds", str(args.drain_seconds),
+                      *(f"--load-model={name}" for name in args.load_model),
                       *(["--spinning", args.spinning] if args.spinning else [])]
         if args.intra_op_threads:
             serve_args += ["--intra-op-threads", str(args.intra_op_threads)]

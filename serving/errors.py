@@ -23,8 +23,20 @@ class UnavailableError(ServingError):
     """The model exists but is not ready (failed to load, unloading, or shutting down)."""
 
 
+class SchedulerClosedError(UnavailableError):
+    """The model version was unloaded or replaced between lookup and queueing."""
+
+
+class FailedPreconditionError(ServingError):
+    """The server is not in a state that allows the operation (e.g. model control is off)."""
+
+
 class ResourceExhaustedError(ServingError):
     """The server cannot take the request now (queue full)."""
+
+
+class DeadlineExceededError(ServingError):
+    """The request's deadline or queue timeout passed before it could run."""
 
 
 class InferenceFailedError(ServingError):

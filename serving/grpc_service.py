@@ -6,7 +6,10 @@ onnxruntime. Request tensors are decoded as zero-copy views of the message's raw
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import os
+from concurrent.futures import ThreadPoolExecutor
 from importlib.metadata import PackageNotFoundError
 from importlib.metadata import version as package_version
 
@@ -26,22 +29,28 @@ from onnxserve.protos.datatypes import by_config_type, by_numpy
 
 from .classification import top_k
 from .errors import (
+    DeadlineExceededError,
+    FailedPreconditionError,
     InferenceFailedError,
     InvalidInputError,
+    ModelLoadError,
     NotFoundError,
     ResourceExhaustedError,
+    SchedulerClosedError,
     ServingError,
     UnavailableError,
 )
+from .images import EncodedImageInput, decode_batch
 from .model import Model, ModelVersion
-from .registry import Registry
+from .registry import READY, Registry
 from .validation import expected_shape
 
 log = logging.getLogger(__name__)
 
 SERVER_NAME = "onnxserve"
-EXTENSIONS = ("classification", "model_configuration", "statistics")
+EXTENSIONS = ("classification", "model_configuration", "model_repository", "statistics")
 CLASSIFICATION_PARAMETER = "classification"
+TIMEOUT_PARAMETER = "timeout"
 
 _STATUS = {
     NotFoundError: grpc.StatusCode.NOT_FOUND,
@@ -49,6 +58,8 @@ _STATUS = {
     UnavailableError: grpc.StatusCode.UNAVAILABLE,
     ResourceExhaustedError: grpc.StatusCode.RESOURCE_EXHAUSTED,
     InferenceFailedError: grpc.StatusCode.INTERNAL,
+    FailedPreconditionError: grpc.StatusCode.FAILED_PRECONDITION,
+    DeadlineExceededError: grpc.StatusCode.DEADLINE_EXCEEDED,
 }
 
 
@@ -90,6 +101,17 @@ def decode_inputs(request: pb.ModelInferRequest, model: Model) -> tuple[dict[str
         except TensorCodecError as exc:
             raise InvalidInputError(f"input {tensor.name!r}: {exc}") from None
     return tensors, batch_size
+
+
+def _timeout_parameter(request: pb.ModelInferRequest) -> int | None:
+    """The request's own queue timeout in microseconds (Triton's "timeout" parameter)."""
+    if TIMEOUT_PARAMETER not in request.parameters:
+        return None
+    value = _parameter_value(request.parameters[TIMEOUT_PARAMETER])
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise InvalidInputError(
+            f"parameter 'timeout' must be a whole number of microseconds >= 0, got {value!r}")
+    return value
 
 
 def _classification_counts(request: pb.ModelInferRequest) -> dict[str, int]:
@@ -156,6 +178,23 @@ class InferenceService(inference_pb2_grpc.GRPCInferenceServiceServicer):
     def __init__(self, registry: Registry) -> None:
         self._registry = registry
         self.accepting = True
+        # Pillow releases the GIL while decoding: one thread per core decodes in parallel.
+        self._image_pool = ThreadPoolExecutor(max_workers=os.cpu_count() or 1,
+                                              thread_name_prefix="decode")
+
+    async def _decode_images(
+        self, inputs: dict[str, np.ndarray], images: EncodedImageInput
+    ) -> dict[str, np.ndarray]:
+        """Replace the encoded-image input by the decoded batch (off the event loop)."""
+        loop = asyncio.get_running_loop()
+        encoded = inputs.pop(images.name)
+        inputs[images.target] = await loop.run_in_executor(
+            self._image_pool, decode_batch, encoded, images
+        )
+        return inputs
+
+    def close(self) -> None:
+        self._image_pool.shutdown(wait=False, cancel_futures=True)
 
     async def _fail(self, context: grpc.aio.ServicerContext, exc: Exception, what: str) -> None:
         if isinstance(exc, ServingError):
@@ -232,8 +271,8 @@ class InferenceService(inference_pb2_grpc.GRPCInferenceServiceServicer):
 
     async def RepositoryIndex(self, request, context):
         response = pb.RepositoryIndexResponse()
-        for entry in self._registry.entries():
-            if request.ready and entry.state != "READY":
+        for entry in self._registry.index():
+            if request.ready and entry.state != READY:
                 continue
             versions = sorted(entry.model.versions) if entry.model else [None]
             for version in versions:
@@ -245,18 +284,57 @@ class InferenceService(inference_pb2_grpc.GRPCInferenceServiceServicer):
                 )
         return response
 
+    async def RepositoryModelLoad(self, request, context):
+        name = request.model_name
+        try:
+            self._registry.check_control()
+            if request.parameters:
+                raise InvalidInputError(
+                    f"load parameters are not supported (got {', '.join(request.parameters)}); "
+                    "change the model's files in the repository instead"
+                )
+            entry = await self._registry.load(name)
+            if entry.reason:  # failed, or a failed reload that left the old model serving
+                raise ModelLoadError(f"model {name!r}: {entry.reason}")
+        except ModelLoadError as exc:
+            await self._fail(context, InvalidInputError(str(exc)), f"load {name!r}")
+        except ServingError as exc:
+            await self._fail(context, exc, f"load {name!r}")
+        return pb.RepositoryModelLoadResponse()
+
+    async def RepositoryModelUnload(self, request, context):
+        name = request.model_name
+        try:
+            self._registry.check_control()
+            await self._registry.unload(name)
+        except ServingError as exc:
+            await self._fail(context, exc, f"unload {name!r}")
+        return pb.RepositoryModelUnloadResponse()
+
     async def ModelInfer(self, request, context):
         what = f"ModelInfer {request.model_name!r} id={request.id!r}"
         try:
             if not self.accepting:
                 raise UnavailableError("the server is shutting down")
-            model, version = self._registry.get(request.model_name, request.model_version)
-            inputs, batch_size = decode_inputs(request, model)
-            names = model.rules.check_outputs([o.name for o in request.outputs])
-            classification = _classification_counts(request)
-            outputs = await version.scheduler.infer(inputs, names, batch_size)
-            return encode_response(
-                request, model, version.version, names, outputs, classification
-            )
+            # A reload can retire the model between lookup and queueing only if this
+            # handler awaits in between; then the lookup is repeated once, on the new model.
+            for attempt in (1, 2):
+                model, version = self._registry.get(request.model_name, request.model_version)
+                inputs, batch_size = decode_inputs(request, model)
+                if model.images is not None and model.images.name in inputs:
+                    inputs = await self._decode_images(inputs, model.images)
+                names = model.rules.check_outputs([o.name for o in request.outputs])
+                classification = _classification_counts(request)
+                try:
+                    outputs = await version.scheduler.infer(
+                        inputs, names, batch_size, time_remaining=context.time_remaining(),
+                        timeout_us=_timeout_parameter(request))
+                except SchedulerClosedError:
+                    if attempt == 2:
+                        raise
+                    continue
+                return encode_response(
+                    request, model, version.version, names, outputs, classification
+                )
         except Exception as exc:
             await self._fail(context, exc, what)

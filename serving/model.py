@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from dataclasses import dataclass, field, replace
@@ -9,6 +10,7 @@ from pathlib import Path
 
 from .errors import ModelLoadError, NotFoundError
 from .execution import ExecutionPlan, plan_execution, should_run_inline
+from .images import EncodedImageInput, encoded_image_input
 from .repository import (
     ModelConfig,
     complete_config,
@@ -17,7 +19,7 @@ from .repository import (
     select_versions,
 )
 from .runner import Runner
-from .scheduler import Scheduler
+from .scheduler import QueuePolicy, Scheduler
 from .settings import ServerSettings
 from .validation import InputRules
 from .warmup import (
@@ -51,9 +53,13 @@ class Model:
     versions: dict[int, ModelVersion]
     plan: ExecutionPlan | None = None
     rules: InputRules = field(init=False)
+    #: the BYTES input of encoded images that stands for the image input, if any
+    images: EncodedImageInput | None = field(init=False)
 
     def __post_init__(self) -> None:
-        self.rules = InputRules(self.config)
+        self.images = encoded_image_input(self.config)
+        substitutes = {self.images.name: self.images.target} if self.images else {}
+        self.rules = InputRules(self.config, substitutes)
 
     def version(self, requested: str) -> ModelVersion:
         """The version a request names, or the newest loaded one when it names none."""
@@ -76,15 +82,42 @@ class Model:
         params["execution_provider"] = self.provider
         if self.plan is not None:
             params["execution"] = self.plan.describe()
+        if self.images is not None:
+            params["encoded_image_input"] = self.images.describe()
         return params
 
     def start(self) -> None:
         for version in self.versions.values():
             version.scheduler.start()
 
+    async def drain(self, timeout: float) -> bool:
+        """Refuse new requests and wait for the admitted ones; True when all finished."""
+        results = await asyncio.gather(
+            *(v.scheduler.drain(timeout) for v in self.versions.values())
+        )
+        return all(results)
+
     async def close(self) -> None:
         for version in self.versions.values():
             await version.scheduler.close()
+
+
+def queue_policy(config: ModelConfig) -> QueuePolicy:
+    """The scheduler's queue policy from dynamic_batching.default_queue_policy."""
+    batching = config.dynamic_batching
+    if batching.priority_levels or batching.priority_queue_policy:
+        raise ModelLoadError(
+            f"model {config.name!r}: dynamic_batching.priority_levels / priority_queue_policy "
+            "are not supported; remove them (every request shares one queue)"
+        )
+    source = batching.default_queue_policy
+    action = "delay" if source.timeout_action == source.DELAY else "reject"
+    return QueuePolicy(
+        max_queue_size=source.max_queue_size,
+        timeout_s=source.default_timeout_microseconds / 1e6,
+        timeout_action=action,
+        allow_timeout_override=source.allow_timeout_override,
+    )
 
 
 def _build_runners(path: Path, name: str, plan: ExecutionPlan,
@@ -142,6 +175,7 @@ def load_model(repository: Path, name: str, settings: ServerSettings) -> Model:
             preferred_batch_sizes=list(batching.preferred_batch_size),
             name=f"{name}:{number}",
             inline=bool(plan.run_inline),
+            queue_policy=queue_policy(config),
         )
         versions[number] = ModelVersion(number, runners, scheduler, timings)
     assert config is not None

@@ -1,15 +1,37 @@
-"""The set of models the server holds, with each one's state and failure reason."""
+"""The models the server holds: loading, atomic reloading, unloading, and repository polling.
+
+Model control follows Triton's modes:
+
+- ``none``: every model in the repository is loaded at start; the repository is not
+  watched and the load/unload RPCs are refused;
+- ``poll``: as ``none``, then the repository is rescanned every ``poll_seconds``: new
+  models load, changed ones reload, removed ones unload;
+- ``explicit``: only the models named at start (``*`` for all) load; the
+  RepositoryModelLoad / RepositoryModelUnload RPCs load, reload and unload.
+
+A reload builds and warms the new model completely before it replaces the old one in one
+step: requests already admitted finish on the old model, which is then drained and closed;
+new requests go to the new one. A reload that fails leaves the old model serving and puts
+the reason in the repository index. A model that fails to load never affects the others.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import ModelLoadError, NotFoundError, UnavailableError
+from .errors import (
+    FailedPreconditionError,
+    InvalidInputError,
+    ModelLoadError,
+    NotFoundError,
+    UnavailableError,
+)
 from .model import Model, ModelVersion, load_model
-from .repository import list_models
+from .repository import fingerprint, list_models, valid_model_name
 from .settings import ServerSettings
 
 log = logging.getLogger(__name__)
@@ -17,6 +39,7 @@ log = logging.getLogger(__name__)
 READY = "READY"
 UNAVAILABLE = "UNAVAILABLE"
 LOADING = "LOADING"
+UNLOADING = "UNLOADING"
 
 
 @dataclass
@@ -25,47 +48,167 @@ class ModelEntry:
     state: str
     reason: str = ""
     model: Model | None = None
+    #: the repository contents this entry was loaded from (see repository.fingerprint)
+    fingerprint: tuple = ()
+    #: whether the server is meant to serve it (false once unloaded)
+    wanted: bool = True
 
 
 class Registry:
     """Loads models from a repository and answers which model serves a request."""
 
-    def __init__(self, repository: Path, settings: ServerSettings) -> None:
+    def __init__(
+        self,
+        repository: Path,
+        settings: ServerSettings,
+        on_change: Callable[[], Awaitable[None]] | None = None,
+    ) -> None:
         self._repository = repository
         self._settings = settings
         self._entries: dict[str, ModelEntry] = {}
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._on_change = on_change
+        self._retired: set[asyncio.Task] = set()
 
-    async def load_all(self) -> None:
-        """Load every model in the repository; a model that fails is marked UNAVAILABLE."""
+    @property
+    def control_mode(self) -> str:
+        return self._settings.model_control_mode
+
+    async def load_initial(self) -> None:
+        """Load what the control mode loads at start; a model that fails is UNAVAILABLE."""
         names = list_models(self._repository)
-        if not names:
+        if self.control_mode == "explicit":
+            requested = self._settings.load_models
+            names = names if "*" in requested else list(dict.fromkeys(requested))
+        elif not names:
             log.warning("model repository %s holds no model folders", self._repository)
         for name in names:
-            await self.load(name)
+            try:
+                await self.load(name)
+            except (NotFoundError, InvalidInputError) as exc:
+                log.error("model %s: %s", name, exc)
+
+    def _lock(self, name: str) -> asyncio.Lock:
+        return self._locks.setdefault(name, asyncio.Lock())
+
+    async def _changed(self) -> None:
+        if self._on_change is not None:
+            await self._on_change()
+
+    def _check_name(self, name: str) -> None:
+        if not valid_model_name(name):
+            raise InvalidInputError(
+                f"invalid model name {name!r}: expected letters, digits, '_', '.' or '-', "
+                "not starting with '.' or '-'"
+            )
+        if not (self._repository / name).is_dir():
+            raise NotFoundError(f"model {name!r} has no folder in the model repository")
 
     async def load(self, name: str) -> ModelEntry:
-        entry = ModelEntry(name, LOADING)
-        self._entries.setdefault(name, entry)
+        """Load ``name``, or reload it when it is loaded; returns its entry afterwards."""
+        self._check_name(name)
+        async with self._lock(name):
+            old = self._entries.get(name)
+            serving = old.model if old is not None else None
+            if serving is None:
+                self._entries[name] = ModelEntry(name, LOADING)
+                await self._changed()
+            seen = fingerprint(self._repository / name)
+            try:
+                model = await asyncio.to_thread(
+                    load_model, self._repository, name, self._settings
+                )
+            except Exception as exc:  # a model must never take the server down
+                reason = str(exc) if isinstance(exc, ModelLoadError) else (
+                    f"{type(exc).__name__}: {exc}")
+                if isinstance(exc, ModelLoadError):
+                    log.error("model %s failed to load: %s", name, reason)
+                else:
+                    log.exception("model %s failed to load", name)
+                if serving is not None:
+                    assert old is not None
+                    entry = ModelEntry(name, READY, f"reload failed, still serving the "
+                                       f"previous load: {reason}", serving, seen)
+                else:
+                    entry = ModelEntry(name, UNAVAILABLE, reason, fingerprint=seen)
+            else:
+                model.start()
+                entry = ModelEntry(name, READY, model=model, fingerprint=seen)
+                if serving is not None:
+                    log.info("model %s reloaded; draining the previous load", name)
+                    self._retire(serving)
+            self._entries[name] = entry
+            await self._changed()
+            return entry
+
+    async def unload(self, name: str) -> None:
+        """Stop serving ``name``: new requests are refused, admitted ones finish."""
+        if not valid_model_name(name):
+            raise InvalidInputError(f"invalid model name {name!r}")
+        async with self._lock(name):
+            entry = self._entries.get(name)
+            if entry is None or not entry.wanted:
+                raise NotFoundError(f"model {name!r} is not loaded")
+            self._entries[name] = ModelEntry(name, UNLOADING, wanted=False)
+            await self._changed()
+            if entry.model is not None:
+                await self._drain(entry.model)
+            self._entries[name] = ModelEntry(name, UNAVAILABLE, "unloaded", wanted=False)
+            log.info("model %s unloaded", name)
+            await self._changed()
+
+    def _retire(self, model: Model) -> None:
+        task = asyncio.get_running_loop().create_task(self._drain(model))
+        self._retired.add(task)
+        task.add_done_callback(self._retired.discard)
+
+    async def _drain(self, model: Model) -> None:
+        if not await model.drain(self._settings.drain_seconds):
+            log.warning("model %s: requests still running after %.0fs were failed",
+                        model.name, self._settings.drain_seconds)
+        await model.close()
+
+    async def poll(self) -> None:
+        """Bring the loaded models in line with the repository (poll mode's rescan)."""
         try:
-            model = await asyncio.to_thread(load_model, self._repository, name, self._settings)
+            present = set(list_models(self._repository))
         except ModelLoadError as exc:
-            entry = ModelEntry(name, UNAVAILABLE, str(exc))
-            log.error("model %s failed to load: %s", name, exc)
-        except Exception as exc:  # a model must never take the server down
-            entry = ModelEntry(name, UNAVAILABLE, f"{type(exc).__name__}: {exc}")
-            log.exception("model %s failed to load", name)
-        else:
-            model.start()
-            entry = ModelEntry(name, READY, model=model)
-        self._entries[name] = entry
-        return entry
+            log.error("cannot poll the model repository: %s", exc)
+            return
+        for name in sorted(present):
+            entry = self._entries.get(name)
+            if entry is None or not entry.wanted or (
+                    fingerprint(self._repository / name) != entry.fingerprint):
+                await self.load(name)
+        for name in sorted(set(self._entries) - present):
+            if self._entries[name].wanted:
+                await self.unload(name)
+
+    async def watch(self, stop: asyncio.Event) -> None:
+        """Poll the repository every ``repository_poll_secs`` until ``stop`` is set."""
+        while not stop.is_set():
+            try:
+                await asyncio.wait_for(stop.wait(), self._settings.repository_poll_secs)
+            except TimeoutError:
+                await self.poll()
+
+    def check_control(self) -> None:
+        """Refuse model control RPCs unless the server runs in explicit mode."""
+        if self.control_mode != "explicit":
+            raise FailedPreconditionError(
+                f"model control is off (model control mode {self.control_mode!r}); start the "
+                "server with --model-control-mode explicit to load and unload models"
+            )
 
     def get(self, name: str, version: str = "") -> tuple[Model, ModelVersion]:
         """The ready model and version a request names; NotFound / Unavailable otherwise."""
         entry = self._entries.get(name)
         if entry is None:
+            if valid_model_name(name) and (self._repository / name).is_dir():
+                raise UnavailableError(
+                    f"model {name!r} is not loaded (model control mode {self.control_mode})")
             known = ", ".join(sorted(self._entries)) or "none"
-            raise NotFoundError(f"unknown model {name!r}; models in the repository: {known}")
+            raise NotFoundError(f"unknown model {name!r}; models loaded or tried: {known}")
         if entry.model is None:
             detail = f": {entry.reason}" if entry.reason else ""
             raise UnavailableError(f"model {name!r} is {entry.state}{detail}")
@@ -74,12 +217,23 @@ class Registry:
     def entries(self) -> list[ModelEntry]:
         return [self._entries[n] for n in sorted(self._entries)]
 
+    def index(self) -> list[ModelEntry]:
+        """Every model in the repository or held, with its state ("" if never loaded)."""
+        try:
+            names = set(list_models(self._repository))
+        except ModelLoadError:
+            names = set()
+        names |= set(self._entries)
+        return [self._entries.get(n) or ModelEntry(n, "", wanted=False) for n in sorted(names)]
+
     @property
     def all_ready(self) -> bool:
-        """True when every model in the repository loaded (strict readiness)."""
-        return all(e.state == READY for e in self._entries.values())
+        """True when every model the server is meant to serve is loaded (strict readiness)."""
+        return all(e.state == READY for e in self._entries.values() if e.wanted)
 
     async def close(self) -> None:
+        for task in list(self._retired):
+            await task
         for entry in self._entries.values():
             if entry.model is not None:
                 await entry.model.close()

@@ -45,6 +45,28 @@ class ModelSource:
     versions: dict[int, Path] = field(default_factory=dict)
 
 
+def valid_model_name(name: str) -> bool:
+    """Whether ``name`` can be a model folder: no separators, no leading dot or dash."""
+    return bool(_MODEL_NAME.match(name))
+
+
+def fingerprint(model_dir: Path) -> tuple:
+    """A model folder's files as (relative path, size, mtime): equal means unchanged."""
+    try:
+        files = sorted(p for p in model_dir.rglob("*") if p.is_file())
+        return tuple((str(p.relative_to(model_dir)), *_size_and_time(p)) for p in files)
+    except OSError:
+        return ()
+
+
+def _size_and_time(path: Path) -> tuple[int, int]:
+    try:
+        stat = path.stat()
+    except OSError:  # removed while we looked
+        return -1, -1
+    return stat.st_size, stat.st_mtime_ns
+
+
 def list_models(repository: Path) -> list[str]:
     """Names of the model folders in the repository, sorted."""
     if not repository.is_dir():

@@ -24,11 +24,31 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .errors import InferenceFailedError, UnavailableError
+from .errors import (
+    DeadlineExceededError,
+    InferenceFailedError,
+    ResourceExhaustedError,
+    SchedulerClosedError,
+    UnavailableError,
+)
 from .runner import Runner
 from .statistics import ModelStats
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class QueuePolicy:
+    """Triton's ModelQueuePolicy: queue bound and how long a request may wait."""
+
+    #: queued requests beyond this are refused at once (0: no bound)
+    max_queue_size: int = 0
+    #: seconds a request may wait before its batch forms (0: no limit)
+    timeout_s: float = 0.0
+    #: what happens on timeout: "reject" fails the request, "delay" moves it behind the others
+    timeout_action: str = "reject"
+    #: whether a request's own "timeout" parameter (microseconds) may replace timeout_s
+    allow_timeout_override: bool = False
 
 
 @dataclass
@@ -39,6 +59,10 @@ class _Pending:
     #: requests batch together only when these match
     key: tuple
     future: asyncio.Future
+    #: time.monotonic() after which the request may no longer start (None: never expires)
+    deadline: float | None = None
+    #: the deadline comes from the queue policy (else from the caller's own deadline)
+    policy_deadline: bool = False
     enqueued_ns: int = field(default_factory=time.perf_counter_ns)
     started_ns: int | None = None
 
@@ -81,6 +105,7 @@ class Scheduler:
         name: str = "",
         stats: ModelStats | None = None,
         inline: bool = False,
+        queue_policy: QueuePolicy | None = None,
     ) -> None:
         if not runners:
             raise ValueError("a scheduler needs at least one runner")
@@ -88,6 +113,7 @@ class Scheduler:
         if inline and len(self._runners) != 1:
             raise ValueError("a scheduler that runs on the event loop takes exactly one runner")
         self._inline = inline
+        self._policy = queue_policy or QueuePolicy()
         self._max_batch_size = max_batch_size
         self._batching = batching and max_batch_size > 0
         preferred = [p for p in preferred_batch_sizes if 0 < p <= max_batch_size]
@@ -102,6 +128,26 @@ class Scheduler:
         )
         self._workers: list[asyncio.Task] = []
         self._closed = False
+        self._in_flight = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    @property
+    def in_flight(self) -> int:
+        """Requests admitted and not yet answered."""
+        return self._in_flight
+
+    async def drain(self, timeout: float) -> bool:
+        """Take no new requests and wait up to ``timeout`` s for the admitted ones to finish.
+
+        Returns whether they all finished. ``close`` fails whatever is left.
+        """
+        self._closed = True
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout)
+        except TimeoutError:
+            return False
+        return True
 
     def start(self) -> None:
         """Start one worker task per runner on the running event loop."""
@@ -123,26 +169,62 @@ class Scheduler:
                 pending.future.set_exception(UnavailableError(f"model {self._name} was unloaded"))
         self._executor.shutdown(wait=True)
 
+    @property
+    def queued(self) -> int:
+        """Requests waiting for a batch (not counting the ones running)."""
+        return self._queue.qsize() + len(self._carry)
+
     async def infer(
-        self, inputs: dict[str, np.ndarray], outputs: Sequence[str], batch_size: int
+        self,
+        inputs: dict[str, np.ndarray],
+        outputs: Sequence[str],
+        batch_size: int,
+        *,
+        time_remaining: float | None = None,
+        timeout_us: int | None = None,
     ) -> dict[str, np.ndarray]:
         """Queue one request and wait for its outputs.
 
         ``batch_size`` is the request's own leading dimension (0 for models without batching).
+        ``time_remaining`` is the caller's deadline in seconds from now: a request still
+        queued when it passes is dropped, never computed. ``timeout_us`` is the request's
+        own queue timeout, used when the queue policy allows overriding.
         """
         if self._closed:
-            raise UnavailableError(f"model {self._name} is not accepting requests")
+            raise SchedulerClosedError(f"model {self._name} is not accepting requests")
+        policy = self._policy
+        if policy.max_queue_size and self.queued >= policy.max_queue_size:
+            self.stats.record_request(False, 0, None)
+            raise ResourceExhaustedError(
+                f"model {self._name}: the queue is full ({policy.max_queue_size} requests "
+                "waiting, max_queue_size); retry later"
+            )
         inputs = self._runners[0].prepare(inputs)
         future = asyncio.get_running_loop().create_future()
         key = _batch_key(inputs) if self._batching else ()
-        pending = _Pending(inputs, tuple(outputs), batch_size, key, future)
+        now = time.monotonic()
+        timeout_s = policy.timeout_s
+        if timeout_us and policy.allow_timeout_override:
+            timeout_s = timeout_us / 1e6
+        deadline, from_policy = None, False
+        if timeout_s:
+            deadline, from_policy = now + timeout_s, True
+        if time_remaining is not None and (deadline is None or now + time_remaining < deadline):
+            deadline, from_policy = now + max(time_remaining, 0.0), False
+        pending = _Pending(inputs, tuple(outputs), batch_size, key, future, deadline,
+                           from_policy)
         self._queue.put_nowait(pending)
+        self._in_flight += 1
+        self._idle.clear()
         ok = False
         try:
             result = await future
             ok = True
             return result
         finally:
+            self._in_flight -= 1
+            if not self._in_flight:
+                self._idle.set()
             queued = None if pending.started_ns is None else (
                 pending.started_ns - pending.enqueued_ns)
             self.stats.record_request(ok, time.perf_counter_ns() - pending.enqueued_ns, queued)
@@ -162,8 +244,30 @@ class Scheduler:
                 if got is None:
                     return None
                 pending = got
-            if not pending.future.done():  # skip requests whose caller is gone
-                return pending
+            if pending.future.done():  # skip requests whose caller is gone
+                continue
+            if pending.deadline is not None and time.monotonic() > pending.deadline:
+                if not self._expire(pending):
+                    continue
+            return pending
+
+    def _expire(self, pending: _Pending) -> bool:
+        """Handle a request whose deadline passed in the queue; True if it may still run."""
+        waited = (time.perf_counter_ns() - pending.enqueued_ns) / 1e6
+        if pending.policy_deadline and self._policy.timeout_action == "delay":
+            # Triton's DELAY: the request loses its place, and its deadline, and waits
+            # behind everything queued now.
+            pending.deadline = None
+            if self._queue.empty() and not self._carry:
+                return True
+            self._queue.put_nowait(pending)
+            return False
+        reason = ("the model's queue timeout" if pending.policy_deadline
+                  else "the request's deadline")
+        pending.future.set_exception(DeadlineExceededError(
+            f"model {self._name}: request dropped after {waited:.1f} ms in the queue "
+            f"({reason} passed before a batch formed)"))
+        return False
 
     async def _get_within(self, timeout: float) -> _Pending | None:
         # Not asyncio.wait_for: on Python 3.11 it can drop an item that arrives as the

@@ -19,8 +19,6 @@ from .settings import ServerSettings
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = inference_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
-#: Seconds in-flight requests get to finish after a stop signal.
-DRAIN_SECONDS = 10.0
 
 
 async def _update_health(
@@ -31,7 +29,7 @@ async def _update_health(
     overall = serving if ready and registry.all_ready else not_serving
     for name in ("", SERVICE_NAME):
         await servicer.set(name, overall)
-    for entry in registry.entries():
+    for entry in registry.index():
         status = serving if ready and entry.state == READY else not_serving
         await servicer.set(entry.name, status)
 
@@ -43,9 +41,15 @@ async def serve(settings: ServerSettings, stop: asyncio.Event | None = None) -> 
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
 
-    registry = Registry(settings.model_repository, settings)
-    service = InferenceService(registry)
     health_servicer = health.aio.HealthServicer()
+    started = False
+
+    async def models_changed() -> None:
+        if started:
+            await _update_health(health_servicer, registry, ready=service.accepting)
+
+    registry = Registry(settings.model_repository, settings, on_change=models_changed)
+    service = InferenceService(registry)
     server = grpc.aio.server(
         options=[
             ("grpc.max_receive_message_length", settings.max_message_bytes),
@@ -65,15 +69,22 @@ async def serve(settings: ServerSettings, stop: asyncio.Event | None = None) -> 
     await server.start()
     log.info("gRPC server listening on %s:%d", settings.grpc_host, port)
 
-    await registry.load_all()
+    await registry.load_initial()
+    started = True
     await _update_health(health_servicer, registry, ready=True)
     ready = sum(e.state == READY for e in registry.entries())
-    log.info("ready: %d of %d models loaded", ready, len(registry.entries()))
+    log.info("ready: %d of %d models loaded (model control mode %s)", ready,
+             len(registry.entries()), settings.model_control_mode)
+    watcher = (asyncio.create_task(registry.watch(stop))
+               if settings.model_control_mode == "poll" else None)
 
     await stop.wait()
-    log.info("stopping: finishing in-flight requests (up to %.0fs)", DRAIN_SECONDS)
+    if watcher is not None:
+        await watcher
+    log.info("stopping: finishing in-flight requests (up to %.0fs)", settings.drain_seconds)
     service.accepting = False
     await _update_health(health_servicer, registry, ready=False)
-    await server.stop(DRAIN_SECONDS)
+    await server.stop(settings.drain_seconds)
     await registry.close()
+    service.close()
     log.info("stopped")

@@ -8,6 +8,7 @@ from pathlib import Path
 
 PROVIDER_MODES = ("auto", "cpu", "cuda")
 SPINNING_MODES = ("off", "run", "always")
+CONTROL_MODES = ("none", "poll", "explicit")
 
 DEFAULT_MODEL_REPOSITORY = Path("model_repository")
 DEFAULT_GRPC_PORT = 8001
@@ -40,6 +41,13 @@ class ServerSettings:
     #: run warm-up batches before a model reports ready
     warmup: bool = True
     log_level: str = "INFO"
+    #: Triton's model control modes: none, poll, explicit (see serving/registry.py)
+    model_control_mode: str = "none"
+    repository_poll_secs: float = 15.0
+    #: models loaded at start in explicit mode ("*": all)
+    load_models: tuple[str, ...] = ()
+    #: seconds admitted requests get to finish at shutdown, unload or reload
+    drain_seconds: float = 10.0
 
     def __post_init__(self) -> None:
         if self.providers not in PROVIDER_MODES:
@@ -50,6 +58,16 @@ class ServerSettings:
             raise ValueError(
                 f"spinning must be one of {', '.join(SPINNING_MODES)}, not {self.spinning!r}"
             )
+        if self.model_control_mode not in CONTROL_MODES:
+            raise ValueError(f"model control mode must be one of {', '.join(CONTROL_MODES)}, "
+                             f"not {self.model_control_mode!r}")
+        if self.repository_poll_secs <= 0:
+            raise ValueError(
+                f"repository poll interval must be > 0 seconds, not {self.repository_poll_secs}")
+        if self.load_models and self.model_control_mode != "explicit":
+            raise ValueError("--load-model needs --model-control-mode explicit")
+        if self.drain_seconds < 0:
+            raise ValueError(f"drain seconds must be >= 0, not {self.drain_seconds}")
         if not 0 <= self.grpc_port <= 65535:
             raise ValueError(f"grpc port must be 0-65535, not {self.grpc_port}")
         if self.max_message_bytes < 4 * 1024 * 1024:

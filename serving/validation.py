@@ -24,7 +24,8 @@ def _shape_matches(shape: Sequence[int], expected: Sequence[int]) -> bool:
 class InputRules:
     """What a model's config allows, prepared once per model for the request path."""
 
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, substitutes: dict[str, str] | None = None) -> None:
+        """``substitutes`` maps extra BYTES [batch, 1] inputs to the input each stands for."""
         self.model = config.name
         self.max_batch_size = config.max_batch_size
         #: input name -> (datatype name, expected shape, optional)
@@ -34,6 +35,9 @@ class InputRules:
             for t in config.input
         }
         self.required = [n for n, (_, _, optional) in self.inputs.items() if not optional]
+        self.substitutes = dict(substitutes or {})
+        for name in self.substitutes:
+            self.inputs[name] = ("BYTES", expected_shape([1], config.max_batch_size), True)
         self.outputs = [t.name for t in config.output]
 
     def check(self, declared: Sequence[tuple[str, str, Sequence[int]]]) -> int:
@@ -71,6 +75,13 @@ class InputRules:
                         f" (max_batch_size of model {self.model!r})"
                     )
                 batch_sizes.add(batch)
+        for name, target in self.substitutes.items():
+            if name in seen and target in seen:
+                raise InvalidInputError(
+                    f"inputs {name!r} and {target!r} are alternatives; send one of them"
+                )
+            if name in seen:
+                seen.add(target)
         missing = [n for n in self.required if n not in seen]
         if missing:
             raise InvalidInputError(

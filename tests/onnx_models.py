@@ -66,3 +66,14 @@ def scores_model(path: Path, classes: int = 5) -> Path:
     graph = helper.make_graph([helper.make_node("Identity", ["scores_in"], ["scores"])],
                               "scores", [x], [y])
     return _save(graph, path)
+
+
+def channel_mean_model(path: Path, height: int = 8, width: int = 8) -> Path:
+    """UINT8 images [batch, H, W, 3] -> FP32 per-channel means [batch, 3]."""
+    x = helper.make_tensor_value_info("images", TensorProto.UINT8, ["batch", height, width, 3])
+    y = helper.make_tensor_value_info("means", TensorProto.FLOAT, ["batch", 3])
+    nodes = [
+        helper.make_node("Cast", ["images"], ["f"], to=TensorProto.FLOAT),
+        helper.make_node("ReduceMean", ["f"], ["means"], axes=[1, 2], keepdims=0),
+    ]
+    return _save(helper.make_graph(nodes, "channel_mean", [x], [y]), path, opset=17)

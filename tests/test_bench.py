@@ -54,3 +54,13 @@ def test_profile_summary_shares() -> None:
     assert total == 4
     assert own[0] == ("decode", 75.0)
     assert dict(inclusive)["loop"] == 100.0
+
+
+def test_first_request_table_compares_warm_up_on_and_off() -> None:
+    from onnxserve.benchmarks.first_request import markdown
+
+    results = [{"model": "m", "warmup": {"first_ms": [2.0, 3.0, 4.0], "steady_p50_ms": [1.0] * 3},
+                "no_warmup": {"first_ms": [30.0, 20.0, 40.0], "steady_p50_ms": [1.0] * 3}}]
+    table = markdown(results, "cmd")
+    assert "| m | on | 3.00 | 1.00 | 3.0 |" in table
+    assert "| m | off | 30.00 | 1.00 | 30.0 |" in table

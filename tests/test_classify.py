@@ -63,3 +63,16 @@ def test_photo_through_a_model_with_a_smaller_input(server: ServerProcess, sampl
                       "--top-k", "2")
     assert result.returncode == 0, result.stderr
     assert len(result.stdout.strip().splitlines()) == 3
+
+
+def test_server_side_decoding_matches_client_preprocessing(
+    server: ServerProcess, samples: Path, client
+) -> None:
+    params = client.model_metadata("lenet5").parameters
+    assert str(params["encoded_image_input"]).startswith("image_bytes:")  # the exporter's
+    digits = [str(p) for p in sorted(samples.glob("digit_*.png"))[:4]]
+    sent_as_files = classify(*digits, "--url", server.url, "--model", "lenet5")
+    decoded_here = classify(*digits, "--url", server.url, "--model", "lenet5",
+                            "--client-preprocessing")
+    assert sent_as_files.returncode == 0 and decoded_here.returncode == 0
+    assert sent_as_files.stdout == decoded_here.stdout

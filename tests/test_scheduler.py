@@ -219,3 +219,107 @@ def test_inline_scheduler_runs_on_the_event_loop_thread_and_batches() -> None:
 def test_inline_scheduler_takes_one_runner() -> None:
     with pytest.raises(ValueError, match="exactly one runner"):
         Scheduler([FakeRunner(), FakeRunner()], max_batch_size=4, inline=True)
+
+
+def _held(runner, scheduler_kwargs, body_after_hold):
+    """Hold the runner on a first request, run ``body_after_hold``, then release."""
+
+    async def body(scheduler):
+        runner.gate.clear()
+        first = asyncio.ensure_future(scheduler.infer({"x": np.zeros((1, 2))}, ["y"], 1))
+        await asyncio.sleep(0.05)
+        try:
+            return await body_after_hold(scheduler)
+        finally:
+            runner.gate.set()
+            await first
+
+    return run(_with_scheduler(runner, body, **scheduler_kwargs))
+
+
+def test_a_full_queue_refuses_at_once() -> None:
+    from onnxserve.serving.errors import ResourceExhaustedError
+    from onnxserve.serving.scheduler import QueuePolicy
+
+    runner = FakeRunner()
+
+    async def body(scheduler):
+        queued = [asyncio.ensure_future(scheduler.infer({"x": np.ones((1, 2))}, ["y"], 1))
+                  for _ in range(2)]
+        await asyncio.sleep(0)
+        started = asyncio.get_running_loop().time()
+        with pytest.raises(ResourceExhaustedError, match="queue is full"):
+            await scheduler.infer({"x": np.ones((1, 2))}, ["y"], 1)
+        assert asyncio.get_running_loop().time() - started < 0.01
+        runner.gate.set()
+        return await asyncio.gather(*queued)
+
+    results = _held(runner, {"max_batch_size": 0, "queue_policy": QueuePolicy(max_queue_size=2)},
+                    body)
+    assert len(results) == 2
+
+
+@pytest.mark.parametrize("source", ["policy", "override", "caller"])
+def test_requests_past_their_deadline_are_dropped_not_computed(source: str) -> None:
+    from onnxserve.serving.errors import DeadlineExceededError
+    from onnxserve.serving.scheduler import QueuePolicy
+
+    runner = FakeRunner()
+    policy = {"policy": QueuePolicy(timeout_s=0.03),
+              "override": QueuePolicy(timeout_s=60, allow_timeout_override=True),
+              "caller": QueuePolicy()}[source]
+    kwargs = {"override": {"timeout_us": 30_000}, "caller": {"time_remaining": 0.03}}.get(
+        source, {})
+
+    async def body(scheduler):
+        late = asyncio.ensure_future(
+            scheduler.infer({"x": np.full((1, 2), 5.0)}, ["y"], 1, **kwargs))
+        await asyncio.sleep(0.1)
+        runner.gate.set()
+        with pytest.raises(DeadlineExceededError, match="dropped after"):
+            await late
+
+    _held(runner, {"max_batch_size": 4, "queue_policy": policy}, body)
+    assert runner.batches == [1]  # only the first request ran
+
+
+def test_delay_moves_an_expired_request_behind_the_others() -> None:
+    from onnxserve.serving.scheduler import QueuePolicy
+
+    runner = FakeRunner()
+    order = []
+    real_run = runner.run
+
+    def note(inputs, output_names=None):
+        order.append(float(inputs["x"][0, 0]))
+        return real_run(inputs, output_names)
+
+    runner.run = note
+
+    async def body(scheduler):
+        expired = asyncio.ensure_future(scheduler.infer({"x": np.full((1, 2), 1.0)}, ["y"], 1))
+        await asyncio.sleep(0.06)
+        fresh = asyncio.ensure_future(scheduler.infer({"x": np.full((1, 2), 2.0)}, ["y"], 1))
+        await asyncio.sleep(0)
+        runner.gate.set()
+        return await asyncio.gather(expired, fresh)
+
+    policy = QueuePolicy(timeout_s=0.03, timeout_action="delay")
+    results = _held(runner, {"max_batch_size": 4, "batching": False, "queue_policy": policy},
+                    body)
+    assert order == [0.0, 2.0, 1.0]
+    assert [r["y"][0, 0] for r in results] == [2.0, 4.0]
+
+
+def test_queue_policy_comes_from_the_config() -> None:
+    from onnxserve.serving.errors import ModelLoadError
+    from onnxserve.serving.model import queue_policy
+    from onnxserve.serving.repository import parse_config
+    from onnxserve.serving.scheduler import QueuePolicy
+
+    config = parse_config(
+        "dynamic_batching { default_queue_policy { max_queue_size: 7 timeout_action: DELAY "
+        "default_timeout_microseconds: 2500 allow_timeout_override: true } }", "t")
+    assert queue_policy(config) == QueuePolicy(7, 0.0025, "delay", True)
+    with pytest.raises(ModelLoadError, match="priority_levels"):
+        queue_policy(parse_config("dynamic_batching { priority_levels: 2 }", "t"))

@@ -140,6 +140,15 @@ def test_bad_requests_get_clear_statuses(stub, request_, code, message) -> None:
     assert message in details
 
 
+def test_timeout_parameter_must_be_microseconds(stub) -> None:
+    request = _request()
+    request.parameters["timeout"].string_param = "soon"
+    code, details = _infer_error(stub, request)
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "microseconds" in details
+    request.parameters["timeout"].int64_param = 1_000_000
+    assert stub.ModelInfer(request, timeout=10).outputs
+
+
 def test_mixing_raw_and_contents_is_rejected(stub) -> None:
     request = _request()
     request.inputs[0].contents.fp32_contents.extend([0.0] * 4)

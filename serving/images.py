@@ -1,0 +1,177 @@
+"""Encoded image input: JPEG/PNG/... files in a BYTES tensor, decoded into the model's input.
+
+A model opts in with the config parameter ``onnxserve.encoded_image_input`` naming a BYTES
+input (shape [batch, 1]: one file per sample) that stands for its single image input
+(dims [H, W, C] NHWC, or [C, H, W] with ``format: FORMAT_NCHW``). Each file is decoded with
+Pillow (JPEG in draft mode: the decoder itself scales down by up to 8x when the photo is
+much larger than the input), resized so it covers H x W and centre-cropped, converted to
+RGB or greyscale, and scaled per the model's ``onnxserve.preprocessing`` parameter
+(``in_graph``: pixels as they are). Clients that preprocess themselves use the same
+functions, so both paths give the model the same numbers.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+
+import numpy as np
+
+from onnxserve.protos.datatypes import by_config_type
+
+from .errors import InvalidInputError, ModelLoadError
+
+ENCODED_IMAGE_PARAMETER = "onnxserve.encoded_image_input"
+PREPROCESSING_PARAMETER = "onnxserve.preprocessing"
+PREPROCESSING_MODES = ("in_graph", "unit", "tf", "caffe", "torch")
+#: Larger images are refused before decoding (a small file can decode to gigabytes).
+MAX_PIXELS = 40_000_000
+
+_CAFFE_MEAN_BGR = np.array([103.939, 116.779, 123.68], dtype=np.float32)
+_TORCH_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
+_TORCH_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
+_IMAGE_DTYPES = {"UINT8", "FP16", "FP32", "FP64"}
+
+
+class ImageError(ValueError):
+    """An image cannot be decoded or turned into the model's input."""
+
+
+@dataclass(frozen=True)
+class ImageSpec:
+    """How to turn one image into one sample of a model's image input."""
+
+    height: int
+    width: int
+    channels: int
+    dtype: np.dtype
+    preprocessing: str = "in_graph"
+    channels_first: bool = False
+
+
+@dataclass(frozen=True)
+class EncodedImageInput:
+    """A model's encoded-image input: its name, the input it feeds, and the image spec."""
+
+    name: str
+    target: str
+    spec: ImageSpec
+
+    def describe(self) -> str:
+        s = self.spec
+        layout = f"{s.channels}x{s.height}x{s.width}" if s.channels_first else (
+            f"{s.height}x{s.width}x{s.channels}")
+        return (f"{self.name}: BYTES [-1, 1], one encoded image (JPEG, PNG, ...) per sample, "
+                f"decoded into {self.target} ({layout}, preprocessing {s.preprocessing})")
+
+
+def scale(pixels: np.ndarray, mode: str) -> np.ndarray:
+    """Apply a preprocessing mode to HWC pixels in 0-255."""
+    if mode == "in_graph":
+        return pixels
+    x = pixels.astype(np.float32)
+    if mode == "unit":
+        return x / 255.0
+    if mode == "tf":
+        return x / 127.5 - 1.0
+    if mode == "caffe":
+        return x[..., ::-1] - _CAFFE_MEAN_BGR
+    if mode == "torch":
+        return (x / 255.0 - _TORCH_MEAN) / _TORCH_STD
+    raise ImageError(f"unknown preprocessing {mode!r}; expected one of "
+                     f"{', '.join(PREPROCESSING_MODES)}")
+
+
+def resize_center_crop(image, height: int, width: int):
+    """Scale a PIL image to cover height x width, then cut the centre."""
+    from PIL import Image
+
+    if image.size == (width, height):
+        return image
+    factor = max(width / image.width, height / image.height)
+    size = (max(width, round(image.width * factor)), max(height, round(image.height * factor)))
+    image = image.resize(size, Image.Resampling.BILINEAR)
+    left, top = (size[0] - width) // 2, (size[1] - height) // 2
+    return image.crop((left, top, left + width, top + height))
+
+
+def to_sample(image, spec: ImageSpec) -> np.ndarray:
+    """One opened PIL image as one model input sample."""
+    image = image.convert("L" if spec.channels == 1 else "RGB")
+    image = resize_center_crop(image, spec.height, spec.width)
+    pixels = np.asarray(image, dtype=np.uint8).reshape(spec.height, spec.width, spec.channels)
+    sample = scale(pixels, spec.preprocessing).astype(spec.dtype, copy=False)
+    return np.ascontiguousarray(sample.transpose(2, 0, 1)) if spec.channels_first else sample
+
+
+def decode(data: bytes, spec: ImageSpec) -> np.ndarray:
+    """Decode one encoded image into one sample; ImageError says why it cannot."""
+    from PIL import Image, UnidentifiedImageError
+
+    if not data:
+        raise ImageError("the image is empty")
+    try:
+        with Image.open(io.BytesIO(data)) as opened:
+            if opened.width * opened.height > MAX_PIXELS:
+                raise ImageError(f"the image is {opened.width}x{opened.height} pixels; at most "
+                                 f"{MAX_PIXELS:,} are accepted")
+            # JPEG only: let the decoder scale down while it decodes (at least our size).
+            opened.draft("RGB" if spec.channels == 3 else "L", (spec.width, spec.height))
+            return to_sample(opened, spec)
+    except ImageError:
+        raise
+    except UnidentifiedImageError:
+        raise ImageError("cannot decode the image: not a format Pillow reads (JPEG, PNG, "
+                         "...)") from None
+    except Exception as exc:  # Pillow raises many types for corrupt data
+        raise ImageError(f"cannot decode the image: {exc}") from None
+
+
+def decode_batch(items: np.ndarray, target: EncodedImageInput) -> np.ndarray:
+    """Decode a [batch, 1] BYTES tensor into a batch of the target input."""
+    samples = []
+    for index, data in enumerate(items.reshape(len(items), -1)[:, 0]):
+        try:
+            samples.append(decode(data, target.spec))
+        except ImageError as exc:
+            raise InvalidInputError(f"input {target.name!r}: image {index}: {exc}") from None
+    return np.stack(samples)
+
+
+def encoded_image_input(config) -> EncodedImageInput | None:
+    """The model's encoded-image input from its config, or None; ModelLoadError if unusable."""
+    if ENCODED_IMAGE_PARAMETER not in config.parameters:
+        return None
+    name = config.parameters[ENCODED_IMAGE_PARAMETER].string_value.strip()
+    where = f"model {config.name!r}: parameter {ENCODED_IMAGE_PARAMETER!r}"
+    if not name:
+        raise ModelLoadError(f"{where} is empty; expected the name clients send images under")
+    if any(t.name == name for t in config.input):
+        raise ModelLoadError(f"{where}: {name!r} is already one of the model's inputs")
+    required = [t for t in config.input if not t.optional]
+    if len(required) != 1:
+        raise ModelLoadError(f"{where}: the model must have exactly one required input (the "
+                             f"image), it has {len(required)}")
+    tensor = required[0]
+    datatype = by_config_type(tensor.data_type)
+    dims = list(tensor.dims)
+    channels_first = tensor.format == tensor.FORMAT_NCHW
+    if len(dims) != 3 or min(dims) <= 0 or datatype.name not in _IMAGE_DTYPES:
+        raise ModelLoadError(f"{where}: input {tensor.name!r} is {datatype.name} {dims}; an "
+                             "image input must be UINT8/FP16/FP32/FP64 with fixed dims "
+                             "[H, W, C] (or [C, H, W] with format FORMAT_NCHW)")
+    height, width, channels = (dims[1], dims[2], dims[0]) if channels_first else dims
+    if channels not in (1, 3):
+        raise ModelLoadError(f"{where}: input {tensor.name!r} has {channels} channels; "
+                             "images have 1 or 3")
+    if config.max_batch_size < 1:
+        raise ModelLoadError(f"{where}: the model must batch (max_batch_size >= 1)")
+    mode = "in_graph"
+    if PREPROCESSING_PARAMETER in config.parameters:
+        mode = config.parameters[PREPROCESSING_PARAMETER].string_value.strip()
+        if mode not in PREPROCESSING_MODES:
+            raise ModelLoadError(f"model {config.name!r}: parameter "
+                                 f"{PREPROCESSING_PARAMETER!r} is {mode!r}; expected one of "
+                                 f"{', '.join(PREPROCESSING_MODES)}")
+    spec = ImageSpec(height, width, channels, datatype.numpy, mode, channels_first)
+    return EncodedImageInput(name, tensor.name, spec)
