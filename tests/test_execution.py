@@ -60,9 +60,9 @@ def test_bad_parameter_values_name_the_parameter(key: str, value: str, message: 
         plan_execution(_config(_param(key, value)))
 
 
-def test_inline_on_request_means_one_thread_and_needs_one_instance() -> None:
+def test_inline_on_request_keeps_the_threads_and_needs_one_instance() -> None:
     plan = plan_execution(_config(_param("onnxserve.run_on_event_loop", "true")), cores=4)
-    assert plan.run_inline and plan.threads == SessionThreads(1, 1, "off")
+    assert plan.run_inline and plan.threads == SessionThreads(4, 1, "run")
     with pytest.raises(ModelLoadError, match="count: 1"):
         plan_execution(_config(_param("onnxserve.run_on_event_loop", "true")
                                + "instance_group { count: 2 }\n"))
@@ -114,7 +114,7 @@ def test_a_tiny_model_moves_onto_the_event_loop_after_warm_up(tmp_path: Path) ->
     model = load_model(tmp_path, "m", ServerSettings(cores=2))
     version = model.versions[1]
     assert model.plan.run_inline and version.scheduler._inline
-    assert version.runners[0].threads == SessionThreads(1, 1, "off")
+    assert version.runners[0].threads == SessionThreads(2, 1, "run")
     assert [r.batch_size for r in version.warmup] == [1, 32]
     assert "on the event loop" in model.parameters()["execution"]
     write_config(tmp_path / "m", _param("onnxserve.run_on_event_loop", "false"))
