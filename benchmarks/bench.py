@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from onnxserve.clients.client import Client, InferenceServerError
-from onnxserve.serving.demo import free_port
+from onnxserve.serving.demo import die_with_parent, free_port
 from onnxserve.serving.repository import read_model
 
 from .load import build_request, run_load
@@ -57,7 +57,8 @@ class Process:
     def __init__(self, command: list[str], url: str) -> None:
         self.url = url
         self.log = tempfile.TemporaryFile()
-        self.popen = subprocess.Popen(command, stdout=self.log, stderr=subprocess.STDOUT)
+        self.popen = subprocess.Popen(command, stdout=self.log, stderr=subprocess.STDOUT,
+                                      preexec_fn=die_with_parent)
 
     def wait_ready(self, timeout: float = 120.0) -> None:
         deadline = time.monotonic() + timeout
@@ -176,7 +177,7 @@ def bench_model(repository: Path, name: str, args) -> dict:
                     [sys.executable, "-m", "onnxserve.serving.cli", "serve",
                      "--model-repository", tmp, "--grpc-host", "127.0.0.1",
                      "--grpc-port", str(port), "--workers", str(workers),
-                     "--log-level", "WARNING"],
+                     "--log-level", "WARNING", "--metrics-port", "0"],
                     f"127.0.0.1:{port}",
                 )
                 try:

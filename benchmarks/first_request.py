@@ -34,7 +34,7 @@ def _one_server(repository: Path, name: str, warmup: bool, payload: bytes,
     url = f"127.0.0.1:{port}"
     server = Process([sys.executable, "-m", "onnxserve.serving.cli", "serve",
                       "--model-repository", str(repository), "--grpc-host", "127.0.0.1",
-                      "--grpc-port", str(port), "--log-level", "WARNING",
+                      "--grpc-port", str(port), "--log-level", "WARNING", "--metrics-port", "0",
                       "--warmup" if warmup else "--no-warmup"], url)
     try:
         server.wait_ready()

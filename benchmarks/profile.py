@@ -70,7 +70,8 @@ def main(argv: list[str] | None = None) -> int:
     port = free_port()
     server = Process([sys.executable, "-m", "onnxserve.serving.cli", "serve",
                       "--model-repository", str(args.model_repository), "--grpc-host",
-                      "127.0.0.1", "--grpc-port", str(port), "--log-level", "WARNING"],
+                      "127.0.0.1", "--grpc-port", str(port), "--log-level", "WARNING",
+                      "--metrics-port", "0"],
                      f"127.0.0.1:{port}")
     try:
         server.wait_ready()

@@ -50,16 +50,34 @@ def _parameter(param: pb.InferParameter) -> object:
 class Client:
     """``Client("localhost:8001")``: health, metadata and inference over gRPC."""
 
-    def __init__(self, url: str = DEFAULT_URL, timeout: float = 60.0) -> None:
+    def __init__(
+        self,
+        url: str = DEFAULT_URL,
+        timeout: float = 60.0,
+        *,
+        token: str | None = None,
+        tls: bool = False,
+        root_certificates: bytes | None = None,
+        private_key: bytes | None = None,
+        certificate_chain: bytes | None = None,
+    ) -> None:
+        """``token`` is sent as ``authorization: Bearer``; ``tls`` (implied by any of the
+        certificate arguments) connects over TLS, verifying the server against
+        ``root_certificates`` (default: the system's) and presenting ``private_key`` and
+        ``certificate_chain`` when the server asks for a client certificate."""
         self.url = url
         self.timeout = timeout
-        self._channel = grpc.insecure_channel(
-            url,
-            options=[
-                ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-                ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-            ],
-        )
+        options = [
+            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+        ]
+        if tls or root_certificates or private_key or certificate_chain:
+            credentials = grpc.ssl_channel_credentials(root_certificates, private_key,
+                                                       certificate_chain)
+            self._channel = grpc.secure_channel(url, credentials, options=options)
+        else:
+            self._channel = grpc.insecure_channel(url, options=options)
+        self._metadata = (("authorization", f"Bearer {token}"),) if token else None
         self._stub = inference_pb2_grpc.GRPCInferenceServiceStub(self._channel)
 
     def __enter__(self) -> Client:
@@ -73,7 +91,8 @@ class Client:
 
     def _call(self, method: str, request):
         try:
-            return getattr(self._stub, method)(request, timeout=self.timeout)
+            return getattr(self._stub, method)(request, timeout=self.timeout,
+                                               metadata=self._metadata)
         except grpc.RpcError as exc:
             raise InferenceServerError(exc.code(), exc.details() or "") from None
 

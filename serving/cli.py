@@ -8,10 +8,12 @@ import logging
 import sys
 from pathlib import Path
 
+from .logs import configure as configure_logs
 from .settings import (
     CONTROL_MODES,
     DEFAULT_GRPC_PORT,
     DEFAULT_MAX_MESSAGE_BYTES,
+    DEFAULT_MAX_QUEUE_SIZE,
     DEFAULT_MODEL_REPOSITORY,
     PROVIDER_MODES,
     SPINNING_MODES,
@@ -28,6 +30,20 @@ def add_repository_argument(parser: argparse.ArgumentParser) -> None:
         default=Path(env("MODEL_REPOSITORY", str(DEFAULT_MODEL_REPOSITORY))),
         help="model repository folder (env ONNXSERVE_MODEL_REPOSITORY; default %(default)s)",
     )
+
+
+def _optional_path(name: str) -> Path | None:
+    value = env(name, "")
+    return Path(value) if value else None
+
+
+def _path_flags(args: argparse.Namespace) -> list[str]:
+    flags = []
+    for name in ("tls_cert", "tls_key", "tls_client_ca", "auth_token_file"):
+        value = getattr(args, name)
+        if value is not None:
+            flags += [f"--{name.replace('_', '-')}", str(value)]
+    return flags
 
 
 def _add_serve(subparsers: argparse._SubParsersAction) -> None:
@@ -76,6 +92,26 @@ def _add_serve(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--drain-seconds", type=float, default=float(env("DRAIN_SECONDS", "10")),
                    help="seconds admitted requests get to finish at shutdown, unload or "
                         "reload (env ONNXSERVE_DRAIN_SECONDS; default %(default)s)")
+    p.add_argument("--max-queue-size", type=int,
+                   default=int(env("MAX_QUEUE_SIZE", str(DEFAULT_MAX_QUEUE_SIZE))),
+                   help="requests waiting per model version beyond which new ones get "
+                        "RESOURCE_EXHAUSTED; a config's max_queue_size wins; 0 = unbounded "
+                        "(env ONNXSERVE_MAX_QUEUE_SIZE; default %(default)s)")
+    p.add_argument("--metrics-port", type=int, default=int(env("METRICS_PORT", "8002")),
+                   help="Prometheus /metrics port, 0 = off; with --workers N, worker k uses "
+                        "port + k (env ONNXSERVE_METRICS_PORT; default %(default)s)")
+    p.add_argument("--log-format", choices=("text", "json"), default=env("LOG_FORMAT", "text"),
+                   help="(env ONNXSERVE_LOG_FORMAT; default %(default)s)")
+    p.add_argument("--tls-cert", type=Path, default=_optional_path("TLS_CERT"),
+                   help="PEM certificate chain: serve over TLS (env ONNXSERVE_TLS_CERT)")
+    p.add_argument("--tls-key", type=Path, default=_optional_path("TLS_KEY"),
+                   help="PEM private key for --tls-cert (env ONNXSERVE_TLS_KEY)")
+    p.add_argument("--tls-client-ca", type=Path, default=_optional_path("TLS_CLIENT_CA"),
+                   help="PEM CA: clients must present a certificate it signed (mutual TLS; "
+                        "env ONNXSERVE_TLS_CLIENT_CA)")
+    p.add_argument("--auth-token-file", type=Path, default=_optional_path("AUTH_TOKEN_FILE"),
+                   help="file holding a bearer token every RPC but health must carry as "
+                        "'authorization: Bearer TOKEN' (env ONNXSERVE_AUTH_TOKEN_FILE)")
     p.add_argument("--workers", type=int, default=int(env("WORKERS", "1")),
                    help="server processes sharing the port (env ONNXSERVE_WORKERS; default "
                         "%(default)s)")
@@ -86,7 +122,8 @@ def _add_serve(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _run_serve(args: argparse.Namespace) -> int:
-    from .server import serve
+    from .auth import AuthError
+    from .server import StartupError, serve
 
     try:
         settings = ServerSettings(
@@ -103,12 +140,19 @@ def _run_serve(args: argparse.Namespace) -> int:
             repository_poll_secs=args.repository_poll_secs,
             load_models=tuple(args.load_model),
             drain_seconds=args.drain_seconds,
+            max_queue_size=args.max_queue_size,
+            metrics_port=args.metrics_port,
+            log_format=args.log_format,
+            tls_cert=args.tls_cert,
+            tls_key=args.tls_key,
+            tls_client_ca=args.tls_client_ca,
+            auth_token_file=args.auth_token_file,
             log_level=args.log_level,
         )
     except ValueError as exc:
         print(f"onnxserve serve: {exc}", file=sys.stderr)
         return 2
-    logging.getLogger().setLevel(settings.log_level)
+    configure_logs(settings.log_level, settings.log_format)
     if not settings.model_repository.is_dir():
         print(f"onnxserve serve: model repository {settings.model_repository} is not a folder "
               "(export a model first: onnxserve export lenet5)", file=sys.stderr)
@@ -127,12 +171,19 @@ def _run_serve(args: argparse.Namespace) -> int:
                       "--model-control-mode", args.model_control_mode,
                       "--repository-poll-secs", str(args.repository_poll_secs),
                       "--drain-seconds", str(args.drain_seconds),
+                      "--max-queue-size", str(args.max_queue_size),
+                      "--log-format", args.log_format,
+                      *_path_flags(args),
                       *(f"--load-model={name}" for name in args.load_model),
                       *(["--spinning", args.spinning] if args.spinning else [])]
         if args.intra_op_threads:
             serve_args += ["--intra-op-threads", str(args.intra_op_threads)]
-        return run_workers(serve_args, args.workers, args.cores)
-    asyncio.run(serve(settings))
+        return run_workers(serve_args, args.workers, args.cores, args.metrics_port)
+    try:
+        asyncio.run(serve(settings))
+    except (AuthError, StartupError) as exc:
+        print(f"onnxserve serve: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -47,6 +47,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def die_with_parent() -> None:
+    """``preexec_fn`` for child servers: the kernel sends SIGTERM when the parent dies (Linux)."""
+    import ctypes
+
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
 def _onnxserve(*args: str) -> list[str]:
     return [sys.executable, "-m", "onnxserve.serving.cli", *args]
 
@@ -102,7 +112,8 @@ def run_demo(args: argparse.Namespace) -> int:
     print(f"== starting the server on {url}", flush=True)
     server = subprocess.Popen(
         _onnxserve("serve", "--model-repository", str(repository), "--grpc-host", "127.0.0.1",
-                   "--grpc-port", str(port))
+                   "--grpc-port", str(port), "--metrics-port", "0"),
+        preexec_fn=die_with_parent,
     )
     try:
         _wait_ready(url, server)

@@ -9,6 +9,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import time
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 from importlib.metadata import PackageNotFoundError
 from importlib.metadata import version as package_version
@@ -41,6 +43,8 @@ from .errors import (
     UnavailableError,
 )
 from .images import EncodedImageInput, decode_batch
+from .logs import event
+from .metrics import UNKNOWN_MODEL, Metrics
 from .model import Model, ModelVersion
 from .registry import READY, Registry
 from .validation import expected_shape
@@ -51,6 +55,8 @@ SERVER_NAME = "onnxserve"
 EXTENSIONS = ("classification", "model_configuration", "model_repository", "statistics")
 CLASSIFICATION_PARAMETER = "classification"
 TIMEOUT_PARAMETER = "timeout"
+#: trailing metadata key that carries a failed request's id
+REQUEST_ID_METADATA = "request-id"
 
 _STATUS = {
     NotFoundError: grpc.StatusCode.NOT_FOUND,
@@ -61,6 +67,22 @@ _STATUS = {
     FailedPreconditionError: grpc.StatusCode.FAILED_PRECONDITION,
     DeadlineExceededError: grpc.StatusCode.DEADLINE_EXCEEDED,
 }
+
+
+def _status_of(exc: Exception) -> tuple[grpc.StatusCode, str]:
+    """The gRPC status and message a failure is answered with."""
+    if isinstance(exc, ServingError):
+        code = next((c for t, c in _STATUS.items() if isinstance(exc, t)),
+                    grpc.StatusCode.INTERNAL)
+        return code, str(exc)
+    return grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}"
+
+
+def _printable(text: str, limit: int = 128) -> str:
+    """``text`` fit for logs and gRPC metadata: printable ASCII, at most ``limit`` characters."""
+    if len(text) <= limit and text.isascii() and text.isprintable():
+        return text
+    return "".join(c if c.isascii() and c.isprintable() else "?" for c in text[:limit])
 
 
 def _server_version() -> str:
@@ -175,12 +197,25 @@ def _statistics(name: str, version: ModelVersion) -> pb.ModelStatistics:
 class InferenceService(inference_pb2_grpc.GRPCInferenceServiceServicer):
     """GRPCInferenceService over a model registry."""
 
-    def __init__(self, registry: Registry) -> None:
+    def __init__(self, registry: Registry, metrics: Metrics | None = None) -> None:
         self._registry = registry
+        self._metrics = metrics
         self.accepting = True
+        self._in_flight = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
         # Pillow releases the GIL while decoding: one thread per core decodes in parallel.
         self._image_pool = ThreadPoolExecutor(max_workers=os.cpu_count() or 1,
                                               thread_name_prefix="decode")
+
+    async def drain(self, timeout: float) -> bool:
+        """Refuse new inference requests and wait up to ``timeout`` s for the admitted ones."""
+        self.accepting = False
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout)
+        except TimeoutError:
+            return False
+        return True
 
     async def _decode_images(
         self, inputs: dict[str, np.ndarray], images: EncodedImageInput
@@ -197,14 +232,12 @@ class InferenceService(inference_pb2_grpc.GRPCInferenceServiceServicer):
         self._image_pool.shutdown(wait=False, cancel_futures=True)
 
     async def _fail(self, context: grpc.aio.ServicerContext, exc: Exception, what: str) -> None:
+        code, message = _status_of(exc)
         if isinstance(exc, ServingError):
-            code = next(
-                (c for t, c in _STATUS.items() if isinstance(exc, t)), grpc.StatusCode.INTERNAL
-            )
             log.info("%s failed: %s %s", what, code.name, exc)
-            await context.abort(code, str(exc))
-        log.exception("%s failed unexpectedly", what)
-        await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {exc}")
+        else:
+            log.error("%s failed unexpectedly", what, exc_info=exc)
+        await context.abort(code, message)
 
     async def ServerLive(self, request, context):
         return pb.ServerLiveResponse(live=True)
@@ -312,14 +345,29 @@ class InferenceService(inference_pb2_grpc.GRPCInferenceServiceServicer):
         return pb.RepositoryModelUnloadResponse()
 
     async def ModelInfer(self, request, context):
-        what = f"ModelInfer {request.model_name!r} id={request.id!r}"
+        self._in_flight += 1
+        self._idle.clear()
+        try:
+            return await self._infer(request, context)
+        finally:
+            self._in_flight -= 1
+            if not self._in_flight:
+                self._idle.set()
+
+    async def _infer(self, request, context):
+        started = time.perf_counter()
+        request_id = _printable(request.id) or uuid.uuid4().hex
+        name = request.model_name
+        model_label = name if self._registry.knows(name) else UNKNOWN_MODEL
+        version_label = ""
         try:
             if not self.accepting:
                 raise UnavailableError("the server is shutting down")
             # A reload can retire the model between lookup and queueing only if this
             # handler awaits in between; then the lookup is repeated once, on the new model.
             for attempt in (1, 2):
-                model, version = self._registry.get(request.model_name, request.model_version)
+                model, version = self._registry.get(name, request.model_version)
+                version_label = str(version.version)
                 inputs, batch_size = decode_inputs(request, model)
                 if model.images is not None and model.images.name in inputs:
                     inputs = await self._decode_images(inputs, model.images)
@@ -333,8 +381,23 @@ class InferenceService(inference_pb2_grpc.GRPCInferenceServiceServicer):
                     if attempt == 2:
                         raise
                     continue
-                return encode_response(
+                response = encode_response(
                     request, model, version.version, names, outputs, classification
                 )
+                response.id = request.id or request_id
+                if self._metrics is not None:
+                    self._metrics.observe_request(model_label, version_label, "OK",
+                                                  time.perf_counter() - started)
+                return response
         except Exception as exc:
-            await self._fail(context, exc, what)
+            code, message = _status_of(exc)
+            if self._metrics is not None:
+                self._metrics.observe_request(model_label, version_label, code.name,
+                                              time.perf_counter() - started)
+            if code == grpc.StatusCode.INTERNAL and not isinstance(exc, ServingError):
+                log.error("ModelInfer failed unexpectedly", exc_info=exc)
+            event(log, logging.ERROR if code == grpc.StatusCode.INTERNAL else logging.INFO,
+                  "request_failed", model=name[:200], version=version_label,
+                  status=code.name, request_id=request_id, reason=message)
+            context.set_trailing_metadata(((REQUEST_ID_METADATA, request_id),))
+            await context.abort(code, message)

@@ -11,6 +11,8 @@ from pathlib import Path
 from .errors import ModelLoadError, NotFoundError
 from .execution import ExecutionPlan, plan_execution, should_run_inline
 from .images import EncodedImageInput, encoded_image_input
+from .logs import event
+from .metrics import Metrics
 from .repository import (
     ModelConfig,
     complete_config,
@@ -21,6 +23,7 @@ from .repository import (
 from .runner import Runner
 from .scheduler import QueuePolicy, Scheduler
 from .settings import ServerSettings
+from .statistics import ModelStats
 from .validation import InputRules
 from .warmup import (
     WarmupResult,
@@ -102,7 +105,7 @@ class Model:
             await version.scheduler.close()
 
 
-def queue_policy(config: ModelConfig) -> QueuePolicy:
+def queue_policy(config: ModelConfig, default_max_queue_size: int = 0) -> QueuePolicy:
     """The scheduler's queue policy from dynamic_batching.default_queue_policy."""
     batching = config.dynamic_batching
     if batching.priority_levels or batching.priority_queue_policy:
@@ -113,7 +116,7 @@ def queue_policy(config: ModelConfig) -> QueuePolicy:
     source = batching.default_queue_policy
     action = "delay" if source.timeout_action == source.DELAY else "reject"
     return QueuePolicy(
-        max_queue_size=source.max_queue_size,
+        max_queue_size=source.max_queue_size or default_max_queue_size,
         timeout_s=source.default_timeout_microseconds / 1e6,
         timeout_action=action,
         allow_timeout_override=source.allow_timeout_override,
@@ -128,7 +131,9 @@ def _build_runners(path: Path, name: str, plan: ExecutionPlan,
     ]
 
 
-def load_model(repository: Path, name: str, settings: ServerSettings) -> Model:
+def load_model(
+    repository: Path, name: str, settings: ServerSettings, metrics: Metrics | None = None
+) -> Model:
     """Load and warm up every version the policy selects (blocking: call it from a thread)."""
     started = time.perf_counter()
     source = read_model(repository, name)
@@ -175,18 +180,14 @@ def load_model(repository: Path, name: str, settings: ServerSettings) -> Model:
             preferred_batch_sizes=list(batching.preferred_batch_size),
             name=f"{name}:{number}",
             inline=bool(plan.run_inline),
-            queue_policy=queue_policy(config),
+            queue_policy=queue_policy(config, settings.max_queue_size),
+            stats=ModelStats(metrics.for_version(name, number) if metrics else None),
         )
         versions[number] = ModelVersion(number, runners, scheduler, timings)
     assert config is not None
     labels = read_labels(source.path, config)
     model = Model(name, config, labels, versions, plan)
-    log.info(
-        "loaded model %s versions %s on %s in %.2fs: %s",
-        name,
-        ",".join(str(v) for v in chosen),
-        model.provider,
-        time.perf_counter() - started,
-        plan.describe(),
-    )
+    event(log, logging.INFO, "model_loaded", model=name,
+          versions=",".join(str(v) for v in chosen), provider=model.provider,
+          seconds=round(time.perf_counter() - started, 3), execution=plan.describe())
     return model

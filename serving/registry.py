@@ -30,6 +30,8 @@ from .errors import (
     NotFoundError,
     UnavailableError,
 )
+from .logs import event
+from .metrics import Metrics
 from .model import Model, ModelVersion, load_model
 from .repository import fingerprint, list_models, valid_model_name
 from .settings import ServerSettings
@@ -62,12 +64,14 @@ class Registry:
         repository: Path,
         settings: ServerSettings,
         on_change: Callable[[], Awaitable[None]] | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self._repository = repository
         self._settings = settings
         self._entries: dict[str, ModelEntry] = {}
         self._locks: dict[str, asyncio.Lock] = {}
         self._on_change = on_change
+        self._metrics = metrics
         self._retired: set[asyncio.Task] = set()
 
     @property
@@ -98,8 +102,8 @@ class Registry:
     def _check_name(self, name: str) -> None:
         if not valid_model_name(name):
             raise InvalidInputError(
-                f"invalid model name {name!r}: expected letters, digits, '_', '.' or '-', "
-                "not starting with '.' or '-'"
+                f"invalid model name {name[:130]!r}: expected at most 128 letters, digits, "
+                "'_', '.' or '-', not starting with '.' or '-'"
             )
         if not (self._repository / name).is_dir():
             raise NotFoundError(f"model {name!r} has no folder in the model repository")
@@ -116,15 +120,15 @@ class Registry:
             seen = fingerprint(self._repository / name)
             try:
                 model = await asyncio.to_thread(
-                    load_model, self._repository, name, self._settings
+                    load_model, self._repository, name, self._settings, self._metrics
                 )
             except Exception as exc:  # a model must never take the server down
                 reason = str(exc) if isinstance(exc, ModelLoadError) else (
                     f"{type(exc).__name__}: {exc}")
-                if isinstance(exc, ModelLoadError):
-                    log.error("model %s failed to load: %s", name, reason)
-                else:
-                    log.exception("model %s failed to load", name)
+                if not isinstance(exc, ModelLoadError):
+                    log.error("model %s failed to load", name, exc_info=exc)
+                event(log, logging.ERROR, "model_load_failed", model=name,
+                      still_serving=serving is not None, reason=reason)
                 if serving is not None:
                     assert old is not None
                     entry = ModelEntry(name, READY, f"reload failed, still serving the "
@@ -135,7 +139,8 @@ class Registry:
                 model.start()
                 entry = ModelEntry(name, READY, model=model, fingerprint=seen)
                 if serving is not None:
-                    log.info("model %s reloaded; draining the previous load", name)
+                    event(log, logging.INFO, "model_reloaded", model=name,
+                          draining="the previous load")
                     self._retire(serving)
             self._entries[name] = entry
             await self._changed()
@@ -144,7 +149,7 @@ class Registry:
     async def unload(self, name: str) -> None:
         """Stop serving ``name``: new requests are refused, admitted ones finish."""
         if not valid_model_name(name):
-            raise InvalidInputError(f"invalid model name {name!r}")
+            raise InvalidInputError(f"invalid model name {name[:130]!r}")
         async with self._lock(name):
             entry = self._entries.get(name)
             if entry is None or not entry.wanted:
@@ -154,7 +159,7 @@ class Registry:
             if entry.model is not None:
                 await self._drain(entry.model)
             self._entries[name] = ModelEntry(name, UNAVAILABLE, "unloaded", wanted=False)
-            log.info("model %s unloaded", name)
+            event(log, logging.INFO, "model_unloaded", model=name)
             await self._changed()
 
     def _retire(self, model: Model) -> None:
@@ -208,11 +213,15 @@ class Registry:
                 raise UnavailableError(
                     f"model {name!r} is not loaded (model control mode {self.control_mode})")
             known = ", ".join(sorted(self._entries)) or "none"
-            raise NotFoundError(f"unknown model {name!r}; models loaded or tried: {known}")
+            raise NotFoundError(f"unknown model {name[:130]!r}; models loaded or tried: {known}")
         if entry.model is None:
             detail = f": {entry.reason}" if entry.reason else ""
             raise UnavailableError(f"model {name!r} is {entry.state}{detail}")
         return entry.model, entry.model.version(version)
+
+    def knows(self, name: str) -> bool:
+        """Whether ``name`` is a model the server has held or tried (safe as a metric label)."""
+        return name in self._entries
 
     def entries(self) -> list[ModelEntry]:
         return [self._entries[n] for n in sorted(self._entries)]

@@ -28,6 +28,7 @@ ONNX_PLATFORM = "onnxruntime_onnx"
 ONNX_BACKEND = "onnxruntime"
 #: max_batch_size given to a model that has no config.pbtxt but can batch.
 AUTO_MAX_BATCH_SIZE = 32
+MAX_MODEL_NAME = 128
 _MODEL_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]*$")
 
 ModelConfig = model_config_pb2.ModelConfig
@@ -46,8 +47,9 @@ class ModelSource:
 
 
 def valid_model_name(name: str) -> bool:
-    """Whether ``name`` can be a model folder: no separators, no leading dot or dash."""
-    return bool(_MODEL_NAME.match(name))
+    """Whether ``name`` can be a model folder: at most 128 letters, digits, '_', '.', '-',
+    not starting with '.' or '-' (so never a path outside the repository)."""
+    return len(name) <= MAX_MODEL_NAME and bool(_MODEL_NAME.match(name))
 
 
 def fingerprint(model_dir: Path) -> tuple:
@@ -72,7 +74,7 @@ def list_models(repository: Path) -> list[str]:
     if not repository.is_dir():
         raise ModelLoadError(f"model repository {repository} is not a directory")
     return sorted(
-        p.name for p in repository.iterdir() if p.is_dir() and _MODEL_NAME.match(p.name)
+        p.name for p in repository.iterdir() if p.is_dir() and valid_model_name(p.name)
     )
 
 
@@ -88,8 +90,8 @@ def parse_config(text: str, source: str) -> ModelConfig:
 
 def read_model(repository: Path, name: str) -> ModelSource:
     """Read one model's config and find its version folders (all of them, unfiltered)."""
-    if not _MODEL_NAME.match(name):
-        raise ModelLoadError(f"invalid model name {name!r}")
+    if not valid_model_name(name):
+        raise ModelLoadError(f"invalid model name {name[:MAX_MODEL_NAME + 1]!r}")
     path = repository / name
     if not path.is_dir():
         raise ModelLoadError(f"model {name!r} has no folder in {repository}")

@@ -12,11 +12,21 @@ from grpc_reflection.v1alpha import reflection
 
 from onnxserve.protos import inference_pb2, inference_pb2_grpc
 
+from .auth import BearerTokenInterceptor, read_token, server_credentials
 from .grpc_service import InferenceService
+from .metrics import Metrics, registry_gauges
 from .registry import READY, Registry
 from .settings import ServerSettings
 
 log = logging.getLogger(__name__)
+
+#: Seconds between the last admitted request finishing and the port closing.
+LINGER_SECONDS = 0.5
+
+
+class StartupError(RuntimeError):
+    """The server cannot start: a port is taken or a file is unusable."""
+
 
 SERVICE_NAME = inference_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 
@@ -48,9 +58,16 @@ async def serve(settings: ServerSettings, stop: asyncio.Event | None = None) -> 
         if started:
             await _update_health(health_servicer, registry, ready=service.accepting)
 
-    registry = Registry(settings.model_repository, settings, on_change=models_changed)
-    service = InferenceService(registry)
+    metrics = Metrics()
+    registry = Registry(settings.model_repository, settings, on_change=models_changed,
+                        metrics=metrics)
+    metrics.watch(registry_gauges(registry.index))
+    service = InferenceService(registry, metrics)
+    interceptors = []
+    if settings.auth_token_file is not None:
+        interceptors.append(BearerTokenInterceptor(read_token(settings.auth_token_file)))
     server = grpc.aio.server(
+        interceptors=interceptors,
         options=[
             ("grpc.max_receive_message_length", settings.max_message_bytes),
             ("grpc.max_send_message_length", settings.max_message_bytes),
@@ -62,12 +79,26 @@ async def serve(settings: ServerSettings, stop: asyncio.Event | None = None) -> 
         (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
     )
     address = f"{settings.grpc_host}:{settings.grpc_port}"
-    port = server.add_insecure_port(address)
+    if settings.tls_cert is not None and settings.tls_key is not None:
+        credentials = server_credentials(settings.tls_cert, settings.tls_key,
+                                         settings.tls_client_ca)
+        port = server.add_secure_port(address, credentials)
+    else:
+        port = server.add_insecure_port(address)
     if port == 0:
-        raise RuntimeError(f"cannot listen on {address}")
+        raise StartupError(f"cannot listen on {address}")
+    if settings.metrics_port:
+        try:
+            metrics_port = metrics.serve(settings.grpc_host, settings.metrics_port)
+        except OSError as exc:
+            raise StartupError(f"cannot serve metrics on port {settings.metrics_port}: "
+                               f"{exc} (choose another with --metrics-port, 0 = off)") from None
+        log.info("metrics on http://%s:%d/metrics", settings.grpc_host, metrics_port)
     await _update_health(health_servicer, registry, ready=False)
     await server.start()
-    log.info("gRPC server listening on %s:%d", settings.grpc_host, port)
+    log.info("gRPC server listening on %s:%d%s%s", settings.grpc_host, port,
+             " with TLS" if settings.tls_cert else "",
+             " (mutual)" if settings.tls_client_ca else "")
 
     await registry.load_initial()
     started = True
@@ -84,7 +115,13 @@ async def serve(settings: ServerSettings, stop: asyncio.Event | None = None) -> 
     log.info("stopping: finishing in-flight requests (up to %.0fs)", settings.drain_seconds)
     service.accepting = False
     await _update_health(health_servicer, registry, ready=False)
-    await server.stop(settings.drain_seconds)
+    if not await service.drain(settings.drain_seconds):
+        log.warning("requests still running after %.0fs are cancelled", settings.drain_seconds)
+    # New requests keep getting UNAVAILABLE (and health NOT_SERVING) for a moment, so
+    # clients and load balancers move away before the port closes.
+    await asyncio.sleep(min(LINGER_SECONDS, settings.drain_seconds))
+    await server.stop(1.0)
     await registry.close()
     service.close()
+    metrics.close()
     log.info("stopped")

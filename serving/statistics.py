@@ -10,6 +10,7 @@ import threading
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
+from typing import Protocol
 
 
 @dataclass
@@ -29,10 +30,18 @@ class BatchStats:
     compute_output: Duration = field(default_factory=Duration)
 
 
+class StatsObserver(Protocol):
+    def batch(self, samples: int, compute_s: float) -> None: ...
+
+    def queued(self, queue_s: float) -> None: ...
+
+
 class ModelStats:
     """Counters one scheduler updates; read by the ModelStatistics RPC and /metrics."""
 
-    def __init__(self) -> None:
+    def __init__(self, observer: StatsObserver | None = None) -> None:
+        #: also told of every update (the Prometheus metrics of this model version)
+        self.observer = observer
         self._lock = threading.Lock()
         self.last_inference_ms = 0
         self.inference_count = 0
@@ -59,6 +68,8 @@ class ModelStats:
             batch.compute_input.add(input_ns)
             batch.compute_infer.add(infer_ns)
             batch.compute_output.add(output_ns)
+        if self.observer is not None:
+            self.observer.batch(samples, (input_ns + infer_ns + output_ns) / 1e9)
 
     def record_request(self, ok: bool, total_ns: int, queue_ns: int | None) -> None:
         """One request finished (``queue_ns`` is None when it never reached a batch)."""
@@ -66,3 +77,5 @@ class ModelStats:
             (self.success if ok else self.fail).add(total_ns)
             if queue_ns is not None:
                 self.queue.add(queue_ns)
+        if queue_ns is not None and self.observer is not None:
+            self.observer.queued(queue_ns / 1e9)

@@ -15,18 +15,26 @@ import signal
 import subprocess
 import sys
 
+from .demo import die_with_parent
+
 log = logging.getLogger(__name__)
 
 
-def run_workers(serve_args: list[str], workers: int, cores: int = 0) -> int:
+def run_workers(serve_args: list[str], workers: int, cores: int = 0,
+                metrics_port: int = 0) -> int:
     """Start ``workers`` copies of ``onnxserve serve serve_args`` and wait for them.
 
-    Each worker gets its share of ``cores`` (0: the machine's) for its sessions' threads.
+    Each worker gets its share of ``cores`` (0: the machine's) for its sessions' threads,
+    and worker k serves its metrics on ``metrics_port + k`` (0: none).
     """
     share = max(1, (cores or os.cpu_count() or 1) // workers)
     command = [sys.executable, "-m", "onnxserve.serving.cli", "serve", *serve_args,
                "--workers", "1", "--cores", str(share)]
-    children = [subprocess.Popen(command) for _ in range(workers)]
+    children = [
+        subprocess.Popen([*command, "--metrics-port", str(metrics_port + k if metrics_port else 0)],
+                         preexec_fn=die_with_parent)
+        for k in range(workers)
+    ]
     log.info("started %d workers (pids %s), %d core(s) each", workers,
              ", ".join(str(c.pid) for c in children), share)
 

@@ -18,20 +18,10 @@ sys.path.insert(0, str(Path(__file__).parent))
 from onnx_models import add_one_model, echo_model, scores_model
 
 from onnxserve.clients.client import Client, InferenceServerError
-from onnxserve.serving.demo import free_port
+from onnxserve.serving.demo import die_with_parent, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 SCORES_LABELS = ["cat", "dog", "bird", "fish", "horse"]
-
-
-def _die_with_parent() -> None:
-    """Run in the child before exec: SIGTERM it if the test process dies (Linux prctl)."""
-    import ctypes
-
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass
 
 
 def onnxserve_command(*args: str) -> list[str]:
@@ -61,20 +51,22 @@ class ServerProcess:
 
 
 def start_server(
-    repository: Path, log_path: Path, *extra: str, timeout: float = 60.0
+    repository: Path, log_path: Path, *extra: str, timeout: float = 60.0,
+    token: str | None = None,
 ) -> ServerProcess:
     """Start `onnxserve serve` on a free localhost port and wait until loading is done."""
     port = free_port()
     log_file = log_path.open("w")
     process = subprocess.Popen(
         onnxserve_command("serve", "--model-repository", str(repository), "--grpc-host",
-                          "127.0.0.1", "--grpc-port", str(port), *extra),
+                          "127.0.0.1", "--grpc-port", str(port), "--metrics-port", "0",
+                          *extra),
         stdout=log_file, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        preexec_fn=_die_with_parent,
+        preexec_fn=die_with_parent,
     )
     server = ServerProcess(f"127.0.0.1:{port}", process, log_path)
     deadline = time.monotonic() + timeout
-    with Client(server.url, timeout=2.0) as client:
+    with Client(server.url, timeout=2.0, token=token) as client:
         while time.monotonic() < deadline:
             if process.poll() is not None:
                 raise RuntimeError(f"server exited with {process.returncode}:\n{server.log()}")

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import onnx
-from onnx import TensorProto, helper
+from onnx import TensorProto, helper, numpy_helper
 
 #: protocol datatype -> ONNX element type, for every type the echo model passes through
 ECHO_TYPES = {
@@ -77,3 +77,21 @@ def channel_mean_model(path: Path, height: int = 8, width: int = 8) -> Path:
         helper.make_node("ReduceMean", ["f"], ["means"], axes=[1, 2], keepdims=0),
     ]
     return _save(helper.make_graph(nodes, "channel_mean", [x], [y]), path, opset=17)
+
+
+def slow_model(path: Path, size: int = 1024, layers: int = 16) -> Path:
+    """FP32 [batch, size] -> [batch, size] through ``layers`` MatMul+Tanh: a few ms a batch."""
+    import numpy as np
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", size])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", size])
+    rng = np.random.default_rng(0)
+    weight = (rng.standard_normal((size, size)) / np.sqrt(size)).astype(np.float32)
+    init = [numpy_helper.from_array(weight, "w")]
+    nodes, previous = [], "x"
+    for i in range(layers):
+        nodes.append(helper.make_node("MatMul", [previous, "w"], [f"m{i}"]))
+        out = "y" if i == layers - 1 else f"t{i}"
+        nodes.append(helper.make_node("Tanh", [f"m{i}"], [out]))
+        previous = out
+    return _save(helper.make_graph(nodes, "slow", [x], [y], initializer=init), path)

@@ -236,7 +236,7 @@ def test_failed_model_reports_why_and_others_serve(tmp_path) -> None:
             np.testing.assert_array_equal(client.infer("good", {"x": x})["y"], x + 1)
     finally:
         assert proc.stop() == 0
-    assert "model broken failed to load" in proc.log()
+    assert "model_load_failed model=broken" in proc.log()
 
 
 def test_providers_cuda_without_cuda_fails_the_load_loudly(tmp_path) -> None:

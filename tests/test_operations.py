@@ -1,0 +1,337 @@
+"""Operating the server: metrics, request ids and logs, auth and TLS, drain, overload."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import signal
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+from conftest import build_test_models, onnxserve_command, start_server, write_config
+from onnx_models import slow_model
+from prometheus_client.parser import text_string_to_metric_families
+
+from onnxserve.clients.client import Client, InferenceServerError
+from onnxserve.protos import inference_pb2 as pb
+from onnxserve.protos import inference_pb2_grpc
+from onnxserve.serving.demo import free_port
+
+
+def _add_one_request(request_id: str = "", shape=(1, 4)) -> pb.ModelInferRequest:
+    request = pb.ModelInferRequest(model_name="add_one", id=request_id)
+    request.inputs.add(name="x", datatype="FP32", shape=shape)
+    request.raw_input_contents.append(np.zeros(shape, np.float32).tobytes())
+    return request
+
+
+def _samples(port: int) -> dict[tuple[str, tuple], float]:
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    out = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            out[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return out
+
+
+def test_metrics_count_requests_by_model_version_and_status(tmp_path: Path) -> None:
+    build_test_models(tmp_path)
+    port = free_port()
+    server = start_server(tmp_path, tmp_path / "server.log", "--metrics-port", str(port))
+    try:
+        with grpc.insecure_channel(server.url) as channel:
+            stub = inference_pb2_grpc.GRPCInferenceServiceStub(channel)
+            for _ in range(3):
+                stub.ModelInfer(_add_one_request(), timeout=10)
+            for request in (_add_one_request(shape=(1, 5)),
+                            pb.ModelInferRequest(model_name="no_such_model")):
+                with pytest.raises(grpc.RpcError):
+                    stub.ModelInfer(request, timeout=10)
+        m = _samples(port)
+        ok = ("onnxserve_requests_total",
+              (("model", "add_one"), ("status", "OK"), ("version", "2")))
+        assert m[ok] == 3
+        bad = ("onnxserve_requests_total",
+               (("model", "add_one"), ("status", "INVALID_ARGUMENT"), ("version", "2")))
+        assert m[bad] == 1
+        unknown = ("onnxserve_requests_total",
+                   (("model", "_unknown"), ("status", "NOT_FOUND"), ("version", "")))
+        assert m[unknown] == 1
+        labels = (("model", "add_one"), ("version", "2"))
+        assert m[("onnxserve_inferences_total", labels)] == 3
+        assert m[("onnxserve_batch_size_count", labels)] == 3
+        assert m[("onnxserve_request_duration_seconds_count", labels)] == 3
+        assert m[("onnxserve_queue_duration_seconds_count", labels)] == 3
+        assert m[("onnxserve_compute_duration_seconds_sum", labels)] > 0
+        assert m[("onnxserve_inflight_requests", labels)] == 0
+        assert m[("onnxserve_queue_depth", labels)] == 0
+        assert m[("onnxserve_model_state", (("model", "echo"), ("state", "READY")))] == 1
+    finally:
+        server.stop()
+
+
+def test_request_ids_are_echoed_generated_and_logged(tmp_path: Path) -> None:
+    build_test_models(tmp_path)
+    server = start_server(tmp_path, tmp_path / "server.log", "--log-format", "json")
+    try:
+        with grpc.insecure_channel(server.url) as channel:
+            stub = inference_pb2_grpc.GRPCInferenceServiceStub(channel)
+            assert stub.ModelInfer(_add_one_request("mine-1"), timeout=10).id == "mine-1"
+            generated = stub.ModelInfer(_add_one_request(), timeout=10).id
+            assert len(generated) == 32 and int(generated, 16) >= 0
+            with pytest.raises(grpc.RpcError) as err:
+                stub.ModelInfer(_add_one_request("bad-1", shape=(1, 5)), timeout=10)
+            assert ("request-id", "bad-1") in tuple(err.value.trailing_metadata())
+    finally:
+        server.stop()
+    events = [json.loads(line) for line in server.log().splitlines() if line.startswith("{")]
+    loaded = [e for e in events if e.get("event") == "model_loaded"]
+    assert {e["model"] for e in loaded} == {"add_one", "echo", "scores"}
+    (failed,) = [e for e in events if e.get("event") == "request_failed"]
+    assert failed["request_id"] == "bad-1" and failed["status"] == "INVALID_ARGUMENT"
+    assert failed["model"] == "add_one" and failed["version"] == "2"
+    assert "expected shape" in failed["reason"]
+
+
+TOKEN = "s3cret-token-0123456789"
+
+
+def test_bearer_token_guards_everything_but_health(tmp_path: Path) -> None:
+    build_test_models(tmp_path)
+    token_file = tmp_path / "token"
+    token_file.write_text(TOKEN + "\n")
+    server = start_server(tmp_path, tmp_path / "server.log", "--auth-token-file",
+                          str(token_file), token=TOKEN)
+    try:
+        from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+        with grpc.insecure_channel(server.url) as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+            status = health.Check(health_pb2.HealthCheckRequest(service=""), timeout=10).status
+            assert status == health_pb2.HealthCheckResponse.SERVING
+        for token, message in ((None, "missing authorization"), ("wrong-token-000000000",
+                                                                "not valid")):
+            with Client(server.url, token=token) as client:
+                for call in (client.is_server_ready, lambda c=client: c.infer(
+                        "add_one", {"x": np.zeros((1, 4), np.float32)})):
+                    with pytest.raises(InferenceServerError) as err:
+                        call()
+                    assert err.value.code == grpc.StatusCode.UNAUTHENTICATED
+                    assert message in err.value.message
+        with Client(server.url, token=TOKEN) as client:
+            assert client.is_server_ready()
+            assert client.infer("add_one", {"x": np.zeros((1, 4), np.float32)})["y"].sum() == 4
+    finally:
+        server.stop()
+
+
+def test_a_short_token_stops_the_server_at_start(tmp_path: Path) -> None:
+    import subprocess
+
+    (tmp_path / "token").write_text("short")
+    result = subprocess.run(onnxserve_command("serve", "--model-repository", str(tmp_path),
+                                              "--metrics-port", "0", "--auth-token-file",
+                                              str(tmp_path / "token")),
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and "at least 16 characters" in result.stderr
+
+
+def _certificates(folder: Path) -> dict[str, Path]:
+    """A CA, a server certificate for 127.0.0.1 and a client certificate, as PEM files."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    now = datetime.datetime.now(datetime.UTC)
+
+    def name(text: str) -> x509.Name:
+        return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, text)])
+
+    def issue(subject: str, key, issuer_name, issuer_key, ca: bool, san=None):
+        builder = (x509.CertificateBuilder().subject_name(name(subject))
+                   .issuer_name(issuer_name).public_key(key.public_key())
+                   .serial_number(x509.random_serial_number())
+                   .not_valid_before(now - datetime.timedelta(minutes=5))
+                   .not_valid_after(now + datetime.timedelta(days=1))
+                   .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
+        if san:
+            builder = builder.add_extension(x509.SubjectAlternativeName(san), critical=False)
+        return builder.sign(issuer_key, hashes.SHA256())
+
+    import ipaddress
+
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca = issue("test CA", ca_key, name("test CA"), ca_key, True)
+    files = {}
+    for role, san in (("server", [x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
+                                  x509.DNSName("localhost")]), ("client", None)):
+        key = ec.generate_private_key(ec.SECP256R1())
+        cert = issue(role, key, ca.subject, ca_key, False, san)
+        files[f"{role}_key"] = folder / f"{role}.key"
+        files[f"{role}_key"].write_bytes(key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption()))
+        files[f"{role}_cert"] = folder / f"{role}.crt"
+        files[f"{role}_cert"].write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    files["ca"] = folder / "ca.crt"
+    files["ca"].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    return files
+
+
+def _tls_server(tmp_path: Path, files: dict[str, Path], *extra: str):
+    """Start a TLS server; start_server's readiness probe speaks plaintext, so wait here."""
+    import subprocess
+
+    port = free_port()
+    log_path = tmp_path / "server.log"
+    process = subprocess.Popen(
+        onnxserve_command("serve", "--model-repository", str(tmp_path), "--grpc-host",
+                          "127.0.0.1", "--grpc-port", str(port), "--metrics-port", "0",
+                          "--tls-cert", str(files["server_cert"]), "--tls-key",
+                          str(files["server_key"]), *extra),
+        stdout=log_path.open("w"), stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 60
+    while "ready:" not in log_path.read_text() and time.monotonic() < deadline:
+        assert process.poll() is None, log_path.read_text()
+        time.sleep(0.2)
+    return process, f"127.0.0.1:{port}"
+
+
+def _stop(process) -> None:
+    process.send_signal(signal.SIGTERM)
+    process.wait(30)
+
+
+def test_tls_and_mutual_tls(tmp_path: Path) -> None:
+    build_test_models(tmp_path)
+    files = _certificates(tmp_path)
+    ca = files["ca"].read_bytes()
+    process, url = _tls_server(tmp_path, files)
+    try:
+        with Client(url, root_certificates=ca, timeout=10) as client:
+            assert client.is_server_ready()
+        with Client(url, timeout=3) as plain, pytest.raises(InferenceServerError):
+            plain.is_server_live()
+    finally:
+        _stop(process)
+    process, url = _tls_server(tmp_path, files, "--tls-client-ca", str(files["ca"]))
+    try:
+        with Client(url, root_certificates=ca, timeout=5) as anonymous, pytest.raises(
+                InferenceServerError):
+            anonymous.is_server_live()
+        with Client(url, root_certificates=ca, private_key=files["client_key"].read_bytes(),
+                    certificate_chain=files["client_cert"].read_bytes(), timeout=10) as client:
+            assert client.is_server_ready()
+    finally:
+        _stop(process)
+
+
+def _slow_repository(folder: Path, queue: int = 0) -> None:
+    slow_model(folder / "slow" / "1" / "model.onnx")
+    policy = f"default_queue_policy {{ max_queue_size: {queue} }}" if queue else ""
+    write_config(folder / "slow", f"max_batch_size: 8\ndynamic_batching {{ {policy} }}\n")
+
+
+def _slow_request() -> pb.ModelInferRequest:
+    request = pb.ModelInferRequest(model_name="slow")
+    request.inputs.add(name="x", datatype="FP32", shape=[1, 1024])
+    request.raw_input_contents.append(np.ones((1, 1024), np.float32).tobytes())
+    return request
+
+
+def test_sigterm_under_load_answers_every_admitted_request(tmp_path: Path) -> None:
+    _slow_repository(tmp_path)
+    server = start_server(tmp_path, tmp_path / "server.log", "--drain-seconds", "20")
+    outcomes: list[str] = []
+    lock = threading.Lock()
+    stop_at = time.monotonic() + 30
+
+    def load() -> None:
+        with grpc.insecure_channel(server.url) as channel:
+            stub = inference_pb2_grpc.GRPCInferenceServiceStub(channel)
+            while time.monotonic() < stop_at:
+                try:
+                    stub.ModelInfer(_slow_request(), timeout=30)
+                    result = "OK"
+                except grpc.RpcError as exc:
+                    result = exc.code().name
+                with lock:
+                    outcomes.append(result)
+                if result == "UNAVAILABLE":
+                    return  # refused: the server is going away
+
+    threads = [threading.Thread(target=load) for _ in range(8)]
+    for t in threads:
+        t.start()
+    time.sleep(1.5)
+    ok_before = outcomes.count("OK")
+    server.process.send_signal(signal.SIGTERM)
+    code = server.process.wait(60)
+    for t in threads:
+        t.join(60)
+    assert code == 0
+    assert ok_before > 10
+    # Admitted requests all succeed; the only failures are refusals of new ones.
+    assert set(outcomes) <= {"OK", "UNAVAILABLE"}, outcomes
+    assert "stopping: finishing in-flight requests" in server.log()
+
+
+def test_overload_is_refused_promptly_and_admitted_requests_succeed(tmp_path: Path) -> None:
+    """About 3x capacity for 20 s against a queue bounded at 16 requests."""
+    import asyncio
+    import os
+
+    _slow_repository(tmp_path, queue=16)
+    server = start_server(tmp_path, tmp_path / "server.log")
+    payload = _slow_request().SerializeToString()
+    results: dict[str, list[float]] = {}
+
+    def rss_mb() -> float:
+        fields = Path(f"/proc/{server.process.pid}/status").read_text().split("VmRSS:")[1]
+        return int(fields.split()[0]) / 1024
+
+    async def client(url: str, seconds: float) -> None:
+        async with grpc.aio.insecure_channel(url) as channel:
+            infer = channel.unary_unary("/inference.GRPCInferenceService/ModelInfer")
+            deadline = time.monotonic() + seconds
+
+            async def one_caller() -> None:
+                while time.monotonic() < deadline:
+                    started = time.perf_counter()
+                    try:
+                        await infer(payload, timeout=30)
+                        code = "OK"
+                    except grpc.aio.AioRpcError as exc:
+                        code = exc.code().name
+                        if code == "RESOURCE_EXHAUSTED":
+                            await asyncio.sleep(0.005)
+                    results.setdefault(code, []).append(time.perf_counter() - started)
+
+            # 72 callers against at most 24 admitted (a queue of 16, a batch of 8 running).
+            await asyncio.gather(*(one_caller() for _ in range(72)))
+
+    try:
+        asyncio.run(client(server.url, 2.0))  # warm up and settle memory
+        before = rss_mb()
+        results.clear()
+        asyncio.run(client(server.url, 20.0))
+        after = rss_mb()
+        with Client(server.url) as check:
+            assert check.is_server_ready()
+    finally:
+        server.stop()
+    assert set(results) <= {"OK", "RESOURCE_EXHAUSTED"}, {k: len(v) for k, v in results.items()}
+    assert len(results.get("OK", [])) > 100
+    refusals = sorted(results.get("RESOURCE_EXHAUSTED", []))
+    assert len(refusals) > 100
+    assert refusals[int(len(refusals) * 0.99)] < 0.25  # refused at once, not after a wait
+    assert after - before < 100, f"server memory grew from {before:.0f} to {after:.0f} MB"
+    print(f"overload: {len(results['OK'])} ok, {len(refusals)} refused (p99 "
+          f"{refusals[int(len(refusals) * 0.99)] * 1e3:.1f} ms), RSS {before:.0f} -> "
+          f"{after:.0f} MB, pid {os.getpid()}")
