@@ -38,15 +38,22 @@ INTRA_OP_KEY = "intra_op_thread_count"
 INTER_OP_KEY = "inter_op_thread_count"
 SPINNING_KEY = "onnxserve.spinning"
 INLINE_KEY = "onnxserve.run_on_event_loop"
+EXECUTION_MODE_KEY = "execution_mode"
+#: Triton's optimization.graph.level values (onnxruntime backend) and onnxruntime's levels
+GRAPH_LEVELS = {0: "all", -1: "basic", 1: "extended", 2: "none"}
 
 
 @dataclass(frozen=True)
-class SessionThreads:
-    """Thread settings of one onnxruntime session."""
+class SessionSettings:
+    """Threads, spinning and graph optimisation of one onnxruntime session."""
 
     intra_op: int = 1
     inter_op: int = 1
     spinning: str = "run"
+    #: run independent branches of the graph in parallel (inter_op threads)
+    parallel: bool = False
+    #: onnxruntime graph optimisation: "all", "extended", "basic" or "none"
+    optimization: str = "all"
 
 
 @dataclass(frozen=True)
@@ -54,7 +61,7 @@ class ExecutionPlan:
     """Instances, their threads, and whether batches run on the event loop."""
 
     instances: int
-    threads: SessionThreads
+    session: SessionSettings
     #: True / False when configured; None lets the warm-up measurement decide
     run_inline: bool | None
     #: the model or the server fixed the thread count (the inline choice must keep it)
@@ -67,8 +74,8 @@ class ExecutionPlan:
 
     def describe(self) -> str:
         where = "on the event loop" if self.run_inline else "in worker threads"
-        return (f"{self.instances} instance(s), {self.threads.intra_op} intra-op thread(s) "
-                f"each, spinning {self.threads.spinning}, batches run {where}")
+        return (f"{self.instances} instance(s), {self.session.intra_op} intra-op thread(s) "
+                f"each, spinning {self.session.spinning}, batches run {where}")
 
 
 def _int_parameter(config: ModelConfig, key: str) -> int | None:
@@ -112,6 +119,21 @@ def plan_execution(
     model_threads = _int_parameter(config, INTRA_OP_KEY)
     intra = model_threads or server_intra_op_threads or max(1, cores // instances)
     inter = _int_parameter(config, INTER_OP_KEY) or 1
+    mode = _choice_parameter(config, EXECUTION_MODE_KEY, ("0", "1"))
+    parallel = mode == "1" if mode is not None else inter > 1
+    level = config.optimization.graph.level
+    if level not in GRAPH_LEVELS:
+        raise ModelLoadError(
+            f"model {config.name!r}: optimization.graph.level must be -1 (basic), 1 "
+            f"(extended), 2 (none) or unset (all), not {level}"
+        )
+    accelerators = config.optimization.execution_accelerators.cpu_execution_accelerator
+    if accelerators:
+        raise ModelLoadError(
+            f"model {config.name!r}: cpu_execution_accelerator "
+            f"{', '.join(repr(a.name) for a in accelerators)} is not available; onnxserve runs "
+            "CPU models on onnxruntime's default CPU provider (remove the accelerator)"
+        )
     spinning = _choice_parameter(config, SPINNING_KEY, SPINNING_MODES) or server_spinning
     if spinning is None:
         spinning = "run" if instances * intra <= cores else "off"
@@ -124,7 +146,8 @@ def plan_execution(
             "count: 1"
         )
     fixed = bool(model_threads or server_intra_op_threads)
-    return ExecutionPlan(instances, SessionThreads(intra, inter, spinning), run_inline, fixed)
+    settings = SessionSettings(intra, inter, spinning, parallel, GRAPH_LEVELS[level])
+    return ExecutionPlan(instances, settings, run_inline, fixed)
 
 
 def should_run_inline(

@@ -126,7 +126,7 @@ def queue_policy(config: ModelConfig, default_max_queue_size: int = 0) -> QueueP
 def _build_runners(path: Path, name: str, plan: ExecutionPlan,
                    settings: ServerSettings) -> list[Runner]:
     return [
-        Runner(path, model_name=name, providers=settings.providers, threads=plan.threads)
+        Runner(path, model_name=name, providers=settings.providers, settings=plan.session)
         for _ in range(plan.instances)
     ]
 

@@ -15,7 +15,7 @@ import numpy as np
 import onnxruntime as ort
 
 from .errors import InferenceFailedError, InvalidInputError, ModelLoadError
-from .execution import SessionThreads
+from .execution import SessionSettings
 from .providers import check_active, requested_providers
 
 log = logging.getLogger(__name__)
@@ -61,19 +61,27 @@ def _spec(arg: ort.NodeArg) -> TensorSpec:
     return TensorSpec(arg.name, datatype, shape)
 
 
-def session_options(threads: SessionThreads) -> ort.SessionOptions:
+_GRAPH_LEVELS = {
+    "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+    "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+    "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+    "none": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+}
+
+
+def session_options(settings: SessionSettings) -> ort.SessionOptions:
     """onnxruntime options for one session: threads, spinning, sequential execution."""
     options = ort.SessionOptions()
-    options.intra_op_num_threads = threads.intra_op
-    options.inter_op_num_threads = threads.inter_op
+    options.intra_op_num_threads = settings.intra_op
+    options.inter_op_num_threads = settings.inter_op
     options.execution_mode = (
-        ort.ExecutionMode.ORT_PARALLEL if threads.inter_op > 1 else ort.ExecutionMode.ORT_SEQUENTIAL
+        ort.ExecutionMode.ORT_PARALLEL if settings.parallel else ort.ExecutionMode.ORT_SEQUENTIAL
     )
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    spin = "0" if threads.spinning == "off" else "1"
+    options.graph_optimization_level = _GRAPH_LEVELS[settings.optimization]
+    spin = "0" if settings.spinning == "off" else "1"
     options.add_session_config_entry("session.intra_op.allow_spinning", spin)
     options.add_session_config_entry("session.inter_op.allow_spinning", spin)
-    if threads.spinning == "run":
+    if settings.spinning == "run":
         # Spin between operators during a run, but stop as soon as the run ends.
         options.add_session_config_entry("session.force_spinning_stop", "1")
     return options
@@ -88,10 +96,10 @@ class Runner:
         *,
         model_name: str,
         providers: str = "auto",
-        threads: SessionThreads | None = None,
+        settings: SessionSettings | None = None,
     ) -> None:
-        self.threads = threads or SessionThreads()
-        options = session_options(self.threads)
+        self.settings = settings or SessionSettings()
+        options = session_options(self.settings)
         try:
             requested = requested_providers(providers, ort.get_available_providers())
             self._session = ort.InferenceSession(

@@ -12,7 +12,7 @@ from onnx_models import add_one_model
 from onnxserve.serving.errors import ModelLoadError
 from onnxserve.serving.execution import (
     ExecutionPlan,
-    SessionThreads,
+    SessionSettings,
     plan_execution,
     should_run_inline,
 )
@@ -33,21 +33,39 @@ def _param(key: str, value: str) -> str:
 
 def test_default_plan_gives_one_instance_every_core_and_spinning_during_runs() -> None:
     plan = plan_execution(_config(), cores=2)
-    assert plan == ExecutionPlan(1, SessionThreads(2, 1, "run"), None, False)
+    assert plan == ExecutionPlan(1, SessionSettings(2, 1, "run"), None, False)
 
 
 def test_instances_split_the_cores_and_oversubscribed_pools_do_not_spin() -> None:
     two = _config("instance_group { count: 2 kind: KIND_CPU }\n")
-    assert plan_execution(two, cores=2).threads == SessionThreads(1, 1, "run")
+    assert plan_execution(two, cores=2).session == SessionSettings(1, 1, "run")
     crowded = plan_execution(two, cores=2, server_intra_op_threads=2)
-    assert crowded.threads.spinning == "off" and crowded.threads_fixed
+    assert crowded.session.spinning == "off" and crowded.threads_fixed
 
 
 def test_model_parameters_override_the_server() -> None:
     config = _config(_param("intra_op_thread_count", "3") + _param("onnxserve.spinning", "always")
                      + _param("inter_op_thread_count", "2"))
     plan = plan_execution(config, cores=2, server_intra_op_threads=1, server_spinning="off")
-    assert plan.threads == SessionThreads(3, 2, "always")
+    assert plan.session == SessionSettings(3, 2, "always", parallel=True)
+
+
+def test_graph_level_and_execution_mode_follow_triton() -> None:
+    assert plan_execution(_config()).session.optimization == "all"
+    for level, name in ((-1, "basic"), (1, "extended"), (2, "none")):
+        config = _config(f"optimization {{ graph {{ level: {level} }} }}\n")
+        assert plan_execution(config).session.optimization == name
+        assert session_options(plan_execution(config).session).graph_optimization_level.name \
+            == {"basic": "ORT_ENABLE_BASIC", "extended": "ORT_ENABLE_EXTENDED",
+                "none": "ORT_DISABLE_ALL"}[name]
+    with pytest.raises(ModelLoadError, match=r"graph\.level"):
+        plan_execution(_config("optimization { graph { level: 7 } }\n"))
+    parallel = plan_execution(_config(_param("execution_mode", "1")))
+    assert parallel.session.parallel
+    assert session_options(parallel.session).execution_mode.name == "ORT_PARALLEL"
+    with pytest.raises(ModelLoadError, match="openvino"):
+        plan_execution(_config('optimization { execution_accelerators { '
+                               'cpu_execution_accelerator { name: "openvino" } } }\n'))
 
 
 @pytest.mark.parametrize(("key", "value", "message"), [
@@ -62,7 +80,7 @@ def test_bad_parameter_values_name_the_parameter(key: str, value: str, message: 
 
 def test_inline_on_request_keeps_the_threads_and_needs_one_instance() -> None:
     plan = plan_execution(_config(_param("onnxserve.run_on_event_loop", "true")), cores=4)
-    assert plan.run_inline and plan.threads == SessionThreads(4, 1, "run")
+    assert plan.run_inline and plan.session == SessionSettings(4, 1, "run")
     with pytest.raises(ModelLoadError, match="count: 1"):
         plan_execution(_config(_param("onnxserve.run_on_event_loop", "true")
                                + "instance_group { count: 2 }\n"))
@@ -85,7 +103,7 @@ def test_only_fast_automatic_cpu_models_run_inline() -> None:
 @pytest.mark.parametrize(("mode", "allow", "stop"), [
     ("off", "0", None), ("run", "1", "1"), ("always", "1", None)])
 def test_spinning_modes_reach_the_session_options(mode: str, allow: str, stop: str | None) -> None:
-    options = session_options(SessionThreads(2, 1, mode))
+    options = session_options(SessionSettings(2, 1, mode))
     assert options.get_session_config_entry("session.intra_op.allow_spinning") == allow
     if stop is None:
         with pytest.raises(Exception):  # noqa: B017 (onnxruntime raises a plain RuntimeError)
@@ -105,7 +123,7 @@ def test_serve_flags_reach_the_plan(tmp_path: Path) -> None:
     assert (defaults.spinning, defaults.cores, defaults.warmup) == (None, 0, True)
     add_one_model(tmp_path / "m" / "1" / "model.onnx")
     model = load_model(tmp_path, "m", ServerSettings(spinning="always", intra_op_threads=3))
-    assert model.versions[1].runners[0].threads == SessionThreads(3, 1, "always")
+    assert model.versions[1].runners[0].settings == SessionSettings(3, 1, "always")
     assert not model.plan.run_inline
 
 
@@ -114,12 +132,12 @@ def test_a_tiny_model_moves_onto_the_event_loop_after_warm_up(tmp_path: Path) ->
     model = load_model(tmp_path, "m", ServerSettings(cores=2))
     version = model.versions[1]
     assert model.plan.run_inline and version.scheduler._inline
-    assert version.runners[0].threads == SessionThreads(2, 1, "run")
+    assert version.runners[0].settings == SessionSettings(2, 1, "run")
     assert [r.batch_size for r in version.warmup] == [1, 32]
     assert "on the event loop" in model.parameters()["execution"]
     write_config(tmp_path / "m", _param("onnxserve.run_on_event_loop", "false"))
     kept = load_model(tmp_path, "m", ServerSettings(cores=2))
-    assert not kept.plan.run_inline and kept.versions[1].runners[0].threads.intra_op == 2
+    assert not kept.plan.run_inline and kept.versions[1].runners[0].settings.intra_op == 2
 
 
 def test_without_warm_up_nothing_runs_and_nothing_moves(tmp_path: Path) -> None:
