@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import ipaddress
+import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import grpc
@@ -14,6 +17,54 @@ from onnxserve.protos.datatypes import by_name, by_numpy
 
 DEFAULT_URL = "localhost:8001"
 MAX_MESSAGE_BYTES = 256 * 1024 * 1024
+#: Retries of calls that failed with UNAVAILABLE (server gone or draining), with gRPC's
+#: jittered exponential backoff. Every inference call is idempotent, so all are retried.
+RETRY_ATTEMPTS = 5
+
+
+def service_config(retry_attempts: int = RETRY_ATTEMPTS) -> str:
+    """gRPC service config: round-robin over all addresses, retries on UNAVAILABLE."""
+    config: dict = {"loadBalancingConfig": [{"round_robin": {}}]}
+    if retry_attempts > 1:
+        config["methodConfig"] = [{
+            "name": [{"service": "inference.GRPCInferenceService"}],
+            "retryPolicy": {
+                "maxAttempts": retry_attempts,
+                "initialBackoff": "0.05s",
+                "maxBackoff": "1s",
+                "backoffMultiplier": 2,
+                "retryableStatusCodes": ["UNAVAILABLE"],
+            },
+        }]
+    return json.dumps(config)
+
+
+def channel_target(url: str | Sequence[str]) -> str:
+    """One gRPC target for one address, a DNS name, or several IP:port addresses.
+
+    Several addresses become an ``ipv4:`` / ``ipv6:`` target list, which the round-robin
+    policy spreads calls over; for host names, give one ``dns:///name:port`` that resolves
+    to all the servers.
+    """
+    if isinstance(url, str):
+        return url
+    targets = list(url)
+    if not targets:
+        raise ValueError("no server address given")
+    if len(targets) == 1:
+        return targets[0]
+    families = set()
+    for target in targets:
+        host = target.rsplit(":", 1)[0].strip("[]")
+        try:
+            families.add(ipaddress.ip_address(host).version)
+        except ValueError:
+            raise ValueError(
+                f"{target!r}: several addresses must be IP:port; for host names use one "
+                "dns:///NAME:PORT target that resolves to every server") from None
+    if len(families) > 1:
+        raise ValueError("several addresses must all be IPv4 or all IPv6")
+    return f"ipv{families.pop()}:" + ",".join(targets)
 
 
 class InferenceServerError(Exception):
@@ -52,31 +103,37 @@ class Client:
 
     def __init__(
         self,
-        url: str = DEFAULT_URL,
+        url: str | Sequence[str] = DEFAULT_URL,
         timeout: float = 60.0,
         *,
+        retry_attempts: int = RETRY_ATTEMPTS,
         token: str | None = None,
         tls: bool = False,
         root_certificates: bytes | None = None,
         private_key: bytes | None = None,
         certificate_chain: bytes | None = None,
     ) -> None:
-        """``token`` is sent as ``authorization: Bearer``; ``tls`` (implied by any of the
-        certificate arguments) connects over TLS, verifying the server against
-        ``root_certificates`` (default: the system's) and presenting ``private_key`` and
-        ``certificate_chain`` when the server asks for a client certificate."""
-        self.url = url
+        """``url`` is one address, a ``dns:///name:port`` target, or a list of IP:port
+        addresses; calls are spread round-robin over every address and retried on
+        UNAVAILABLE up to ``retry_attempts`` times. ``token`` is sent as
+        ``authorization: Bearer``; ``tls`` (implied by any of the certificate arguments)
+        connects over TLS, verifying the server against ``root_certificates`` (default: the
+        system's) and presenting ``private_key`` and ``certificate_chain`` when the server
+        asks for a client certificate."""
+        self.url = channel_target(url)
         self.timeout = timeout
         options = [
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.service_config", service_config(retry_attempts)),
+            ("grpc.enable_retries", 1 if retry_attempts > 1 else 0),
         ]
         if tls or root_certificates or private_key or certificate_chain:
             credentials = grpc.ssl_channel_credentials(root_certificates, private_key,
                                                        certificate_chain)
-            self._channel = grpc.secure_channel(url, credentials, options=options)
+            self._channel = grpc.secure_channel(self.url, credentials, options=options)
         else:
-            self._channel = grpc.insecure_channel(url, options=options)
+            self._channel = grpc.insecure_channel(self.url, options=options)
         self._metadata = (("authorization", f"Bearer {token}"),) if token else None
         self._stub = inference_pb2_grpc.GRPCInferenceServiceStub(self._channel)
 

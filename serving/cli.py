@@ -192,6 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
     from onnxserve.export.cli import add_export_parser, add_samples_parser
 
     from .demo import add_demo_parser
+    from .healthcheck import add_health_parser
 
     parser = argparse.ArgumentParser(
         prog="onnxserve", description="Export Keras CNNs to ONNX and serve them over gRPC."
@@ -202,6 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_samples_parser(subparsers)
     add_demo_parser(subparsers)
     add_bench_parser(subparsers)
+    add_health_parser(subparsers)
     return parser
 
 

@@ -1,7 +1,9 @@
-"""The KServe V2 gRPC service: decode requests, hand them to the scheduler, encode answers.
+"""The KServe V2 gRPC service: each RPC, and ModelInfer's path through the server.
 
-This is the only layer that speaks protobuf and gRPC status codes; it knows nothing of
-onnxruntime. Request tensors are decoded as zero-copy views of the message's raw bytes.
+ModelInfer: look the model up (registry), decode and check the request (decoding), decode
+encoded images off the event loop (images), queue it for a batch (scheduler), and build the
+answer (encoding). This is the only layer that speaks gRPC status codes; it knows nothing of
+onnxruntime.
 """
 
 from __future__ import annotations
@@ -20,16 +22,10 @@ import numpy as np
 
 from onnxserve.protos import inference_pb2 as pb
 from onnxserve.protos import inference_pb2_grpc
-from onnxserve.protos.codec import (
-    TensorCodecError,
-    datatype_of,
-    decode_contents,
-    decode_raw,
-    encode_raw,
-)
-from onnxserve.protos.datatypes import by_config_type, by_numpy
+from onnxserve.protos.datatypes import by_config_type
 
-from .classification import top_k
+from .decoding import classification_counts, decode_inputs, timeout_parameter
+from .encoding import encode_response
 from .errors import (
     DeadlineExceededError,
     FailedPreconditionError,
@@ -45,7 +41,7 @@ from .errors import (
 from .images import EncodedImageInput, decode_batch
 from .logs import event
 from .metrics import UNKNOWN_MODEL, Metrics
-from .model import Model, ModelVersion
+from .model import ModelVersion
 from .registry import READY, Registry
 from .validation import expected_shape
 
@@ -53,8 +49,6 @@ log = logging.getLogger(__name__)
 
 SERVER_NAME = "onnxserve"
 EXTENSIONS = ("classification", "model_configuration", "model_repository", "statistics")
-CLASSIFICATION_PARAMETER = "classification"
-TIMEOUT_PARAMETER = "timeout"
 #: trailing metadata key that carries a failed request's id
 REQUEST_ID_METADATA = "request-id"
 
@@ -90,87 +84,6 @@ def _server_version() -> str:
         return package_version("onnxserve")
     except PackageNotFoundError:
         return "unknown"
-
-
-def _parameter_value(param: pb.InferParameter) -> object:
-    choice = param.WhichOneof("parameter_choice")
-    return getattr(param, choice) if choice else None
-
-
-def decode_inputs(request: pb.ModelInferRequest, model: Model) -> tuple[dict[str, np.ndarray], int]:
-    """Validate and decode the request's input tensors; return them and the batch size."""
-    declared = [(t.name, t.datatype, tuple(t.shape)) for t in request.inputs]
-    batch_size = model.rules.check(declared)
-    raw = request.raw_input_contents
-    if raw and len(raw) != len(request.inputs):
-        raise InvalidInputError(
-            f"raw_input_contents has {len(raw)} entries but the request has "
-            f"{len(request.inputs)} inputs; send one per input, in order"
-        )
-    tensors: dict[str, np.ndarray] = {}
-    for i, tensor in enumerate(request.inputs):
-        has_contents = tensor.HasField("contents") and bool(tensor.contents.ListFields())
-        try:
-            datatype = datatype_of(tensor.datatype)
-            if raw:
-                if has_contents:
-                    raise TensorCodecError(
-                        "has both contents and raw_input_contents; use one or the other"
-                    )
-                tensors[tensor.name] = decode_raw(raw[i], datatype, tensor.shape)
-            else:
-                tensors[tensor.name] = decode_contents(tensor.contents, datatype, tensor.shape)
-        except TensorCodecError as exc:
-            raise InvalidInputError(f"input {tensor.name!r}: {exc}") from None
-    return tensors, batch_size
-
-
-def _timeout_parameter(request: pb.ModelInferRequest) -> int | None:
-    """The request's own queue timeout in microseconds (Triton's "timeout" parameter)."""
-    if TIMEOUT_PARAMETER not in request.parameters:
-        return None
-    value = _parameter_value(request.parameters[TIMEOUT_PARAMETER])
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise InvalidInputError(
-            f"parameter 'timeout' must be a whole number of microseconds >= 0, got {value!r}")
-    return value
-
-
-def _classification_counts(request: pb.ModelInferRequest) -> dict[str, int]:
-    counts: dict[str, int] = {}
-    for output in request.outputs:
-        if CLASSIFICATION_PARAMETER in output.parameters:
-            value = _parameter_value(output.parameters[CLASSIFICATION_PARAMETER])
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise InvalidInputError(
-                    f"output {output.name!r}: parameter 'classification' must be an integer "
-                    f">= 1, got {value!r}"
-                )
-            counts[output.name] = value
-    return counts
-
-
-def encode_response(
-    request: pb.ModelInferRequest,
-    model: Model,
-    version: int,
-    names: list[str],
-    outputs: dict[str, np.ndarray],
-    classification: dict[str, int],
-) -> pb.ModelInferResponse:
-    """Build the response, with every output as raw_output_contents."""
-    response = pb.ModelInferResponse(
-        model_name=model.name, model_version=str(version), id=request.id
-    )
-    batched = model.config.max_batch_size > 0
-    for name in names:
-        array = outputs[name]
-        if name in classification:
-            array = top_k(array, classification[name], model.labels.get(name), batched=batched)
-        datatype = by_numpy(array.dtype)
-        response.outputs.add(name=name, datatype=datatype.name, shape=array.shape)
-        response.raw_output_contents.append(encode_raw(array, datatype))
-    return response
 
 
 def _duration(target: pb.StatisticDuration, source) -> None:
@@ -372,11 +285,11 @@ class InferenceService(inference_pb2_grpc.GRPCInferenceServiceServicer):
                 if model.images is not None and model.images.name in inputs:
                     inputs = await self._decode_images(inputs, model.images)
                 names = model.rules.check_outputs([o.name for o in request.outputs])
-                classification = _classification_counts(request)
+                classification = classification_counts(request)
                 try:
                     outputs = await version.scheduler.infer(
                         inputs, names, batch_size, time_remaining=context.time_remaining(),
-                        timeout_us=_timeout_parameter(request))
+                        timeout_us=timeout_parameter(request))
                 except SchedulerClosedError:
                     if attempt == 2:
                         raise

@@ -20,6 +20,8 @@ from .settings import ServerSettings
 
 log = logging.getLogger(__name__)
 
+#: Health entry that is SERVING while the process runs (for liveness probes).
+LIVENESS_SERVICE = "liveness"
 #: Seconds between the last admitted request finishing and the port closing.
 LINGER_SECONDS = 0.5
 
@@ -95,6 +97,9 @@ async def serve(settings: ServerSettings, stop: asyncio.Event | None = None) -> 
                                f"{exc} (choose another with --metrics-port, 0 = off)") from None
         log.info("metrics on http://%s:%d/metrics", settings.grpc_host, metrics_port)
     await _update_health(health_servicer, registry, ready=False)
+    # Liveness: SERVING from start to exit, whatever the models do (orchestrators restart
+    # a container whose liveness fails, which a slow model load must not cause).
+    await health_servicer.set(LIVENESS_SERVICE, health_pb2.HealthCheckResponse.SERVING)
     await server.start()
     log.info("gRPC server listening on %s:%d%s%s", settings.grpc_host, port,
              " with TLS" if settings.tls_cert else "",
