@@ -193,7 +193,7 @@ def test_buffers_are_reused_between_batches() -> None:
     assert buffers.concatenate("x", [np.ones((9, 3))]).shape == (9, 3)  # over capacity
 
 
-def test_inline_scheduler_runs_on_the_event_loop_thread_and_batches() -> None:
+def test_inline_scheduler_runs_on_the_event_loop_thread() -> None:
     runner = FakeRunner()
     threads = []
     real_run = runner.run
@@ -205,15 +205,35 @@ def test_inline_scheduler_runs_on_the_event_loop_thread_and_batches() -> None:
     runner.run = run_and_note
 
     async def body(scheduler):
-        # Queued in one go, before the worker gets the loop: they form one batch.
         futures = [asyncio.ensure_future(scheduler.infer({"x": np.full((1, 2), float(i))},
                                                          ["y"], 1)) for i in range(5)]
-        return await asyncio.gather(*futures)
+        return await asyncio.gather(*futures), scheduler.stats
 
-    results = run(_with_scheduler(runner, body, max_batch_size=8, inline=True))
+    # Nothing queued when each arrives: each runs at once, without the worker's round trip.
+    results, stats = run(_with_scheduler(runner, body, max_batch_size=8, inline=True))
     assert threads and all(t is threading.main_thread() for t in threads)
+    assert runner.batches == [1] * 5 and stats.success.count == 5
+    assert [r["y"][0, 0] for r in results] == [2.0 * i for i in range(5)]
+    # With a queue delay, inline requests wait for each other and batch.
+    runner.batches.clear()
+    results, _ = run(_with_scheduler(runner, body, max_batch_size=8, inline=True,
+                                     max_queue_delay_us=50_000))
     assert runner.batches == [5]
     assert [r["y"][0, 0] for r in results] == [2.0 * i for i in range(5)]
+
+
+def test_inline_failures_fail_only_that_request() -> None:
+    runner = FakeRunner()
+    runner.fail_when = lambda x: bool((x < 0).any())
+
+    async def body(scheduler):
+        with pytest.raises(InferenceFailedError, match="boom"):
+            await scheduler.infer({"x": -np.ones((1, 2))}, ["y"], 1)
+        return await scheduler.infer({"x": np.ones((1, 2))}, ["y"], 1), scheduler.stats
+
+    result, stats = run(_with_scheduler(runner, body, max_batch_size=4, inline=True))
+    assert result["y"].tolist() == [[2.0, 2.0]]
+    assert (stats.success.count, stats.fail.count) == (1, 1)
 
 
 def test_inline_scheduler_takes_one_runner() -> None:
