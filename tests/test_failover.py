@@ -69,7 +69,10 @@ def test_a_killed_server_loses_no_request_and_the_others_take_its_load(tmp_path:
         stop.set()
         for server in servers:
             server.stop()
+    taken = [a - s for a, s in zip(after, survivors, strict=True)]
+    print(f"failover: {done['ok']} answered, {len(errors)} failed; per server before the kill "
+          f"{before}, survivors' answers in the 3 s after it {taken}")
     assert errors == []
     assert done["ok"] > 200
     assert all(b > 20 for b in before), before  # round robin used all three
-    assert all(a - s > 50 for a, s in zip(after, survivors, strict=True)), (survivors, after)
+    assert all(t > 50 for t in taken), (survivors, after)

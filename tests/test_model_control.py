@@ -204,6 +204,8 @@ def test_twenty_reloads_under_load_fail_no_request(tmp_path: Path) -> None:
     finally:
         stop.set()
         server.stop()
+    print(f"reloads under load: {outcome['ok']} requests answered, "
+          f"{len(outcome['errors'])} failed, {len(outcome['versions'])} versions served")
     assert outcome["errors"] == []
     assert outcome["ok"] > 100
     assert len(outcome["versions"]) >= 10  # requests really moved to the new loads

@@ -275,6 +275,8 @@ def test_sigterm_under_load_answers_every_admitted_request(tmp_path: Path) -> No
     code = server.process.wait(60)
     for t in threads:
         t.join(60)
+    print(f"drain: {outcomes.count('OK')} answered, {outcomes.count('UNAVAILABLE')} refused "
+          f"after SIGTERM, exit {code}")
     assert code == 0
     assert ok_before > 10
     # Admitted requests all succeed; the only failures are refusals of new ones.
