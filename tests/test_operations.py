@@ -112,8 +112,13 @@ def test_bearer_token_guards_everything_but_health(tmp_path: Path) -> None:
 
         with grpc.insecure_channel(server.url) as channel:
             health = health_pb2_grpc.HealthStub(channel)
-            status = health.Check(health_pb2.HealthCheckRequest(service=""), timeout=10).status
-            assert status == health_pb2.HealthCheckResponse.SERVING
+            for service in ("", "liveness", "add_one"):
+                request = health_pb2.HealthCheckRequest(service=service)
+                status = health.Check(request, timeout=10).status
+                assert status == health_pb2.HealthCheckResponse.SERVING, service
+        from onnxserve.serving.healthcheck import check
+
+        assert check(server.url) == "SERVING" and check(server.url, "nope") == "NOT_FOUND"
         for token, message in ((None, "missing authorization"), ("wrong-token-000000000",
                                                                 "not valid")):
             with Client(server.url, token=token) as client:
