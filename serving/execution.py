@@ -24,7 +24,7 @@ defaults measured on a 2-core machine:
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 from onnxserve.protos.model_config_pb2 import ModelConfig
 
@@ -68,11 +68,6 @@ class ExecutionPlan:
     run_inline: bool | None
     #: the model or the server fixed the thread count (the inline choice must keep it)
     threads_fixed: bool
-
-    def inline(self) -> ExecutionPlan:
-        """This plan moved onto the event loop: one instance, its batches run by the loop's
-        thread (onnxruntime's pool threads, if any, still help with large batches)."""
-        return replace(self, instances=1, run_inline=True)
 
     def describe(self) -> str:
         where = "on the event loop" if self.run_inline else "in worker threads"

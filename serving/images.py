@@ -14,12 +14,18 @@ from __future__ import annotations
 
 import io
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from onnxserve.protos.datatypes import by_config_type
 
 from .errors import InvalidInputError, ModelLoadError
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+    from onnxserve.protos.model_config_pb2 import ModelConfig
 
 ENCODED_IMAGE_PARAMETER = "onnxserve.encoded_image_input"
 PREPROCESSING_PARAMETER = "onnxserve.preprocessing"
@@ -82,7 +88,7 @@ def scale(pixels: np.ndarray, mode: str) -> np.ndarray:
                      f"{', '.join(PREPROCESSING_MODES)}")
 
 
-def resize_center_crop(image, height: int, width: int):
+def resize_center_crop(image: Image.Image, height: int, width: int) -> Image.Image:
     """Scale a PIL image to cover height x width, then cut the centre."""
     from PIL import Image
 
@@ -95,7 +101,7 @@ def resize_center_crop(image, height: int, width: int):
     return image.crop((left, top, left + width, top + height))
 
 
-def to_sample(image, spec: ImageSpec) -> np.ndarray:
+def to_sample(image: Image.Image, spec: ImageSpec) -> np.ndarray:
     """One opened PIL image as one model input sample."""
     image = image.convert("L" if spec.channels == 1 else "RGB")
     image = resize_center_crop(image, spec.height, spec.width)
@@ -138,7 +144,7 @@ def decode_batch(items: np.ndarray, target: EncodedImageInput) -> np.ndarray:
     return np.stack(samples)
 
 
-def encoded_image_input(config) -> EncodedImageInput | None:
+def encoded_image_input(config: ModelConfig) -> EncodedImageInput | None:
     """The model's encoded-image input from its config, or None; ModelLoadError if unusable."""
     if ENCODED_IMAGE_PARAMETER not in config.parameters:
         return None

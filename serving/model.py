@@ -161,13 +161,11 @@ def load_model(
         where = f"model {name!r} version {number}"
         timings = warm_up(runners, samples, where)
         if plan.run_inline is None:
+            # Decided once per model, on its first version. Moving onto the event loop keeps
+            # the sessions as they are (one instance, same threads): nothing to rebuild.
             smallest, largest = smallest_and_largest(timings)
-            if should_run_inline(plan, smallest, largest, runners[0].provider):
-                plan = plan.inline()
-                runners = _build_runners(path, name, plan, settings)
-                timings = warm_up(runners, samples, where)
-            else:
-                plan = replace(plan, run_inline=False)
+            inline = should_run_inline(plan, smallest, largest, runners[0].provider)
+            plan = replace(plan, run_inline=inline)
         for result in timings:
             log.info("warm-up of %s version %d: %s, first run %.2f ms, then %.3f ms",
                      name, number, result.name, result.first_s * 1e3, result.typical_s * 1e3)

@@ -130,7 +130,6 @@ class Registry:
                 event(log, logging.ERROR, "model_load_failed", model=name,
                       still_serving=serving is not None, reason=reason)
                 if serving is not None:
-                    assert old is not None
                     entry = ModelEntry(name, READY, f"reload failed, still serving the "
                                        f"previous load: {reason}", serving, seen)
                 else:
