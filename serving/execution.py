@@ -24,10 +24,12 @@ defaults measured on a 2-core machine:
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 from onnxserve.protos.model_config_pb2 import ModelConfig
 
+from .accelerators import GpuSettings, gpu_settings
+from .devices import CPU_DEVICE, Device
 from .errors import ModelLoadError
 from .settings import SPINNING_MODES
 
@@ -60,19 +62,41 @@ class SessionSettings:
 
 @dataclass(frozen=True)
 class ExecutionPlan:
-    """Instances, their threads, and whether batches run on the event loop."""
+    """Instances and their devices, their threads, and whether batches run on the event loop."""
 
-    instances: int
+    devices: tuple[Device, ...]
+    #: the sessions of CPU instances (GPU instances: see ``session_for``)
     session: SessionSettings
     #: True / False when configured; None lets the warm-up measurement decide
     run_inline: bool | None
     #: the model or the server fixed the thread count (the inline choice must keep it)
     threads_fixed: bool
+    gpu: GpuSettings = field(default_factory=GpuSettings)
+
+    @property
+    def instances(self) -> int:
+        return len(self.devices)
+
+    @property
+    def on_gpu(self) -> bool:
+        return any(d.is_gpu for d in self.devices)
+
+    def session_for(self, device: Device) -> SessionSettings:
+        """A GPU instance's CPU side only launches kernels: one thread, no spinning."""
+        if not device.is_gpu:
+            return self.session
+        threads = self.session.intra_op if self.threads_fixed else 1
+        return replace(self.session, intra_op=threads, spinning="off")
 
     def describe(self) -> str:
         where = "on the event loop" if self.run_inline else "in worker threads"
-        return (f"{self.instances} instance(s), {self.session.intra_op} intra-op thread(s) "
-                f"each, spinning {self.session.spinning}, batches run {where}")
+        places: dict[str, int] = {}
+        for device in self.devices:
+            places[device.describe()] = places.get(device.describe(), 0) + 1
+        placed = ", ".join(f"{n} on {d}" for d, n in places.items())
+        return (f"{self.instances} instance(s) ({placed}), {self.session.intra_op} intra-op "
+                f"thread(s) per CPU instance, spinning {self.session.spinning}, batches run "
+                f"{where}")
 
 
 def _int_parameter(config: ModelConfig, key: str) -> int | None:
@@ -109,10 +133,14 @@ def plan_execution(
     server_intra_op_threads: int = 0,
     server_spinning: str | None = None,
     cores: int | None = None,
+    devices: tuple[Device, ...] | None = None,
 ) -> ExecutionPlan:
-    """The execution plan for one model from its config and the server's settings."""
+    """The execution plan for one model from its config, the server's settings and the
+    instances' devices (serving/devices.py; all on the CPU when not given)."""
     cores = cores or os.cpu_count() or 1
-    instances = instance_count(config)
+    if devices is None:
+        devices = (CPU_DEVICE,) * instance_count(config)
+    instances = max(sum(1 for d in devices if not d.is_gpu), 1)
     model_threads = _int_parameter(config, INTRA_OP_KEY)
     intra = model_threads or server_intra_op_threads or max(1, cores // instances)
     inter = _int_parameter(config, INTER_OP_KEY) or 1
@@ -136,15 +164,15 @@ def plan_execution(
         spinning = "run" if instances * intra <= cores else "off"
     inline_text = _choice_parameter(config, INLINE_KEY, ("auto", "true", "false"))
     run_inline = {"true": True, "false": False}.get(inline_text or "auto")
-    if run_inline and instances > 1:
+    if run_inline and (len(devices) > 1 or devices[0].is_gpu):
         raise ModelLoadError(
             f"model {config.name!r}: parameter {INLINE_KEY!r} is true but the instance groups "
-            f"ask for {instances} instances; the event loop runs one batch at a time, so use "
-            "count: 1"
+            f"ask for {len(devices)} instance(s) on {devices[0].describe()}; the event loop "
+            "runs one batch at a time on the CPU, so use count: 1 and kind: KIND_CPU"
         )
     fixed = bool(model_threads or server_intra_op_threads)
     settings = SessionSettings(intra, inter, spinning, parallel, GRAPH_LEVELS[level])
-    return ExecutionPlan(instances, settings, run_inline, fixed)
+    return ExecutionPlan(tuple(devices), settings, run_inline, fixed, gpu_settings(config))
 
 
 def should_run_inline(

@@ -286,10 +286,13 @@ class InferenceService(inference_pb2_grpc.GRPCInferenceServiceServicer):
                     inputs = await self._decode_images(inputs, model.images)
                 names = model.rules.check_outputs([o.name for o in request.outputs])
                 classification = classification_counts(request)
+                # Batched models find the k best where the batch runs (on its device).
+                top_k = classification if model.config.max_batch_size > 0 else {}
                 try:
                     outputs = await version.scheduler.infer(
-                        inputs, names, batch_size, time_remaining=context.time_remaining(),
-                        timeout_us=timeout_parameter(request))
+                        inputs, [n for n in names if n not in top_k], batch_size,
+                        time_remaining=context.time_remaining(),
+                        timeout_us=timeout_parameter(request), top_k=top_k)
                 except SchedulerClosedError:
                     if attempt == 2:
                         raise

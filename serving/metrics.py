@@ -105,7 +105,7 @@ class Metrics:
 
 
 def registry_gauges(entries: Callable[[], Iterable]) -> Callable[[], list[GaugeMetricFamily]]:
-    """Gauges of in-flight requests, queue depth and model state from the model registry."""
+    """Gauges of in-flight requests, queue depth, model state and instances per provider."""
 
     def collect() -> list[GaugeMetricFamily]:
         in_flight = GaugeMetricFamily("onnxserve_inflight_requests",
@@ -116,6 +116,10 @@ def registry_gauges(entries: Callable[[], Iterable]) -> Callable[[], list[GaugeM
         state = GaugeMetricFamily("onnxserve_model_state",
                                   "1 for the model's current state (READY, LOADING, "
                                   "UNAVAILABLE, UNLOADING)", labels=("model", "state"))
+        instances = GaugeMetricFamily("onnxserve_model_instances",
+                                      "Sessions of a model version, by the device and the "
+                                      "execution provider they really run on",
+                                      labels=("model", "version", "device", "provider"))
         for entry in entries():
             if entry.state:
                 state.add_metric((entry.name, entry.state), 1)
@@ -124,6 +128,12 @@ def registry_gauges(entries: Callable[[], Iterable]) -> Callable[[], list[GaugeM
             for number, version in entry.model.versions.items():
                 in_flight.add_metric((entry.name, str(number)), version.scheduler.in_flight)
                 queued.add_metric((entry.name, str(number)), version.scheduler.queued)
-        return [in_flight, queued, state]
+                placed: dict[tuple[str, str], int] = {}
+                for runner in version.runners:
+                    key = (runner.device.describe(), runner.provider)
+                    placed[key] = placed.get(key, 0) + 1
+                for (device, provider), count in placed.items():
+                    instances.add_metric((entry.name, str(number), device, provider), count)
+        return [in_flight, queued, state, instances]
 
     return collect

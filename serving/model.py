@@ -8,11 +8,14 @@ import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from .accelerators import resolve_buckets
+from .devices import place_instances
 from .errors import ModelLoadError, NotFoundError
 from .execution import ExecutionPlan, plan_execution, should_run_inline
 from .images import EncodedImageInput, encoded_image_input
 from .logs import event
 from .metrics import Metrics
+from .providers import usable_gpus
 from .repository import (
     ModelConfig,
     complete_config,
@@ -46,6 +49,13 @@ class ModelVersion:
     @property
     def provider(self) -> str:
         return self.runners[0].provider
+
+    def instances(self) -> str:
+        """Each instance's device, provider and I/O path, counted."""
+        counts: dict[str, int] = {}
+        for runner in self.runners:
+            counts[runner.describe()] = counts.get(runner.describe(), 0) + 1
+        return ", ".join(f"{n} x {what}" for what, n in counts.items())
 
 
 @dataclass
@@ -82,7 +92,11 @@ class Model:
     def parameters(self) -> dict[str, str]:
         """Details shown in model metadata: the config's parameters and the provider in use."""
         params = {k: v.string_value for k, v in self.config.parameters.items()}
+        newest = self.versions[max(self.versions)]
         params["execution_provider"] = self.provider
+        params["instances"] = newest.instances()
+        if newest.scheduler.buckets:
+            params["batch_buckets"] = ",".join(str(b) for b in newest.scheduler.buckets)
         if self.plan is not None:
             params["execution"] = self.plan.describe()
         if self.images is not None:
@@ -126,9 +140,21 @@ def queue_policy(config: ModelConfig, default_max_queue_size: int = 0) -> QueueP
 def _build_runners(path: Path, name: str, plan: ExecutionPlan,
                    settings: ServerSettings) -> list[Runner]:
     return [
-        Runner(path, model_name=name, providers=settings.providers, settings=plan.session)
-        for _ in range(plan.instances)
+        Runner(path, model_name=name, providers=settings.providers,
+               settings=plan.session_for(device), device=device, gpu=plan.gpu)
+        for device in plan.devices
     ]
+
+
+def _warmup_sizes(config: ModelConfig, buckets: tuple[int, ...],
+                  on_gpu: bool) -> list[int] | None:
+    """Batch sizes the default warm-up runs: every shape the GPU can be given (cuDNN picks
+    its algorithms per shape); None for the CPU's default (the edges)."""
+    if buckets:
+        return list(buckets)
+    if on_gpu and config.max_batch_size > 0:
+        return list(range(1, config.max_batch_size + 1))
+    return None
 
 
 def load_model(
@@ -143,8 +169,12 @@ def load_model(
             f"model {name!r} has no version to load: found "
             f"{sorted(source.versions) or 'no <version>/model.onnx folders'}"
         )
+    gpus, why_not = usable_gpus() if settings.providers != "cpu" else (0, "")
+    devices = place_instances(source.config, gpus_usable=gpus, mode=settings.providers,
+                              why_not=why_not)
     plan = plan_execution(source.config, server_intra_op_threads=settings.intra_op_threads,
-                          server_spinning=settings.spinning, cores=settings.cores or None)
+                          server_spinning=settings.spinning, cores=settings.cores or None,
+                          devices=devices)
     config: ModelConfig | None = None
     versions: dict[int, ModelVersion] = {}
     for number in chosen:
@@ -156,8 +186,11 @@ def load_model(
                 f"model {name!r}: version {number} has different inputs than the other versions"
             )
         config = version_config
+        on_gpu = any(r.provider != "CPUExecutionProvider" for r in runners)
+        buckets = resolve_buckets(plan.gpu.buckets, config.max_batch_size, on_gpu)
         samples = (samples_from_config(config, source.path) if config.model_warmup
-                   else default_samples(config) if settings.warmup else [])
+                   else default_samples(config, _warmup_sizes(config, buckets, on_gpu))
+                   if settings.warmup else [])
         where = f"model {name!r} version {number}"
         timings = warm_up(runners, samples, where)
         if plan.run_inline is None:
@@ -179,6 +212,7 @@ def load_model(
             name=f"{name}:{number}",
             inline=bool(plan.run_inline),
             queue_policy=queue_policy(config, settings.max_queue_size),
+            batch_buckets=buckets,
             stats=ModelStats(metrics.for_version(name, number) if metrics else None),
         )
         versions[number] = ModelVersion(number, runners, scheduler, timings)

@@ -2,6 +2,11 @@
 
 The runner knows nothing of protobuf or gRPC: it takes and returns numpy arrays.
 ``run`` is synchronous and called from worker threads (onnxruntime releases the GIL).
+
+With I/O binding (the default on a GPU) a batch goes to the device in one copy from its
+host buffer (pinned, see serving/pinned.py), the outputs stay on the device, and only the
+outputs asked for come back; a classification's top-k runs on the device too, so k
+numbers per sample cross back instead of the whole score vector.
 """
 
 from __future__ import annotations
@@ -14,9 +19,18 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from .accelerators import GpuSettings
+from .classification import TopK, best_k
+from .devices import CPU_DEVICE, Device
 from .errors import InferenceFailedError, InvalidInputError, ModelLoadError
 from .execution import SessionSettings
-from .providers import check_active, requested_providers
+from .pinned import host_buffer
+from .providers import check_active, provider_chain
+
+KERNELS = Path(__file__).resolve().parent / "kernels"
+#: onnxruntime element types the top-k graph exists for
+_TOPK_TYPES = {"tensor(float)": "float32", "tensor(float16)": "float16",
+               "tensor(double)": "float64"}
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +102,7 @@ def session_options(settings: SessionSettings) -> ort.SessionOptions:
 
 
 class Runner:
-    """One onnxruntime session for one model version."""
+    """One onnxruntime session for one model version, on one device."""
 
     def __init__(
         self,
@@ -97,16 +111,26 @@ class Runner:
         model_name: str,
         providers: str = "auto",
         settings: SessionSettings | None = None,
+        device: Device = CPU_DEVICE,
+        gpu: GpuSettings | None = None,
     ) -> None:
         self.settings = settings or SessionSettings()
+        self.device = device
+        gpu = gpu or GpuSettings()
         options = session_options(self.settings)
         try:
-            requested = requested_providers(providers, ort.get_available_providers())
+            chain = provider_chain(device, gpu, ort.get_available_providers())
+            for _name, provider_options in chain:
+                cache = provider_options.get("trt_engine_cache_path")
+                if cache:
+                    Path(cache).mkdir(parents=True, exist_ok=True)
+            self._chain = chain
             self._session = ort.InferenceSession(
-                str(model_path), sess_options=options, providers=requested
+                str(model_path), sess_options=options, providers=chain
             )
             self.provider = check_active(
-                providers, requested, self._session.get_providers(), model_name
+                providers, [name for name, _ in chain], self._session.get_providers(),
+                model_name,
             )
         except ModelLoadError:
             raise
@@ -116,6 +140,21 @@ class Runner:
             inputs=tuple(_spec(a) for a in self._session.get_inputs()),
             outputs=tuple(_spec(a) for a in self._session.get_outputs()),
         )
+        on_gpu = self.provider != "CPUExecutionProvider"
+        self.io_binding = gpu.io_binding if gpu.io_binding is not None else on_gpu
+        #: where bound outputs live: onnxruntime's device name and id
+        self._output_device = ("cuda", device.id) if on_gpu else ("cpu", 0)
+        self._pinned = on_gpu
+        self._topk: dict[str, ort.InferenceSession] = {}
+
+    def describe(self) -> str:
+        """The instance's device, provider and I/O path, for metadata and logs."""
+        path = "I/O binding" if self.io_binding else "plain run"
+        return f"{self.device.describe()} {self.provider} ({path})"
+
+    def host_buffer(self, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+        """A buffer to assemble batches in: pinned when this instance runs on a GPU."""
+        return host_buffer(shape, dtype, self._pinned)
 
     def prepare(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Convert one request's inputs to what onnxruntime takes, before it is batched.
@@ -143,9 +182,78 @@ class Runner:
         self, inputs: dict[str, np.ndarray], output_names: Sequence[str] | None = None
     ) -> dict[str, np.ndarray]:
         """Execute one batch and return the named outputs (all when ``output_names`` is None)."""
-        names = list(output_names) if output_names else [o.name for o in self.signature.outputs]
+        outputs, _ = self.run_with_top_k(inputs, output_names, {})
+        return outputs
+
+    def run_with_top_k(
+        self,
+        inputs: dict[str, np.ndarray],
+        output_names: Sequence[str] | None,
+        top_k: dict[str, int],
+    ) -> tuple[dict[str, np.ndarray], dict[str, TopK]]:
+        """Execute one batch: the named outputs whole, and the ``top_k`` outputs' k best
+        classes per sample (rows of the batch's leading dimension)."""
+        names = (list(output_names) if output_names is not None
+                 else [o.name for o in self.signature.outputs])
         try:
-            results = self._session.run(names, inputs)
+            if self.io_binding and all(a.dtype != object for a in inputs.values()):
+                return self._run_bound(inputs, names, top_k)
+            wanted = list(dict.fromkeys([*names, *top_k]))
+            results = dict(zip(wanted, self._session.run(wanted, inputs), strict=True))
+        except InvalidInputError:
+            raise
         except Exception as exc:
             raise InferenceFailedError(f"onnxruntime failed: {exc}") from exc
-        return dict(zip(names, results, strict=True))
+        best = {name: best_k(_rows(results[name]), k) for name, k in top_k.items()}
+        return {name: results[name] for name in names}, best
+
+    def _run_bound(
+        self, inputs: dict[str, np.ndarray], names: list[str], top_k: dict[str, int]
+    ) -> tuple[dict[str, np.ndarray], dict[str, TopK]]:
+        binding = self._session.io_binding()
+        for name, array in inputs.items():
+            binding.bind_cpu_input(name, np.ascontiguousarray(array))
+        wanted = list(dict.fromkeys([*names, *top_k]))
+        device, device_id = self._output_device
+        for name in wanted:
+            binding.bind_output(name, device, device_id)
+        self._session.run_with_iobinding(binding)
+        values = dict(zip(wanted, binding.get_outputs(), strict=True))
+        outputs = {name: values[name].numpy() for name in names}
+        best = {}
+        for name, k in top_k.items():
+            value = values[name]
+            if name in outputs or not self._topk_fits(value):
+                best[name] = best_k(_rows(outputs.get(name, value.numpy())), k)
+            else:
+                best[name] = self._top_k_bound(value, k)
+        return outputs, best
+
+    def _topk_fits(self, value: ort.OrtValue) -> bool:
+        return len(value.shape()) == 2 and value.data_type() in _TOPK_TYPES
+
+    def _top_k_bound(self, value: ort.OrtValue, k: int) -> TopK:
+        """Top-k of a [batch, classes] output where it lies; only the k best come back."""
+        k = min(k, value.shape()[1])
+        if k < 1:
+            raise InvalidInputError(f"classification count must be >= 1, got {k}")
+        element = value.data_type()
+        session = self._topk.get(element)
+        if session is None:
+            model = KERNELS / f"topk_{_TOPK_TYPES[element]}.onnx"
+            chain = [(n, o) for n, o in self._chain if n != "TensorrtExecutionProvider"]
+            session = self._topk[element] = ort.InferenceSession(str(model), providers=chain)
+        binding = session.io_binding()
+        binding.bind_ortvalue_input("scores", value)
+        binding.bind_cpu_input("k", np.array([k], dtype=np.int64))
+        device, device_id = self._output_device
+        binding.bind_output("values", device, device_id)
+        binding.bind_output("indices", device, device_id)
+        session.run_with_iobinding(binding)
+        values, indices = binding.copy_outputs_to_cpu()
+        return TopK(values, indices)
+
+
+def _rows(scores: np.ndarray) -> np.ndarray:
+    """A batch's scores as [samples, classes]."""
+    return scores.reshape(scores.shape[0], -1)

@@ -10,20 +10,26 @@ request a view of its own rows of the outputs. A request whose caller went away 
 its batch formed is dropped, never computed. Without batching, each request runs alone.
 A scheduler made with ``inline=True`` runs its batches on the event loop's own thread
 instead: for models so small that the hand-off to a thread costs more than the run.
+
+With ``batch_buckets`` (GPU instances by default, see serving/accelerators.py) a batch is
+padded with zero rows up to the smallest bucket that holds it, so the model only ever sees
+the few batch shapes that were warmed up; the padding rows' outputs are dropped.
 """
 
 from __future__ import annotations
 
 import asyncio
+import bisect
 import collections
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
 
+from .classification import TopK
 from .errors import (
     DeadlineExceededError,
     InferenceFailedError,
@@ -63,6 +69,8 @@ class _Pending:
     deadline: float | None = None
     #: the deadline comes from the queue policy (else from the caller's own deadline)
     policy_deadline: bool = False
+    #: outputs asked for as their k best classes (the classification extension)
+    top_k: dict[str, int] = field(default_factory=dict)
     enqueued_ns: int = field(default_factory=time.perf_counter_ns)
     started_ns: int | None = None
 
@@ -71,24 +79,37 @@ def _batch_key(inputs: dict[str, np.ndarray]) -> tuple:
     return tuple(sorted((n, a.dtype.str, a.shape[1:]) for n, a in inputs.items()))
 
 
-class _Buffers:
-    """Reusable input buffers of one instance, one per (input, dtype, sample shape)."""
+Allocate = Callable[[tuple[int, ...], np.dtype], np.ndarray]
 
-    def __init__(self, capacity: int) -> None:
+
+class _Buffers:
+    """Reusable input buffers of one instance, one per (input, dtype, sample shape).
+
+    ``allocate`` makes them (the runner's: pinned host memory for a GPU instance).
+    """
+
+    def __init__(self, capacity: int, allocate: Allocate) -> None:
         self._capacity = capacity
+        self._allocate = allocate
         self._buffers: dict[tuple, np.ndarray] = {}
 
-    def concatenate(self, name: str, parts: list[np.ndarray]) -> np.ndarray:
+    def concatenate(self, name: str, parts: list[np.ndarray], rows: int) -> np.ndarray:
+        """The parts one after another, then zero rows up to ``rows`` in all."""
         first = parts[0]
-        rows = sum(len(p) for p in parts)
+        filled = sum(len(p) for p in parts)
         if first.dtype == object or rows > self._capacity:
-            return np.concatenate(parts)
+            pad = [np.full((rows - filled, *first.shape[1:]), "" if first.dtype == object
+                           else 0, first.dtype)] if rows > filled else []
+            return np.concatenate([*parts, *pad])
         key = (name, first.dtype.str, first.shape[1:])
         buffer = self._buffers.get(key)
         if buffer is None:
-            buffer = self._buffers[key] = np.empty((self._capacity, *first.shape[1:]),
-                                                   first.dtype)
-        return np.concatenate(parts, out=buffer[:rows])
+            buffer = self._buffers[key] = self._allocate((self._capacity, *first.shape[1:]),
+                                                         first.dtype)
+        np.concatenate(parts, out=buffer[:filled])
+        if rows > filled:
+            buffer[filled:rows] = 0
+        return buffer[:rows]
 
 
 class Scheduler:
@@ -106,6 +127,7 @@ class Scheduler:
         stats: ModelStats | None = None,
         inline: bool = False,
         queue_policy: QueuePolicy | None = None,
+        batch_buckets: Sequence[int] = (),
     ) -> None:
         if not runners:
             raise ValueError("a scheduler needs at least one runner")
@@ -113,9 +135,10 @@ class Scheduler:
         if inline and len(self._runners) != 1:
             raise ValueError("a scheduler that runs on the event loop takes exactly one runner")
         self._inline = inline
-        self._inline_buffers = _Buffers(max(max_batch_size, 1))
+        self._inline_buffers = _Buffers(max(max_batch_size, 1), self._runners[0].host_buffer)
         self._policy = queue_policy or QueuePolicy()
         self._max_batch_size = max_batch_size
+        self._buckets = sorted({b for b in batch_buckets if 0 < b <= max_batch_size})
         self._batching = batching and max_batch_size > 0
         preferred = [p for p in preferred_batch_sizes if 0 < p <= max_batch_size]
         self._target = max(preferred) if preferred else max_batch_size
@@ -132,6 +155,11 @@ class Scheduler:
         self._in_flight = 0
         self._idle = asyncio.Event()
         self._idle.set()
+
+    @property
+    def buckets(self) -> tuple[int, ...]:
+        """The batch sizes batches are padded up to (empty: none)."""
+        return tuple(self._buckets)
 
     @property
     def in_flight(self) -> int:
@@ -183,10 +211,13 @@ class Scheduler:
         *,
         time_remaining: float | None = None,
         timeout_us: int | None = None,
-    ) -> dict[str, np.ndarray]:
+        top_k: dict[str, int] | None = None,
+    ) -> dict[str, np.ndarray | TopK]:
         """Queue one request and wait for its outputs.
 
         ``batch_size`` is the request's own leading dimension (0 for models without batching).
+        ``top_k`` names outputs wanted as their k best classes per sample (models with a
+        batch dimension only), found where the batch runs.
         ``time_remaining`` is the caller's deadline in seconds from now: a request still
         queued when it passes is dropped, never computed. ``timeout_us`` is the request's
         own queue timeout, used when the queue policy allows overriding.
@@ -212,8 +243,10 @@ class Scheduler:
             deadline, from_policy = now + timeout_s, True
         if time_remaining is not None and (deadline is None or now + time_remaining < deadline):
             deadline, from_policy = now + max(time_remaining, 0.0), False
+        if top_k and self._max_batch_size <= 0:
+            raise ValueError("top_k needs a model with a batch dimension")
         pending = _Pending(inputs, tuple(outputs), batch_size, key, future, deadline,
-                           from_policy)
+                           from_policy, dict(top_k or {}))
         if self._inline and not self._max_delay_s and self._queue.empty() and not self._carry:
             # Nothing waits to join it: run it now, without the round trip through the
             # worker task (two event loop turns, a third of a tiny model's time).
@@ -323,7 +356,7 @@ class Scheduler:
 
     async def _work(self, runner: Runner) -> None:
         loop = asyncio.get_running_loop()
-        buffers = _Buffers(max(self._max_batch_size, 1))
+        buffers = _Buffers(max(self._max_batch_size, 1), runner.host_buffer)
         while True:
             batch = await self._gather()
             started = time.perf_counter_ns()
@@ -355,30 +388,48 @@ class Scheduler:
                 if not pending.future.done():
                     pending.future.set_result(outputs)
 
+    def _padded(self, rows: int) -> int:
+        """The smallest bucket that holds ``rows`` (``rows`` itself without buckets)."""
+        index = bisect.bisect_left(self._buckets, rows)
+        return self._buckets[index] if index < len(self._buckets) else rows
+
     def _run_batch(
         self, runner: Runner, buffers: _Buffers, batch: list[_Pending]
-    ) -> list[dict[str, np.ndarray]]:
+    ) -> list[dict[str, np.ndarray | TopK]]:
         """Concatenate, run and split one batch (in a worker thread)."""
         t0 = time.perf_counter_ns()
         wanted = list(dict.fromkeys(name for p in batch for name in p.outputs))
-        if len(batch) == 1:
+        top: dict[str, int] = {}
+        for pending in batch:
+            for name, k in pending.top_k.items():
+                top[name] = max(top.get(name, 0), k)
+        filled = sum(p.batch_size for p in batch)
+        rows = self._padded(filled) if self._max_batch_size > 0 else filled
+        if len(batch) == 1 and rows == filled:
             inputs = batch[0].inputs
         else:
-            inputs = {name: buffers.concatenate(name, [p.inputs[name] for p in batch])
+            inputs = {name: buffers.concatenate(name, [p.inputs[name] for p in batch], rows)
                       for name in batch[0].inputs}
         t1 = time.perf_counter_ns()
-        outputs = runner.run(inputs, wanted)
+        if top:
+            outputs, best = runner.run_with_top_k(inputs, wanted, top)
+        else:
+            outputs, best = runner.run(inputs, wanted), {}
         t2 = time.perf_counter_ns()
-        if len(batch) == 1:
-            results = [outputs]
+        if len(batch) == 1 and rows == filled and not top:
+            results: list[dict[str, np.ndarray | TopK]] = [outputs]
         else:
             results = []
             start = 0
             for pending in batch:
                 stop = start + pending.batch_size
-                results.append({name: outputs[name][start:stop] for name in pending.outputs})
+                result: dict[str, np.ndarray | TopK] = {
+                    name: outputs[name][start:stop] for name in pending.outputs}
+                for name, k in pending.top_k.items():
+                    result[name] = best[name].rows(start, stop, k)
+                results.append(result)
                 start = stop
         samples = sum(max(p.batch_size, 1) for p in batch)
         self.stats.record_batch(samples, t1 - t0, t2 - t1, time.perf_counter_ns() - t2,
-                                len(batch))
+                                len(batch), max(rows, samples))
         return results

@@ -15,6 +15,7 @@ from onnxserve.protos import inference_pb2, inference_pb2_grpc
 from .auth import BearerTokenInterceptor, read_token, server_credentials
 from .grpc_service import InferenceService
 from .metrics import Metrics, registry_gauges
+from .providers import announce
 from .registry import READY, Registry
 from .settings import ServerSettings
 
@@ -105,6 +106,8 @@ async def serve(settings: ServerSettings, stop: asyncio.Event | None = None) -> 
              " with TLS" if settings.tls_cert else "",
              " (mutual)" if settings.tls_client_ca else "")
 
+    if settings.providers != "cpu":
+        await asyncio.to_thread(announce, settings.providers)
     await registry.load_initial()
     started = True
     await _update_health(health_servicer, registry, ready=True)

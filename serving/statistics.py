@@ -55,8 +55,9 @@ class ModelStats:
         self.batches: dict[int, BatchStats] = defaultdict(BatchStats)
 
     def record_batch(self, samples: int, input_ns: int, infer_ns: int, output_ns: int,
-                     requests: int) -> None:
-        """One model execution of ``samples`` samples from ``requests`` requests."""
+                     requests: int, executed: int | None = None) -> None:
+        """One model execution of ``samples`` samples from ``requests`` requests, run as a
+        batch of ``executed`` rows (more than ``samples`` when padded up to a bucket)."""
         with self._lock:
             self.execution_count += 1
             self.inference_count += samples
@@ -64,7 +65,7 @@ class ModelStats:
             self.compute_input.add(input_ns, requests)
             self.compute_infer.add(infer_ns, requests)
             self.compute_output.add(output_ns, requests)
-            batch = self.batches[samples]
+            batch = self.batches[executed or samples]
             batch.compute_input.add(input_ns)
             batch.compute_infer.add(infer_ns)
             batch.compute_output.add(output_ns)

@@ -143,14 +143,18 @@ def _type_name(config_type: int) -> str:
     return model_config_pb2.DataType.Name(config_type)
 
 
-def default_samples(config: ModelConfig) -> list[WarmupSample]:
-    """Zeros at batch 1, each preferred batch size and the largest batch (or unbatched)."""
+def default_samples(config: ModelConfig,
+                    sizes: Sequence[int] | None = None) -> list[WarmupSample]:
+    """Zeros at each of ``sizes``; by default batch 1, each preferred batch size and the
+    largest batch (or unbatched)."""
     inputs = [t for t in config.input if not t.optional]
     if any(d < 0 for t in inputs for d in t.dims):
         log.info("model %s: no default warm-up (an input has a variable dimension); add "
                  "model_warmup to its config", config.name)
         return []
-    if config.max_batch_size > 0:
+    if sizes and config.max_batch_size > 0:
+        sizes = sorted(set(sizes))
+    elif config.max_batch_size > 0:
         preferred = config.dynamic_batching.preferred_batch_size
         sizes = sorted({1, config.max_batch_size,
                         *(p for p in preferred if 0 < p <= config.max_batch_size)})
@@ -184,6 +188,11 @@ def warm_up(runners: Sequence[Runner], samples: Sequence[WarmupSample],
                     started = time.perf_counter()
                     runner.run(prepared)
                     timings.append(time.perf_counter() - started)
+                if runner.io_binding and sample.batch_size:
+                    # the classification extension's top-k graph, at this batch shape too
+                    classes = {o.name: 1 for o in runner.signature.outputs if len(o.shape) == 2}
+                    if classes:
+                        runner.run_with_top_k(prepared, [], classes)
             except (InferenceFailedError, InvalidInputError) as exc:
                 raise ModelLoadError(f"{where}: warm-up {sample.name!r} failed: {exc}") from None
             if number == 0:

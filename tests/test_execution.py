@@ -9,6 +9,7 @@ import pytest
 from conftest import write_config
 from onnx_models import add_one_model
 
+from onnxserve.serving.devices import CPU_DEVICE
 from onnxserve.serving.errors import ModelLoadError
 from onnxserve.serving.execution import (
     ExecutionPlan,
@@ -33,7 +34,7 @@ def _param(key: str, value: str) -> str:
 
 def test_default_plan_gives_one_instance_every_core_and_spinning_during_runs() -> None:
     plan = plan_execution(_config(), cores=2)
-    assert plan == ExecutionPlan(1, SessionSettings(2, 1, "run"), None, False)
+    assert plan == ExecutionPlan((CPU_DEVICE,), SessionSettings(2, 1, "run"), None, False)
 
 
 def test_instances_split_the_cores_and_oversubscribed_pools_do_not_spin() -> None:

@@ -71,6 +71,9 @@ def test_metrics_count_requests_by_model_version_and_status(tmp_path: Path) -> N
         assert m[("onnxserve_inflight_requests", labels)] == 0
         assert m[("onnxserve_queue_depth", labels)] == 0
         assert m[("onnxserve_model_state", (("model", "echo"), ("state", "READY")))] == 1
+        assert m[("onnxserve_model_instances", (("device", "CPU"), ("model", "add_one"),
+                                                ("provider", "CPUExecutionProvider"),
+                                                ("version", "2")))] == 1
     finally:
         server.stop()
 

@@ -9,7 +9,13 @@ import pytest
 from onnx_models import add_one_model
 
 from onnxserve.serving.errors import ModelLoadError
-from onnxserve.serving.providers import CPU, CUDA, check_active, requested_providers
+from onnxserve.serving.providers import (
+    CPU,
+    CUDA,
+    check_active,
+    requested_providers,
+    usable_gpus,
+)
 from onnxserve.serving.runner import Runner
 
 
@@ -34,17 +40,25 @@ def test_auto_mode_falls_back_loudly(caplog: pytest.LogCaptureFixture) -> None:
     assert "falls back to CPUExecutionProvider" in caplog.text
 
 
-def test_cuda_mode_fails_the_load_on_this_machine(tmp_path: Path) -> None:
+def test_a_gpu_instance_fails_its_load_where_cuda_cannot_run(tmp_path: Path) -> None:
     import onnxruntime as ort
 
+    from onnxserve.serving.devices import Device
+
     path = add_one_model(tmp_path / "m.onnx")
-    if CUDA in ort.get_available_providers():
-        try:
-            runner = Runner(path, model_name="m", providers="cuda")
-        except ModelLoadError as exc:
-            assert "CUDA" in str(exc)
-        else:
-            assert runner.provider == CUDA
+    if usable_gpus()[0]:
+        assert Runner(path, model_name="m", providers="cuda",
+                      device=Device("gpu", 0)).provider == CUDA
         return
-    with pytest.raises(ModelLoadError, match="no CUDA execution provider"):
-        Runner(path, model_name="m", providers="cuda")
+    if CUDA not in ort.get_available_providers():
+        with pytest.raises(ModelLoadError, match="needs onnxruntime's CUDA execution provider"):
+            Runner(path, model_name="m", providers="cuda", device=Device("gpu", 0))
+    else:  # the provider is there but CUDA is not usable: the session check catches it
+        with pytest.raises(ModelLoadError, match="CUDA"):
+            Runner(path, model_name="m", providers="cuda", device=Device("gpu", 0))
+
+
+def test_the_cuda_probe_gives_a_reason_when_there_is_no_gpu() -> None:
+    count, why_not = usable_gpus()
+    assert count >= 0
+    assert bool(why_not) == (count == 0)

@@ -26,6 +26,9 @@ class FakeRunner:
     def prepare(self, inputs):
         return inputs
 
+    def host_buffer(self, shape, dtype):
+        return np.empty(shape, dtype)
+
     def run(self, inputs, output_names=None):
         self.gate.wait(10)
         x = inputs["x"]
@@ -186,11 +189,111 @@ def test_statistics_count_samples_executions_and_queue_time() -> None:
 def test_buffers_are_reused_between_batches() -> None:
     from onnxserve.serving.scheduler import _Buffers
 
-    buffers = _Buffers(8)
-    a = buffers.concatenate("x", [np.ones((2, 3)), np.zeros((1, 3))])
-    b = buffers.concatenate("x", [np.ones((4, 3))])
+    made = []
+
+    def allocate(shape, dtype):
+        made.append(shape)
+        return np.empty(shape, dtype)
+
+    buffers = _Buffers(8, allocate)
+    a = buffers.concatenate("x", [np.ones((2, 3)), np.zeros((1, 3))], 3)
+    b = buffers.concatenate("x", [np.ones((4, 3))], 4)
     assert a.base is b.base and b.shape == (4, 3)
-    assert buffers.concatenate("x", [np.ones((9, 3))]).shape == (9, 3)  # over capacity
+    assert made == [(8, 3)]  # one buffer, from the runner's allocator
+    assert buffers.concatenate("x", [np.ones((9, 3))], 9).shape == (9, 3)  # over capacity
+
+
+def test_buffers_pad_with_zero_rows() -> None:
+    from onnxserve.serving.scheduler import _Buffers
+
+    buffers = _Buffers(8, lambda shape, dtype: np.full(shape, 7, dtype))
+    padded = buffers.concatenate("x", [np.ones((2, 3)), np.full((1, 3), 2.0)], 4)
+    np.testing.assert_array_equal(padded, [[1] * 3, [1] * 3, [2] * 3, [0] * 3])
+    big = buffers.concatenate("x", [np.ones((9, 3))], 12)  # over capacity: a new array
+    assert big.shape == (12, 3) and not big[9:].any()
+    text = buffers.concatenate("s", [np.array([[b"a"]], dtype=object)], 2)
+    assert text.tolist() == [[b"a"], [""]]
+
+
+def test_batches_are_padded_up_to_the_next_bucket() -> None:
+    runner = FakeRunner()
+
+    async def body(scheduler):
+        runner.gate.clear()
+        first = asyncio.ensure_future(scheduler.infer({"x": np.ones((1, 2))}, ["y"], 1))
+        await asyncio.sleep(0.05)
+        sizes = (2, 1, 2)
+        others = [asyncio.ensure_future(scheduler.infer({"x": np.full((n, 2), float(i + 1))},
+                                                        ["y", "n"], n))
+                  for i, n in enumerate(sizes)]
+        await asyncio.sleep(0.05)
+        runner.gate.set()
+        return await first, await asyncio.gather(*others)
+
+    first, results = run(_with_scheduler(runner, body, max_batch_size=16,
+                                         batch_buckets=(1, 4, 8, 16)))
+    # 1 runs alone (a bucket of its own); 2 + 1 + 2 = 5 samples run as a bucket of 8
+    assert runner.batches == [1, 8]
+    np.testing.assert_array_equal(first["y"], [[2.0, 2.0]])
+    for i, (n, result) in enumerate(zip((2, 1, 2), results, strict=True)):
+        np.testing.assert_array_equal(result["y"], np.full((n, 2), 2.0 * (i + 1)))
+        assert result["n"].ravel().tolist() == [8] * n
+
+
+def test_a_single_request_is_padded_too() -> None:
+    runner = FakeRunner()
+
+    async def body(scheduler):
+        return await scheduler.infer({"x": np.ones((3, 2))}, ["y"], 3)
+
+    result = run(_with_scheduler(runner, body, max_batch_size=8, batch_buckets=(4, 8)))
+    assert runner.batches == [4] and result["y"].shape == (3, 2)
+
+
+def test_top_k_is_asked_of_the_runner_once_per_batch_and_split_per_request() -> None:
+    from onnxserve.serving.classification import best_k
+
+    runner = FakeRunner()
+    calls = []
+
+    def run_with_top_k(inputs, output_names, top_k):
+        calls.append((len(inputs["x"]), list(output_names), dict(top_k)))
+        outputs = runner.run(inputs, output_names)
+        return outputs, {name: best_k(outputs[name], k) for name, k in top_k.items()}
+
+    runner.run_with_top_k = run_with_top_k
+    rng = np.random.default_rng(3)
+    xs = [rng.random((n, 6)) for n in (1, 2, 1)]
+
+    async def body(scheduler):
+        runner.gate.clear()
+        first = asyncio.ensure_future(scheduler.infer({"x": np.zeros((1, 6))}, ["y"], 1))
+        await asyncio.sleep(0.05)
+        futures = [
+            asyncio.ensure_future(scheduler.infer({"x": xs[0]}, [], 1, top_k={"y": 2})),
+            asyncio.ensure_future(scheduler.infer({"x": xs[1]}, ["y"], 2)),
+            asyncio.ensure_future(scheduler.infer({"x": xs[2]}, [], 1, top_k={"y": 4})),
+        ]
+        await asyncio.sleep(0.05)
+        runner.gate.set()
+        await first
+        return await asyncio.gather(*futures)
+
+    a, b, c = run(_with_scheduler(runner, body, max_batch_size=8))
+    assert calls == [(4, ["y"], {"y": 4})]  # one run, the largest k
+    for result, x, k in ((a, xs[0], 2), (c, xs[2], 4)):
+        expected = np.argsort(-(x * 2), axis=1)[:, :k]
+        np.testing.assert_array_equal(result["y"].indices, expected)
+        np.testing.assert_allclose(result["y"].values, np.take_along_axis(x * 2, expected, 1))
+    np.testing.assert_array_equal(b["y"], xs[1] * 2)
+
+
+def test_top_k_needs_a_batch_dimension() -> None:
+    async def body(scheduler):
+        with pytest.raises(ValueError, match="batch dimension"):
+            await scheduler.infer({"x": np.ones((2,))}, [], 0, top_k={"y": 1})
+
+    run(_with_scheduler(FakeRunner(), body, max_batch_size=0))
 
 
 def test_inline_scheduler_runs_on_the_event_loop_thread() -> None:

@@ -1,0 +1,1 @@
+"""Small ONNX graphs that onnxserve runs beside the models (see generate.py)."""
