@@ -182,8 +182,14 @@ class Runner:
         self, inputs: dict[str, np.ndarray], output_names: Sequence[str] | None = None
     ) -> dict[str, np.ndarray]:
         """Execute one batch and return the named outputs (all when ``output_names`` is None)."""
-        outputs, _ = self.run_with_top_k(inputs, output_names, {})
-        return outputs
+        names = list(output_names) if output_names else [o.name for o in self.signature.outputs]
+        if self.io_binding:
+            return self.run_with_top_k(inputs, names, {})[0]
+        try:
+            results = self._session.run(names, inputs)
+        except Exception as exc:
+            raise InferenceFailedError(f"onnxruntime failed: {exc}") from exc
+        return dict(zip(names, results, strict=True))
 
     def run_with_top_k(
         self,
