@@ -52,28 +52,40 @@ def _tree_cpu_seconds(pid: int) -> float:
 
 
 class Process:
-    """A server process this benchmark started, stopped by its PID."""
+    """A server process this benchmark started, stopped by its PID; its output goes to
+    ``log_path`` (a temporary file when None)."""
 
-    def __init__(self, command: list[str], url: str) -> None:
+    def __init__(self, command: list[str], url: str, log_path: Path | None = None) -> None:
         self.url = url
-        self.log = tempfile.TemporaryFile()
+        self.log = log_path.open("w+b") if log_path else tempfile.TemporaryFile()
         self.popen = subprocess.Popen(command, stdout=self.log, stderr=subprocess.STDOUT,
                                       preexec_fn=die_with_parent)
 
+    def tail(self, size: int = 3000) -> str:
+        self.log.flush()
+        self.log.seek(0)
+        return self.log.read().decode(errors="replace")[-size:]
+
     def wait_ready(self, timeout: float = 120.0) -> None:
+        """Wait for readiness; raise when the server exits or a model fails to load."""
         deadline = time.monotonic() + timeout
         with Client(self.url, timeout=2.0) as client:
             while time.monotonic() < deadline:
                 if self.popen.poll() is not None:
-                    self.log.seek(0)
-                    raise RuntimeError(f"server exited:\n{self.log.read().decode()[-3000:]}")
+                    raise RuntimeError(f"server exited:\n{self.tail()}")
                 try:
                     if client.is_server_ready():
                         return
+                    states = {m["name"]: m["state"] for m in client.models()}
                 except InferenceServerError:
-                    pass
+                    states = {}
+                if states and "LOADING" not in states.values():
+                    failed = sorted(n for n, state in states.items() if state != "READY")
+                    self.stop()
+                    raise RuntimeError(f"models {failed} failed to load:\n{self.tail()}")
                 time.sleep(0.2)
-        raise RuntimeError("server not ready in time")
+        self.stop()
+        raise RuntimeError(f"server not ready in {timeout:.0f} s:\n{self.tail()}")
 
     def stop(self) -> None:
         if self.popen.poll() is None:

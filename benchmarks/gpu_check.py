@@ -17,16 +17,14 @@ import os
 import platform
 import random
 import shutil
-import signal
-import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from onnxserve.benchmarks.bench import Process
 from onnxserve.benchmarks.load import INFER_METHOD, MAX_MESSAGE, build_request
 from onnxserve.serving.demo import free_port
 
@@ -263,52 +261,15 @@ def cold_shapes(url: str, name: str, sample: dict[str, np.ndarray], largest: int
             "median_first_over_warm": float(np.median(list(ratios.values())))}
 
 
-@dataclass
-class Server:
-    process: subprocess.Popen
-    url: str
-    log: Path
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(60)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-
-
-def start_server(repository: Path, log: Path, timeout: float,
-                 providers: str) -> tuple[Server, float]:
-    from onnxserve.clients.client import Client, InferenceServerError
-
+def start_server(repository: Path, log: Path, timeout: float, providers: str) -> Process:
+    """``onnxserve serve`` on the repository, ready (or an error with its log's tail)."""
     port = free_port()
-    started = time.monotonic()
-    process = subprocess.Popen(
-        [sys.executable, "-m", "onnxserve.serving.cli", "serve", "--model-repository",
-         str(repository), "--grpc-host", "127.0.0.1", "--grpc-port", str(port),
-         "--metrics-port", "0", "--providers", providers],
-        stdout=log.open("w"), stderr=subprocess.STDOUT)
-    server = Server(process, f"127.0.0.1:{port}", log)
-    with Client(server.url, timeout=2.0) as client:
-        while time.monotonic() - started < timeout:
-            if process.poll() is not None:
-                raise RuntimeError(f"server exited:\n{log.read_text()[-3000:]}")
-            try:
-                if client.is_server_ready():
-                    return server, time.monotonic() - started
-                states = {m["name"]: m["state"] for m in client.models()}
-                if states and "LOADING" not in states.values():
-                    failed = sorted(n for n, state in states.items() if state != "READY")
-                    server.stop()
-                    raise RuntimeError(f"models {failed} failed to load:\n"
-                                       f"{log.read_text()[-3000:]}")
-            except InferenceServerError:
-                pass
-            time.sleep(0.5)
-    server.stop()
-    raise RuntimeError(f"server not ready in {timeout:.0f} s:\n{log.read_text()[-3000:]}")
+    server = Process([sys.executable, "-m", "onnxserve.serving.cli", "serve",
+                      "--model-repository", str(repository), "--grpc-host", "127.0.0.1",
+                      "--grpc-port", str(port), "--metrics-port", "0", "--providers", providers],
+                     f"127.0.0.1:{port}", log)
+    server.wait_ready(timeout)
+    return server
 
 
 # --- report ---------------------------------------------------------------------------
@@ -467,8 +428,10 @@ def main(argv: list[str] | None = None) -> int:
                             kind=1 if cuda else 2, largest=max(args.batches))  # GPU / CPU
         log = args.results_dir / "gpu_check_server.log"
         args.results_dir.mkdir(parents=True, exist_ok=True)
-        server, load_s = start_server(repository, log, min(300, max(
+        load_started = time.monotonic()
+        server = start_server(repository, log, min(300, max(
             budget.deadline - time.monotonic(), 30)), args.providers)
+        load_s = time.monotonic() - load_started
         result["server_load_seconds"] = round(load_s, 1)
         _log(f"server ready in {load_s:.1f} s")
         try:

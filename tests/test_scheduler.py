@@ -42,6 +42,18 @@ def run(coro):
     return asyncio.run(asyncio.wait_for(coro, 30))
 
 
+async def _behind_a_held_batch(scheduler, runner, first_x, requests):
+    """Run ``first_x`` while holding the runner, queue ``requests`` (coroutine factories)
+    behind it, then let everything go; returns the first result and the others'."""
+    runner.gate.clear()
+    first = asyncio.ensure_future(scheduler.infer({"x": first_x}, ["y"], len(first_x)))
+    await asyncio.sleep(0.05)
+    others = [asyncio.ensure_future(make()) for make in requests]
+    await asyncio.sleep(0.05)
+    runner.gate.set()
+    return await first, await asyncio.gather(*others)
+
+
 async def _with_scheduler(runner, body, **kwargs):
     scheduler = Scheduler([runner], name="t", **kwargs)
     scheduler.start()
@@ -55,19 +67,10 @@ def test_queued_requests_batch_together_and_split_exactly() -> None:
     runner = FakeRunner()
 
     async def body(scheduler):
-        runner.gate.clear()  # hold the first batch so the rest queue up
-        first = asyncio.ensure_future(scheduler.infer({"x": np.zeros((1, 2))}, ["y"], 1))
-        await asyncio.sleep(0.05)
-        others = [
-            asyncio.ensure_future(
-                scheduler.infer({"x": np.full((i, 2), float(i))}, ["y", "n"], i)
-            )
-            for i in (1, 2, 3)
-        ]
-        await asyncio.sleep(0.05)
-        runner.gate.set()
-        await first
-        return await asyncio.gather(*others)
+        _, others = await _behind_a_held_batch(scheduler, runner, np.zeros((1, 2)), [
+            lambda i=i: scheduler.infer({"x": np.full((i, 2), float(i))}, ["y", "n"], i)
+            for i in (1, 2, 3)])
+        return others
 
     results = run(_with_scheduler(runner, body, max_batch_size=8))
     assert runner.batches == [1, 6]
@@ -219,16 +222,10 @@ def test_batches_are_padded_up_to_the_next_bucket() -> None:
     runner = FakeRunner()
 
     async def body(scheduler):
-        runner.gate.clear()
-        first = asyncio.ensure_future(scheduler.infer({"x": np.ones((1, 2))}, ["y"], 1))
-        await asyncio.sleep(0.05)
-        sizes = (2, 1, 2)
-        others = [asyncio.ensure_future(scheduler.infer({"x": np.full((n, 2), float(i + 1))},
-                                                        ["y", "n"], n))
-                  for i, n in enumerate(sizes)]
-        await asyncio.sleep(0.05)
-        runner.gate.set()
-        return await first, await asyncio.gather(*others)
+        return await _behind_a_held_batch(scheduler, runner, np.ones((1, 2)), [
+            lambda i=i, n=n: scheduler.infer({"x": np.full((n, 2), float(i + 1))},
+                                             ["y", "n"], n)
+            for i, n in enumerate((2, 1, 2))])
 
     first, results = run(_with_scheduler(runner, body, max_batch_size=16,
                                          batch_buckets=(1, 4, 8, 16)))
@@ -266,18 +263,11 @@ def test_top_k_is_asked_of_the_runner_once_per_batch_and_split_per_request() -> 
     xs = [rng.random((n, 6)) for n in (1, 2, 1)]
 
     async def body(scheduler):
-        runner.gate.clear()
-        first = asyncio.ensure_future(scheduler.infer({"x": np.zeros((1, 6))}, ["y"], 1))
-        await asyncio.sleep(0.05)
-        futures = [
-            asyncio.ensure_future(scheduler.infer({"x": xs[0]}, [], 1, top_k={"y": 2})),
-            asyncio.ensure_future(scheduler.infer({"x": xs[1]}, ["y"], 2)),
-            asyncio.ensure_future(scheduler.infer({"x": xs[2]}, [], 1, top_k={"y": 4})),
-        ]
-        await asyncio.sleep(0.05)
-        runner.gate.set()
-        await first
-        return await asyncio.gather(*futures)
+        _, others = await _behind_a_held_batch(scheduler, runner, np.zeros((1, 6)), [
+            lambda: scheduler.infer({"x": xs[0]}, [], 1, top_k={"y": 2}),
+            lambda: scheduler.infer({"x": xs[1]}, ["y"], 2),
+            lambda: scheduler.infer({"x": xs[2]}, [], 1, top_k={"y": 4})])
+        return others
 
     a, b, c = run(_with_scheduler(runner, body, max_batch_size=8))
     assert calls == [(4, ["y"], {"y": 4})]  # one run, the largest k
