@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from onnxserve.clients.client import Client, InferenceServerError
+from onnxserve.clients.client import Client
 from onnxserve.serving.demo import die_with_parent, free_port
 from onnxserve.serving.repository import read_model
 
@@ -68,24 +68,12 @@ class Process:
 
     def wait_ready(self, timeout: float = 120.0) -> None:
         """Wait for readiness; raise when the server exits or a model fails to load."""
-        deadline = time.monotonic() + timeout
         with Client(self.url, timeout=2.0) as client:
-            while time.monotonic() < deadline:
-                if self.popen.poll() is not None:
-                    raise RuntimeError(f"server exited:\n{self.tail()}")
-                try:
-                    if client.is_server_ready():
-                        return
-                    states = {m["name"]: m["state"] for m in client.models()}
-                except InferenceServerError:
-                    states = {}
-                if states and "LOADING" not in states.values():
-                    failed = sorted(n for n, state in states.items() if state != "READY")
-                    self.stop()
-                    raise RuntimeError(f"models {failed} failed to load:\n{self.tail()}")
-                time.sleep(0.2)
-        self.stop()
-        raise RuntimeError(f"server not ready in {timeout:.0f} s:\n{self.tail()}")
+            try:
+                client.wait_until_ready(timeout, alive=lambda: self.popen.poll() is None)
+            except RuntimeError as exc:
+                self.stop()
+                raise RuntimeError(f"{exc}:\n{self.tail()}") from None
 
     def stop(self) -> None:
         if self.popen.poll() is None:

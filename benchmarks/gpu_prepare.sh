@@ -8,7 +8,7 @@ cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-.venv/bin/python}
 GPU_PYTHON_VERSION=${GPU_PYTHON_VERSION:-3.12}
 ORT_GPU=${ORT_GPU:-onnxruntime-gpu==1.31.1}
-PART_MB=${PART_MB:-60}
+PART_MB=${PART_MB:-56}
 OUT=.gpu
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -158,6 +159,28 @@ class Client:
 
     def is_server_ready(self) -> bool:
         return self._call("ServerReady", pb.ServerReadyRequest()).ready
+
+    def wait_until_ready(self, timeout: float, alive=None, poll_s: float = 0.2) -> None:
+        """Poll until the server is ready. Raises RuntimeError at once when ``alive()``
+        (e.g. a server process's check) turns false or a model's load has failed (no model
+        is loading any more and one is not READY: its reason is in the message), and when
+        ``timeout`` seconds pass."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if alive is not None and not alive():
+                raise RuntimeError("the server exited before it was ready")
+            try:
+                if self.is_server_ready():
+                    return
+                index = self.models()
+            except InferenceServerError:
+                index = []  # not listening yet
+            if index and all(m["state"] != "LOADING" for m in index):
+                failed = [f"{m['name']}: {m['reason'] or m['state'] or 'not loaded'}"
+                          for m in index if m["state"] != "READY"]
+                raise RuntimeError("models failed to load: " + "; ".join(failed))
+            time.sleep(poll_s)
+        raise RuntimeError(f"the server was not ready after {timeout:.0f} s")
 
     def is_model_ready(self, name: str, version: str = "") -> bool:
         return self._call("ModelReady", pb.ModelReadyRequest(name=name, version=version)).ready

@@ -11,7 +11,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 DEFAULT_MODELS = ("lenet5", "mobilenet_v2")
@@ -76,20 +75,10 @@ def _export_missing(repository: Path, weights: str) -> None:
 
 
 def _wait_ready(url: str, server: subprocess.Popen, timeout: float = 180.0) -> None:
-    from onnxserve.clients.client import Client, InferenceServerError
+    from onnxserve.clients.client import Client
 
-    deadline = time.monotonic() + timeout
     with Client(url, timeout=2.0) as client:
-        while time.monotonic() < deadline:
-            if server.poll() is not None:
-                raise RuntimeError(f"the server exited with status {server.returncode}")
-            try:
-                if client.is_server_ready():
-                    return
-            except InferenceServerError:
-                pass
-            time.sleep(0.5)
-    raise RuntimeError(f"the server was not ready after {timeout:.0f}s")
+        client.wait_until_ready(timeout, alive=lambda: server.poll() is None, poll_s=0.5)
 
 
 def run_demo(args: argparse.Namespace) -> int:

@@ -345,3 +345,29 @@ def test_overload_is_refused_promptly_and_admitted_requests_succeed(tmp_path: Pa
     print(f"overload: {len(results['OK'])} ok, {len(refusals)} refused (p99 "
           f"{refusals[int(len(refusals) * 0.99)] * 1e3:.1f} ms), RSS {before:.0f} -> "
           f"{after:.0f} MB, pid {os.getpid()}")
+
+
+def test_waiting_for_readiness_reports_a_failed_load_at_once(tmp_path: Path) -> None:
+    build_test_models(tmp_path)
+    write_config(tmp_path / "broken", 'name: "broken"\nmax_batch_size: -1\n')
+    (tmp_path / "broken" / "1").mkdir()
+    server = start_server(tmp_path, tmp_path / "server.log")
+    try:
+        with Client(server.url, timeout=5) as client:
+            started = time.monotonic()
+            with pytest.raises(RuntimeError, match=r"models failed to load: broken: .*"
+                                                   r"max_batch_size must be >= 0"):
+                client.wait_until_ready(60)
+            assert time.monotonic() - started < 5
+            with pytest.raises(RuntimeError, match="exited before it was ready"):
+                client.wait_until_ready(60, alive=lambda: False)
+    finally:
+        server.stop()
+    healthy = tmp_path / "healthy"
+    build_test_models(healthy)
+    server = start_server(healthy, tmp_path / "healthy.log")
+    try:
+        with Client(server.url, timeout=5) as client:
+            client.wait_until_ready(10)
+    finally:
+        server.stop()
