@@ -84,7 +84,8 @@ def environment() -> dict:
             "cpus": os.cpu_count()}
 
 
-def parity(repository: Path, names: list[str], providers: str = "cuda") -> list[dict]:
+def parity(repository: Path, names: list[str], providers: str = "cuda",
+           budget: Budget | None = None) -> list[dict]:
     """Each model on GPU 0 and on the CPU through onnxserve's runner, same inputs
     (``providers`` cpu: a dry run, both on the CPU, the first with I/O binding)."""
     from onnxserve.serving.accelerators import GpuSettings
@@ -94,6 +95,9 @@ def parity(repository: Path, names: list[str], providers: str = "cuda") -> list[
 
     rows = []
     for name in names:
+        if budget is not None and not budget.allows(0):
+            rows.append({"model": name, "error": "skipped: out of time"})
+            continue
         path = _model_file(repository, name)
         try:
             if providers == "cuda":
@@ -104,7 +108,8 @@ def parity(repository: Path, names: list[str], providers: str = "cuda") -> list[
             cpu = Runner(path, model_name=name, providers="cpu")
             inputs = _sample(gpu._session, 4)
             output = gpu.signature.outputs[0].name
-            on_gpu, best = gpu.run_with_top_k(inputs, [output], {output: 5})
+            on_gpu = gpu.run(inputs, [output])
+            _, best = gpu.run_with_top_k(inputs, [], {output: 5})  # top-k where it ran
             on_cpu = cpu.run(inputs, [output])[output].astype(np.float64)
             got = on_gpu[output].astype(np.float64)
             scale = float(np.abs(on_cpu).max()) or 1.0
@@ -184,9 +189,11 @@ def _serving_repository(source: Path, names: list[str], target: Path, instances:
         (folder / "config.pbtxt").write_text(text_format.MessageToString(config))
 
 
-def _load_worker(url: str, payload: bytes, concurrency: int, warm_s: float,
+def _load_worker(url: str, payload: bytes, concurrency: int, window_start: float,
                  measure_s: float) -> tuple[list[float], int, float]:
-    """One client process: closed loop at ``concurrency``; latencies (ms) of the window."""
+    """One client process: closed loop at ``concurrency`` until the window (wall-clock
+    ``window_start`` plus ``measure_s``, the same for every process) ends; latencies (ms)
+    of the calls that started and finished inside it."""
     import grpc
 
     async def main() -> tuple[list[float], int, float]:
@@ -198,19 +205,18 @@ def _load_worker(url: str, payload: bytes, concurrency: int, warm_s: float,
         methods = [c.unary_unary(INFER_METHOD) for c in channels]
         latencies: list[float] = []
         errors = 0
-        stop = time.perf_counter() + warm_s + measure_s
-        window_start = time.perf_counter() + warm_s
+        stop = window_start + measure_s
 
         async def worker(method) -> None:
             nonlocal errors
-            while time.perf_counter() < stop:
-                start = time.perf_counter()
+            while time.time() < stop:
+                start, wall = time.perf_counter(), time.time()
                 try:
                     await method(payload, timeout=60)
                 except grpc.aio.AioRpcError:
                     errors += 1
                     continue
-                if start >= window_start:
+                if wall >= window_start and time.time() <= stop:
                     latencies.append((time.perf_counter() - start) * 1e3)
 
         await asyncio.gather(*(worker(methods[i % len(methods)]) for i in range(concurrency)))
@@ -221,14 +227,14 @@ def _load_worker(url: str, payload: bytes, concurrency: int, warm_s: float,
     return asyncio.run(main())
 
 
-def served_load(url: str, payload: bytes, concurrency: int, processes: int,
+def served_load(pool, processes: int, url: str, payload: bytes, concurrency: int,
                 measure_s: float = 4.0, warm_s: float = 1.5) -> dict:
+    """Closed-loop load from up to ``processes`` client processes of ``pool`` at once."""
     processes = max(1, min(processes, concurrency))
     shares = [concurrency // processes + (i < concurrency % processes) for i in range(processes)]
-    context = multiprocessing.get_context("spawn")
-    with context.Pool(processes) as pool:
-        parts = pool.starmap(_load_worker, [(url, payload, n, warm_s, measure_s)
-                                            for n in shares])
+    window_start = time.time() + 0.5 + warm_s  # every process is running by then
+    parts = pool.starmap(_load_worker, [(url, payload, n, window_start, measure_s)
+                                        for n in shares], chunksize=1)
     latencies = np.array([x for lat, _, _ in parts for x in lat])
     errors = sum(e for _, e, _ in parts)
     return {"concurrency": concurrency, "requests": int(latencies.size), "errors": errors,
@@ -317,6 +323,8 @@ def summarise(result: dict) -> list[str]:
         lines.append(f"cold shapes ({cold['model']}, sizes 1..{cold['sizes']}): worst first call /"
                      f"slowest warm call {cold['worst_first_over_warm']:.2f} (batch "
                      f"{cold['worst_size']}), median {cold['median_first_over_warm']:.2f}")
+    if result.get("gpu_tests"):
+        lines.append(f"GPU tests: {result['gpu_tests']}")
     lines += result.get("targets", [])
     lines += [f"skipped: {s}" for s in result.get("skipped", [])]
     return lines
@@ -391,7 +399,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     cuda = args.providers == "cuda"
     budget = Budget(args.budget_s)
-    result: dict = {"environment": environment(), "skipped": []}
+    result: dict = {"environment": environment(), "skipped": [],
+                    "gpu_tests": os.environ.get("GPU_TESTS_RESULT", "")}
     _log(f"environment: {result['environment']}")
     names = sorted(p.name for p in args.repository.iterdir() if p.is_dir())
     if cuda and not result["environment"]["usable_gpus"]:
@@ -399,7 +408,9 @@ def main(argv: list[str] | None = None) -> int:
         write(result, args.results_dir)
         print("\n".join(summarise(result)))
         return 1
-    result["parity"] = parity(args.repository, names, args.providers)
+    # parity may take up to a third of the budget; the rest is for throughput
+    result["parity"] = parity(args.repository, names, args.providers,
+                              Budget(args.budget_s / 3))
     active = {r.get("provider") for r in result["parity"] if "provider" in r}
     result["active_provider"] = ", ".join(sorted(active)) or "none"
     served_names = [n for n in args.models if n in names]
@@ -422,46 +433,59 @@ def main(argv: list[str] | None = None) -> int:
         except Exception as exc:
             result["skipped"].append(f"prefer_nhwc {name}: {exc}"[:200])
     result["served"] = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        repository = Path(tmp) / "repository"
-        _serving_repository(args.repository, served_names, repository, args.instances,
-                            kind=1 if cuda else 2, largest=max(args.batches))  # GPU / CPU
-        log = args.results_dir / "gpu_check_server.log"
-        args.results_dir.mkdir(parents=True, exist_ok=True)
-        load_started = time.monotonic()
-        server = start_server(repository, log, min(300, max(
-            budget.deadline - time.monotonic(), 30)), args.providers)
-        load_s = time.monotonic() - load_started
-        result["server_load_seconds"] = round(load_s, 1)
-        _log(f"server ready in {load_s:.1f} s")
-        try:
-            import onnxruntime as ort
-            for name in served_names:
-                session = ort.InferenceSession(str(_model_file(args.repository, name)),
-                                               providers=["CPUExecutionProvider"])
-                sample = _sample(session, 1)
-                if name == served_names[0] and budget.allows(30):
-                    result["cold_shapes"] = cold_shapes(server.url, name, sample,
-                                                        max(args.batches))
-                    _log(f"cold shapes: {result['cold_shapes']}")
-                payload = build_request(name, sample)
-                rows = []
-                for concurrency in args.concurrency:
-                    if not budget.allows(10):
-                        result["skipped"].append(f"served {name} c={concurrency}: out of time")
-                        continue
-                    row = served_load(server.url, payload, concurrency, args.client_processes,
-                                      args.window_s)
-                    _log(f"served {name} c={concurrency}: {row}")
-                    rows.append(row)
-                result["served"][name] = rows
-        finally:
-            server.stop()
-    result["targets"] = targets(result)
-    write(result, args.results_dir)
+    try:
+        served(args, served_names, budget, result)
+    except Exception as exc:  # keep what was measured before
+        result["skipped"].append(f"served: {type(exc).__name__}: {exc}"[:400])
+        _log(f"served part failed: {exc}")
+    finally:
+        result["targets"] = targets(result)
+        write(result, args.results_dir)
     print("\n== GPU check summary")
     print("\n".join(summarise(result)))
     return 0
+
+
+def served(args: argparse.Namespace, names: list[str], budget: Budget, result: dict) -> None:
+    """Serve ``names`` (several instances each, dynamic batching, buckets) and measure."""
+    import onnxruntime as ort
+
+    args.results_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        repository = Path(tmp) / "repository"
+        _serving_repository(args.repository, names, repository, args.instances,
+                            kind=1 if args.providers == "cuda" else 2,  # KIND_GPU / KIND_CPU
+                            largest=max(args.batches))
+        load_started = time.monotonic()
+        server = start_server(repository, args.results_dir / "gpu_check_server.log",
+                              min(300, max(budget.deadline - time.monotonic(), 30)),
+                              args.providers)
+        result["server_load_seconds"] = round(time.monotonic() - load_started, 1)
+        _log(f"server ready in {result['server_load_seconds']} s")
+        context = multiprocessing.get_context("spawn")
+        try:
+            with context.Pool(args.client_processes) as pool:
+                for name in names:
+                    session = ort.InferenceSession(str(_model_file(args.repository, name)),
+                                                   providers=["CPUExecutionProvider"])
+                    sample = _sample(session, 1)
+                    if name == names[0] and budget.allows(30):
+                        result["cold_shapes"] = cold_shapes(server.url, name, sample,
+                                                            max(args.batches))
+                        _log(f"cold shapes: {result['cold_shapes']}")
+                    payload = build_request(name, sample)
+                    rows = result["served"][name] = []
+                    for concurrency in args.concurrency:
+                        if not budget.allows(args.window_s + 5):
+                            result["skipped"].append(
+                                f"served {name} c={concurrency}: out of time")
+                            continue
+                        row = served_load(pool, args.client_processes, server.url, payload,
+                                          concurrency, args.window_s)
+                        _log(f"served {name} c={concurrency}: {row}")
+                        rows.append(row)
+        finally:
+            server.stop()
 
 
 if __name__ == "__main__":

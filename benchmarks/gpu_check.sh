@@ -33,7 +33,9 @@ dirs = {str(p.parent) for root in nvidia.__path__ for p in pathlib.Path(root).rg
 print(":".join(sorted(dirs)))
 PY
 )
-export LD_LIBRARY_PATH="${nvidia_libs}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+if [ -n "$nvidia_libs" ]; then
+    export LD_LIBRARY_PATH="${nvidia_libs}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+fi
 export PYTHONUNBUFFERED=1
 echo "== $(nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null || echo 'no nvidia-smi')"
 "$PYTHON" -c "import onnxruntime as o; print('== onnxruntime', o.__version__, o.get_available_providers())"
@@ -42,9 +44,14 @@ rm -rf "$REPOSITORY"
 "$PYTHON" -m onnxserve.benchmarks.gpu_models unpack --packed .gpu/models --out "$REPOSITORY"
 
 echo "== GPU tests"
-"$PYTHON" -m pytest -q -p no:cacheprovider tests/test_gpu_path.py -k "gpu_instance or gpu_model or cuda_mode" || true
+set +e
+"$PYTHON" -m pytest -q -p no:cacheprovider -rs tests/test_gpu_path.py \
+    -k "gpu_instance or gpu_model or cuda_mode" 2>&1 | tee /tmp/onnxserve-gpu/tests.log
+set -e
+export GPU_TESTS_RESULT="$(tail -n 1 /tmp/onnxserve-gpu/tests.log)"
 
 elapsed=$(( $(date +%s) - started ))
 budget=$(( ${GPU_CHECK_BUDGET_S:-450} - elapsed ))
+if [ "$budget" -lt 120 ]; then budget=120; fi
 "$PYTHON" -m onnxserve.benchmarks.gpu_check --repository "$REPOSITORY" \
     --results-dir "$RESULTS" --budget-s "$budget" "$@"

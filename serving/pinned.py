@@ -18,6 +18,8 @@ log = logging.getLogger(__name__)
 
 _RUNTIME_NAMES = ("libcudart.so.13", "libcudart.so.12", "libcudart.so")
 _PORTABLE = 1  # cudaHostRegisterPortable: pinned for every CUDA context
+#: registrations cover whole pages, so two buffers never share one
+PAGE = 4096
 
 
 @functools.cache
@@ -38,17 +40,22 @@ def pinned_empty(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray | None:
     runtime = _cuda_runtime()
     if runtime is None:
         return None
-    array = np.empty(shape, dtype)
-    if array.nbytes == 0:
-        return array
-    pointer = array.ctypes.data
-    status = runtime.cudaHostRegister(pointer, array.nbytes, _PORTABLE)
+    dtype = np.dtype(dtype)
+    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    if nbytes == 0:
+        return np.empty(shape, dtype)
+    span = -(-nbytes // PAGE) * PAGE  # whole pages
+    raw = np.empty(span + PAGE, np.uint8)
+    start = -raw.ctypes.data % PAGE
+    pages = raw[start:start + span]
+    pointer = pages.ctypes.data
+    status = runtime.cudaHostRegister(pointer, span, _PORTABLE)
     if status != 0:
         log.warning("cudaHostRegister of %d bytes failed (CUDA error %d); the buffer stays "
-                    "pageable", array.nbytes, status)
+                    "pageable", span, status)
         return None
-    weakref.finalize(array, runtime.cudaHostUnregister, pointer)
-    return array
+    weakref.finalize(raw, runtime.cudaHostUnregister, pointer)
+    return pages[:nbytes].view(dtype).reshape(shape)
 
 
 def host_buffer(shape: tuple[int, ...], dtype: np.dtype, pinned: bool) -> np.ndarray:

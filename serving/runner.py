@@ -125,13 +125,16 @@ class Runner:
                 if cache:
                     Path(cache).mkdir(parents=True, exist_ok=True)
             self._chain = chain
+            # No onnxruntime fallback: after a failure it retries on CUDA without the
+            # device id or options, or on the CPU, and says so only on stdout.
             self._session = ort.InferenceSession(
-                str(model_path), sess_options=options, providers=chain
+                str(model_path), sess_options=options, providers=chain, enable_fallback=0
             )
             self.provider = check_active(
                 providers, [name for name, _ in chain], self._session.get_providers(),
                 model_name,
             )
+            _check_device(self._session, self.provider, device, model_name)
         except ModelLoadError:
             raise
         except Exception as exc:  # onnxruntime raises several unrelated types
@@ -144,6 +147,8 @@ class Runner:
         self.io_binding = gpu.io_binding if gpu.io_binding is not None else on_gpu
         #: where bound outputs live: onnxruntime's device name and id
         self._output_device = ("cuda", device.id) if on_gpu else ("cpu", 0)
+        #: outputs that only the host can hold (strings)
+        self._host_outputs = {o.name for o in self.signature.outputs if o.datatype == "BYTES"}
         self._pinned = on_gpu
         self._topk: dict[str, ort.InferenceSession] = {}
 
@@ -222,7 +227,10 @@ class Runner:
         wanted = list(dict.fromkeys([*names, *top_k]))
         device, device_id = self._output_device
         for name in wanted:
-            binding.bind_output(name, device, device_id)
+            if name in self._host_outputs:
+                binding.bind_output(name, "cpu", 0)
+            else:
+                binding.bind_output(name, device, device_id)
         self._session.run_with_iobinding(binding)
         values = dict(zip(wanted, binding.get_outputs(), strict=True))
         outputs = {name: values[name].numpy() for name in names}
@@ -230,7 +238,8 @@ class Runner:
         for name, k in top_k.items():
             value = values[name]
             if name in outputs or not self._topk_fits(value):
-                best[name] = best_k(_rows(outputs.get(name, value.numpy())), k)
+                scores = outputs[name] if name in outputs else value.numpy()
+                best[name] = best_k(_rows(scores), k)
             else:
                 best[name] = self._top_k_bound(value, k)
         return outputs, best
@@ -248,7 +257,9 @@ class Runner:
         if session is None:
             model = KERNELS / f"topk_{_TOPK_TYPES[element]}.onnx"
             chain = [(n, o) for n, o in self._chain if n != "TensorrtExecutionProvider"]
-            session = self._topk[element] = ort.InferenceSession(str(model), providers=chain)
+            session = self._topk[element] = ort.InferenceSession(
+                str(model), sess_options=session_options(self.settings), providers=chain,
+                enable_fallback=0)
         binding = session.io_binding()
         binding.bind_ortvalue_input("scores", value)
         binding.bind_cpu_input("k", np.array([k], dtype=np.int64))
@@ -258,6 +269,18 @@ class Runner:
         session.run_with_iobinding(binding)
         values, indices = binding.copy_outputs_to_cpu()
         return TopK(values, indices)
+
+
+def _check_device(session: ort.InferenceSession, provider: str, device: Device,
+                  model: str) -> None:
+    """A GPU session must be on its instance's GPU (not a default device)."""
+    if not device.is_gpu or provider == "CPUExecutionProvider":
+        return
+    options = session.get_provider_options().get(provider, {})
+    if options.get("device_id", "0") != str(device.id):
+        raise ModelLoadError(
+            f"model {model!r}: the instance for GPU {device.id} started on device "
+            f"{options.get('device_id')!r} of {provider}")
 
 
 def _rows(scores: np.ndarray) -> np.ndarray:

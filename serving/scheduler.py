@@ -85,13 +85,16 @@ Allocate = Callable[[tuple[int, ...], np.dtype], np.ndarray]
 class _Buffers:
     """Reusable input buffers of one instance, one per (input, dtype, sample shape).
 
-    ``allocate`` makes them (the runner's: pinned host memory for a GPU instance).
+    ``allocate`` makes them (the runner's: pinned host memory for a GPU instance). Only
+    the most recently used ``KEEP`` are kept, for models whose sample shapes vary.
     """
+
+    KEEP = 8
 
     def __init__(self, capacity: int, allocate: Allocate) -> None:
         self._capacity = capacity
         self._allocate = allocate
-        self._buffers: dict[tuple, np.ndarray] = {}
+        self._buffers: collections.OrderedDict[tuple, np.ndarray] = collections.OrderedDict()
 
     def concatenate(self, name: str, parts: list[np.ndarray], rows: int) -> np.ndarray:
         """The parts one after another, then zero rows up to ``rows`` in all."""
@@ -106,6 +109,10 @@ class _Buffers:
         if buffer is None:
             buffer = self._buffers[key] = self._allocate((self._capacity, *first.shape[1:]),
                                                          first.dtype)
+            if len(self._buffers) > self.KEEP:
+                self._buffers.popitem(last=False)
+        else:
+            self._buffers.move_to_end(key)
         np.concatenate(parts, out=buffer[:filled])
         if rows > filled:
             buffer[filled:rows] = 0

@@ -378,7 +378,15 @@ def test_pinned_buffers_are_registered_and_unregistered_with_the_cuda_runtime(
     monkeypatch.setattr(pinned, "_cuda_runtime", lambda: runtime)
     array = pinned.host_buffer((16, 3), np.dtype(np.float32), pinned=True)
     pointer = array.ctypes.data
-    assert runtime.registered == [(pointer, 16 * 3 * 4, 1)]
+    assert pointer % pinned.PAGE == 0 and array.shape == (16, 3) and array.dtype == np.float32
+    assert runtime.registered == [(pointer, pinned.PAGE, 1)]  # whole pages
+    array[:] = 1.5
+    assert float(array.sum()) == 1.5 * 48
+    big = pinned.host_buffer((3, 5000), np.dtype(np.float16), pinned=True)
+    assert runtime.registered[-1][1] == 8 * pinned.PAGE and big.shape == (3, 5000)  # 30000 B
+    del big
+    gc.collect()
+    runtime.unregistered.clear()
     view = array[:4]
     del array
     gc.collect()
@@ -387,7 +395,7 @@ def test_pinned_buffers_are_registered_and_unregistered_with_the_cuda_runtime(
     gc.collect()
     assert runtime.unregistered == [pointer]
     assert pinned.host_buffer((2, 2), np.dtype(np.uint8), pinned=False).shape == (2, 2)
-    assert len(runtime.registered) == 1  # not pinned when not asked
+    assert len(runtime.registered) == 2  # not pinned when not asked
     failing = _FakeCudaRuntime(status=2)
     monkeypatch.setattr(pinned, "_cuda_runtime", lambda: failing)
     with caplog.at_level(logging.WARNING):

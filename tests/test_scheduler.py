@@ -204,6 +204,9 @@ def test_buffers_are_reused_between_batches() -> None:
     assert a.base is b.base and b.shape == (4, 3)
     assert made == [(8, 3)]  # one buffer, from the runner's allocator
     assert buffers.concatenate("x", [np.ones((9, 3))], 9).shape == (9, 3)  # over capacity
+    for width in range(4, 4 + _Buffers.KEEP):  # varying sample shapes: only the last kept
+        buffers.concatenate("x", [np.ones((1, width))], 1)
+    assert len(buffers._buffers) == _Buffers.KEEP and ("x", "<f8", (3,)) not in buffers._buffers
 
 
 def test_buffers_pad_with_zero_rows() -> None:
