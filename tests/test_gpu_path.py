@@ -401,3 +401,27 @@ def test_pinned_buffers_are_registered_and_unregistered_with_the_cuda_runtime(
     with caplog.at_level(logging.WARNING):
         fallback = pinned.host_buffer((8,), np.dtype(np.float32), pinned=True)
     assert fallback.shape == (8,) and "stays pageable" in caplog.text
+
+
+def test_string_outputs_come_back_through_io_binding(tmp_path: Path) -> None:
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 2])
+    y = helper.make_tensor_value_info("y", TensorProto.STRING, ["batch", 2])
+    cast = helper.make_node("Cast", ["x"], ["y"], to=TensorProto.STRING)
+    runner = _binding_runner(_save(helper.make_graph([cast], "cast", [x], [y]),
+                                   tmp_path / "m.onnx"))
+    assert runner._host_outputs == {"y"}
+    out = runner.run({"x": np.array([[1.5, 2.0]], np.float32)})
+    assert out["y"].tolist() == [["1.5", "2"]]
+
+
+def test_a_gpu_session_on_another_device_than_its_instance_is_refused() -> None:
+    from onnxserve.serving.runner import _check_device
+
+    class Session:
+        def get_provider_options(self):
+            return {CUDA: {"device_id": "0"}}
+
+    _check_device(Session(), CUDA, GPU0, "m")
+    _check_device(Session(), CPU, GPU1, "m")  # a CPU fallback is check_active's to judge
+    with pytest.raises(ModelLoadError, match="the instance for GPU 1 started on device '0'"):
+        _check_device(Session(), CUDA, GPU1, "m")
