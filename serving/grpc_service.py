@@ -39,6 +39,7 @@ from .errors import (
     UnavailableError,
 )
 from .images import EncodedImageInput, decode_batch
+from .inflight import InFlight
 from .logs import event
 from .metrics import UNKNOWN_MODEL, Metrics
 from .model import ModelVersion
@@ -114,9 +115,7 @@ class InferenceService(inference_pb2_grpc.GRPCInferenceServiceServicer):
         self._registry = registry
         self._metrics = metrics
         self.accepting = True
-        self._in_flight = 0
-        self._idle = asyncio.Event()
-        self._idle.set()
+        self._in_flight = InFlight()
         # Pillow releases the GIL while decoding: one thread per core decodes in parallel.
         self._image_pool = ThreadPoolExecutor(max_workers=os.cpu_count() or 1,
                                               thread_name_prefix="decode")
@@ -124,11 +123,7 @@ class InferenceService(inference_pb2_grpc.GRPCInferenceServiceServicer):
     async def drain(self, timeout: float) -> bool:
         """Refuse new inference requests and wait up to ``timeout`` s for the admitted ones."""
         self.accepting = False
-        try:
-            await asyncio.wait_for(self._idle.wait(), timeout)
-        except TimeoutError:
-            return False
-        return True
+        return await self._in_flight.wait_idle(timeout)
 
     async def _decode_images(
         self, inputs: dict[str, np.ndarray], images: EncodedImageInput
@@ -258,14 +253,11 @@ class InferenceService(inference_pb2_grpc.GRPCInferenceServiceServicer):
         return pb.RepositoryModelUnloadResponse()
 
     async def ModelInfer(self, request, context):
-        self._in_flight += 1
-        self._idle.clear()
+        self._in_flight.enter()
         try:
             return await self._infer(request, context)
         finally:
-            self._in_flight -= 1
-            if not self._in_flight:
-                self._idle.set()
+            self._in_flight.leave()
 
     async def _infer(self, request, context):
         started = time.perf_counter()

@@ -37,6 +37,7 @@ from .errors import (
     SchedulerClosedError,
     UnavailableError,
 )
+from .inflight import InFlight
 from .runner import Runner
 from .statistics import ModelStats
 
@@ -159,9 +160,7 @@ class Scheduler:
         )
         self._workers: list[asyncio.Task] = []
         self._closed = False
-        self._in_flight = 0
-        self._idle = asyncio.Event()
-        self._idle.set()
+        self._in_flight = InFlight()
 
     @property
     def buckets(self) -> tuple[int, ...]:
@@ -171,7 +170,7 @@ class Scheduler:
     @property
     def in_flight(self) -> int:
         """Requests admitted and not yet answered."""
-        return self._in_flight
+        return self._in_flight.count
 
     async def drain(self, timeout: float) -> bool:
         """Take no new requests and wait up to ``timeout`` s for the admitted ones to finish.
@@ -179,11 +178,7 @@ class Scheduler:
         Returns whether they all finished. ``close`` fails whatever is left.
         """
         self._closed = True
-        try:
-            await asyncio.wait_for(self._idle.wait(), timeout)
-        except TimeoutError:
-            return False
-        return True
+        return await self._in_flight.wait_idle(timeout)
 
     def start(self) -> None:
         """Start one worker task per runner on the running event loop."""
@@ -259,17 +254,14 @@ class Scheduler:
             # worker task (two event loop turns, a third of a tiny model's time).
             return self._run_now(pending)
         self._queue.put_nowait(pending)
-        self._in_flight += 1
-        self._idle.clear()
+        self._in_flight.enter()
         ok = False
         try:
             result = await future
             ok = True
             return result
         finally:
-            self._in_flight -= 1
-            if not self._in_flight:
-                self._idle.set()
+            self._in_flight.leave()
             queued = None if pending.started_ns is None else (
                 pending.started_ns - pending.enqueued_ns)
             self.stats.record_request(ok, time.perf_counter_ns() - pending.enqueued_ns, queued)
