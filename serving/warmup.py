@@ -33,6 +33,8 @@ from .runner import Runner
 log = logging.getLogger(__name__)
 
 WARMUP_FOLDER = "warmup"
+#: outputs a classification can rank (the top-k graph's element types)
+_SCORE_TYPES = ("FP16", "FP32", "FP64")
 DEFAULT_RUNS = 3
 
 
@@ -190,7 +192,8 @@ def warm_up(runners: Sequence[Runner], samples: Sequence[WarmupSample],
                     timings.append(time.perf_counter() - started)
                 if runner.io_binding and sample.batch_size:
                     # the classification extension's top-k graph, at this batch shape too
-                    classes = {o.name: 1 for o in runner.signature.outputs if len(o.shape) == 2}
+                    classes = {o.name: 1 for o in runner.signature.outputs
+                               if len(o.shape) == 2 and o.datatype in _SCORE_TYPES}
                     if classes:
                         runner.run_with_top_k(prepared, [], classes)
             except (InferenceFailedError, InvalidInputError) as exc:

@@ -425,3 +425,13 @@ def test_a_gpu_session_on_another_device_than_its_instance_is_refused() -> None:
     _check_device(Session(), CPU, GPU1, "m")  # a CPU fallback is check_active's to judge
     with pytest.raises(ModelLoadError, match="the instance for GPU 1 started on device '0'"):
         _check_device(Session(), CUDA, GPU1, "m")
+
+
+def test_a_model_with_string_outputs_loads_with_io_binding(tmp_path: Path) -> None:
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 2])
+    y = helper.make_tensor_value_info("y", TensorProto.STRING, ["batch", 2])
+    cast = helper.make_node("Cast", ["x"], ["y"], to=TensorProto.STRING)
+    _save(helper.make_graph([cast], "cast", [x], [y]), tmp_path / "m" / "1" / "model.onnx")
+    write_config(tmp_path / "m", "max_batch_size: 4\n" + _param("onnxserve.io_binding", "true"))
+    model = load_model(tmp_path, "m", ServerSettings())  # warm-up ranks no string output
+    assert model.versions[1].runners[0].io_binding
