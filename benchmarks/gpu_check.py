@@ -57,10 +57,10 @@ def _model_file(repository: Path, name: str) -> Path:
     return versions[-1] / "model.onnx"
 
 
-def _sample(runner_or_session, batch: int, seed: int = 0) -> dict[str, np.ndarray]:
+def _sample(session, batch: int, seed: int = 0) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
     inputs = {}
-    for arg in runner_or_session.get_inputs():
+    for arg in session.get_inputs():
         shape = [batch if not isinstance(d, int) or d < 0 else d for d in arg.shape]
         if arg.type == "tensor(uint8)":
             inputs[arg.name] = rng.integers(0, 256, shape, dtype=np.uint8)
