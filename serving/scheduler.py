@@ -23,7 +23,7 @@ import bisect
 import collections
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -74,6 +74,39 @@ class _Pending:
     top_k: dict[str, int] = field(default_factory=dict)
     enqueued_ns: int = field(default_factory=time.perf_counter_ns)
     started_ns: int | None = None
+
+
+def check_output_rows(
+    where: str,
+    rows: int,
+    requests: int,
+    outputs: Mapping[str, np.ndarray],
+    best: Mapping[str, TopK] | None = None,
+) -> None:
+    """Refuse a batch whose outputs do not have one row per batch row.
+
+    A model with ``max_batch_size`` > 0 must return, in every output, as many rows as the
+    batch it was given (``rows``, padding included): the rows are split back to the
+    requests by position, so an output with fewer or more rows would hand one request
+    another's data (Triton refuses such a batch the same way: "failed to split the output
+    tensor"). ``where`` (e.g. "model 'm:1'", or "") and ``requests`` are for the message.
+
+    Raises:
+        InferenceFailedError: naming the output, the rows expected and the rows returned.
+    """
+    found = {name: (array.shape[0] if array.ndim else None) for name, array in outputs.items()}
+    for name, top in (best or {}).items():
+        found[name] = len(top.values)
+    prefix = f"{where}: " if where else ""
+    for name, got in found.items():
+        if got != rows:
+            returned = "a scalar" if got is None else f"{got} row(s)"
+            raise InferenceFailedError(
+                f"{prefix}failed to split the output tensor {name!r}: the batch has "
+                f"{rows} row(s) ({requests} request(s)) but the model returned {returned}; "
+                "a model with max_batch_size > 0 must return one row per sample in every "
+                "output (serve it with max_batch_size: 0 if it cannot)"
+            )
 
 
 def _batch_key(inputs: dict[str, np.ndarray]) -> tuple:
@@ -415,6 +448,8 @@ class Scheduler:
         else:
             outputs, best = runner.run(inputs, wanted), {}
         t2 = time.perf_counter_ns()
+        if self._max_batch_size > 0:
+            check_output_rows(f"model {self._name}", rows, len(batch), outputs, best)
         if len(batch) == 1 and rows == filled and not top:
             results: list[dict[str, np.ndarray | TopK]] = [outputs]
         else:

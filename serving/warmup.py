@@ -29,6 +29,7 @@ from onnxserve.protos.datatypes import Datatype, by_config_type
 from .errors import InferenceFailedError, InvalidInputError, ModelLoadError
 from .repository import ModelConfig
 from .runner import Runner
+from .scheduler import check_output_rows
 
 log = logging.getLogger(__name__)
 
@@ -188,14 +189,19 @@ def warm_up(runners: Sequence[Runner], samples: Sequence[WarmupSample],
                 prepared = runner.prepare(sample.inputs)
                 for _ in range(sample.count):
                     started = time.perf_counter()
-                    runner.run(prepared)
+                    outputs = runner.run(prepared)
                     timings.append(time.perf_counter() - started)
+                    if sample.batch_size:
+                        # A model that returns other row counts than it is given cannot
+                        # batch: refuse it now rather than at its first batched request.
+                        check_output_rows("", sample.batch_size, 1, outputs)
                 if runner.io_binding and sample.batch_size:
                     # the classification extension's top-k graph, at this batch shape too
                     classes = {o.name: 1 for o in runner.signature.outputs
                                if len(o.shape) == 2 and o.datatype in _SCORE_TYPES}
                     if classes:
-                        runner.run_with_top_k(prepared, [], classes)
+                        _, best = runner.run_with_top_k(prepared, [], classes)
+                        check_output_rows("", sample.batch_size, 1, {}, best)
             except (InferenceFailedError, InvalidInputError) as exc:
                 raise ModelLoadError(f"{where}: warm-up {sample.name!r} failed: {exc}") from None
             if number == 0:

@@ -95,3 +95,17 @@ def slow_model(path: Path, size: int = 1024, layers: int = 16) -> Path:
         nodes.append(helper.make_node("Tanh", [f"m{i}"], [out]))
         previous = out
     return _save(helper.make_graph(nodes, "slow", [x], [y], initializer=init), path)
+
+
+def one_row_model(path: Path, size: int = 4) -> Path:
+    """x FP32 [N, size] -> y = Relu(x) [N, size], and s declared [N, size] but really the
+    first row only (Compress on axis 0): a model that cannot batch although it says so."""
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", size])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", size])
+    s = helper.make_tensor_value_info("s", TensorProto.FLOAT, ["N", size])
+    keep = helper.make_tensor("keep", TensorProto.BOOL, [1], [True])
+    nodes = [
+        helper.make_node("Relu", ["x"], ["y"]),
+        helper.make_node("Compress", ["x", "keep"], ["s"], axis=0),
+    ]
+    return _save(helper.make_graph(nodes, "one_row", [x], [y, s], initializer=[keep]), path)

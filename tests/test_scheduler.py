@@ -439,3 +439,66 @@ def test_queue_policy_comes_from_the_config() -> None:
     assert queue_policy(config) == QueuePolicy(7, 0.0025, "delay", True)
     with pytest.raises(ModelLoadError, match="priority_levels"):
         queue_policy(parse_config("dynamic_batching { priority_levels: 2 }", "t"))
+
+
+class OneRowRunner(FakeRunner):
+    """Returns "s" with one row whatever the batch (an ONNX Compress on axis 0)."""
+
+    def run(self, inputs, output_names=None):
+        outputs = {**super().run(inputs, output_names), "s": inputs["x"][:1] + 0}
+        return {n: outputs[n] for n in output_names} if output_names else outputs
+
+    def run_with_top_k(self, inputs, output_names, top_k):
+        from onnxserve.serving.classification import best_k
+
+        outputs = self.run(inputs, output_names)
+        return outputs, {name: best_k(outputs[name], k) for name, k in top_k.items()}
+
+
+@pytest.mark.parametrize("inline", [False, True])
+def test_outputs_without_a_row_per_sample_fail_the_whole_batch(inline: bool) -> None:
+    runner = OneRowRunner()
+
+    async def body(scheduler):
+        # Three requests within the queue delay: one batch of 1 + 2 + 3 rows.
+        return await asyncio.gather(*(
+            scheduler.infer({"x": x}, ["y", "s"], len(x))
+            for x in (np.ones((1, 2)), np.full((2, 2), 2.0), np.zeros((3, 2)))),
+            return_exceptions=True)
+
+    results = run(_with_scheduler(runner, body, max_batch_size=8, inline=inline,
+                                  max_queue_delay_us=100_000))
+    assert runner.batches == [6]  # the three requests ran as one batch, and failed together
+    for result in results:
+        assert isinstance(result, InferenceFailedError)
+        assert "failed to split the output tensor 's'" in str(result)
+        assert "6 row(s) (3 request(s)) but the model returned 1 row(s)" in str(result)
+
+
+def test_a_lone_request_with_too_few_output_rows_fails() -> None:
+    runner = OneRowRunner()
+
+    async def body(scheduler):
+        with pytest.raises(InferenceFailedError, match=r"'s'.*3 row\(s\).*returned 1 row"):
+            await scheduler.infer({"x": np.zeros((3, 2))}, ["y", "s"], 3)
+        # One row in, one row out: that answer is right.
+        return await scheduler.infer({"x": np.ones((1, 2))}, ["s"], 1)
+
+    result = run(_with_scheduler(runner, body, max_batch_size=8))
+    np.testing.assert_array_equal(result["s"], [[1.0, 1.0]])
+
+
+def test_padding_and_top_k_are_checked_too() -> None:
+    runner = OneRowRunner()
+
+    async def body(scheduler):
+        # One row padded to a bucket of 4: the model's single row is not one per row.
+        with pytest.raises(InferenceFailedError, match=r"'s'.*4 row\(s\)"):
+            await scheduler.infer({"x": np.ones((1, 2))}, ["s"], 1)
+        # Only the top-k of "s" is asked for: its rows are checked as well.
+        with pytest.raises(InferenceFailedError, match=r"'s'.*4 row\(s\)"):
+            await scheduler.infer({"x": np.ones((2, 2))}, [], 2, top_k={"s": 1})
+        return await scheduler.infer({"x": np.ones((3, 2))}, ["y"], 3)
+
+    result = run(_with_scheduler(runner, body, max_batch_size=8, batch_buckets=(4, 8)))
+    np.testing.assert_array_equal(result["y"], np.full((3, 2), 2.0))
