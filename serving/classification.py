@@ -11,7 +11,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from .errors import InvalidInputError
+from .errors import InferenceFailedError, InvalidInputError
 
 
 class TopK(NamedTuple):
@@ -19,10 +19,12 @@ class TopK(NamedTuple):
 
     values: np.ndarray
     indices: np.ndarray
+    #: how many classes each sample was ranked among (the output's elements per sample)
+    classes: int
 
     def rows(self, start: int, stop: int, k: int) -> TopK:
         """Samples ``start:stop`` with their first ``k`` classes."""
-        return TopK(self.values[start:stop, :k], self.indices[start:stop, :k])
+        return TopK(self.values[start:stop, :k], self.indices[start:stop, :k], self.classes)
 
 
 def best_k(rows: np.ndarray, k: int) -> TopK:
@@ -37,11 +39,21 @@ def best_k(rows: np.ndarray, k: int) -> TopK:
     )
     picked = np.take_along_axis(rows, best, axis=1)
     order = np.argsort(-picked, axis=1, kind="stable")
-    return TopK(np.take_along_axis(picked, order, axis=1), np.take_along_axis(best, order, axis=1))
+    return TopK(np.take_along_axis(picked, order, axis=1), np.take_along_axis(best, order, axis=1),
+                classes)
 
 
-def class_strings(best: TopK, labels: Sequence[str] | None) -> np.ndarray:
-    """"score:index[:label]" BYTES elements [samples, k] of a top-k result."""
+def class_strings(best: TopK, labels: Sequence[str] | None, output: str = "") -> np.ndarray:
+    """"score:index[:label]" BYTES elements [samples, k] of a top-k result.
+
+    Raises:
+        InferenceFailedError: the labels are not one per class of ``output`` (a label file
+            with a line too many would name every class after its neighbour).
+    """
+    if labels is not None and len(labels) != best.classes:
+        raise InferenceFailedError(
+            f"output {output!r} has {best.classes} classes per sample but its label file has "
+            f"{len(labels)} labels; fix the label file (one line per class)")
     out = np.empty(best.indices.shape, dtype=object)
     for i, j in np.ndindex(best.indices.shape):
         index = int(best.indices[i, j])
@@ -53,9 +65,9 @@ def class_strings(best: TopK, labels: Sequence[str] | None) -> np.ndarray:
 
 
 def top_k(
-    scores: np.ndarray, k: int, labels: Sequence[str] | None, *, batched: bool
+    scores: np.ndarray, k: int, labels: Sequence[str] | None, *, batched: bool, output: str = ""
 ) -> np.ndarray:
     """Best-first top-k of each sample's scores as a BYTES array [batch, k] (or [k])."""
     rows = scores.reshape(scores.shape[0], -1) if batched else scores.reshape(1, -1)
-    out = class_strings(best_k(rows, k), labels)
+    out = class_strings(best_k(rows, k), labels, output)
     return out if batched else out[0]

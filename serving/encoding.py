@@ -29,9 +29,10 @@ def encode_response(
     for name in names:
         array = outputs[name]
         if isinstance(array, TopK):
-            array = class_strings(array, model.labels.get(name))
+            array = class_strings(array, model.labels.get(name), name)
         elif name in classification:
-            array = top_k(array, classification[name], model.labels.get(name), batched=batched)
+            array = top_k(array, classification[name], model.labels.get(name), batched=batched,
+                          output=name)
         datatype = by_numpy(array.dtype)
         response.outputs.add(name=name, datatype=datatype.name, shape=array.shape)
         response.raw_output_contents.append(encode_raw(array, datatype))

@@ -10,7 +10,9 @@ and rejects a config that contradicts the file, naming the field.
 
 from __future__ import annotations
 
+import math
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -139,8 +141,21 @@ def select_versions(config: ModelConfig, available: list[int]) -> list[int]:
     return available[-count:] if count else []
 
 
+def output_classes(dims: Sequence[int]) -> int | None:
+    """Elements per sample of an output with config ``dims`` (None when one is variable).
+
+    The classification extension ranks these elements; class i is the i-th of them.
+    """
+    return math.prod(dims) if all(d >= 0 for d in dims) else None
+
+
 def read_labels(model_path: Path, config: ModelConfig) -> dict[str, list[str]]:
-    """Class names per output, from each output's label_filename."""
+    """Class names per output, from each output's label_filename (UTF-8, one per line).
+
+    Trailing blank lines are ignored. A file whose line count differs from the output's
+    classes (elements per sample) is a load error naming both counts: a "background" line
+    too many would shift every label by one.
+    """
     labels: dict[str, list[str]] = {}
     for output in config.output:
         if not output.label_filename:
@@ -153,9 +168,24 @@ def read_labels(model_path: Path, config: ModelConfig) -> dict[str, list[str]]:
             )
         if not label_path.is_file():
             raise ModelLoadError(
-                f"output {output.name!r}: label file {label_path} does not exist"
+                f"output {output.name!r}: label file {output.label_filename!r} does not exist "
+                "in the model folder"
             )
-        labels[output.name] = label_path.read_text(encoding="utf-8").splitlines()
+        try:
+            names = label_path.read_text(encoding="utf-8-sig").splitlines()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ModelLoadError(f"output {output.name!r}: cannot read label file "
+                                 f"{output.label_filename!r}: {exc}") from None
+        while names and not names[-1].strip():
+            names.pop()
+        classes = output_classes(output.dims)
+        if classes is not None and len(names) != classes:
+            raise ModelLoadError(
+                f"output {output.name!r}: label file {output.label_filename!r} has "
+                f"{len(names)} labels but the output has {classes} classes per sample "
+                f"(dims {list(output.dims)}); write one line per class, in class order"
+            )
+        labels[output.name] = names
     return labels
 
 

@@ -268,7 +268,7 @@ class Runner:
         binding.bind_output("indices", device, device_id)
         session.run_with_iobinding(binding)
         values, indices = binding.copy_outputs_to_cpu()
-        return TopK(values, indices)
+        return TopK(values, indices, value.shape()[1])
 
 
 def _check_device(session: ort.InferenceSession, provider: str, device: Device,

@@ -33,3 +33,16 @@ def test_matches_full_sort_on_random_scores() -> None:
     out = top_k(scores, 5, None, batched=True)
     for row, strings in zip(scores, out, strict=True):
         assert [int(s.split(b":")[1]) for s in strings] == list(np.argsort(-row)[:5])
+
+
+def test_labels_must_be_one_per_class_when_classes_vary() -> None:
+    from onnxserve.serving.classification import best_k, class_strings
+    from onnxserve.serving.errors import InferenceFailedError
+
+    best = best_k(np.array([[0.1, 0.7, 0.2]]), 1)
+    assert class_strings(best, ["a", "b", "c"], "y").tolist() == [[b"0.700000:1:b"]]
+    with pytest.raises(InferenceFailedError, match="output 'y' has 3 classes per sample but "
+                                                   "its label file has 4 labels"):
+        class_strings(best, ["background", "a", "b", "c"], "y")
+    with pytest.raises(InferenceFailedError, match="has 3 classes"):
+        top_k(np.array([[0.1, 0.7, 0.2]]), 2, ["a", "b"], batched=True, output="y")

@@ -112,12 +112,35 @@ def test_version_policies() -> None:
 
 def test_label_file_must_stay_inside_the_model_folder(tmp_path: Path) -> None:
     config = mc.ModelConfig()
-    config.output.add(name="y", label_filename="../../etc/passwd")
+    config.output.add(name="y", label_filename="../../etc/passwd", dims=[2])
     with pytest.raises(ModelLoadError, match="outside the model folder"):
         read_labels(tmp_path, config)
     config.output[0].label_filename = "labels.txt"
     (tmp_path / "labels.txt").write_text("a\nb\n")
     assert read_labels(tmp_path, config) == {"y": ["a", "b"]}
+
+
+def test_label_count_must_match_the_classes(tmp_path: Path) -> None:
+    config = mc.ModelConfig()
+    config.output.add(name="probs", label_filename="labels.txt", dims=[10])
+    labels = tmp_path / "labels.txt"
+    # A "background" line first: every label would come back shifted by one.
+    labels.write_text("background\n" + "".join(f"c{i}\n" for i in range(10)))
+    with pytest.raises(ModelLoadError, match=r"output 'probs': label file 'labels.txt' has 11 "
+                                             r"labels but the output has 10 classes"):
+        read_labels(tmp_path, config)
+    labels.write_text("".join(f"c{i}\n" for i in range(9)))
+    with pytest.raises(ModelLoadError, match="has 9 labels but the output has 10 classes"):
+        read_labels(tmp_path, config)
+    # Trailing blank lines (and a byte order mark, CRLF line ends) do not count.
+    labels.write_bytes(b"\xef\xbb\xbf" + b"".join(b"c%d\r\n" % i for i in range(10)) + b"\n \n")
+    assert read_labels(tmp_path, config) == {"probs": [f"c{i}" for i in range(10)]}
+    # Classes are the elements per sample: dims [2, 5] are 10 classes.
+    config.output[0].dims[:] = [2, 5]
+    assert len(read_labels(tmp_path, config)["probs"]) == 10
+    # A variable class dimension is checked on each answer instead (test_classification).
+    config.output[0].dims[:] = [-1]
+    assert len(read_labels(tmp_path, config)["probs"]) == 10
 
 
 def test_load_model_reports_corrupt_file(tmp_path: Path) -> None:
