@@ -43,11 +43,14 @@ class ImageSpec:
     preprocessing: str
     #: the BYTES input the server decodes files from, when it offers one
     encoded_input: str | None = None
+    #: grey level transparent pixels are composited onto (the model's image_background)
+    background: int = images.BACKGROUNDS[images.DEFAULT_BACKGROUND]
 
     def sample_spec(self) -> images.ImageSpec:
         """The decoding spec for one sample (the same one the server uses)."""
         return images.ImageSpec(self.height, self.width, self.channels,
-                                np.dtype(_DTYPES[self.datatype]), self.preprocessing)
+                                np.dtype(_DTYPES[self.datatype]), self.preprocessing,
+                                background=self.background)
 
 
 def image_spec(metadata: ModelMetadata) -> ImageSpec:
@@ -68,8 +71,14 @@ def image_spec(metadata: ModelMetadata) -> ImageSpec:
     mode = str(metadata.parameters.get(PREPROCESSING_PARAMETER, "in_graph"))
     encoded = metadata.parameters.get(ENCODED_IMAGE_PARAMETER)
     encoded_name = str(encoded).split(":", 1)[0] if encoded else None
+    try:
+        background = images.background_level(
+            str(metadata.parameters.get(images.BACKGROUND_PARAMETER, "")),
+            f"model {metadata.name!r}")
+    except images.ModelLoadError as exc:
+        raise ImageInputError(str(exc)) from None
     return ImageSpec(tensor.name, tensor.datatype, shape[0], shape[1], shape[2], mode,
-                     encoded_name)
+                     encoded_name, background)
 
 
 def load_image(path: str | Path, spec: ImageSpec) -> np.ndarray:

@@ -4,7 +4,8 @@ A model opts in with the config parameter ``onnxserve.encoded_image_input`` nami
 input (shape [batch, 1]: one file per sample) that stands for its single image input
 (dims [H, W, C] NHWC, or [C, H, W] with ``format: FORMAT_NCHW``). Each file is decoded with
 Pillow (JPEG in draft mode: the decoder itself scales down by up to 8x when the photo is
-much larger than the input), resized so it covers H x W and centre-cropped, converted to
+much larger than the input), then made into the picture a viewer shows, at 8 bits per
+channel (see ``to_sample``), resized so it covers H x W and centre-cropped, converted to
 RGB or greyscale, and scaled per the model's ``onnxserve.preprocessing`` parameter
 (``in_graph``: pixels as they are). Clients that preprocess themselves use the same
 functions, so both paths give the model the same numbers.
@@ -30,6 +31,16 @@ if TYPE_CHECKING:
 ENCODED_IMAGE_PARAMETER = "onnxserve.encoded_image_input"
 PREPROCESSING_PARAMETER = "onnxserve.preprocessing"
 PREPROCESSING_MODES = ("in_graph", "unit", "tf", "caffe", "torch")
+#: what transparent pixels are composited onto: "black" (the default) or "white"
+BACKGROUND_PARAMETER = "onnxserve.image_background"
+BACKGROUNDS = {"black": 0, "white": 255}
+DEFAULT_BACKGROUND = "black"
+#: EXIF tag 0x0112: how the stored pixels must be turned to show the picture upright
+_EXIF_ORIENTATION = 0x0112
+#: orientations that swap width and height (the transposing and 90-degree ones)
+_SWAPPING_ORIENTATIONS = {5, 6, 7, 8}
+#: Pillow modes of 16-bit single-channel pixels (PNG, TIFF, PGM, ...)
+_SIXTEEN_BIT_MODES = {"I;16", "I;16L", "I;16B", "I;16N"}
 #: Larger images are refused before decoding (a small file can decode to gigabytes).
 MAX_PIXELS = 40_000_000
 
@@ -53,6 +64,8 @@ class ImageSpec:
     dtype: np.dtype
     preprocessing: str = "in_graph"
     channels_first: bool = False
+    #: grey level (0-255) that transparent pixels are composited onto
+    background: int = BACKGROUNDS[DEFAULT_BACKGROUND]
 
 
 @dataclass(frozen=True)
@@ -101,8 +114,64 @@ def resize_center_crop(image: Image.Image, height: int, width: int) -> Image.Ima
     return image.crop((left, top, left + width, top + height))
 
 
+def upright(image: Image.Image) -> Image.Image:
+    """The image turned the way its EXIF orientation tag says (phones store photos sideways
+    and tag them; every viewer turns them upright)."""
+    from PIL import ImageOps
+
+    if image.getexif().get(_EXIF_ORIENTATION, 1) == 1:
+        return image
+    return ImageOps.exif_transpose(image)
+
+
+def eight_bit(image: Image.Image) -> Image.Image:
+    """The image at 8 bits per channel, the same picture.
+
+    16-bit pixels are scaled by their bit depth (v * 255 / 65535, rounded), not clipped at
+    255 as Pillow's own conversion does. 32-bit integer (mode I) and floating-point (mode F)
+    pixels have no agreed range to scale from and are refused, except mode I from a PNG,
+    which can only hold 16-bit values (older Pillow releases open 16-bit PNGs that way).
+
+    Raises:
+        ImageError: for mode I (other than PNG) and F images, naming the mode.
+    """
+    from PIL import Image
+
+    mode = image.mode
+    if mode in _SIXTEEN_BIT_MODES or (mode == "I" and image.format == "PNG"):
+        wide = np.asarray(image).astype(np.uint32)
+        return Image.fromarray(((wide * 255 + 32767) // 65535).astype(np.uint8), "L")
+    if mode in ("I", "F"):
+        kind = "32-bit integer" if mode == "I" else "floating-point"
+        raise ImageError(f"the image has {kind} pixels (Pillow mode {mode}), which have no "
+                         "agreed 8-bit range; save it with 8 or 16 bits per channel")
+    return image
+
+
+def flatten_alpha(image: Image.Image, background: int) -> Image.Image:
+    """Transparent pixels composited onto a grey ``background`` (0-255), alpha removed.
+
+    Dropping alpha instead would show the colour stored under transparent pixels: a white
+    digit drawn on transparent white would become a white square.
+    """
+    from PIL import Image
+
+    if not image.has_transparency_data:
+        return image
+    rgba = image.convert("RGBA")
+    base = Image.new("RGBA", rgba.size, (background, background, background, 255))
+    return Image.alpha_composite(base, rgba).convert("RGB")
+
+
 def to_sample(image: Image.Image, spec: ImageSpec) -> np.ndarray:
-    """One opened PIL image as one model input sample."""
+    """One opened PIL image as one model input sample: upright (EXIF orientation), at 8 bits
+    per channel, transparency composited onto the spec's background, converted to RGB or
+    greyscale, resized to cover the input and centre-cropped, then scaled.
+
+    Raises:
+        ImageError: for pixel modes that cannot be shown at 8 bits (see ``eight_bit``).
+    """
+    image = flatten_alpha(eight_bit(upright(image)), spec.background)
     image = image.convert("L" if spec.channels == 1 else "RGB")
     image = resize_center_crop(image, spec.height, spec.width)
     pixels = np.asarray(image, dtype=np.uint8).reshape(spec.height, spec.width, spec.channels)
@@ -111,7 +180,8 @@ def to_sample(image: Image.Image, spec: ImageSpec) -> np.ndarray:
 
 
 def decode(data: bytes, spec: ImageSpec) -> np.ndarray:
-    """Decode one encoded image into one sample; ImageError says why it cannot."""
+    """Decode one encoded image into one sample (see ``to_sample``); ImageError says why it
+    cannot."""
     from PIL import Image, UnidentifiedImageError
 
     if not data:
@@ -121,8 +191,12 @@ def decode(data: bytes, spec: ImageSpec) -> np.ndarray:
             if opened.width * opened.height > MAX_PIXELS:
                 raise ImageError(f"the image is {opened.width}x{opened.height} pixels; at most "
                                  f"{MAX_PIXELS:,} are accepted")
-            # JPEG only: let the decoder scale down while it decodes (at least our size).
-            opened.draft("RGB" if spec.channels == 3 else "L", (spec.width, spec.height))
+            # JPEG only: let the decoder scale down while it decodes (at least our size,
+            # measured the way the stored pixels lie, before they are turned upright).
+            size = (spec.width, spec.height)
+            if opened.getexif().get(_EXIF_ORIENTATION, 1) in _SWAPPING_ORIENTATIONS:
+                size = (spec.height, spec.width)
+            opened.draft("RGB" if spec.channels == 3 else "L", size)
             return to_sample(opened, spec)
     except ImageError:
         raise
@@ -179,5 +253,21 @@ def encoded_image_input(config: ModelConfig) -> EncodedImageInput | None:
             raise ModelLoadError(f"model {config.name!r}: parameter "
                                  f"{PREPROCESSING_PARAMETER!r} is {mode!r}; expected one of "
                                  f"{', '.join(PREPROCESSING_MODES)}")
-    spec = ImageSpec(height, width, channels, datatype.numpy, mode, channels_first)
+    background = background_level(config.parameters[BACKGROUND_PARAMETER].string_value
+                                  if BACKGROUND_PARAMETER in config.parameters else "",
+                                  f"model {config.name!r}")
+    spec = ImageSpec(height, width, channels, datatype.numpy, mode, channels_first, background)
     return EncodedImageInput(name, tensor.name, spec)
+
+
+def background_level(value: str, where: str) -> int:
+    """The grey level of an ``onnxserve.image_background`` value ("" means the default).
+
+    Raises:
+        ModelLoadError: for anything but "black" or "white".
+    """
+    value = value.strip() or DEFAULT_BACKGROUND
+    if value not in BACKGROUNDS:
+        raise ModelLoadError(f"{where}: parameter {BACKGROUND_PARAMETER!r} is {value!r}; "
+                             f"expected one of {', '.join(BACKGROUNDS)}")
+    return BACKGROUNDS[value]

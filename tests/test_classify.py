@@ -76,3 +76,46 @@ def test_server_side_decoding_matches_client_preprocessing(
                             "--client-preprocessing")
     assert sent_as_files.returncode == 0 and decoded_here.returncode == 0
     assert sent_as_files.stdout == decoded_here.stdout
+
+
+def _digit_variants(samples: Path, out: Path) -> dict[str, list[Path]]:
+    """The held-out digits as users' files: a phone's sideways JPEG with an EXIF orientation
+    tag, a 16-bit PNG, and a white stroke on a transparent background."""
+    import numpy as np
+    from PIL import Image
+
+    made: dict[str, list[Path]] = {"exif": [], "16-bit": [], "alpha": []}
+    for path in sorted(samples.glob("digit_*.png")):
+        digit = Image.open(path).convert("L").resize((112, 112), Image.Resampling.BICUBIC)
+        exif = Image.Exif()
+        exif[0x0112] = 8  # "rotate 90 clockwise to view": stored turned the other way
+        target = out / f"exif_{path.stem}.jpg"
+        digit.transpose(Image.Transpose.ROTATE_270).save(target, quality=95, exif=exif)
+        made["exif"].append(target)
+        deep = (np.asarray(digit).astype(np.uint16) * 257)
+        target = out / f"deep_{path.name}"
+        Image.fromarray(deep).save(target)
+        made["16-bit"].append(target)
+        target = out / f"alpha_{path.name}"
+        Image.merge("LA", (Image.new("L", digit.size, 255), digit)).save(target)
+        made["alpha"].append(target)
+    return made
+
+
+def test_users_image_files_reach_the_model_as_they_look(
+    server: ServerProcess, samples: Path, tmp_path: Path
+) -> None:
+    for kind, paths in _digit_variants(samples, tmp_path).items():
+        outputs = []
+        for extra in ((), ("--client-preprocessing",)):
+            result = classify(*map(str, paths), "--url", server.url, "--model", "lenet5",
+                              "--top-k", "1", *extra)
+            assert result.returncode == 0, result.stderr
+            lines = result.stdout.strip().splitlines()
+            predicted = [line.split()[0] for line in lines[1::2]]
+            expected = [p.stem.split("_")[2] for p in paths]
+            correct = sum(a == b for a, b in zip(predicted, expected, strict=True))
+            assert correct >= 9, (kind, extra, predicted)
+            outputs.append(result.stdout)
+        # The server's decoding and the client's give the model the same numbers.
+        assert outputs[0] == outputs[1], kind

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import re
 from pathlib import Path
 
 import grpc
@@ -139,5 +140,121 @@ def test_server_decodes_encoded_images(tmp_path: Path) -> None:
                 assert text in err.value.message
             again = client.infer("m", {"image_bytes": files[:1]})["means"]
             assert again.tolist() == [[10, 20, 30]]
+    finally:
+        server.stop()
+
+
+# --- The image the user sees is the image the model sees ------------------------------------
+
+#: EXIF orientation -> the transpose that makes the stored pixels from the upright picture
+#: (the inverse of what a viewer applies).
+STORED = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180,
+          4: Image.Transpose.FLIP_TOP_BOTTOM, 5: Image.Transpose.TRANSPOSE,
+          6: Image.Transpose.ROTATE_90, 7: Image.Transpose.TRANSVERSE,
+          8: Image.Transpose.ROTATE_270}
+
+
+def _asymmetric(width: int = 12, height: int = 8) -> Image.Image:
+    """A picture that every flip and rotation changes: a bright top-left corner block."""
+    pixels = np.zeros((height, width, 3), np.uint8)
+    pixels[: height // 2, : width // 3] = (250, 40, 10)
+    pixels[-1, :] = (10, 40, 250)
+    return Image.fromarray(pixels)
+
+
+def _saved(image: Image.Image, fmt: str, orientation: int | None = None, **kwargs) -> bytes:
+    buffer = io.BytesIO()
+    if orientation is not None:
+        exif = Image.Exif()
+        exif[0x0112] = orientation
+        kwargs["exif"] = exif
+    image.save(buffer, format=fmt, **kwargs)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("orientation", sorted(STORED))
+def test_exif_orientation_is_applied(orientation: int) -> None:
+    upright = _asymmetric()
+    stored = upright.transpose(STORED[orientation])
+    spec = ImageSpec(8, 12, 3, np.dtype(np.uint8))
+    expected = decode(_saved(upright, "PNG"), spec)
+    assert not np.array_equal(decode(_saved(stored, "PNG"), spec), expected)
+    np.testing.assert_array_equal(decode(_saved(stored, "PNG", orientation), spec), expected)
+    # JPEG, through the draft-mode decoder: lossy, so compared within a margin.
+    big = upright.resize((upright.width * 40, upright.height * 40), Image.Resampling.NEAREST)
+    jpeg = _saved(big.transpose(STORED[orientation]), "JPEG", orientation, quality=95)
+    got = decode(jpeg, spec).astype(int)
+    assert np.abs(got - expected).mean() < 6, orientation
+
+
+def test_sixteen_bit_pixels_are_scaled_not_clipped() -> None:
+    ramp = np.linspace(0, 65535, 16 * 16).astype(np.uint16).reshape(16, 16)
+    eight = ((ramp.astype(np.uint32) * 255 + 32767) // 65535).astype(np.uint8)
+    spec = ImageSpec(16, 16, 1, np.dtype(np.uint8))
+    for fmt in ("PNG", "TIFF"):
+        got = decode(_saved(Image.fromarray(ramp), fmt), spec)[..., 0]
+        np.testing.assert_array_equal(got, eight)
+    big_endian = Image.frombytes("I;16B", (16, 16), ramp.astype(">u2").tobytes())
+    np.testing.assert_array_equal(decode(_saved(big_endian, "TIFF"), spec)[..., 0], eight)
+    # As colour: the same grey in each channel.
+    rgb = decode(_saved(Image.fromarray(ramp), "PNG"), ImageSpec(16, 16, 3, np.dtype(np.uint8)))
+    np.testing.assert_array_equal(rgb, np.repeat(eight[..., None], 3, axis=2))
+
+
+@pytest.mark.parametrize(("pixels", "mode"), [
+    (np.arange(64, dtype=np.int32).reshape(8, 8) * 1000, "32-bit integer pixels (Pillow mode I)"),
+    (np.linspace(0, 1, 64, dtype=np.float32).reshape(8, 8), "floating-point pixels (Pillow "
+                                                            "mode F)"),
+])
+def test_pixels_without_an_eight_bit_range_are_refused(pixels: np.ndarray, mode: str) -> None:
+    with pytest.raises(ImageError, match=re.escape(mode)):
+        decode(_saved(Image.fromarray(pixels), "TIFF"), ImageSpec(8, 8, 1, np.dtype(np.uint8)))
+
+
+def _white_on_transparent() -> Image.Image:
+    """A white stroke on fully transparent white: what drawing programs export."""
+    alpha = np.zeros((8, 8), np.uint8)
+    alpha[2:6, 3:5] = 255
+    return Image.merge("LA", (Image.new("L", (8, 8), 255), Image.fromarray(alpha)))
+
+
+def test_transparent_pixels_are_composited_onto_the_background() -> None:
+    stroke = np.zeros((8, 8), bool)
+    stroke[2:6, 3:5] = True
+    image = _white_on_transparent()
+    for source in (image, image.convert("RGBA"), image.convert("RGBA").convert("P")):
+        for background, level in (("black", 0), ("white", 255)):
+            spec = ImageSpec(8, 8, 1, np.dtype(np.uint8), background=level)
+            got = decode(_saved(source, "PNG"), spec)[..., 0]
+            assert (got[stroke] == 255).all() and (got[~stroke] == level).all(), (
+                source.mode, background)
+    # Half transparency blends.
+    half = Image.new("RGBA", (4, 4), (200, 100, 0, 128))
+    got = decode(_saved(half, "PNG"), ImageSpec(4, 4, 3, np.dtype(np.uint8)))
+    assert np.abs(got.astype(int) - [100, 50, 0]).max() <= 1
+
+
+def test_the_background_is_a_model_parameter() -> None:
+    config = IMAGE_CONFIG + ('parameters { key: "onnxserve.image_background" '
+                             'value { string_value: "white" } }\n')
+    assert encoded_image_input(parse_config(config, "t")).spec.background == 255
+    assert encoded_image_input(parse_config(IMAGE_CONFIG, "t")).spec.background == 0
+    with pytest.raises(ModelLoadError, match=re.escape(
+            "'onnxserve.image_background' is 'grey'; expected one of black, white")):
+        encoded_image_input(parse_config(config.replace('"white"', '"grey"'), "t"))
+
+
+def test_server_refuses_float_pixels_by_mode(tmp_path: Path) -> None:
+    channel_mean_model(tmp_path / "m" / "1" / "model.onnx")
+    write_config(tmp_path / "m", IMAGE_CONFIG)
+    server = start_server(tmp_path, tmp_path / "server.log")
+    try:
+        with Client(server.url) as client:
+            floats = _saved(Image.fromarray(np.ones((8, 8), np.float32)), "TIFF")
+            with pytest.raises(InferenceServerError) as err:
+                client.infer("m", {"image_bytes": np.array([[floats]], dtype=object)})
+            assert err.value.code == grpc.StatusCode.INVALID_ARGUMENT
+            assert "image 0: the image has floating-point pixels (Pillow mode F)" in (
+                err.value.message)
     finally:
         server.stop()
