@@ -88,7 +88,12 @@ def _add_serve(subparsers: argparse._SubParsersAction) -> None:
                    help="seconds between repository scans in poll mode (env "
                         "ONNXSERVE_REPOSITORY_POLL_SECS; default %(default)s)")
     p.add_argument("--load-model", action="append", default=[], metavar="NAME",
-                   help="in explicit mode, a model to load at start ('*': all); repeatable")
+                   help="in explicit mode, a model to load at start ('*': all); repeatable; "
+                        "a name with no folder in the repository stops the start")
+    p.add_argument("--model-name", default=env("MODEL_NAME", "") or None,
+                   help="name of the model when the repository holds a single .onnx file at "
+                        "its root (KServe's single-file layout; env ONNXSERVE_MODEL_NAME; "
+                        "default: the repository folder's name)")
     p.add_argument("--drain-seconds", type=float, default=float(env("DRAIN_SECONDS", "10")),
                    help="seconds admitted requests get to finish at shutdown, unload or "
                         "reload (env ONNXSERVE_DRAIN_SECONDS; default %(default)s)")
@@ -139,6 +144,7 @@ def _run_serve(args: argparse.Namespace) -> int:
             model_control_mode=args.model_control_mode,
             repository_poll_secs=args.repository_poll_secs,
             load_models=tuple(args.load_model),
+            model_name=args.model_name,
             drain_seconds=args.drain_seconds,
             max_queue_size=args.max_queue_size,
             metrics_port=args.metrics_port,
@@ -175,6 +181,7 @@ def _run_serve(args: argparse.Namespace) -> int:
                       "--log-format", args.log_format,
                       *_path_flags(args),
                       *(f"--load-model={name}" for name in args.load_model),
+                      *([f"--model-name={args.model_name}"] if args.model_name else []),
                       *(["--spinning", args.spinning] if args.spinning else [])]
         if args.intra_op_threads:
             serve_args += ["--intra-op-threads", str(args.intra_op_threads)]

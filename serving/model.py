@@ -162,7 +162,7 @@ def load_model(
 ) -> Model:
     """Load and warm up every version the policy selects (blocking: call it from a thread)."""
     started = time.perf_counter()
-    source = read_model(repository, name)
+    source = read_model(repository, name, settings.model_name)
     chosen = select_versions(source.config, list(source.versions))
     if not chosen:
         raise ModelLoadError(

@@ -33,7 +33,7 @@ from .errors import (
 from .logs import event
 from .metrics import Metrics
 from .model import Model, ModelVersion, load_model
-from .repository import fingerprint, list_models, valid_model_name
+from .repository import fingerprint, list_models, model_folder, valid_model_name
 from .settings import ServerSettings
 
 log = logging.getLogger(__name__)
@@ -78,14 +78,41 @@ class Registry:
     def control_mode(self) -> str:
         return self._settings.model_control_mode
 
-    async def load_initial(self) -> None:
-        """Load what the control mode loads at start; a model that fails is UNAVAILABLE."""
-        names = list_models(self._repository)
+    def _names(self) -> list[str]:
+        return list_models(self._repository, self._settings.model_name)
+
+    def _folder(self, name: str) -> Path:
+        return model_folder(self._repository, name, self._settings.model_name)
+
+    def initial_models(self) -> list[str]:
+        """The models the control mode loads at start, checked before anything loads.
+
+        Raises:
+            NotFoundError: a ``--load-model`` name has no folder in the repository (a typo
+                would otherwise leave a server that starts, serves nothing and says why only
+                in its log).
+        """
+        names = self._names()
         if self.control_mode == "explicit":
             requested = self._settings.load_models
-            names = names if "*" in requested else list(dict.fromkeys(requested))
-        elif not names:
-            log.warning("model repository %s holds no model folders", self._repository)
+            if "*" in requested:
+                return names
+            missing = [n for n in dict.fromkeys(requested) if n not in names]
+            if missing:
+                raise NotFoundError(
+                    f"--load-model {', '.join(repr(n) for n in missing)}: no such model in "
+                    f"the model repository {self._repository}; it holds "
+                    f"{', '.join(names) or 'no model folders'}")
+            return list(dict.fromkeys(requested))
+        if not names:
+            log.warning("model repository %s holds no model folders (nor a single .onnx "
+                        "file): the server stays not ready", self._repository)
+        return names
+
+    async def load_initial(self, names: list[str] | None = None) -> None:
+        """Load ``names`` (default: ``initial_models()``); a model that fails is UNAVAILABLE."""
+        if names is None:
+            names = self.initial_models()
         for name in names:
             try:
                 await self.load(name)
@@ -105,7 +132,7 @@ class Registry:
                 f"invalid model name {name[:130]!r}: expected at most 128 letters, digits, "
                 "'_', '.' or '-', not starting with '.' or '-'"
             )
-        if not (self._repository / name).is_dir():
+        if not self._folder(name).is_dir():
             raise NotFoundError(f"model {name!r} has no folder in the model repository")
 
     async def load(self, name: str) -> ModelEntry:
@@ -117,7 +144,7 @@ class Registry:
             if serving is None:
                 self._entries[name] = ModelEntry(name, LOADING)
                 await self._changed()
-            seen = fingerprint(self._repository / name)
+            seen = fingerprint(self._folder(name))
             try:
                 model = await asyncio.to_thread(
                     load_model, self._repository, name, self._settings, self._metrics
@@ -175,14 +202,14 @@ class Registry:
     async def poll(self) -> None:
         """Bring the loaded models in line with the repository (poll mode's rescan)."""
         try:
-            present = set(list_models(self._repository))
+            present = set(self._names())
         except ModelLoadError as exc:
             log.error("cannot poll the model repository: %s", exc)
             return
         for name in sorted(present):
             entry = self._entries.get(name)
             if entry is None or not entry.wanted or (
-                    fingerprint(self._repository / name) != entry.fingerprint):
+                    fingerprint(self._folder(name)) != entry.fingerprint):
                 await self.load(name)
         for name in sorted(set(self._entries) - present):
             if self._entries[name].wanted:
@@ -208,7 +235,7 @@ class Registry:
         """The ready model and version a request names; NotFound / Unavailable otherwise."""
         entry = self._entries.get(name)
         if entry is None:
-            if valid_model_name(name) and (self._repository / name).is_dir():
+            if valid_model_name(name) and self._folder(name).is_dir():
                 raise UnavailableError(
                     f"model {name!r} is not loaded (model control mode {self.control_mode})")
             known = ", ".join(sorted(self._entries)) or "none"
@@ -228,7 +255,7 @@ class Registry:
     def index(self) -> list[ModelEntry]:
         """Every model in the repository or held, with its state ("" if never loaded)."""
         try:
-            names = set(list_models(self._repository))
+            names = set(self._names())
         except ModelLoadError:
             names = set()
         names |= set(self._entries)
@@ -236,8 +263,18 @@ class Registry:
 
     @property
     def all_ready(self) -> bool:
-        """True when every model the server is meant to serve is loaded (strict readiness)."""
-        return all(e.state == READY for e in self._entries.values() if e.wanted)
+        """Strict readiness: every model the server is meant to serve is loaded, and at least
+        one is.
+
+        A server holding no model answers every request NOT_FOUND; reporting it ready
+        would make an orchestrator route traffic to it and retire a healthy replica. The
+        one exception is explicit mode started without --load-model: it was asked to start
+        empty and wait for RepositoryModelLoad.
+        """
+        wanted = [e for e in self._entries.values() if e.wanted]
+        if not wanted:
+            return self.control_mode == "explicit" and not self._settings.load_models
+        return all(e.state == READY for e in wanted)
 
     async def close(self) -> None:
         for task in list(self._retired):

@@ -4,6 +4,11 @@
     <repository>/<model>/<label file>          optional, one class name per line
     <repository>/<model>/<version>/model.onnx  integer version folders
 
+A repository with no model folders and one ``.onnx`` file at its root is KServe's
+single-file layout (what its storage initializer puts in /mnt/models for a storageUri that
+names a file): one model, version 1, named by ``--model-name`` or after the folder, with an
+optional config.pbtxt and label file beside the file.
+
 ``complete_config`` fills in what the ONNX file implies when the config is partial
 and rejects a config that contradicts the file, naming the field.
 """
@@ -71,13 +76,52 @@ def _size_and_time(path: Path) -> tuple[int, int]:
     return stat.st_size, stat.st_mtime_ns
 
 
-def list_models(repository: Path) -> list[str]:
-    """Names of the model folders in the repository, sorted."""
+def _model_folders(repository: Path) -> list[str]:
     if not repository.is_dir():
         raise ModelLoadError(f"model repository {repository} is not a directory")
     return sorted(
         p.name for p in repository.iterdir() if p.is_dir() and valid_model_name(p.name)
     )
+
+
+def single_file_model(repository: Path, name: str | None = None) -> tuple[str, Path] | None:
+    """KServe's single-file layout: (model name, model file) when the repository has no model
+    folders and exactly one ``.onnx`` file at its root; None otherwise.
+
+    The name is ``name`` (``--model-name``) or the repository folder's own name.
+
+    Raises:
+        ModelLoadError: the layout is single-file but the name is not a valid model name.
+    """
+    try:
+        if _model_folders(repository):
+            return None
+        files = [p for p in repository.iterdir() if p.suffix == ".onnx" and p.is_file()]
+    except OSError:
+        return None
+    if len(files) != 1:
+        return None
+    model_name = name or repository.resolve().name
+    if not valid_model_name(model_name):
+        raise ModelLoadError(
+            f"the model file {files[0].name} at the root of {repository} needs a model name: "
+            f"{model_name!r} is not one (at most 128 letters, digits, '_', '.' or '-'); "
+            "give one with --model-name")
+    return model_name, files[0]
+
+
+def list_models(repository: Path, single_name: str | None = None) -> list[str]:
+    """Names of the models in the repository, sorted: its model folders, or the one model of
+    the single-file layout (named ``single_name`` or after the folder)."""
+    single = single_file_model(repository, single_name)
+    return [single[0]] if single else _model_folders(repository)
+
+
+def model_folder(repository: Path, name: str, single_name: str | None = None) -> Path:
+    """The folder holding model ``name``'s config and labels (the repository itself in the
+    single-file layout)."""
+    single = single_file_model(repository, single_name)
+    return repository if single and single[0] == name else repository / name
 
 
 def parse_config(text: str, source: str) -> ModelConfig:
@@ -90,11 +134,15 @@ def parse_config(text: str, source: str) -> ModelConfig:
     return config
 
 
-def read_model(repository: Path, name: str) -> ModelSource:
-    """Read one model's config and find its version folders (all of them, unfiltered)."""
+def read_model(repository: Path, name: str, single_name: str | None = None) -> ModelSource:
+    """Read one model's config and find its version folders (all of them, unfiltered).
+
+    ``single_name`` is the name given to the model of a single-file repository.
+    """
     if not valid_model_name(name):
         raise ModelLoadError(f"invalid model name {name[:MAX_MODEL_NAME + 1]!r}")
-    path = repository / name
+    single = single_file_model(repository, single_name)
+    path = repository if single and single[0] == name else repository / name
     if not path.is_dir():
         raise ModelLoadError(f"model {name!r} has no folder in {repository}")
     config_path = path / CONFIG_FILE
@@ -118,6 +166,8 @@ def read_model(repository: Path, name: str) -> ModelSource:
         )
     if config.max_batch_size < 0:
         raise ModelLoadError(f"{config_path}: max_batch_size must be >= 0")
+    if single and path == repository:
+        return ModelSource(name, path, config, has_config, {1: single[1]})
     filename = config.default_model_filename or DEFAULT_MODEL_FILE
     versions = {
         int(p.name): p / filename

@@ -13,6 +13,7 @@ from grpc_reflection.v1alpha import reflection
 from onnxserve.protos import inference_pb2, inference_pb2_grpc
 
 from .auth import BearerTokenInterceptor, read_token, server_credentials
+from .errors import ModelLoadError, NotFoundError
 from .grpc_service import InferenceService
 from .metrics import Metrics, registry_gauges
 from .providers import announce
@@ -65,6 +66,10 @@ async def serve(settings: ServerSettings, stop: asyncio.Event | None = None) -> 
     registry = Registry(settings.model_repository, settings, on_change=models_changed,
                         metrics=metrics)
     metrics.watch(registry_gauges(registry.index))
+    try:
+        initial_models = registry.initial_models()
+    except (NotFoundError, ModelLoadError) as exc:  # before any port opens
+        raise StartupError(str(exc)) from None
     service = InferenceService(registry, metrics)
     interceptors = []
     if settings.auth_token_file is not None:
@@ -108,7 +113,7 @@ async def serve(settings: ServerSettings, stop: asyncio.Event | None = None) -> 
 
     if settings.providers != "cpu":
         await asyncio.to_thread(announce, settings.providers)
-    await registry.load_initial()
+    await registry.load_initial(initial_models)
     started = True
     await _update_health(health_servicer, registry, ready=True)
     ready = sum(e.state == READY for e in registry.entries())

@@ -49,6 +49,9 @@ class ServerSettings:
     repository_poll_secs: float = 15.0
     #: models loaded at start in explicit mode ("*": all)
     load_models: tuple[str, ...] = ()
+    #: the name of the model of a single-file repository (KServe's layout: one .onnx file
+    #: at the root); None names it after the repository folder
+    model_name: str | None = None
     #: seconds admitted requests get to finish at shutdown, unload or reload
     drain_seconds: float = 10.0
     #: queued requests per model version beyond which new ones are refused (a config's

@@ -166,6 +166,7 @@ def test_kserve_runtime_and_inference_service() -> None:
     assert container["name"] == "kserve-container" and container["command"] == ["onnxserve"]
     args = build_parser().parse_args(container["args"])
     assert str(args.model_repository) == "/mnt/models"  # where KServe puts storageUri
+    assert args.model_name == "{{.Name}}"  # a single-file storageUri's model: the service's name
     assert spec["grpcDataEndpoint"] == f"port:{args.grpc_port}"
     assert {"name": "h2c", "containerPort": args.grpc_port}.items() <= container["ports"][0].items()
     assert (service["apiVersion"], service["kind"]) == ("serving.kserve.io/v1beta1",
