@@ -12,6 +12,7 @@ from .accelerators import resolve_buckets
 from .devices import place_instances
 from .errors import ModelLoadError, NotFoundError
 from .execution import ExecutionPlan, plan_execution, should_run_inline
+from .external_data import check_external_data
 from .images import EncodedImageInput, encoded_image_input
 from .logs import event
 from .metrics import Metrics
@@ -179,6 +180,7 @@ def load_model(
     versions: dict[int, ModelVersion] = {}
     for number in chosen:
         path = source.versions[number]
+        check_external_data(path, source.path)
         runners = _build_runners(path, name, plan, settings)
         version_config = complete_config(source, runners[0].signature)
         if config is not None and version_config.input != config.input:

@@ -16,6 +16,7 @@ and rejects a config that contradicts the file, naming the field.
 from __future__ import annotations
 
 import math
+import os
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -60,20 +61,38 @@ def valid_model_name(name: str) -> bool:
 
 
 def fingerprint(model_dir: Path) -> tuple:
-    """A model folder's files as (relative path, size, mtime): equal means unchanged."""
+    """A model folder's files as (relative path, size, mtime, device, inode): equal means
+    unchanged.
+
+    Symlinked folders and files are followed, as loading follows them (Triton serves
+    linked model and version folders): a retargeted link, a changed file behind a link or
+    a new linked version changes the fingerprint. The inode tells apart two files of the
+    same size and time. A folder linked into itself is walked once.
+    """
+    entries = []
+    seen: set[tuple[int, int]] = set()
     try:
-        files = sorted(p for p in model_dir.rglob("*") if p.is_file())
-        return tuple((str(p.relative_to(model_dir)), *_size_and_time(p)) for p in files)
+        for folder, dirs, files in os.walk(model_dir, followlinks=True):
+            here = os.stat(folder)
+            if (here.st_dev, here.st_ino) in seen:
+                dirs[:] = []
+                continue
+            seen.add((here.st_dev, here.st_ino))
+            dirs.sort()
+            for name in sorted(files):
+                path = Path(folder) / name
+                entries.append((str(path.relative_to(model_dir)), *_file_identity(path)))
     except OSError:
         return ()
+    return tuple(entries)
 
 
-def _size_and_time(path: Path) -> tuple[int, int]:
+def _file_identity(path: Path) -> tuple[int, int, int, int]:
     try:
         stat = path.stat()
-    except OSError:  # removed while we looked
-        return -1, -1
-    return stat.st_size, stat.st_mtime_ns
+    except OSError:  # removed while we looked, or a dangling link
+        return -1, -1, -1, -1
+    return stat.st_size, stat.st_mtime_ns, stat.st_dev, stat.st_ino
 
 
 def _model_folders(repository: Path) -> list[str]:
@@ -169,6 +188,11 @@ def read_model(repository: Path, name: str, single_name: str | None = None) -> M
     if single and path == repository:
         return ModelSource(name, path, config, has_config, {1: single[1]})
     filename = config.default_model_filename or DEFAULT_MODEL_FILE
+    if filename != Path(filename).name or filename in (".", "..") or "\\" in filename \
+            or "\0" in filename:
+        raise ModelLoadError(
+            f"{config_path}: default_model_filename {filename[:200]!r} must be a file name in "
+            "the version folder, not a path")
     versions = {
         int(p.name): p / filename
         for p in path.iterdir()
