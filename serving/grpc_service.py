@@ -276,6 +276,7 @@ class InferenceService(inference_pb2_grpc.GRPCInferenceServiceServicer):
                 inputs, batch_size = decode_inputs(request, model)
                 if model.images is not None and model.images.name in inputs:
                     inputs = await self._decode_images(inputs, model.images)
+                inputs = model.to_model_inputs(inputs, batch_size)
                 names = model.rules.check_outputs([o.name for o in request.outputs])
                 classification = classification_counts(request)
                 # Batched models find the k best where the batch runs (on its device).
@@ -289,6 +290,7 @@ class InferenceService(inference_pb2_grpc.GRPCInferenceServiceServicer):
                     if attempt == 2:
                         raise
                     continue
+                outputs = model.to_client_outputs(outputs)
                 response = encode_response(
                     request, model, version.version, names, outputs, classification
                 )

@@ -8,9 +8,13 @@ import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+import numpy as np
+
 from .accelerators import resolve_buckets
+from .classification import TopK
+from .config_support import check_config_support
 from .devices import place_instances
-from .errors import ModelLoadError, NotFoundError
+from .errors import InferenceFailedError, InvalidInputError, ModelLoadError, NotFoundError
 from .execution import ExecutionPlan, plan_execution, should_run_inline
 from .external_data import check_external_data
 from .images import EncodedImageInput, encoded_image_input
@@ -38,6 +42,9 @@ from .warmup import (
 )
 
 log = logging.getLogger(__name__)
+
+#: what the scheduler hands back per output: the array, or its top-k classes
+OutputValue = np.ndarray | TopK
 
 
 @dataclass
@@ -70,10 +77,62 @@ class Model:
     #: the BYTES input of encoded images that stands for the image input, if any
     images: EncodedImageInput | None = field(init=False)
 
+    #: inputs the config reshapes: name -> the model's per-sample shape
+    input_reshapes: dict[str, tuple[int, ...]] = field(init=False)
+    #: outputs the config reshapes: name -> the clients' per-sample shape (dims)
+    output_reshapes: dict[str, tuple[int, ...]] = field(init=False)
+
     def __post_init__(self) -> None:
         self.images = encoded_image_input(self.config)
         substitutes = {self.images.name: self.images.target} if self.images else {}
         self.rules = InputRules(self.config, substitutes)
+        self.input_reshapes = {t.name: tuple(t.reshape.shape) for t in self.config.input
+                               if t.HasField("reshape")}
+        self.output_reshapes = {t.name: tuple(t.dims) for t in self.config.output
+                                if t.HasField("reshape")}
+
+    def to_model_inputs(self, inputs: dict[str, np.ndarray],
+                        batch_size: int) -> dict[str, np.ndarray]:
+        """Request inputs (config ``dims``) in the shapes the model takes (``reshape``).
+
+        Raises:
+            InvalidInputError: a variable-size input whose elements do not fill the shape.
+        """
+        if not self.input_reshapes:
+            return inputs
+        reshaped = dict(inputs)
+        for name, shape in self.input_reshapes.items():
+            if name in inputs:
+                target = (batch_size, *shape) if self.config.max_batch_size > 0 else shape
+                try:
+                    reshaped[name] = inputs[name].reshape(target)
+                except ValueError:
+                    raise InvalidInputError(
+                        f"input {name!r}: shape {list(inputs[name].shape)} cannot be reshaped "
+                        f"to the model's {list(target)} (config reshape)") from None
+        return reshaped
+
+    def to_client_outputs(self, outputs: dict[str, OutputValue]) -> dict[str, OutputValue]:
+        """Model outputs (``reshape``) in the shapes clients get (config ``dims``); top-k
+        results are per class and stay as they are.
+
+        Raises:
+            InferenceFailedError: an output whose elements do not fill its dims.
+        """
+        if not self.output_reshapes:
+            return outputs
+        reshaped = dict(outputs)
+        for name, dims in self.output_reshapes.items():
+            value = outputs.get(name)
+            if isinstance(value, np.ndarray):
+                target = (len(value), *dims) if self.config.max_batch_size > 0 else dims
+                try:
+                    reshaped[name] = value.reshape(target)
+                except ValueError:
+                    raise InferenceFailedError(
+                        f"output {name!r}: the model returned shape {list(value.shape)}, which "
+                        f"cannot be reshaped to dims {list(target)} (config reshape)") from None
+        return reshaped
 
     def version(self, requested: str) -> ModelVersion:
         """The version a request names, or the newest loaded one when it names none."""
@@ -123,9 +182,11 @@ class Model:
 def queue_policy(config: ModelConfig, default_max_queue_size: int = 0) -> QueuePolicy:
     """The scheduler's queue policy from dynamic_batching.default_queue_policy."""
     batching = config.dynamic_batching
-    if batching.priority_levels or batching.priority_queue_policy:
+    if batching.priority_levels or batching.priority_queue_policy or \
+            batching.default_priority_level:
         raise ModelLoadError(
-            f"model {config.name!r}: dynamic_batching.priority_levels / priority_queue_policy "
+            f"model {config.name!r}: dynamic_batching.priority_levels / priority_queue_policy / "
+            "default_priority_level "
             "are not supported; remove them (every request shares one queue)"
         )
     source = batching.default_queue_policy
@@ -164,6 +225,8 @@ def load_model(
     """Load and warm up every version the policy selects (blocking: call it from a thread)."""
     started = time.perf_counter()
     source = read_model(repository, name, settings.model_name)
+    for note in check_config_support(source.config):
+        log.info("model %s: %s", name, note)
     chosen = select_versions(source.config, list(source.versions))
     if not chosen:
         raise ModelLoadError(

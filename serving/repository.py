@@ -274,6 +274,32 @@ def _config_dims(spec: TensorSpec, batched: bool, where: str) -> list[int]:
     return list(spec.shape)
 
 
+def model_dims(tensor: model_config_pb2.ModelInput | model_config_pb2.ModelOutput) -> list[int]:
+    """The per-sample shape the model itself takes or gives: ``reshape.shape`` when the
+    config reshapes the tensor, else ``dims`` (what clients send and receive)."""
+    return list(tensor.reshape.shape) if tensor.HasField("reshape") else list(tensor.dims)
+
+
+def _check_reshape(tensor, onnx_dims: list[int], where: str) -> None:
+    """Triton's reshape: clients use ``dims``, the model ``reshape.shape``; same elements."""
+    shape, dims = list(tensor.reshape.shape), list(tensor.dims)
+    if not dims:
+        raise ModelLoadError(f"{where}: reshape needs dims (the shape clients use)")
+    if len(shape) != len(onnx_dims) or any(
+            r != o and o != -1 for r, o in zip(shape, onnx_dims, strict=True)):
+        raise ModelLoadError(
+            f"{where}: reshape shape {shape} does not match the ONNX file's {onnx_dims}")
+    variable = (sum(d < 0 for d in dims), sum(d < 0 for d in shape))
+    if variable[0] > 1 or variable[1] > 1 or (variable[0] == 0) != (variable[1] == 0):
+        raise ModelLoadError(
+            f"{where}: dims {dims} and reshape shape {shape} must both be fixed, or have one "
+            "variable (-1) dimension each")
+    if variable == (0, 0) and math.prod(dims) != math.prod(shape):
+        raise ModelLoadError(
+            f"{where}: dims {dims} hold {math.prod(dims)} elements but reshape shape {shape} "
+            f"holds {math.prod(shape)}")
+
+
 def _complete_tensors(config_tensors, specs: tuple[TensorSpec, ...], batched: bool, kind: str):
     by_name_ = {s.name: s for s in specs}
     if not config_tensors:
@@ -297,9 +323,10 @@ def _complete_tensors(config_tensors, specs: tuple[TensorSpec, ...], batched: bo
                 f"{where}: data_type is {model_config_pb2.DataType.Name(tensor.data_type)} but "
                 f"the ONNX file says {spec.datatype}"
             )
-        if tensor.HasField("reshape"):
-            raise ModelLoadError(f"{where}: reshape is not supported")
         onnx_dims = _config_dims(spec, batched, where)
+        if tensor.HasField("reshape"):
+            _check_reshape(tensor, onnx_dims, where)
+            continue
         if not tensor.dims:
             tensor.dims.extend(onnx_dims)
         elif len(tensor.dims) != len(onnx_dims) or any(

@@ -27,7 +27,7 @@ from onnxserve.protos.codec import TensorCodecError, decode_raw
 from onnxserve.protos.datatypes import Datatype, by_config_type
 
 from .errors import InferenceFailedError, InvalidInputError, ModelLoadError
-from .repository import ModelConfig
+from .repository import ModelConfig, model_dims
 from .runner import Runner
 from .scheduler import check_output_rows
 
@@ -134,6 +134,8 @@ def samples_from_config(config: ModelConfig, model_dir: Path) -> list[WarmupSamp
                 one = _random(datatype.name, dims, datatype.numpy, rng)
             else:
                 one = _zeros(datatype.name, dims, datatype.numpy)
+            # entries give the clients' dims; the model may take them reshaped
+            one = one.reshape(model_dims(declared[name]))
             inputs[name] = np.repeat(one[np.newaxis], entry.batch_size, axis=0) if batched \
                 else one
         samples.append(WarmupSample(entry.name or f"warmup {index}",
@@ -151,7 +153,7 @@ def default_samples(config: ModelConfig,
     """Zeros at each of ``sizes``; by default batch 1, each preferred batch size and the
     largest batch (or unbatched)."""
     inputs = [t for t in config.input if not t.optional]
-    if any(d < 0 for t in inputs for d in t.dims):
+    if any(d < 0 for t in inputs for d in model_dims(t)):
         log.info("model %s: no default warm-up (an input has a variable dimension); add "
                  "model_warmup to its config", config.name)
         return []
@@ -168,7 +170,7 @@ def default_samples(config: ModelConfig,
         arrays = {}
         for tensor in inputs:
             datatype = by_config_type(tensor.data_type)
-            shape = [size, *tensor.dims] if size else list(tensor.dims)
+            shape = [size, *model_dims(tensor)] if size else model_dims(tensor)
             arrays[tensor.name] = _zeros(datatype.name, shape, datatype.numpy)
         samples.append(WarmupSample(f"batch {size}" if size else "default", size, arrays,
                                     DEFAULT_RUNS))

@@ -1,4 +1,5 @@
-"""Dump the fields of protobuf modules as JSON: ``python proto_dump.py ours|tritonclient``.
+"""Dump the fields of protobuf modules as JSON:
+``python proto_dump.py ours|tritonclient|tritonclient_model_config``.
 
 Run as a separate process for tritonclient: its modules and ours register the same
 ``inference.*`` names and cannot share one process's descriptor pool.
@@ -38,6 +39,11 @@ def dump(modules) -> dict:
 
 
 def main(which: str) -> None:
+    if which == "tritonclient_model_config":
+        from tritonclient.grpc import model_config_pb2
+
+        json.dump(dump([model_config_pb2]), sys.stdout)
+        return
     if which == "tritonclient":
         from tritonclient.grpc import model_config_pb2, service_pb2
     else:

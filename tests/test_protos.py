@@ -69,6 +69,15 @@ def test_every_field_matches_triton() -> None:
     assert not mismatches, "\n".join(mismatches)
 
 
+def test_every_triton_model_config_field_parses() -> None:
+    # A config.pbtxt that Triton parses must parse here too (what onnxserve then does with
+    # each field is serving/config_support.py's decision, not a parse error).
+    ours, triton = _dump("ours"), _dump("tritonclient_model_config")
+    missing = [f"{message}.{name}" for message, fields in triton.items()
+               for name in fields if name not in ours.get(message, {})]
+    assert not missing, "\n".join(missing)
+
+
 def test_core_kserve_field_numbers() -> None:
     ours = _dump("ours")
     assert ours["inference.ModelInferRequest"]["raw_input_contents"][0] == 7
