@@ -34,6 +34,8 @@ _TOPK_TYPES = {"tensor(float)": "float32", "tensor(float16)": "float16",
 
 log = logging.getLogger(__name__)
 
+_ORT_INVALID_ARGUMENT = ort.capi.onnxruntime_pybind11_state.InvalidArgument
+
 # onnxruntime's element type strings and the protocol datatype of each.
 _ORT_TYPES = {
     "tensor(bool)": "BOOL",
@@ -193,7 +195,7 @@ class Runner:
         try:
             results = self._session.run(names, inputs)
         except Exception as exc:
-            raise InferenceFailedError(f"onnxruntime failed: {exc}") from exc
+            raise runtime_error(exc) from exc
         return dict(zip(names, results, strict=True))
 
     def run_with_top_k(
@@ -214,7 +216,7 @@ class Runner:
         except InvalidInputError:
             raise
         except Exception as exc:
-            raise InferenceFailedError(f"onnxruntime failed: {exc}") from exc
+            raise runtime_error(exc) from exc
         best = {name: best_k(_rows(results[name]), k) for name, k in top_k.items()}
         return {name: results[name] for name in names}, best
 
@@ -269,6 +271,20 @@ class Runner:
         session.run_with_iobinding(binding)
         values, indices = binding.copy_outputs_to_cpu()
         return TopK(values, indices, value.shape()[1])
+
+
+def runtime_error(exc: Exception) -> InvalidInputError | InferenceFailedError:
+    """The serving error for an exception onnxruntime raised while running a batch.
+
+    onnxruntime's INVALID_ARGUMENT status (its ``InvalidArgument`` exception) means the
+    inputs cannot be computed: an image smaller than a convolution's kernel, an index out
+    of range. That is the request's fault (INVALID_ARGUMENT), not the server's; every other
+    failure is the model's or the runtime's (INTERNAL).
+    """
+    if isinstance(exc, _ORT_INVALID_ARGUMENT):
+        text = str(exc).replace("[ONNXRuntimeError] : 2 : INVALID_ARGUMENT : ", "")
+        return InvalidInputError(f"the model cannot compute this input: {text}")
+    return InferenceFailedError(f"onnxruntime failed: {exc}")
 
 
 def _check_device(session: ort.InferenceSession, provider: str, device: Device,

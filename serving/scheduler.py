@@ -33,8 +33,10 @@ from .classification import TopK
 from .errors import (
     DeadlineExceededError,
     InferenceFailedError,
+    InvalidInputError,
     ResourceExhaustedError,
     SchedulerClosedError,
+    ServingError,
     UnavailableError,
 )
 from .inflight import InFlight
@@ -306,7 +308,7 @@ class Scheduler:
             (result,) = self._run_batch(self._runners[0], self._inline_buffers, [pending])
             ok = True
             return result
-        except InferenceFailedError:
+        except ServingError:
             raise
         except Exception as exc:
             log.exception("batch of model %s failed", self._name)
@@ -401,6 +403,17 @@ class Scheduler:
                     results = await loop.run_in_executor(
                         self._executor, self._run_batch, runner, buffers, batch
                     )
+            except InvalidInputError as exc:
+                # One request's input the model cannot compute must not fail the others
+                # batched with it: run each alone, so only the culprits fail.
+                if len(batch) == 1:
+                    self._settle(batch, [exc])
+                elif self._inline:
+                    self._settle(batch, self._run_each(runner, buffers, batch))
+                else:
+                    self._settle(batch, await loop.run_in_executor(
+                        self._executor, self._run_each, runner, buffers, batch))
+                continue
             except asyncio.CancelledError:
                 for pending in batch:
                     if not pending.future.done():
@@ -419,6 +432,32 @@ class Scheduler:
             for pending, outputs in zip(batch, results, strict=True):
                 if not pending.future.done():
                     pending.future.set_result(outputs)
+
+    def _run_each(self, runner: Runner, buffers: _Buffers,
+                  batch: list[_Pending]) -> list[dict[str, np.ndarray | TopK] | Exception]:
+        """Run each request of a failed batch alone: its outputs, or its own failure."""
+        results: list[dict[str, np.ndarray | TopK] | Exception] = []
+        for pending in batch:
+            try:
+                (result,) = self._run_batch(runner, buffers, [pending])
+            except ServingError as exc:
+                result = exc
+            except Exception as exc:
+                log.exception("request of model %s failed", self._name)
+                result = InferenceFailedError(f"model {self._name} failed: {exc}")
+            results.append(result)
+        return results
+
+    @staticmethod
+    def _settle(batch: list[_Pending],
+                results: Sequence[dict[str, np.ndarray | TopK] | Exception]) -> None:
+        for pending, result in zip(batch, results, strict=True):
+            if pending.future.done():
+                continue
+            if isinstance(result, Exception):
+                pending.future.set_exception(result)
+            else:
+                pending.future.set_result(result)
 
     def _padded(self, rows: int) -> int:
         """The smallest bucket that holds ``rows`` (``rows`` itself without buckets)."""

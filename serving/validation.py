@@ -67,6 +67,14 @@ class InputRules:
                 raise InvalidInputError(
                     f"input {name!r}: expected shape {want_shape}, got {list(shape)}"
                 )
+            first = 1 if self.max_batch_size > 0 else 0  # the batch size is checked below
+            empty = [i for i, (s, e) in enumerate(zip(shape, want_shape, strict=True))
+                     if i >= first and e == -1 and s == 0]
+            if empty:
+                raise InvalidInputError(
+                    f"input {name!r}: shape {list(shape)} has an empty variable dimension "
+                    f"(index {empty[0]}); variable dimensions must be at least 1"
+                )
             if self.max_batch_size > 0:
                 batch = shape[0]
                 if not 1 <= batch <= self.max_batch_size:

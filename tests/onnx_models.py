@@ -109,3 +109,20 @@ def one_row_model(path: Path, size: int = 4) -> Path:
         helper.make_node("Compress", ["x", "keep"], ["s"], axis=0),
     ]
     return _save(helper.make_graph(nodes, "one_row", [x], [y, s], initializer=[keep]), path)
+
+
+def variable_image_model(path: Path, classes: int = 4) -> Path:
+    """Float images of any size [N, H, W, 3] -> [N, classes]: a 3x3 convolution
+    without padding, global average pooling, as Keras' Input((None, None, 3)) exports."""
+    import numpy as np
+
+    x = helper.make_tensor_value_info("images", TensorProto.FLOAT, ["N", "H", "W", 3])
+    y = helper.make_tensor_value_info("scores", TensorProto.FLOAT, ["N", classes])
+    weight = np.random.default_rng(0).standard_normal((classes, 3, 3, 3)).astype(np.float32)
+    nodes = [helper.make_node("Transpose", ["images"], ["t"], perm=[0, 3, 1, 2]),
+             helper.make_node("Conv", ["t", "w"], ["c"]),
+             helper.make_node("GlobalAveragePool", ["c"], ["g"]),
+             helper.make_node("Flatten", ["g"], ["scores"])]
+    graph = helper.make_graph(nodes, "variable_image", [x], [y],
+                              initializer=[numpy_helper.from_array(weight, "w")])
+    return _save(graph, path)

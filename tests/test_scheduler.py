@@ -502,3 +502,28 @@ def test_padding_and_top_k_are_checked_too() -> None:
 
     result = run(_with_scheduler(runner, body, max_batch_size=8, batch_buckets=(4, 8)))
     np.testing.assert_array_equal(result["y"], np.full((3, 2), 2.0))
+
+
+@pytest.mark.parametrize("inline", [False, True])
+def test_an_input_the_model_cannot_compute_fails_only_its_request(inline: bool) -> None:
+    from onnxserve.serving.errors import InvalidInputError
+
+    runner = FakeRunner()
+
+    def run_checked(inputs, output_names=None):
+        if (inputs["x"] < 0).any():  # as onnxruntime's INVALID_ARGUMENT for one bad sample
+            raise InvalidInputError("the model cannot compute this input: index out of range")
+        return FakeRunner.run(runner, inputs, output_names)
+
+    runner.run = run_checked
+
+    async def body(scheduler):
+        return await asyncio.gather(*(
+            scheduler.infer({"x": np.full((n, 2), float(v))}, ["y"], n)
+            for n, v in ((1, 1.0), (2, -1.0), (1, 3.0))), return_exceptions=True)
+
+    good, bad, other = run(_with_scheduler(
+        runner, body, max_batch_size=8, inline=inline, max_queue_delay_us=100_000))
+    assert isinstance(bad, InvalidInputError) and "index out of range" in str(bad)
+    np.testing.assert_array_equal(good["y"], [[2.0, 2.0]])
+    np.testing.assert_array_equal(other["y"], [[6.0, 6.0]])

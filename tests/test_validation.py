@@ -36,6 +36,8 @@ def test_valid_request_returns_batch_size(config: mc.ModelConfig) -> None:
         ([("image", "FP32", (1, 28, 28, 1)), ("image", "FP32", (1, 28, 28, 1))], "more than once"),
         ([("image", "FP32", (1, 28, 28, 1)), ("mask", "UINT8", (2, 1))], "disagree on the batch"),
         ([("image", "FP32", (1, -28, 28, 1)), ("mask", "UINT8", (1, 1))], "expected shape"),
+        ([("image", "FP32", (1, 28, 28, 1)), ("mask", "UINT8", (1, 0))],
+         r"input 'mask': shape \[1, 0\] has an empty variable dimension \(index 1\)"),
     ],
 )
 def test_bad_inputs(config: mc.ModelConfig, declared, message: str) -> None:
