@@ -139,11 +139,18 @@ def test_bf16_and_unsupported_fields_fail_the_load_not_the_server(tmp_path: Path
     add_one_model(tmp_path / "stateful" / "1" / "model.onnx")
     write_config(tmp_path / "stateful", "max_batch_size: 4\nsequence_batching { }\n")
     add_one_model(tmp_path / "add_one" / "1" / "model.onnx")
+    # A "background" label first: 5 labels for 4 classes would shift every label by one.
+    add_one_model(tmp_path / "labelled" / "1" / "model.onnx")
+    write_config(tmp_path / "labelled", 'output { name: "y" label_filename: "labels.txt" }\n')
+    (tmp_path / "labelled" / "labels.txt").write_text("background\na\nb\nc\nd\n\n")
     server = start_server(tmp_path, tmp_path / "server.log")
     try:
         with Client(server.url) as client:
             index = {m["name"]: m for m in client.models()}
             assert index["add_one"]["state"] == "READY"
+            assert index["labelled"]["state"] == "UNAVAILABLE"
+            assert "label file 'labels.txt' has 5 labels but the output has 4 classes" in (
+                index["labelled"]["reason"])
             assert index["bf16"]["state"] == "UNAVAILABLE"
             assert "input 'x' has data_type TYPE_BF16" in index["bf16"]["reason"]
             assert index["stateful"]["state"] == "UNAVAILABLE"
