@@ -141,7 +141,8 @@ def test_bf16_and_unsupported_fields_fail_the_load_not_the_server(tmp_path: Path
     add_one_model(tmp_path / "add_one" / "1" / "model.onnx")
     # A "background" label first: 5 labels for 4 classes would shift every label by one.
     add_one_model(tmp_path / "labelled" / "1" / "model.onnx")
-    write_config(tmp_path / "labelled", 'output { name: "y" label_filename: "labels.txt" }\n')
+    write_config(tmp_path / "labelled", 'max_batch_size: 4\n'
+                 'output { name: "y" label_filename: "labels.txt" }\n')
     (tmp_path / "labelled" / "labels.txt").write_text("background\na\nb\nc\nd\n\n")
     server = start_server(tmp_path, tmp_path / "server.log")
     try:
