@@ -7,16 +7,19 @@ import json
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import grpc
 import numpy as np
 
 from onnxserve.protos import inference_pb2 as pb
-from onnxserve.protos import inference_pb2_grpc
+from onnxserve.protos import inference_pb2_grpc, model_config_pb2
 from onnxserve.protos.codec import decode_contents, decode_raw, encode_contents, encode_raw
 from onnxserve.protos.datatypes import by_name, by_numpy
 
-DEFAULT_URL = "localhost:8001"
+from .connection import DEFAULT_URL, clean_token, normalize_url, pem_bytes
+
+__all__ = ["DEFAULT_URL", "Client", "InferenceServerError", "ModelMetadata", "TensorInfo"]
 MAX_MESSAGE_BYTES = 256 * 1024 * 1024
 #: Retries of calls that failed with UNAVAILABLE (server gone or draining), with gRPC's
 #: jittered exponential backoff. Every inference call is idempotent, so all are retried.
@@ -43,13 +46,14 @@ def service_config(retry_attempts: int = RETRY_ATTEMPTS) -> str:
 def channel_target(url: str | Sequence[str]) -> str:
     """One gRPC target for one address, a DNS name, or several IP:port addresses.
 
-    Several addresses become an ``ipv4:`` / ``ipv6:`` target list, which the round-robin
-    policy spreads calls over; for host names, give one ``dns:///name:port`` that resolves
-    to all the servers.
+    Each address is normalised first (``connection.normalize_url``: a missing port is 8001,
+    ``grpc://`` is dropped). Several addresses become an ``ipv4:`` / ``ipv6:`` target list,
+    which the round-robin policy spreads calls over; for host names, give one
+    ``dns:///name:port`` that resolves to all the servers.
     """
     if isinstance(url, str):
-        return url
-    targets = list(url)
+        return normalize_url(url)[0]
+    targets = [normalize_url(u)[0] for u in url]
     if not targets:
         raise ValueError("no server address given")
     if len(targets) == 1:
@@ -110,32 +114,48 @@ class Client:
         retry_attempts: int = RETRY_ATTEMPTS,
         token: str | None = None,
         tls: bool = False,
-        root_certificates: bytes | None = None,
-        private_key: bytes | None = None,
-        certificate_chain: bytes | None = None,
+        root_certificates: bytes | str | Path | None = None,
+        private_key: bytes | str | Path | None = None,
+        certificate_chain: bytes | str | Path | None = None,
+        ssl_target_name: str | None = None,
     ) -> None:
-        """``url`` is one address, a ``dns:///name:port`` target, or a list of IP:port
-        addresses; calls are spread round-robin over every address and retried on
-        UNAVAILABLE up to ``retry_attempts`` times. ``token`` is sent as
-        ``authorization: Bearer``; ``tls`` (implied by any of the certificate arguments)
-        connects over TLS, verifying the server against ``root_certificates`` (default: the
-        system's) and presenting ``private_key`` and ``certificate_chain`` when the server
-        asks for a client certificate."""
+        """``url`` is one address (``HOST:PORT``; no port means 8001; ``grpcs://`` means
+        TLS), a ``dns:///name:port`` target, or a list of IP:port addresses; calls are
+        spread round-robin over every address and retried on UNAVAILABLE up to
+        ``retry_attempts`` times. ``token`` is sent as ``authorization: Bearer`` (surrounding
+        whitespace, such as a token file's newline, removed). ``tls`` (implied by any of the
+        certificate arguments) connects over TLS, verifying the server against
+        ``root_certificates`` (default: the system's CAs) and presenting ``private_key`` and
+        ``certificate_chain`` when the server asks for a client certificate; each is PEM
+        bytes or the path of a PEM file, as tritonclient takes them. ``ssl_target_name`` is
+        the name the server's certificate must carry when ``url`` uses another.
+
+        Raises:
+            ConnectionSettingsError: a malformed address or token, or an unreadable file.
+        """
+        if isinstance(url, str) and normalize_url(url)[1]:
+            tls = True
         self.url = channel_target(url)
         self.timeout = timeout
+        self.tls = bool(tls or root_certificates or private_key or certificate_chain)
         options = [
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
             ("grpc.service_config", service_config(retry_attempts)),
             ("grpc.enable_retries", 1 if retry_attempts > 1 else 0),
         ]
-        if tls or root_certificates or private_key or certificate_chain:
-            credentials = grpc.ssl_channel_credentials(root_certificates, private_key,
-                                                       certificate_chain)
+        if ssl_target_name:
+            options.append(("grpc.ssl_target_name_override", ssl_target_name))
+        if self.tls:
+            credentials = grpc.ssl_channel_credentials(
+                pem_bytes(root_certificates, "root_certificates"),
+                pem_bytes(private_key, "private_key"),
+                pem_bytes(certificate_chain, "certificate_chain"))
             self._channel = grpc.secure_channel(self.url, credentials, options=options)
         else:
             self._channel = grpc.insecure_channel(self.url, options=options)
-        self._metadata = (("authorization", f"Bearer {token}"),) if token else None
+        self._metadata = ((("authorization", f"Bearer {clean_token(token)}"),)
+                          if token is not None else None)
         self._stub = inference_pb2_grpc.GRPCInferenceServiceStub(self._channel)
 
     def __enter__(self) -> Client:
@@ -203,6 +223,12 @@ class Client:
             outputs=info(r.outputs),
             parameters={k: _parameter(v) for k, v in r.parameters.items()},
         )
+
+    def model_config(self, name: str, version: str = "") -> model_config_pb2.ModelConfig:
+        """The model's complete configuration (Triton's ModelConfig, as the server serves
+        it: ``max_batch_size``, inputs, outputs, batching, parameters)."""
+        return self._call("ModelConfig",
+                          pb.ModelConfigRequest(name=name, version=version)).config
 
     def statistics(self, name: str = "", version: str = "") -> list[dict[str, object]]:
         """Per model version: counts and cumulative durations (ns) as the server reports."""
