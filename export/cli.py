@@ -8,11 +8,13 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import traceback
 from pathlib import Path
 
 from .applications import APPLICATIONS
 from .datasets import DATASETS
 from .recipes import RECIPES as _RECIPES  # imports Keras only when a recipe is built
+from .user_models import PREPROCESSING_CHOICES
 
 RECIPES = tuple(_RECIPES)
 MODELS = (*RECIPES, *APPLICATIONS)
@@ -31,13 +33,26 @@ def add_export_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--from", dest="from_path", type=Path,
                    help="export your own model: a .keras or .h5 file, or a SavedModel folder "
                         "(loaded in Keras safe mode: no code from the file runs)")
-    p.add_argument("--labels", type=Path, help="class names, one per line (with --from)")
+    p.add_argument("--labels", type=Path,
+                   help="class names, one per line (with --from): for the single output, or "
+                        "the only one whose last dimension is the number of lines")
+    p.add_argument("--labels-output", metavar="NAME",
+                   help="the output --labels names the classes of (a model with several)")
+    p.add_argument("--preprocessing", choices=tuple(PREPROCESSING_CHOICES),
+                   help="with --from, for an image input: what the model takes. "
+                        + "; ".join(f"{k}: {v}" for k, v in PREPROCESSING_CHOICES.items())
+                        + ". Needed unless the model starts with a Rescaling or Normalization "
+                          "layer (then in_graph)")
     add_repository_argument(p)
     p.add_argument("--name", help="model name in the repository (default: the id, with _fp16 "
                                   "or _int8 for those variants)")
     p.add_argument("--version", type=int, help="version number (default: newest + 1)")
     p.add_argument("--opset", type=int, default=17, help="ONNX opset (default %(default)s)")
-    p.add_argument("--max-batch-size", type=int, help="max_batch_size written to config.pbtxt")
+    p.add_argument("--max-batch-size", type=_batch_size,
+                   help="max_batch_size written to config.pbtxt; 0: the model does not batch "
+                        "(dims are whole shapes, no encoded-image input)")
+    p.add_argument("--verbose", action="store_true",
+                   help="show the converter's (tf2onnx's) log and the traceback of a failure")
     precision = p.add_mutually_exclusive_group()
     precision.add_argument("--fp16", action="store_true",
                            help="weights and compute in float16 (inputs/outputs stay float32)")
@@ -68,6 +83,16 @@ def add_export_parser(subparsers: argparse._SubParsersAction) -> None:
                      help="take FP32 input already preprocessed, instead of UINT8 pixels with "
                           "the preprocessing in the graph")
     p.set_defaults(func=run_export)
+
+
+def _batch_size(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value}: expected 0 (no batching) or more")
+    return value
 
 
 def add_samples_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -108,13 +133,24 @@ def run_export(args: argparse.Namespace) -> int:
         print(f"onnxserve export: unknown model {args.model!r}; the ids are "
               f"{', '.join(MODELS)}", file=sys.stderr)
         return 2
+    user_only = [flag for flag, value in (("--labels", args.labels),
+                                          ("--labels-output", args.labels_output),
+                                          ("--preprocessing", args.preprocessing))
+                 if value is not None]
+    if args.model is not None and user_only:
+        print(f"onnxserve export: {', '.join(user_only)} apply to --from PATH, not to "
+              f"{args.model}", file=sys.stderr)
+        return 2
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's C++ start-up chatter
     from . import pipeline, verify
 
     what = args.model or str(args.from_path)
     try:
         if args.from_path is not None:
-            prepared = pipeline.prepare_user_model(args.from_path, labels=args.labels)
+            prepared = pipeline.prepare_user_model(
+                args.from_path, labels=args.labels, labels_output=args.labels_output,
+                preprocessing=args.preprocessing,
+            )
         elif args.model in RECIPES:
             prepared = pipeline.prepare_recipe(
                 args.model, dataset=args.dataset, data_dir=args.data_dir, epochs=args.epochs,
@@ -129,9 +165,11 @@ def run_export(args: argparse.Namespace) -> int:
         pipeline.export(
             prepared, args.model_repository, name=args.name, variant=variant,
             fp16_io=args.fp16_io, opset=args.opset, version=args.version,
-            max_batch_size=args.max_batch_size,
+            max_batch_size=args.max_batch_size, verbose=args.verbose,
         )
     except (pipeline.ExportError, verify.ParityError) as exc:
+        if args.verbose:
+            traceback.print_exc()
         print(f"onnxserve export {what}: {exc}", file=sys.stderr)
         return 1
     return 0

@@ -7,10 +7,13 @@ publishes the model with its verification report.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import logging
 import resource
+import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -35,20 +38,22 @@ class Prepared:
 
     name: str
     keras_model: object
-    #: parity inputs (Keras vs onnxruntime)
+    #: parity inputs (Keras vs onnxruntime), [samples, *input shape]
     samples: np.ndarray
     #: real images or held-out data: fp16/int8 top-1 agreement against fp32
     agreement_data: np.ndarray
     #: int8 static calibration samples (training data); None: dynamic quantization
     calibration: np.ndarray | None
-    labels: list[str] | None
-    input_datatype: str
+    #: class names by output name (one per element of the output's last dimension)
+    labels: dict[str, list[str]]
     max_batch_size: int
     parameters: dict[str, str] = field(default_factory=dict)
     #: True when outputs are "logits" and "probabilities" (the parity check for classifiers)
     classifier: bool = True
     #: held-out data and labels, for the accuracy of reduced-precision variants
     heldout: tuple[np.ndarray, np.ndarray] | None = None
+    #: more parity inputs, each of another per-sample shape (variable-size models)
+    more_samples: list[np.ndarray] = field(default_factory=list)
 
 
 def prepare_recipe(
@@ -97,8 +102,7 @@ def prepare_recipe(
         samples=wire(split.x_test[:256]),
         agreement_data=wire(split.x_test[:2000]),
         calibration=wire(calibration),
-        labels=split.class_names,
-        input_datatype="UINT8" if standardized else "FP32",
+        labels={"probabilities": list(split.class_names)},
         max_batch_size=64,
         parameters={
             "onnxserve.preprocessing": "in_graph" if standardized else "unit",
@@ -158,8 +162,7 @@ def prepare_application(app_name: str, *, weights: str, raw_float_input: bool) -
         samples=samples,
         agreement_data=photos,
         calibration=None,
-        labels=applications.imagenet_labels(),
-        input_datatype="FP32" if raw_float_input else "UINT8",
+        labels={"probabilities": applications.imagenet_labels()},
         max_batch_size=32,
         parameters={
             "onnxserve.preprocessing": (mode if raw_float_input and mode != "none"
@@ -178,29 +181,147 @@ def preprocess_like_keras(app, pixels: np.ndarray) -> np.ndarray:
     return np.asarray(module.preprocess_input(pixels.astype(np.float32).copy()), np.float32)
 
 
-def prepare_user_model(path: Path, *, labels: Path | None) -> Prepared:
-    """A user's .keras / .h5 file or SavedModel folder, loaded without running its code."""
+def prepare_user_model(
+    path: Path,
+    *,
+    labels: Path | None = None,
+    labels_output: str | None = None,
+    preprocessing: str | None = None,
+) -> Prepared:
+    """A user's .keras / .h5 file or SavedModel folder, loaded without running its code.
+
+    ``labels``: a file of class names, one a line (trailing blank lines ignored), for the
+    output ``labels_output``, or else for the single output, or else for the only output
+    whose last dimension equals the number of names. ``preprocessing``: how pixels reach an
+    image input ([H, W, 1 or 3]), one of serving/images.py's modes; required for an image
+    input unless the model's first layers show it (see user_models.detect_preprocessing),
+    refused for other inputs. ExportError says what is wrong and what was expected.
+    """
     from . import user_models
 
     try:
         model = user_models.load(path)
     except user_models.UserModelError as exc:
         raise ExportError(str(exc)) from None
-    samples = user_models.sample_inputs(model, 16)
-    names = labels.read_text().splitlines() if labels else None
-    dtype = np.dtype(model.inputs[0].dtype)
+    mode = _input_preprocessing(model, preprocessing)
+    batches = user_models.sample_batches(model, 16, mode)
+    parameters = {"onnxserve.source": path.name}
+    if mode is not None:
+        parameters["onnxserve.preprocessing"] = mode
     return Prepared(
         name=path.stem.replace(".", "_") or "model",
         keras_model=model,
-        samples=samples,
-        agreement_data=samples,
+        samples=batches[0],
+        agreement_data=batches[0],
         calibration=None,
-        labels=names,
-        input_datatype="UINT8" if dtype == np.uint8 else "FP32",
+        labels=_user_labels(model, labels, labels_output),
         max_batch_size=32,
-        parameters={"onnxserve.preprocessing": "in_graph", "onnxserve.source": path.name},
+        parameters=parameters,
         classifier=False,
+        more_samples=batches[1:],
     )
+
+
+def _input_preprocessing(model, preprocessing: str | None) -> str | None:
+    """The preprocessing mode of an image input (None for other inputs); see
+    prepare_user_model. ExportError when it is needed and unknown, or cannot apply."""
+    from . import user_models
+
+    spec = model.inputs[0]
+    name = spec.name.split(":")[0]
+    shape = [d if d is not None else -1 for d in spec.shape[1:]]
+    choices = "; ".join(f"{mode}: {what}" for mode, what in
+                        user_models.PREPROCESSING_CHOICES.items())
+    if not user_models.is_image_input(model):
+        if preprocessing is not None:
+            raise ExportError(f"--preprocessing applies to image inputs ([H, W, 1 or 3]); input "
+                              f"{name!r} has per-sample shape {shape}")
+        return None
+    detected = user_models.detect_preprocessing(model)
+    integer = np.dtype(spec.dtype).kind in "uib"
+    if detected is None and integer:  # pixels as they are: every other mode makes floats
+        detected = "in_graph", f"the input takes {np.dtype(spec.dtype)} values"
+    if preprocessing is None:
+        if detected is None:
+            raise ExportError(
+                f"input {name!r} {shape} is an image, and the model does not show which pixel "
+                "scale it was trained on (no Rescaling or Normalization layer right after the "
+                "input), so the server and clients cannot know what to feed it: say it with "
+                f"--preprocessing MODE, one of {choices}"
+            )
+        mode, reason = detected
+        print(f"input {name!r}: preprocessing {mode} ({reason})", flush=True)
+    else:
+        mode = preprocessing
+        if mode not in user_models.PREPROCESSING_CHOICES:
+            raise ExportError(f"--preprocessing {mode!r}: expected one of {choices}")
+        if detected is not None and detected[0] != mode:
+            print(f"warning: --preprocessing {mode} although {detected[1]} (which means "
+                  f"{detected[0]}); using {mode} as asked", file=sys.stderr, flush=True)
+    if integer and mode != "in_graph":
+        raise ExportError(f"input {name!r} takes {np.dtype(spec.dtype)} values: only "
+                          f"--preprocessing in_graph (pixels as they are) fits, not {mode}")
+    if shape[2] == 1 and mode in ("caffe", "torch"):
+        raise ExportError(f"--preprocessing {mode} subtracts a per-channel RGB mean, but input "
+                          f"{name!r} has 1 channel")
+    return mode
+
+
+def _user_labels(model, labels: Path | None, labels_output: str | None) -> dict[str, list[str]]:
+    """Class names by output for --labels / --labels-output (see prepare_user_model)."""
+    if labels is None:
+        if labels_output is not None:
+            raise ExportError("--labels-output needs --labels FILE")
+        return {}
+    try:
+        names = labels.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ExportError(f"--labels {labels}: cannot read it ({exc})") from None
+    while names and not names[-1].strip():
+        names.pop()
+    if not names:
+        raise ExportError(f"--labels {labels}: the file has no class names")
+    shapes = {n.split(":")[0]: [d if d is not None else -1 for d in t.shape[1:]]
+              for n, t in zip(model.output_names, model.outputs, strict=True)}
+    listed = ", ".join(f"{n} {dims}" for n, dims in shapes.items())
+    if labels_output is not None:
+        if labels_output not in shapes:
+            raise ExportError(f"--labels-output {labels_output}: the model has no such output; "
+                              f"its outputs (per-sample dims) are {listed}")
+        target = labels_output
+    elif len(shapes) == 1:
+        (target,) = shapes
+    else:
+        fitting = [n for n, dims in shapes.items() if dims and dims[-1] == len(names)]
+        if len(fitting) != 1:
+            raise ExportError(
+                f"--labels {labels} has {len(names)} class names and the model has "
+                f"{len(shapes)} outputs (per-sample dims: {listed}); "
+                + ("none" if not fitting else f"{len(fitting)} of them") + f" with "
+                f"{len(names)} classes: say which output the labels are for with "
+                "--labels-output NAME"
+            )
+        (target,) = fitting
+    dims = shapes[target]
+    if not dims or dims[-1] != len(names):
+        classes = "no class dimension" if not dims else (
+            "a variable number of classes" if dims[-1] == -1 else f"{dims[-1]} classes")
+        raise ExportError(f"--labels {labels} has {len(names)} class names, but output "
+                          f"{target!r} (per-sample dims {dims}) has {classes}")
+    return {target: names}
+
+
+@contextlib.contextmanager
+def _stage(what: str) -> Iterator[None]:
+    """Any failure inside becomes an ExportError naming the stage ``what``."""
+    try:
+        yield
+    except (ExportError, verify.ParityError):
+        raise
+    except convert.ConversionError as exc:
+        raise ExportError(str(exc)) from exc
+    except Exception as exc:
+        raise ExportError(f"{what} failed ({convert.summary(exc)})") from exc
 
 
 def _session(onnx_model):
@@ -220,10 +341,38 @@ def _session(onnx_model):
         return ort.InferenceSession(path, providers=["CPUExecutionProvider"])
 
 
-def _dims(value_info) -> list[int]:
-    """Per-sample dims of a graph input/output; symbolic dimensions become -1."""
-    return [d.dim_value if d.HasField("dim_value") else -1
-            for d in value_info.type.tensor_type.shape.dim[1:]]
+def _dims(value_info, batched: bool) -> list[int]:
+    """Dims of a graph input/output as config.pbtxt lists them: without the batch
+    dimension when the model batches, else the whole shape; symbolic dimensions are -1.
+    ExportError when a batching model's tensor has no dynamic first dimension."""
+    tensor = value_info.type.tensor_type
+    if not tensor.HasField("shape"):
+        raise ExportError(f"{value_info.name!r} has no shape in the ONNX graph")
+    dims = [d.dim_value if d.HasField("dim_value") else -1 for d in tensor.shape.dim]
+    if not batched:
+        return dims
+    if not dims or dims[0] != -1:
+        raise ExportError(
+            f"{value_info.name!r} has shape {dims} in the ONNX graph: no batch dimension "
+            "to batch over; export with --max-batch-size 0"
+        )
+    return dims[1:]
+
+
+def _datatype(value_info) -> str:
+    """The protocol datatype (FP32, INT64, BYTES, ...) of a graph input/output."""
+    from onnx import TensorProto, helper
+
+    from onnxserve.protos.datatypes import by_numpy
+
+    elem_type = value_info.type.tensor_type.elem_type
+    try:
+        return by_numpy(helper.tensor_dtype_to_np_dtype(elem_type)).name
+    except Exception:
+        kind = (TensorProto.DataType.Name(elem_type)
+                if elem_type in TensorProto.DataType.values() else str(elem_type))
+        raise ExportError(f"{value_info.name!r} has ONNX type {kind}, which the KServe V2 "
+                          "protocol has no datatype for; cast it in the model") from None
 
 
 def export(
@@ -236,20 +385,35 @@ def export(
     opset: int = convert.DEFAULT_OPSET,
     version: int | None = None,
     max_batch_size: int | None = None,
+    verbose: bool = False,
 ) -> dict:
-    """Convert, verify, make the variant, publish; return the verification report."""
+    """Convert, verify, make the variant, publish; return the verification report.
+
+    ``max_batch_size``: None takes the prepared model's; 0 writes a non-batching config
+    (dims are the whole ONNX shapes, no encoded-image input). Nothing is written to the
+    repository unless every step succeeds: ExportError names the failing stage (and
+    ParityError the outputs that differ); ``verbose`` shows the converter's log.
+    """
+    if max_batch_size is None:
+        max_batch_size = prepared.max_batch_size
+    if max_batch_size < 0:
+        raise ExportError(f"max batch size {max_batch_size}: expected 0 (no batching) or more")
     started = time.perf_counter()
-    onnx_model = convert.to_onnx(prepared.keras_model, opset=opset)
-    session = _session(onnx_model)
-    if prepared.classifier:
-        parity = verify.check(prepared.keras_model, session, prepared.samples)
-    else:
-        parity = verify.check_generic(prepared.keras_model, session, prepared.samples)
+    with _stage("converting to ONNX"):
+        onnx_model = convert.to_onnx(prepared.keras_model, opset=opset, verbose=verbose)
+    with _stage("loading the converted model in onnxruntime"):
+        session = _session(onnx_model)
+    with _stage("the parity check (running Keras and onnxruntime)"):
+        if prepared.classifier:
+            parity = verify.check(prepared.keras_model, session, prepared.samples)
+        else:
+            parity = verify.check_generic(prepared.keras_model, session,
+                                          [prepared.samples, *prepared.more_samples])
     print(parity, flush=True)
-    output = "probabilities" if prepared.classifier else session.get_outputs()[0].name
-    latency = verify.batch1_latency_ms(session, prepared.agreement_data[0])
     if prepared.classifier:  # the logits were for the check; serve the probabilities
-        convert.keep_outputs(onnx_model, [output])
+        convert.keep_outputs(onnx_model, ["probabilities"])
+    with _stage("measuring onnxruntime latency"):
+        latency = verify.batch1_latency_ms(session, prepared.agreement_data[0])
     # Done with Keras: free its copy of the weights before making variants.
     prepared.keras_model = None
     gc.collect()
@@ -264,61 +428,104 @@ def export(
     }
     served = onnx_model
     if variant != "fp32":
-        data = prepared.agreement_data
-        if variant == "fp16" and fp16_io and data.dtype == np.float32:
-            data = data.astype(np.float16)
-        reference = verify.run_onnx(session, prepared.agreement_data)[output]
-        del session  # keep one onnxruntime copy of the weights at a time
-        gc.collect()
-        served = (variants.to_fp16(onnx_model, keep_io_types=not fp16_io) if variant == "fp16"
-                  else variants.to_int8(onnx_model, prepared.calibration))
-        variant_session = _session(served)
-        agreement = verify.top1_agreement(reference, verify.run_onnx(variant_session,
-                                                                     data)[output])
-        report["top1_agreement_vs_fp32"] = round(agreement, 4)
-        report["agreement_samples"] = len(data)
-        report["size_mb"][variant] = round(served.ByteSize() / 1e6, 3)
-        report["batch1_latency_ms"][variant] = round(
-            verify.batch1_latency_ms(variant_session, data[0]), 3)
-        if prepared.heldout is not None:
-            x, y = prepared.heldout
-            if variant == "fp16" and fp16_io and x.dtype == np.float32:
-                x = x.astype(np.float16)
-            probs = verify.run_onnx(variant_session, x)[output]
-            report["heldout_accuracy"] = round(float(np.mean(probs.argmax(axis=1) == y)), 4)
-        print(f"{variant}: top-1 agreement with fp32 {agreement:.2%} on {len(data)} samples",
-              flush=True)
-        if variant == "int8" and prepared.heldout is not None and agreement < INT8_MIN_AGREEMENT:
-            raise ExportError(
-                f"int8 keeps only {agreement:.2%} of fp32's top-1 answers on held-out data "
-                f"(at least {INT8_MIN_AGREEMENT:.0%} required)"
-            )
+        with _stage(f"making and measuring the {variant} variant"):
+            reference = verify.run_onnx(session, prepared.agreement_data)
+            del session  # keep one onnxruntime copy of the weights at a time
+            gc.collect()
+            served = _variant(prepared, report, onnx_model, reference, variant, fp16_io)
     report["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
     report["seconds"] = round(time.perf_counter() - started, 1)
-    graph_input = served.graph.input[0]
-    dims = _dims(graph_input)
-    out_dims = _dims(served.graph.output[0])
-    in_type = {1: "FP32", 10: "FP16", 2: "UINT8"}.get(graph_input.type.tensor_type.elem_type,
-                                                     prepared.input_datatype)
-    out_type = {1: "FP32", 10: "FP16"}.get(served.graph.output[0].type.tensor_type.elem_type,
-                                           "FP32")
-    parameters = dict(prepared.parameters)
-    parameters["onnxserve.variant"] = variant
-    parameters["onnxserve.parity"] = str(parity)
-    card = publish.ModelCard(
-        name=name or prepared.name + ("" if variant == "fp32" else f"_{variant}"),
-        input_name=graph_input.name,
-        input_datatype=in_type,
-        input_dims=dims,
-        output_name=served.graph.output[0].name,
-        output_dims=out_dims,
-        labels=prepared.labels,
-        max_batch_size=max_batch_size or prepared.max_batch_size,
-        parameters=parameters,
-        output_datatype=out_type,
-    )
-    path = publish.publish(repository, card, served, version, report)
+    card = _card(prepared, served, name or prepared.name + (
+        "" if variant == "fp32" else f"_{variant}"), max_batch_size, variant, str(parity))
+    with _stage("writing to the model repository"):
+        path = publish.publish(repository, card, served, version, report)
     report["path"] = str(path)
     size = report["size_mb"].get(variant, report["size_mb"]["fp32"])
     print(f"published {card.name} to {path} ({size:.1f} MB)", flush=True)
     return report
+
+
+def _variant(prepared: Prepared, report: dict, onnx_model, reference: dict[str, np.ndarray],
+             variant: str, fp16_io: bool):
+    """The fp16/int8 model, compared with fp32's outputs ``reference`` on the agreement
+    data (added to report).
+
+    Classifiers and labelled outputs: top-1 agreement; every output of a user model: its
+    largest difference from fp32 (reported, not a pass/fail check: reduced precision
+    differs by design). ExportError if int8 loses too much of a recipe's top-1 answers.
+    """
+    data = prepared.agreement_data
+    if variant == "fp16" and fp16_io and data.dtype == np.float32:
+        data = data.astype(np.float16)
+    served = (variants.to_fp16(onnx_model, keep_io_types=not fp16_io) if variant == "fp16"
+              else variants.to_int8(onnx_model, prepared.calibration))
+    variant_session = _session(served)
+    other = verify.run_onnx(variant_session, data)
+    report["agreement_samples"] = len(data)
+    report["size_mb"][variant] = round(served.ByteSize() / 1e6, 3)
+    report["batch1_latency_ms"][variant] = round(
+        verify.batch1_latency_ms(variant_session, data[0]), 3)
+    classes = ["probabilities"] if prepared.classifier else list(prepared.labels)
+    agreement = None
+    if classes:
+        scores = classes[0]
+        width = reference[scores].shape[-1]
+        agreement = verify.top1_agreement(reference[scores].reshape(-1, width),
+                                          other[scores].reshape(-1, width))
+        report["top1_agreement_vs_fp32"] = round(agreement, 4)
+        print(f"{variant}: top-1 agreement of {scores} with fp32 {agreement:.2%} on "
+              f"{len(data)} samples", flush=True)
+    if not prepared.classifier:
+        differences = [verify.variant_difference(n, reference[n], other[n]) for n in reference]
+        report["outputs_vs_fp32"] = [d.as_dict() for d in differences]
+        print(f"{variant} against fp32 on {len(data)} samples (reported, not checked): "
+              + "; ".join(str(d) for d in differences), flush=True)
+    if prepared.heldout is not None:
+        x, y = prepared.heldout
+        if variant == "fp16" and fp16_io and x.dtype == np.float32:
+            x = x.astype(np.float16)
+        probs = verify.run_onnx(variant_session, x)["probabilities"]
+        report["heldout_accuracy"] = round(float(np.mean(probs.argmax(axis=1) == y)), 4)
+    if (variant == "int8" and prepared.heldout is not None and agreement is not None
+            and agreement < INT8_MIN_AGREEMENT):
+        raise ExportError(
+            f"int8 keeps only {agreement:.2%} of fp32's top-1 answers on held-out data "
+            f"(at least {INT8_MIN_AGREEMENT:.0%} required)"
+        )
+    return served
+
+
+def _card(prepared: Prepared, served, name: str, max_batch_size: int, variant: str,
+          parity: str) -> publish.ModelCard:
+    """The repository entry for the served model: every graph output with its datatype,
+    dims and (where given) labels, checked against the output's class dimension."""
+    batched = max_batch_size > 0
+    graph_input = served.graph.input[0]
+    output_names = [o.name for o in served.graph.output]
+    unknown = sorted(set(prepared.labels) - set(output_names))
+    if unknown:
+        raise ExportError(f"labels for {', '.join(unknown)}, which the model does not output "
+                          f"(its outputs: {', '.join(output_names)})")
+    outputs = []
+    for graph_output in served.graph.output:
+        dims = _dims(graph_output, batched)
+        labels = prepared.labels.get(graph_output.name)
+        if labels is not None and (not dims or dims[-1] != len(labels)):
+            raise ExportError(
+                f"output {graph_output.name!r}: {len(labels)} class names, but the output has "
+                + (f"{dims[-1]} classes" if dims and dims[-1] > 0 else f"dims {dims}")
+            )
+        outputs.append(publish.OutputSpec(graph_output.name, _datatype(graph_output), dims,
+                                          labels))
+    parameters = dict(prepared.parameters)
+    parameters["onnxserve.variant"] = variant
+    parameters["onnxserve.parity"] = parity
+    return publish.ModelCard(
+        name=name,
+        input_name=graph_input.name,
+        input_datatype=_datatype(graph_input),
+        input_dims=_dims(graph_input, batched),
+        outputs=outputs,
+        max_batch_size=max_batch_size,
+        parameters=parameters,
+    )

@@ -20,27 +20,69 @@ ENCODED_IMAGE_INPUT = "image_bytes"
 LABELS_FILE = "labels.txt"
 REPORT_FILE = "verification.json"
 PROTOBUF_LIMIT = 2**31 - 1
+#: input datatypes the server decodes encoded images into (serving/images.py)
+IMAGE_DATATYPES = ("UINT8", "FP16", "FP32", "FP64")
+
+
+@dataclass
+class OutputSpec:
+    """One model output as config.pbtxt lists it."""
+
+    name: str
+    #: protocol datatype (FP32, INT64, ...; see onnxserve.protos.datatypes)
+    datatype: str
+    #: dims as config.pbtxt lists them (no batch dimension when max_batch_size > 0)
+    dims: list[int]
+    #: class names, one per element of the last dimension; None: no label file
+    labels: list[str] | None = None
 
 
 @dataclass
 class ModelCard:
-    """What the repository needs to know about an exported single-input classifier."""
+    """What the repository needs to know about an exported single-input model."""
 
     name: str
     input_name: str
+    #: protocol datatype (FP32, UINT8, ...)
     input_datatype: str
-    #: per-sample dims (no batch dimension), NHWC
+    #: dims as config.pbtxt lists them: per sample (NHWC for images) when max_batch_size >
+    #: 0, else the whole shape the ONNX file declares, batch dimension included
     input_dims: list[int]
-    output_name: str
-    output_dims: list[int]
-    labels: list[str] | None
+    outputs: list[OutputSpec]
+    #: 0: the model does not batch (dims are the full shapes)
     max_batch_size: int
     parameters: dict[str, str] = field(default_factory=dict)
-    output_datatype: str = "FP32"
+
+
+def label_files(card: ModelCard) -> dict[str, str]:
+    """Output name -> label file name: labels.txt for a single labelled output, else
+    labels_<output>.txt for each."""
+    labelled = [o.name for o in card.outputs if o.labels]
+    if len(labelled) == 1:
+        return {labelled[0]: LABELS_FILE}
+    return {name: f"labels_{''.join(c if c.isalnum() or c in '-_.' else '_' for c in name)}.txt"
+            for name in labelled}
+
+
+def takes_encoded_images(card: ModelCard) -> bool:
+    """Whether the server can decode encoded images into the input: a batching model whose
+    input is an image of fixed size ([H, W, 1 or 3], H and W > 0) of an image datatype."""
+    dims = card.input_dims
+    return (card.max_batch_size >= 1 and len(dims) == 3 and min(dims) > 0
+            and dims[2] in (1, 3) and card.input_datatype in IMAGE_DATATYPES)
 
 
 def build_config(card: ModelCard) -> mc.ModelConfig:
-    """A complete Triton-compatible config for the card."""
+    """A complete Triton-compatible config for the card.
+
+    ValueError if max_batch_size is negative, an output's labels do not match its class
+    dimension (the last dim) in number, or output names repeat.
+    """
+    if card.max_batch_size < 0:
+        raise ValueError(f"max_batch_size is {card.max_batch_size}; expected 0 or more")
+    names = [o.name for o in card.outputs]
+    if len(set(names)) != len(names) or not names:
+        raise ValueError(f"outputs must be one or more distinct names, not {names}")
     config = mc.ModelConfig(
         name=card.name,
         platform="onnxruntime_onnx",
@@ -50,20 +92,29 @@ def build_config(card: ModelCard) -> mc.ModelConfig:
     config.input.add(
         name=card.input_name,
         data_type=by_name(card.input_datatype).config_type,
-        format=mc.ModelInput.FORMAT_NHWC,
+        # Triton accepts a format only on 3-dim (per-sample) inputs
+        format=mc.ModelInput.FORMAT_NHWC if len(card.input_dims) == 3 else
+        mc.ModelInput.FORMAT_NONE,
         dims=card.input_dims,
     )
-    config.output.add(
-        name=card.output_name,
-        data_type=by_name(card.output_datatype).config_type,
-        dims=card.output_dims,
-        label_filename=LABELS_FILE if card.labels else "",
-    )
-    config.dynamic_batching.SetInParent()
+    files = label_files(card)
+    for output in card.outputs:
+        if output.labels and (not output.dims or output.dims[-1] != len(output.labels)):
+            raise ValueError(
+                f"output {output.name!r}: {len(output.labels)} class names, but its dims are "
+                f"{output.dims} (the last dim must be the number of classes)"
+            )
+        config.output.add(
+            name=output.name,
+            data_type=by_name(output.datatype).config_type,
+            dims=output.dims,
+            label_filename=files.get(output.name, ""),
+        )
+    if card.max_batch_size > 0:
+        config.dynamic_batching.SetInParent()
     for key, value in sorted(card.parameters.items()):
         config.parameters[key].string_value = value
-    dims = list(card.input_dims)
-    if len(dims) == 3 and dims[2] in (1, 3) and card.input_datatype in ("UINT8", "FP32"):
+    if takes_encoded_images(card):
         # Image models also take encoded files, which the server decodes.
         config.parameters[ENCODED_IMAGE_PARAMETER].string_value = ENCODED_IMAGE_INPUT
     return config
@@ -118,6 +169,8 @@ def publish(
     ``onnx_model`` is an onnx.ModelProto (or its serialised bytes); ``report`` is written
     beside it as verification.json.
     """
+    # The config first: a card it refuses must leave the repository untouched.
+    config_text = text_format.MessageToString(build_config(card))
     if version is None:
         version = max(existing_versions(repository, card.name), default=0) + 1
     folder = repository / card.name
@@ -129,8 +182,10 @@ def publish(
     if report is not None:
         _write_atomically(model_path.parent / REPORT_FILE,
                           (json.dumps(report, indent=2) + "\n").encode())
-    if card.labels:
-        _write_atomically(folder / LABELS_FILE, ("\n".join(card.labels) + "\n").encode())
-    config_text = text_format.MessageToString(build_config(card))
+    files = label_files(card)
+    for output in card.outputs:
+        if output.labels:
+            _write_atomically(folder / files[output.name],
+                              ("\n".join(output.labels) + "\n").encode())
     _write_atomically(folder / "config.pbtxt", config_text.encode())
     return model_path

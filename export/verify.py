@@ -11,13 +11,18 @@ Checks, each able to fail:
   the observed error (on a near-tie, float rounding may pick either);
 - a model whose scores are identical across classes for every sample is refused.
 
-Models without a logits output (user models) compare log-probabilities instead.
+Models without a logits output compare log-probabilities instead.
+
+Any other model (your own, ``check_generic``) is compared output by output: floating-point
+outputs within ``LOGITS_RTOL`` of the output's largest Keras magnitude, integer, boolean
+and string outputs exactly; an output's dtype and shape must match too. Every figure a
+report prints is one it computed, with the tolerance it applied.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
@@ -33,22 +38,32 @@ class ParityError(RuntimeError):
 
 @dataclass
 class ParityReport:
+    """The classifier check: probabilities, logits (or log-probabilities) and top-1."""
+
     samples: int
     max_abs_prob_diff: float
     #: max |dlogits| / max |logits| (per sample), or max |dlog p| without logits
     max_rel_score_diff: float
     compared_on: str
-    top1_agreement: float
+    #: share of decisive samples with the same top-1 class; None when no sample was decisive
+    top1_agreement: float | None
     decisive_samples: int
 
     def __str__(self) -> str:
-        tol = LOGITS_RTOL if self.compared_on == "logits" else LOGP_ATOL
-        return (
-            f"parity on {self.samples} samples: max |dp| {self.max_abs_prob_diff:.2e} "
-            f"(tol {PROB_ATOL:.0e}), {self.compared_on} max rel diff "
-            f"{self.max_rel_score_diff:.2e} (tol {tol:.0e}), top-1 agreement "
-            f"{self.top1_agreement:.1%} of {self.decisive_samples} decisive samples"
-        )
+        if self.compared_on == "logits":
+            scores = (f"logits max rel diff {self.max_rel_score_diff:.2e} "
+                      f"(tol {LOGITS_RTOL:.0e} of the sample's largest |logit|)")
+        else:
+            scores = (f"{self.compared_on} max |d log p| {self.max_rel_score_diff:.2e} "
+                      f"(tol {LOGP_ATOL:.0e}, where p > {LOGP_FLOOR:.0e})")
+        if self.top1_agreement is None:
+            top1 = ("top-1 not compared (on no sample are the best two scores further apart "
+                    "than the error)")
+        else:
+            top1 = (f"top-1 agreement {self.top1_agreement:.1%} of {self.decisive_samples} "
+                    "decisive samples")
+        return (f"parity on {self.samples} samples: max |dp| {self.max_abs_prob_diff:.2e} "
+                f"(tol {PROB_ATOL:.0e}), {scores}, {top1}")
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -89,7 +104,7 @@ def compare(
     gap = ordered[:, -1] - ordered[:, -2]
     decisive = gap > 2 * abs_err
     agree = scores_k.argmax(axis=1) == scores_o.argmax(axis=1)
-    agreement = float(agree[decisive].mean()) if decisive.any() else 1.0
+    agreement = float(agree[decisive].mean()) if decisive.any() else None
     report = ParityReport(
         samples=len(kp),
         max_abs_prob_diff=prob_diff,
@@ -98,16 +113,17 @@ def compare(
         top1_agreement=agreement,
         decisive_samples=int(decisive.sum()),
     )
-    if prob_diff > PROB_ATOL or score_diff > tolerance or agreement < 1.0:
+    if prob_diff > PROB_ATOL or score_diff > tolerance or (agreement is not None
+                                                          and agreement < 1.0):
         raise ParityError(f"ONNX output does not match Keras: {report}")
     return report
 
 
 def run_keras(model, inputs: np.ndarray, batch_size: int = 16) -> dict[str, np.ndarray]:
     """Keras outputs by name (a single-output model gives {"probabilities": ...})."""
-    outputs = model.predict(inputs, batch_size=batch_size, verbose=0)
-    if not isinstance(outputs, (list, tuple)):
-        outputs = [outputs]
+    import keras
+
+    outputs = keras.tree.flatten(model.predict(inputs, batch_size=batch_size, verbose=0))
     names = [n.split(":")[0] for n in model.output_names]
     return {name: np.asarray(out) for name, out in zip(names, outputs, strict=True)}
 
@@ -128,25 +144,144 @@ def check(keras_model, session, inputs: np.ndarray) -> ParityReport:
     return compare(k["probabilities"], o["probabilities"], k.get("logits"), o.get("logits"))
 
 
-def check_generic(keras_model, session, inputs: np.ndarray) -> ParityReport:
-    """Parity for any model: every output within LOGITS_RTOL of its largest magnitude."""
-    k = run_keras(keras_model, inputs)
-    o = run_onnx(session, inputs)
-    if sorted(k) != sorted(o):
-        raise ParityError(f"outputs differ: Keras {sorted(k)}, ONNX {sorted(o)}")
-    worst_abs = worst_rel = 0.0
-    for name, ref in k.items():
-        ref, got = ref.astype(np.float64), o[name].astype(np.float64)
-        if ref.shape != got.shape:
-            raise ParityError(f"output {name}: Keras shape {ref.shape}, ONNX {got.shape}")
-        diff = float(np.max(np.abs(ref - got))) if ref.size else 0.0
-        scale = float(np.max(np.abs(ref))) if ref.size else 0.0
-        worst_abs = max(worst_abs, diff)
-        worst_rel = max(worst_rel, diff / scale if scale > 0 else diff)
-    report = ParityReport(len(inputs), worst_abs, worst_rel, "outputs", 1.0, 0)
-    if worst_rel > LOGITS_RTOL:
-        raise ParityError(f"ONNX output does not match Keras: {report}")
+@dataclass
+class OutputParity:
+    """How one output of the ONNX model compares with Keras."""
+
+    name: str
+    #: numpy dtype name of the Keras output (float32, int64, bool, ...)
+    dtype: str
+    #: compared for equality (integer, boolean and string outputs)
+    exact: bool
+    #: values compared (all samples, all elements)
+    values: int
+    #: values that differ (exact outputs); floating point: values beyond the tolerance,
+    #: or NaN / infinite on one side only
+    mismatches: int
+    #: floating point only: max |reference - other| and that over max |reference|
+    max_abs_diff: float | None = None
+    max_rel_diff: float | None = None
+    #: floating point only: the relative tolerance applied; None: none was (a report)
+    tolerance: float | None = None
+
+    def __str__(self) -> str:
+        if self.exact:
+            return f"{self.name} ({self.dtype}) exact: {self.mismatches} of {self.values} differ"
+        text = (f"{self.name} ({self.dtype}) max |d| {self.max_abs_diff:.2e}, max rel diff "
+                f"{self.max_rel_diff:.2e}")
+        if self.tolerance is not None:
+            text += f" (tol {self.tolerance:.0e} of max |Keras|)"
+        if self.mismatches and (self.tolerance is None or self.max_rel_diff <= self.tolerance):
+            text += f", {self.mismatches} NaN/inf on one side only"
+        return text
+
+    @property
+    def ok(self) -> bool:
+        return self.mismatches == 0
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class GenericParityReport:
+    """Every output of a model compared, on one or more input shapes."""
+
+    #: per-sample input shape -> number of samples checked at that shape
+    shapes: list[tuple[tuple[int, ...], int]]
+    outputs: list[OutputParity] = field(default_factory=list)
+    compared_on: str = "outputs"
+
+    @property
+    def samples(self) -> int:
+        return sum(n for _, n in self.shapes)
+
+    def __str__(self) -> str:
+        where = ""
+        if len(self.shapes) > 1:
+            where = " (" + ", ".join(f"{n} of {'x'.join(map(str, shape))}"
+                                     for shape, n in self.shapes) + ")"
+        return (f"parity on {self.samples} samples{where}: "
+                + "; ".join(str(o) for o in self.outputs))
+
+    def as_dict(self) -> dict:
+        return {"samples": self.samples, "compared_on": self.compared_on,
+                "shapes": [{"shape": list(shape), "samples": n} for shape, n in self.shapes],
+                "outputs": [o.as_dict() for o in self.outputs]}
+
+
+def compare_output(name: str, ref: np.ndarray, got: np.ndarray,
+                   rtol: float | None = LOGITS_RTOL) -> OutputParity:
+    """Compare one output ``got`` with the reference ``ref``; ParityError if the dtype
+    (unless ``rtol`` is None) or the shape differs.
+
+    Floating point: NaN and infinities must sit at the same places; the finite values
+    within ``rtol`` of the output's largest finite |reference| value (``rtol`` None:
+    differences are measured, not judged). Anything else exactly.
+    """
+    ref, got = np.asarray(ref), np.asarray(got)
+    if ref.dtype != got.dtype and rtol is not None:
+        raise ParityError(f"output {name}: Keras gives {ref.dtype}, ONNX {got.dtype}")
+    if ref.shape != got.shape:
+        raise ParityError(f"output {name}: Keras shape {ref.shape}, ONNX {got.shape}")
+    if ref.dtype.kind not in "fc":
+        mismatches = int(np.count_nonzero(ref != got))
+        return OutputParity(name, str(ref.dtype), True, ref.size, mismatches)
+    r, g = ref.astype(np.float64), got.astype(np.float64)
+    finite = np.isfinite(r) & np.isfinite(g)
+    # NaN == NaN here: a non-finite value must be the same non-finite value
+    special = int(np.count_nonzero(~finite & ~((r == g) | (np.isnan(r) & np.isnan(g)))))
+    diff = np.abs(r - g)[finite]
+    scale = float(np.max(np.abs(r[finite]))) if finite.any() else 0.0
+    max_abs = float(diff.max()) if diff.size else 0.0
+    beyond = 0
+    if rtol is not None:
+        beyond = int(np.count_nonzero(diff > (rtol * scale if scale > 0 else rtol)))
+    mismatches = special + beyond
+    return OutputParity(name, str(ref.dtype), False, ref.size, mismatches, max_abs,
+                        max_abs / scale if scale > 0 else max_abs, rtol)
+
+
+def check_generic(keras_model, session, inputs: np.ndarray | list[np.ndarray]) -> (
+        GenericParityReport):
+    """Parity for any model, every output (see compare_output), on each input batch.
+
+    ``inputs``: one array [batch, ...] or several of different per-sample shapes (a
+    variable-size model is checked at each). ParityError names the outputs that differ.
+    """
+    batches = inputs if isinstance(inputs, list) else [inputs]
+    report = GenericParityReport(shapes=[(tuple(b.shape[1:]), len(b)) for b in batches])
+    merged: dict[str, OutputParity] = {}
+    for batch in batches:
+        k = run_keras(keras_model, batch)
+        o = run_onnx(session, batch)
+        if list(k) != list(o):
+            raise ParityError(f"outputs differ: Keras {', '.join(k)}, ONNX {', '.join(o)}")
+        for name, ref in k.items():
+            result = compare_output(name, ref, o[name])
+            merged[name] = result if name not in merged else _worse(merged[name], result)
+    report.outputs = list(merged.values())
+    bad = [o for o in report.outputs if not o.ok]
+    if bad:
+        raise ParityError(f"ONNX output does not match Keras in {', '.join(o.name for o in bad)}: "
+                          f"{report}")
     return report
+
+
+def variant_difference(name: str, fp32: np.ndarray, other: np.ndarray) -> OutputParity:
+    """How a reduced-precision variant's output differs from fp32's: measured, no
+    tolerance (fp16 and int8 differ by design)."""
+    return compare_output(name, fp32, other, rtol=None)
+
+
+def _worse(a: OutputParity, b: OutputParity) -> OutputParity:
+    """Two comparisons of one output (different input shapes) as one."""
+    if a.exact:
+        return OutputParity(a.name, a.dtype, True, a.values + b.values,
+                            a.mismatches + b.mismatches)
+    return OutputParity(a.name, a.dtype, False, a.values + b.values, a.mismatches + b.mismatches,
+                        max(a.max_abs_diff or 0.0, b.max_abs_diff or 0.0),
+                        max(a.max_rel_diff or 0.0, b.max_rel_diff or 0.0), a.tolerance)
 
 
 def top1_agreement(reference: np.ndarray, other: np.ndarray) -> float:

@@ -171,9 +171,10 @@ def test_training_is_reproducible(tmp_path: Path) -> None:
 
 
 def test_publish_adds_versions(tmp_path: Path) -> None:
-    from onnxserve.export.publish import ModelCard, existing_versions, publish
+    from onnxserve.export.publish import ModelCard, OutputSpec, existing_versions, publish
 
-    card = ModelCard("m", "x", "FP32", [4], "y", [2], ["a", "b"], 8, {"k": "v"})
+    card = ModelCard("m", "x", "FP32", [4], [OutputSpec("y", "FP32", [2], ["a", "b"])], 8,
+                     {"k": "v"})
     publish(tmp_path, card, b"one")
     publish(tmp_path, card, b"two")
     assert existing_versions(tmp_path, "m") == [1, 2]

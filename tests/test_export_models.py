@@ -200,7 +200,7 @@ def test_models_over_two_gigabytes_use_external_data(tmp_path: Path, monkeypatch
     from onnx_models import add_one_model
 
     from onnxserve.export import publish
-    from onnxserve.export.publish import ModelCard
+    from onnxserve.export.publish import ModelCard, OutputSpec
 
     model = onnx.load(str(add_one_model(tmp_path / "src.onnx")))
     raw = [numpy_helper.from_array(numpy_helper.to_array(t), t.name)  # raw_data, as exports
@@ -208,7 +208,7 @@ def test_models_over_two_gigabytes_use_external_data(tmp_path: Path, monkeypatch
     del model.graph.initializer[:]
     model.graph.initializer.extend(raw)
     monkeypatch.setattr(publish, "PROTOBUF_LIMIT", 10)  # pretend the model is huge
-    card = ModelCard("big", "x", "FP32", [4], "y", [4], None, 8)
+    card = ModelCard("big", "x", "FP32", [4], [OutputSpec("y", "FP32", [4])], 8)
     path = publish.publish(tmp_path / "repo", card, model)
     assert (path.parent / "model.onnx.data").is_file()
     out = ort.InferenceSession(str(path)).run(["y"], {"x": np.zeros((1, 4), np.float32)})[0]
