@@ -41,14 +41,18 @@ export-report: $(VENV)/.export-installed
 seed-accuracy: $(VENV)/.export-installed
 	$(BIN)/python -m onnxserve.benchmarks.seed_accuracy $(if $(DATA_DIR),--data-dir $(DATA_DIR))
 
-# Serving benchmark of the demo's models (exports them first if needed).
+# Serving benchmark of the demo's models (exports them first if needed), written to the
+# committed benchmarks/results. The first bench alone takes about 8-14 minutes.
 bench: $(VENV)/.export-installed
 	$(BIN)/python -m pip install --quiet matplotlib
 	$(BIN)/onnxserve demo --model-repository $(MODEL_REPOSITORY) > /dev/null
-	$(BIN)/onnxserve bench --model-repository $(MODEL_REPOSITORY) --models lenet5 mobilenet_v2
+	$(BIN)/onnxserve bench --model-repository $(MODEL_REPOSITORY) --models lenet5 mobilenet_v2 \
+		--out benchmarks/results
 	$(BIN)/onnxserve bench --model-repository $(MODEL_REPOSITORY) --models lenet5 \
-		--samples-per-request 32 --concurrency 1 4 --workers 1 --tag bench_batch32
-	$(BIN)/python -m onnxserve.benchmarks.first_request --model-repository $(MODEL_REPOSITORY)
+		--samples-per-request 32 --concurrency 1 4 --workers 1 --tag bench_batch32 \
+		--out benchmarks/results
+	$(BIN)/python -m onnxserve.benchmarks.first_request --model-repository $(MODEL_REPOSITORY) \
+		--out benchmarks/results
 
 lint: $(VENV)/.test-installed
 	$(BIN)/ruff check .

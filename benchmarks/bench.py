@@ -7,7 +7,12 @@ server with the same client (the transport's ceiling), then onnxserve with dynam
 batching on and off and 1 or more worker processes, each at every concurrency (closed
 loop) or request rate (open loop). Reports inferences/s, p50/p90/p95/p99, errors, client
 and server CPU, and the server's own queue/compute split from ModelStatistics. Writes
-bench.json, bench.md and bench.png (with matplotlib) to --out.
+bench.json, bench.md and bench.png (with matplotlib) to --out (default ./bench_results;
+``make bench`` passes benchmarks/results, the committed results).
+
+Each configuration (server x load) warms up for --warmup s and measures 3 to --max-windows
+windows of --window s: 11-20 s with the defaults, 20 configurations per model, so about
+8-14 minutes for the two default models; the run prints [n/total] before each one.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import os
 import shutil
 import signal
@@ -33,7 +39,13 @@ from onnxserve.serving.repository import read_model
 from .load import build_request, run_load
 from .raw_onnxruntime import raw_onnxruntime
 
-RESULTS = Path(__file__).resolve().parent / "results"
+#: Where results go by default: a folder in the working directory, never the package's own
+#: benchmarks/results (the committed results, which ``make bench`` writes with --out).
+DEFAULT_OUT = Path("bench_results")
+#: Batch sizes of the raw onnxruntime reference, each run for --window seconds.
+RAW_BATCH_SIZES = (1, 8, 32)
+#: Windows a configuration measures at least (load.run_load stops when three agree).
+MIN_WINDOWS = 3
 _TICKS = os.sysconf("SC_CLK_TCK")
 
 
@@ -106,11 +118,81 @@ def _variant_repository(source: Path, name: str, target: Path, batching: bool) -
     (folder / "config.pbtxt").write_text(text_format.MessageToString(config))
 
 
-def _measure(url, payload, samples, args, pid, stats_name=None) -> list[dict]:
+class Progress:
+    """Numbers the configurations as they run: ``[3/40] ...`` with the time left, estimated
+    from the configurations done so far."""
+
+    def __init__(self, total: int) -> None:
+        self.total = total
+        self.done = 0
+        self.started = time.monotonic()
+
+    def next(self, what: str) -> None:
+        """Print the line announcing the next configuration, ``what`` it measures."""
+        left = ""
+        if self.done:
+            per = (time.monotonic() - self.started) / self.done
+            left = f" (about {_duration(per * (self.total - self.done))} left)"
+        self.done += 1
+        print(f"[{self.done}/{self.total}] {what}{left}", flush=True)
+
+
+def _duration(seconds: float) -> str:
+    """``4.5 s``, ``45 s`` or ``7 min``."""
+    if seconds < 10:
+        return f"{seconds:.1f} s"
+    return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.0f} min"
+
+
+def _duration_range(low: float, high: float) -> str:
+    """``11-20 s`` or ``8-14 min`` (both ends in the unit ``high`` needs), or one figure
+    where both ends round to it."""
+    if high < 10:
+        ends, unit = (f"{low:.1f}", f"{high:.1f}"), "s"
+    elif high < 90:
+        ends, unit = (f"{low:.0f}", f"{high:.0f}"), "s"
+    else:
+        ends, unit = (f"{low / 60:.0f}", f"{high / 60:.0f}"), "min"
+    return f"{ends[1]} {unit}" if ends[0] == ends[1] else f"{ends[0]}-{ends[1]} {unit}"
+
+
+def _load_label(mode: str, concurrency: int, rate: float | None) -> str:
+    return f"concurrency {concurrency}" if mode == "closed" else f"Poisson {rate:g} requests/s"
+
+
+def _loads(args) -> list[tuple[str, int, float | None]]:
+    """(mode, concurrency, rate) of each load a server is measured at."""
+    return ([("closed", c, None) for c in args.concurrency]
+            + [("poisson", 0, r) for r in args.rate])
+
+
+def configurations_per_model(args) -> int:
+    """Loads measured per model: on the null server and on each onnxserve set-up."""
+    return (1 + len(args.workers) * len(args.batching)) * len(_loads(args))
+
+
+def expected_seconds(args, models: int) -> tuple[float, float]:
+    """Least and most seconds the measurements of ``models`` models take: each
+    configuration warms up, then measures 3 (MIN_WINDOWS) to --max-windows windows; raw
+    onnxruntime runs each of RAW_BATCH_SIZES for one window. Server start-ups (a few
+    seconds each) are not included."""
+    configurations = models * configurations_per_model(args)
+    raw = models * len(RAW_BATCH_SIZES) * args.window
+    low, high = configuration_seconds(args)
+    return configurations * low + raw, configurations * high + raw
+
+
+def configuration_seconds(args) -> tuple[float, float]:
+    """Least and most seconds one configuration's measurement takes (see expected_seconds)."""
+    return (args.warmup + min(MIN_WINDOWS, args.max_windows) * args.window,
+            args.warmup + args.max_windows * args.window)
+
+
+def _measure(url, payload, samples, args, pid, progress: Progress, what: str,
+             stats_name=None) -> list[dict]:
     rows = []
-    loads = [("closed", c, None) for c in args.concurrency]
-    loads += [("poisson", 0, r) for r in args.rate]
-    for mode, concurrency, rate in loads:
+    for mode, concurrency, rate in _loads(args):
+        progress.next(f"{what}, {_load_label(mode, concurrency, rate)}")
         before = _stats(url, stats_name)
         cpu0, t0 = _tree_cpu_seconds(pid), time.perf_counter()
         result = asyncio.run(run_load(
@@ -130,10 +212,9 @@ def _measure(url, payload, samples, args, pid, stats_name=None) -> list[dict]:
                 row["mean_batch"] = (after["inference_count"] - before["inference_count"]) / max(
                     execs, 1)
         rows.append(row)
-        print(f"  {mode} c={concurrency} rate={rate}: {row['throughput']:.0f}/s "
-              f"p50 {row['p50_ms']:.2f} ms p99 {row['p99_ms']:.2f} ms errors {row['errors']} "
-              f"client cpu {row['client_cpu_percent']:.0f}% server cpu {server_cpu:.0f}%",
-              flush=True)
+        print(f"  {row['throughput']:.0f}/s p50 {row['p50_ms']:.2f} ms p99 {row['p99_ms']:.2f} "
+              f"ms errors {row['errors']} client cpu {row['client_cpu_percent']:.0f}% server "
+              f"cpu {server_cpu:.0f}%", flush=True)
     return rows
 
 
@@ -144,27 +225,29 @@ def _stats(url: str, name: str | None) -> dict | None:
         return client.statistics(name)[0]
 
 
-def bench_model(repository: Path, name: str, args) -> dict:
+def bench_model(repository: Path, name: str, args, progress: Progress) -> dict:
+    """Measure model ``name``: raw onnxruntime, the null server, then onnxserve with each
+    --workers and --batching at each load; ``progress`` numbers the configurations."""
     config = read_model(repository, name).config
     sample = _sample(config)
     batch = np.repeat(sample[np.newaxis], args.samples_per_request, axis=0)
     payload = build_request(name, {config.input[0].name: batch})
     model_file = next(iter(sorted((repository / name).glob("*/model.onnx"))))
-    print(f"== {name}: raw onnxruntime", flush=True)
-    raw = raw_onnxruntime(model_file, sample, batch_sizes=(1, 8, 32), seconds=args.window)
+    print(f"{name}: raw onnxruntime, batch {', '.join(map(str, RAW_BATCH_SIZES))} "
+          f"({args.window:g} s each)", flush=True)
+    raw = raw_onnxruntime(model_file, sample, batch_sizes=RAW_BATCH_SIZES, seconds=args.window)
     for b, r in raw.items():
         print(f"  batch {b}: {r['throughput']:.0f}/s p50 {r['p50_ms']:.3f} ms", flush=True)
     out: dict = {"model": name, "samples_per_request": args.samples_per_request,
                  "raw_onnxruntime": raw, "null_server": [], "onnxserve": []}
     port = free_port()
-    print(f"== {name}: null server", flush=True)
     null = Process([sys.executable, "-m", "onnxserve.benchmarks.null_server", "--port",
                     str(port), "--output-shape", *map(str, config.output[0].dims)],
                    f"127.0.0.1:{port}")
     try:
         null.wait_ready()
         out["null_server"] = _measure(null.url, payload, args.samples_per_request, args,
-                                      null.popen.pid)
+                                      null.popen.pid, progress, f"{name} null server")
     finally:
         null.stop()
     for workers in args.workers:
@@ -172,7 +255,6 @@ def bench_model(repository: Path, name: str, args) -> dict:
             with tempfile.TemporaryDirectory() as tmp:
                 _variant_repository(repository, name, Path(tmp), batching == "on")
                 port = free_port()
-                print(f"== {name}: onnxserve workers={workers} batching={batching}", flush=True)
                 server = Process(
                     [sys.executable, "-m", "onnxserve.serving.cli", "serve",
                      "--model-repository", tmp, "--grpc-host", "127.0.0.1",
@@ -180,10 +262,13 @@ def bench_model(repository: Path, name: str, args) -> dict:
                      "--log-level", "WARNING", "--metrics-port", "0"],
                     f"127.0.0.1:{port}",
                 )
+                what = (f"{name} onnxserve, batching {batching}, {workers} "
+                        f"worker{'s' if workers > 1 else ''}")
                 try:
                     server.wait_ready()
                     rows = _measure(server.url, payload, args.samples_per_request, args,
-                                    server.popen.pid, stats_name=name if workers == 1 else None)
+                                    server.popen.pid, progress, what,
+                                    stats_name=name if workers == 1 else None)
                 finally:
                     server.stop()
                 for row in rows:
@@ -233,7 +318,21 @@ def markdown(results: list[dict], meta: dict) -> str:
     return "\n".join(lines)
 
 
+#: What to do to get the plot.
+PLOT_HINT = "pip install matplotlib"
+
+
+def _matplotlib_available() -> bool:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def plot(results: list[dict], path: Path) -> bool:
+    """Draw latency against throughput to ``path`` (PNG); False, drawing nothing, when
+    matplotlib is not installed (PLOT_HINT)."""
     try:
         import matplotlib
 
@@ -264,23 +363,82 @@ def plot(results: list[dict], path: Path) -> bool:
     return True
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value}: expected 1 or more")
+    return value
+
+
+def _seconds(minimum: float, inclusive: bool):
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+        if not math.isfinite(value) or value < minimum or (value == minimum and not inclusive):
+            raise argparse.ArgumentTypeError(
+                f"{text}: expected {'at least' if inclusive else 'more than'} {minimum:g}")
+        return value
+    return parse
+
+
+def _rate(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of requests/s") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{text}: expected more than 0 requests/s")
+    return value
+
+
+DESCRIPTION = (
+    "Serving benchmark: for each model, raw onnxruntime in-process, a do-nothing gRPC server "
+    "(the transport's ceiling), then onnxserve with batching on/off and 1 or more workers, "
+    "each at every --concurrency (closed loop) and --rate (open loop). Each configuration "
+    "takes --warmup + 3 to --max-windows x --window seconds (11-20 s with the defaults); the "
+    "defaults measure 20 configurations per model, about 8-14 minutes for the two default "
+    "models. The run prints [n/total] before each configuration, and the time it expects "
+    "first."
+)
+
+
 def add_bench_parser(subparsers: argparse._SubParsersAction) -> None:
     from onnxserve.serving.cli import add_repository_argument
 
     p = subparsers.add_parser("bench", help="throughput/latency benchmark against raw "
-                                            "onnxruntime and a null server")
+                                            "onnxruntime and a null server",
+                              description=DESCRIPTION)
     add_repository_argument(p)
-    p.add_argument("--models", nargs="+", default=["lenet5", "mobilenet_v2"])
-    p.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16, 64])
-    p.add_argument("--rate", type=float, nargs="*", default=[],
-                   help="open-loop Poisson request rates (requests/s) to add")
-    p.add_argument("--batching", nargs="+", choices=("on", "off"), default=["on", "off"])
-    p.add_argument("--workers", type=int, nargs="+", default=[1, 2])
-    p.add_argument("--samples-per-request", type=int, default=1)
-    p.add_argument("--warmup", type=float, default=2.0, help="seconds (default %(default)s)")
-    p.add_argument("--window", type=float, default=3.0, help="seconds (default %(default)s)")
-    p.add_argument("--max-windows", type=int, default=6)
-    p.add_argument("--out", type=Path, default=RESULTS)
+    p.add_argument("--models", nargs="+", default=["lenet5", "mobilenet_v2"],
+                   help="models of the repository to measure (default: lenet5 mobilenet_v2)")
+    p.add_argument("--concurrency", type=_positive_int, nargs="+", default=[1, 4, 16, 64],
+                   help="closed-loop loads: requests in flight at once (default: 1 4 16 64)")
+    p.add_argument("--rate", type=_rate, nargs="*", default=[],
+                   help="open-loop Poisson request rates (requests/s) to add (default: none)")
+    p.add_argument("--batching", nargs="+", choices=("on", "off"), default=["on", "off"],
+                   help="measure onnxserve with the model's dynamic batching on, off, or both "
+                        "(default: on off)")
+    p.add_argument("--workers", type=_positive_int, nargs="+", default=[1, 2],
+                   help="server processes (onnxserve serve --workers) to measure with "
+                        "(default: 1 2)")
+    p.add_argument("--samples-per-request", type=_positive_int, default=1,
+                   help="samples in each request's batch (default %(default)s)")
+    p.add_argument("--warmup", type=_seconds(0, inclusive=True), default=2.0,
+                   help="seconds of load before each configuration's measurement "
+                        "(default %(default)s)")
+    p.add_argument("--window", type=_seconds(0, inclusive=False), default=3.0,
+                   help="seconds per measurement window; windows repeat until the last three "
+                        "agree within 10%% (default %(default)s)")
+    p.add_argument("--max-windows", type=_positive_int, default=6,
+                   help="most windows per configuration, stable or not (default %(default)s)")
+    p.add_argument("--out", type=Path, default=DEFAULT_OUT,
+                   help="folder for <tag>.json, <tag>.md and <tag>.png (default ./%(default)s; "
+                        "make bench writes the committed benchmarks/results)")
     p.add_argument("--tag", default="bench", help="output file name stem (default %(default)s)")
     p.set_defaults(func=run_bench)
 
@@ -291,7 +449,16 @@ def run_bench(args: argparse.Namespace) -> int:
         print(f"onnxserve bench: {', '.join(missing)} not in {args.model_repository}; export "
               "them first (make demo exports lenet5 and mobilenet_v2)", file=sys.stderr)
         return 2
-    results = [bench_model(args.model_repository, m, args) for m in args.models]
+    per_model = configurations_per_model(args)
+    print(f"onnxserve bench: {len(args.models)} model(s) x {per_model} configurations, "
+          f"{_duration_range(*configuration_seconds(args))} each: about "
+          f"{_duration_range(*expected_seconds(args, len(args.models)))} plus server "
+          f"start-ups; results to {args.out}", flush=True)
+    if not _matplotlib_available():  # say it now, not only after the run
+        print(f"note: matplotlib is not installed, so there will be no {args.tag}.png "
+              f"({PLOT_HINT} for it)", flush=True)
+    progress = Progress(per_model * len(args.models))
+    results = [bench_model(args.model_repository, m, args, progress) for m in args.models]
     meta = {"command": "onnxserve bench " + " ".join(sys.argv[2:]) if len(sys.argv) > 2
             else "onnxserve bench", "machine": f"{os.cpu_count()} cores, no GPU",
             "warmup": args.warmup, "window": args.window}
@@ -299,7 +466,15 @@ def run_bench(args: argparse.Namespace) -> int:
     (args.out / f"{args.tag}.json").write_text(json.dumps({"meta": meta, "results": results},
                                                           indent=2) + "\n")
     (args.out / f"{args.tag}.md").write_text(markdown(results, meta))
-    if plot(results, args.out / f"{args.tag}.png"):
-        print(f"wrote {args.out / (args.tag + '.png')}")
+    png = args.out / f"{args.tag}.png"
+    if plot(results, png):
+        print(f"wrote {png}")
+    else:
+        stale = png.is_file()
+        if stale:
+            png.unlink()  # drawn from another run's results
+        print(f"no plot: matplotlib is not installed ({PLOT_HINT} for {png.name})"
+              + (f"; removed {png}, an earlier run's plot" if stale else ""), flush=True)
+    print(f"wrote {args.out / (args.tag + '.json')}")
     print(f"wrote {args.out / (args.tag + '.md')}")
     return 0

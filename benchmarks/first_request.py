@@ -4,7 +4,8 @@
 
 For each model and each of ``--warmup`` / ``--no-warmup``, starts a fresh server (only that
 model), opens a connection, then times the first inference and the next ``--requests``
-ones. Repeated ``--repeats`` times; writes first_request.{json,md} to --out.
+ones. Repeated ``--repeats`` times; writes first_request.{json,md} to --out (default
+./bench_results; ``make bench`` passes benchmarks/results, the committed results).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from onnxserve.protos import inference_pb2 as pb
 from onnxserve.serving.demo import free_port
 from onnxserve.serving.repository import read_model
 
-from .bench import RESULTS, Process, _sample, _variant_repository
+from .bench import DEFAULT_OUT, Process, _sample, _variant_repository
 from .load import INFER_METHOD, build_request
 
 
@@ -89,14 +90,27 @@ def markdown(results: list[dict], command: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model-repository", type=Path, default=Path("model_repository"))
-    parser.add_argument("--models", nargs="+", default=["lenet5", "mobilenet_v2"])
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--requests", type=int, default=20)
-    parser.add_argument("--out", type=Path, default=RESULTS)
-    args = parser.parse_args(argv)
+    parser.add_argument("--model-repository", type=Path, default=Path("model_repository"),
+                        help="repository holding the models (default %(default)s)")
+    parser.add_argument("--models", nargs="+", default=["lenet5", "mobilenet_v2"],
+                        help="models to measure, each in a server of its own "
+                             "(default %(default)s)")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="fresh servers per model and warm-up setting; the report takes "
+                             "the median (default %(default)s)")
+    parser.add_argument("--requests", type=int, default=20,
+                        help="requests timed after the first one, for the steady p50 "
+                             "(default %(default)s)")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT,
+                        help="folder for first_request.json and .md (default ./%(default)s; "
+                             "make bench writes the committed benchmarks/results)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     results = [measure(args.model_repository, m, args.repeats, args.requests)
                for m in args.models]
     args.out.mkdir(parents=True, exist_ok=True)

@@ -4,7 +4,8 @@
 
 Needs py-spy (``pip install py-spy``). Starts the server, drives it with the benchmark's
 load generator in a second process, samples the server for ``--seconds``, and writes the
-own-time and inclusive-time tables to benchmarks/results/profile_<model>.md. Time inside
+own-time and inclusive-time tables to <--out>/profile_<model>.md (default ./bench_results;
+``--out benchmarks/results`` for the committed one). Time inside
 gRPC's compiled core shows up as its Python entry point (asyncio Handle._run).
 """
 
@@ -21,7 +22,7 @@ from pathlib import Path
 
 from onnxserve.serving.demo import free_port
 
-from .bench import RESULTS, Process
+from .bench import DEFAULT_OUT, Process
 
 _LOAD = """
 import asyncio, sys, numpy as np
@@ -55,14 +56,23 @@ def summarize(raw: str, top: int = 25) -> tuple[int, list, list]:
     return total, share(own), share(inclusive)
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model-repository", type=Path, default=Path("model_repository"))
-    parser.add_argument("--model", default="lenet5")
-    parser.add_argument("--concurrency", type=int, default=16)
-    parser.add_argument("--seconds", type=float, default=8.0)
-    parser.add_argument("--out", type=Path, default=RESULTS)
-    args = parser.parse_args(argv)
+    parser.add_argument("--model-repository", type=Path, default=Path("model_repository"),
+                        help="repository the server loads (default %(default)s)")
+    parser.add_argument("--model", default="lenet5",
+                        help="model to send requests to (default %(default)s)")
+    parser.add_argument("--concurrency", type=int, default=16,
+                        help="closed-loop requests in flight meanwhile (default %(default)s)")
+    parser.add_argument("--seconds", type=float, default=8.0,
+                        help="how long py-spy samples the server (default %(default)s)")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT,
+                        help="folder for profile_<model>.md (default ./%(default)s)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     py_spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
     if not Path(py_spy).exists():
         print("profile: py-spy is not installed (pip install py-spy)", file=sys.stderr)

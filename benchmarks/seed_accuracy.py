@@ -21,18 +21,29 @@ from onnxserve.serving.repository import read_model
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--recipes", nargs="+", default=list(RECIPES), choices=list(RECIPES))
-    parser.add_argument("--data-dir", type=Path)
-    parser.add_argument("--out", type=Path, default=RESULTS)
-    args = parser.parse_args(argv)
+    parser.add_argument("--recipes", nargs="+", default=list(RECIPES), choices=list(RECIPES),
+                        help="recipes to train (default: all)")
+    parser.add_argument("--data-dir", type=Path,
+                        help="folder with mnist.npz, fashion_mnist.npz, cifar10.npz (default: "
+                             "keras.datasets' download)")
+    parser.add_argument("--out", type=Path, default=RESULTS,
+                        help="folder for seed_accuracy.md (default: the committed "
+                             "benchmarks/results)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     lines = ["# Recipes at the seed's full length", "",
              "| recipe | data | held-out accuracy | epochs | the seed reported |",
              "|---|---|---|---|---|"]
     failed = False
     with tempfile.TemporaryDirectory() as repository:
-        for name in args.recipes:
+        for number, name in enumerate(args.recipes, 1):
+            print(f"[{number}/{len(args.recipes)}] training {name} at the seed's length ...",
+                  flush=True)
             command = [sys.executable, "-m", "onnxserve.serving.cli", "export", name,
                        "--model-repository", repository]
             if args.data_dir:

@@ -6,7 +6,6 @@ Importing this module is cheap: TensorFlow is imported only when an export runs.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import traceback
 from pathlib import Path
@@ -18,6 +17,29 @@ from .user_models import PREPROCESSING_CHOICES
 
 RECIPES = tuple(_RECIPES)
 MODELS = (*RECIPES, *APPLICATIONS)
+DEFAULT_SEED = 0
+DEFAULT_WEIGHTS = "imagenet"
+
+#: What each kind of model is called in messages.
+_KINDS = {
+    "recipe": "the training recipes",
+    "application": "the ImageNet applications",
+    "from": "--from PATH",
+}
+#: Options that apply to some kinds of model only: (flag, attribute, kinds it applies to).
+_ONLY_FOR = (
+    ("--dataset", "dataset", ("recipe",)),
+    ("--data-dir", "data_dir", ("recipe",)),
+    ("--epochs", "epochs", ("recipe",)),
+    ("--seed", "seed", ("recipe",)),
+    ("--keep-last-weights", "keep_last_weights", ("recipe",)),
+    ("--tensorboard", "tensorboard", ("recipe",)),
+    ("--weights", "weights", ("application",)),
+    ("--raw-float-input", "raw_float_input", ("application",)),
+    ("--labels", "labels", ("from",)),
+    ("--labels-output", "labels_output", ("from",)),
+    ("--preprocessing", "preprocessing", ("from",)),
+)
 
 
 def add_export_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -52,14 +74,16 @@ def add_export_parser(subparsers: argparse._SubParsersAction) -> None:
                    help="max_batch_size written to config.pbtxt; 0: the model does not batch "
                         "(dims are whole shapes, no encoded-image input)")
     p.add_argument("--verbose", action="store_true",
-                   help="show the converter's (tf2onnx's) log and the traceback of a failure")
+                   help="show the libraries' logs (TensorFlow, tf2onnx, onnxruntime and its "
+                        "quantizer, Python warnings) and the traceback of a failure")
     precision = p.add_mutually_exclusive_group()
     precision.add_argument("--fp16", action="store_true",
                            help="weights and compute in float16 (inputs/outputs stay float32)")
     precision.add_argument("--int8", action="store_true",
                            help="int8 quantization: static, calibrated on training samples, for "
                                 "the recipes; dynamic otherwise")
-    p.add_argument("--fp16-io", action="store_true", help="with --fp16: float16 inputs/outputs")
+    p.add_argument("--fp16-io", action="store_true",
+                   help="with --fp16 only: float16 inputs/outputs")
     recipe = p.add_argument_group("training recipes")
     recipe.add_argument("--dataset", choices=DATASETS,
                         help="default: the seed's (mnist, fashion_mnist or cifar10); digits: "
@@ -69,16 +93,16 @@ def add_export_parser(subparsers: argparse._SubParsersAction) -> None:
                              "layout of Keras' mnist.npz) instead of downloading")
     recipe.add_argument("--epochs", type=int, help="train at most this many epochs "
                                                    "(default: the seed's)")
-    recipe.add_argument("--seed", type=int, default=0,
-                        help="random seed for weights and shuffling (default %(default)s)")
+    recipe.add_argument("--seed", type=int,
+                        help=f"random seed for weights and shuffling (default {DEFAULT_SEED})")
     recipe.add_argument("--keep-last-weights", action="store_true",
                         help="when early stopping ends training, keep the last epoch's weights "
                              "as the seed does (default: the best validation epoch's)")
     recipe.add_argument("--tensorboard", type=Path, help="write TensorBoard logs here")
     app = p.add_argument_group("ImageNet applications")
-    app.add_argument("--weights", default="imagenet",
+    app.add_argument("--weights",
                      help="imagenet (Keras' download), none (random), or a weights file "
-                          "(default %(default)s)")
+                          f"(default {DEFAULT_WEIGHTS})")
     app.add_argument("--raw-float-input", action="store_true",
                      help="take FP32 input already preprocessed, instead of UINT8 pixels with "
                           "the preprocessing in the graph")
@@ -99,7 +123,8 @@ def add_samples_parser(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "samples", help="write sample images: held-out digits and two bundled photos"
     )
-    p.add_argument("--out", type=Path, default=Path("samples"), help="(default %(default)s)")
+    p.add_argument("--out", type=Path, default=Path("samples"),
+                   help="folder to write the images to (default %(default)s)")
     p.set_defaults(func=run_samples)
 
 
@@ -122,8 +147,43 @@ def list_models() -> str:
     return "\n".join(lines)
 
 
+def _kind(args: argparse.Namespace) -> str:
+    if args.from_path is not None:
+        return "from"
+    return "recipe" if args.model in RECIPES else "application"
+
+
+def inapplicable_options(args: argparse.Namespace) -> list[str]:
+    """One message per group of given options that the chosen model does not take, e.g.
+    ``--epochs, --seed apply to the training recipes, not to mobilenet_v2 (an ImageNet
+    application)``; empty when every option given applies. ``args``: parsed export
+    arguments naming one model id or --from PATH."""
+    kind = _kind(args)
+    what = {"recipe": f"{args.model} (a training recipe)",
+            "application": f"{args.model} (an ImageNet application)",
+            "from": "--from PATH (your own model)"}[kind]
+    by_target: dict[tuple[str, ...], list[str]] = {}
+    for flag, attribute, kinds in _ONLY_FOR:
+        value = getattr(args, attribute)
+        if kind not in kinds and value is not None and value is not False:
+            by_target.setdefault(kinds, []).append(flag)
+    messages = [
+        f"{', '.join(flags)} appl{'y' if len(flags) > 1 else 'ies'} to "
+        f"{' and '.join(_KINDS[k] for k in kinds)}, not to {what}"
+        for kinds, flags in by_target.items()
+    ]
+    if args.fp16_io and not args.fp16:
+        messages.append("--fp16-io applies with --fp16 only (float16 inputs/outputs of the "
+                        "fp16 variant)")
+    return messages
+
+
 def run_export(args: argparse.Namespace) -> int:
     if args.list:
+        if args.model is not None or args.from_path is not None:
+            print("onnxserve export: --list lists the model ids and exports nothing; give it "
+                  "without a model id or --from", file=sys.stderr)
+            return 2
         print(list_models())
         return 0
     if (args.model is None) == (args.from_path is None):
@@ -133,19 +193,19 @@ def run_export(args: argparse.Namespace) -> int:
         print(f"onnxserve export: unknown model {args.model!r}; the ids are "
               f"{', '.join(MODELS)}", file=sys.stderr)
         return 2
-    user_only = [flag for flag, value in (("--labels", args.labels),
-                                          ("--labels-output", args.labels_output),
-                                          ("--preprocessing", args.preprocessing))
-                 if value is not None]
-    if args.model is not None and user_only:
-        print(f"onnxserve export: {', '.join(user_only)} apply to --from PATH, not to "
-              f"{args.model}", file=sys.stderr)
+    refused = inapplicable_options(args)
+    if refused:
+        for message in refused:
+            print(f"onnxserve export: {message}", file=sys.stderr)
         return 2
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's C++ start-up chatter
+    from . import library_logs
+
+    library_logs.configure(args.verbose)  # before TensorFlow loads
     from . import pipeline, verify
 
     what = args.model or str(args.from_path)
     try:
+        library_logs.import_tensorflow(args.verbose)
         if args.from_path is not None:
             prepared = pipeline.prepare_user_model(
                 args.from_path, labels=args.labels, labels_output=args.labels_output,
@@ -154,12 +214,13 @@ def run_export(args: argparse.Namespace) -> int:
         elif args.model in RECIPES:
             prepared = pipeline.prepare_recipe(
                 args.model, dataset=args.dataset, data_dir=args.data_dir, epochs=args.epochs,
-                seed=args.seed, keep_last_weights=args.keep_last_weights,
-                tensorboard=args.tensorboard,
+                seed=DEFAULT_SEED if args.seed is None else args.seed,
+                keep_last_weights=args.keep_last_weights, tensorboard=args.tensorboard,
             )
         else:
             prepared = pipeline.prepare_application(
-                args.model, weights=args.weights, raw_float_input=args.raw_float_input
+                args.model, weights=args.weights or DEFAULT_WEIGHTS,
+                raw_float_input=args.raw_float_input,
             )
         variant = "fp16" if args.fp16 else "int8" if args.int8 else "fp32"
         pipeline.export(

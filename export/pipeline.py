@@ -19,11 +19,14 @@ from pathlib import Path
 
 import numpy as np
 
-from . import convert, publish, variants, verify
+from . import convert, progress, publish, variants, verify
 
 log = logging.getLogger(__name__)
 
 RANDOM_WEIGHTS = "none (random weights: predictions are meaningless)"
+#: Why a variant's agreement with fp32 means nothing on a random-weight model.
+RANDOM_WEIGHTS_AGREEMENT = ("random weights (--weights none): the scores carry no information, "
+                            "so this agreement proves nothing about the variant's accuracy")
 #: int8 must keep this share of fp32's top-1 answers on a recipe's held-out data.
 INT8_MIN_AGREEMENT = 0.99
 
@@ -54,6 +57,8 @@ class Prepared:
     heldout: tuple[np.ndarray, np.ndarray] | None = None
     #: more parity inputs, each of another per-sample shape (variable-size models)
     more_samples: list[np.ndarray] = field(default_factory=list)
+    #: True when the weights are random (--weights none): agreement figures prove nothing
+    random_weights: bool = False
 
 
 def prepare_recipe(
@@ -144,8 +149,12 @@ def prepare_application(app_name: str, *, weights: str, raw_float_input: bool) -
     from . import applications
 
     app = applications.APPLICATIONS[app_name]
+    source = {"imagenet": "ImageNet weights", "none": "random weights"}.get(
+        weights, f"weights from {weights}")
     try:
-        model = applications.build(app, weights, raw_float_input=raw_float_input)
+        with progress.step(f"building {app_name} (keras.applications.{app.constructor}, "
+                           f"{source})"):
+            model = applications.build(app, weights, raw_float_input=raw_float_input)
     except applications.WeightsUnavailableError as exc:
         raise ExportError(str(exc)) from None
     photos = photo_crops(app.size)
@@ -170,6 +179,7 @@ def prepare_application(app_name: str, *, weights: str, raw_float_input: bool) -
             "onnxserve.keras_preprocess_input": mode,
             "onnxserve.weights": label,
         },
+        random_weights=weights == "none",
     )
 
 
@@ -392,14 +402,18 @@ def export(
     ``max_batch_size``: None takes the prepared model's; 0 writes a non-batching config
     (dims are the whole ONNX shapes, no encoded-image input). Nothing is written to the
     repository unless every step succeeds: ExportError names the failing stage (and
-    ParityError the outputs that differ); ``verbose`` shows the converter's log.
+    ParityError the outputs that differ); ``verbose`` shows the converter's log and what
+    onnxruntime's quantizer prints. Prints a line as each step starts (with a "still ..."
+    line every progress.HEARTBEAT_SECONDS while a conversion or variant runs), the parity
+    result and where the model was published.
     """
     if max_batch_size is None:
         max_batch_size = prepared.max_batch_size
     if max_batch_size < 0:
         raise ExportError(f"max batch size {max_batch_size}: expected 0 (no batching) or more")
     started = time.perf_counter()
-    with _stage("converting to ONNX"):
+    with _stage("converting to ONNX"), progress.step(
+            f"converting {prepared.name} to ONNX (tf2onnx, opset {opset})"):
         onnx_model = convert.to_onnx(prepared.keras_model, opset=opset, verbose=verbose)
     with _stage("loading the converted model in onnxruntime"):
         session = _session(onnx_model)
@@ -428,11 +442,13 @@ def export(
     }
     served = onnx_model
     if variant != "fp32":
-        with _stage(f"making and measuring the {variant} variant"):
+        with _stage(f"making and measuring the {variant} variant"), progress.step(
+                f"making the {variant} variant ({_variant_method(prepared, variant)})"):
             reference = verify.run_onnx(session, prepared.agreement_data)
             del session  # keep one onnxruntime copy of the weights at a time
             gc.collect()
-            served = _variant(prepared, report, onnx_model, reference, variant, fp16_io)
+            served = _variant(prepared, report, onnx_model, reference, variant, fp16_io,
+                              verbose)
     report["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
     report["seconds"] = round(time.perf_counter() - started, 1)
     card = _card(prepared, served, name or prepared.name + (
@@ -445,20 +461,49 @@ def export(
     return report
 
 
+def _variant_method(prepared: Prepared, variant: str) -> str:
+    """How the variant is made, in a few words, for the progress line."""
+    if variant == "fp16":
+        return "float16 weights and compute"
+    if prepared.calibration is not None:
+        return f"static quantization, calibrated on {len(prepared.calibration)} samples"
+    return "dynamic quantization"
+
+
+def agreement_caveat(prepared: Prepared, reference_top1: np.ndarray) -> str | None:
+    """Why a variant's top-1 agreement with fp32 proves nothing here, or None.
+
+    Random weights (--weights none) give scores without information; and when fp32 gives
+    every sample the same class (``reference_top1``: fp32's top-1 class per sample), a
+    variant agrees by predicting that class, whatever it does to the scores.
+    """
+    if prepared.random_weights:
+        return RANDOM_WEIGHTS_AGREEMENT
+    if len(reference_top1) > 1 and len(np.unique(reference_top1)) == 1:
+        return (f"fp32 gives all {len(reference_top1)} samples the same top-1 class, so "
+                "this agreement proves little about the variant's accuracy")
+    return None
+
+
 def _variant(prepared: Prepared, report: dict, onnx_model, reference: dict[str, np.ndarray],
-             variant: str, fp16_io: bool):
+             variant: str, fp16_io: bool, verbose: bool = False):
     """The fp16/int8 model, compared with fp32's outputs ``reference`` on the agreement
     data (added to report).
 
-    Classifiers and labelled outputs: top-1 agreement; every output of a user model: its
-    largest difference from fp32 (reported, not a pass/fail check: reduced precision
-    differs by design). ExportError if int8 loses too much of a recipe's top-1 answers.
+    Classifiers and labelled outputs: top-1 agreement, with a caveat (printed, and as
+    ``top1_agreement_caveat`` in the report) where it proves nothing (agreement_caveat);
+    every output of a user model: its largest difference from fp32 (reported, not a
+    pass/fail check: reduced precision differs by design). ExportError if int8 loses too
+    much of a recipe's top-1 answers. ``verbose``: show what the quantizer prints.
     """
+    from . import library_logs
+
     data = prepared.agreement_data
     if variant == "fp16" and fp16_io and data.dtype == np.float32:
         data = data.astype(np.float16)
-    served = (variants.to_fp16(onnx_model, keep_io_types=not fp16_io) if variant == "fp16"
-              else variants.to_int8(onnx_model, prepared.calibration))
+    with library_logs.library_prints_hidden(verbose):
+        served = (variants.to_fp16(onnx_model, keep_io_types=not fp16_io) if variant == "fp16"
+                  else variants.to_int8(onnx_model, prepared.calibration))
     variant_session = _session(served)
     other = verify.run_onnx(variant_session, data)
     report["agreement_samples"] = len(data)
@@ -473,8 +518,11 @@ def _variant(prepared: Prepared, report: dict, onnx_model, reference: dict[str, 
         agreement = verify.top1_agreement(reference[scores].reshape(-1, width),
                                           other[scores].reshape(-1, width))
         report["top1_agreement_vs_fp32"] = round(agreement, 4)
+        caveat = agreement_caveat(prepared, reference[scores].reshape(-1, width).argmax(-1))
+        if caveat is not None:
+            report["top1_agreement_caveat"] = caveat
         print(f"{variant}: top-1 agreement of {scores} with fp32 {agreement:.2%} on "
-              f"{len(data)} samples", flush=True)
+              f"{len(data)} samples" + (f" ({caveat})" if caveat else ""), flush=True)
     if not prepared.classifier:
         differences = [verify.variant_difference(n, reference[n], other[n]) for n in reference]
         report["outputs_vs_fp32"] = [d.as_dict() for d in differences]

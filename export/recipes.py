@@ -7,6 +7,7 @@ with the same parameters, but the export can check parity on the logits too.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from collections.abc import Callable
@@ -254,8 +255,15 @@ def train(
     seed: int = 0,
     verbose: int = 2,
 ) -> TrainResult:
-    """Build and fit the recipe's model and measure accuracy on the held-out split."""
+    """Build and fit the recipe's model and measure accuracy on the held-out split.
+
+    ``verbose``: 0 prints nothing; otherwise one line per epoch (loss and accuracy, with
+    validation, and the epoch's seconds) and, during an epoch of more than
+    progress.HEARTBEAT_SECONDS, a step counter line every that many seconds.
+    """
     import keras
+
+    from . import progress
 
     settings = settings or recipe.training
     make_deterministic(seed)
@@ -290,10 +298,14 @@ def train(
         callbacks.append(
             keras.callbacks.TensorBoard(log_dir=str(tensorboard_dir), histogram_freq=1)
         )
-    history = model.fit(
-        x_train, y_train, batch_size=settings.batch_size, epochs=epochs or settings.epochs,
-        callbacks=callbacks, verbose=verbose, **fit_args,
-    )
+    epochs = epochs or settings.epochs
+    lines = progress.epoch_callback(epochs) if verbose else None
+    with lines.heartbeat() if lines is not None else contextlib.nullcontext():
+        history = model.fit(
+            x_train, y_train, batch_size=settings.batch_size, epochs=epochs,
+            callbacks=[*callbacks, *([lines] if lines is not None else [])], verbose=0,
+            **fit_args,
+        )
     _, accuracy = model.evaluate(x_test, data.y_test, verbose=0)
     losses = history.history["loss"]
     log.info("%s: held-out accuracy %.4f after %d epochs", recipe.name, accuracy, len(losses))

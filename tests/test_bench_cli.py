@@ -1,0 +1,140 @@
+"""`onnxserve bench` and the other benchmark tools as users meet them: where results go,
+progress while they run, how long they take, what each option does."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+from conftest import ROOT, build_test_models, onnxserve_command
+
+from onnxserve.benchmarks import bench
+
+COMMITTED = ROOT / "benchmarks" / "results"
+
+
+def _digests(folder: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+def test_bench_writes_to_the_working_directory_and_shows_progress(tmp_path: Path) -> None:
+    build_test_models(tmp_path / "repo")
+    committed = _digests(COMMITTED)
+    stale = tmp_path / "bench_results" / "bench.png"  # an earlier run's plot
+    stale.parent.mkdir()
+    stale.write_bytes(b"old plot")
+    no_matplotlib = tmp_path / "no_matplotlib" / "matplotlib"
+    no_matplotlib.mkdir(parents=True)
+    (no_matplotlib / "__init__.py").write_text("raise ImportError('hidden by the test')\n")
+    result = subprocess.run(
+        onnxserve_command("bench", "--model-repository", "repo", "--models", "scores",
+                          "--concurrency", "1", "2", "--batching", "on", "--workers", "1",
+                          "--warmup", "0.1", "--window", "0.2", "--max-windows", "3"),
+        capture_output=True, text=True, timeout=300, cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(
+            [str(no_matplotlib.parent), *filter(None, [os.environ.get("PYTHONPATH")])])},
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    out = result.stdout
+    assert (tmp_path / "bench_results" / "bench.json").is_file()
+    assert (tmp_path / "bench_results" / "bench.md").is_file()
+    assert _digests(COMMITTED) == committed  # the package's committed results untouched
+    # what it will do and how long, first
+    assert out.splitlines()[0].startswith(
+        "onnxserve bench: 1 model(s) x 4 configurations, 0.7 s each: about 3.4 s"), out
+    announced = [line for line in out.splitlines() if line.startswith("[")]
+    assert [re.sub(r" \(about .* left\)$", "", line) for line in announced] == [
+        "[1/4] scores null server, concurrency 1",
+        "[2/4] scores null server, concurrency 2",
+        "[3/4] scores onnxserve, batching on, 1 worker, concurrency 1",
+        "[4/4] scores onnxserve, batching on, 1 worker, concurrency 2",
+    ], out
+    assert all(" left)" in line for line in announced[1:]), out
+    # the plot: skipped, saying how to get it (before the run and after), stale one gone
+    assert out.splitlines()[1] == ("note: matplotlib is not installed, so there will be no "
+                                   "bench.png (pip install matplotlib for it)"), out
+    assert "no plot: matplotlib is not installed (pip install matplotlib" in out
+    assert f"removed {Path('bench_results') / 'bench.png'}" in out
+    assert not stale.exists()
+
+
+def test_bench_default_output_is_a_folder_of_the_working_directory() -> None:
+    from onnxserve.benchmarks import first_request, profile
+    from onnxserve.serving.cli import build_parser
+
+    assert build_parser().parse_args(["bench"]).out == Path("bench_results")
+    assert first_request.build_parser().parse_args([]).out == Path("bench_results")
+    assert profile.build_parser().parse_args([]).out == Path("bench_results")
+    makefile = (ROOT / "Makefile").read_text()
+    target = makefile[makefile.index("\nbench:"):makefile.index("\nlint:")]
+    commands = [c for c in target.replace("\\\n", " ").splitlines()
+                if "onnxserve bench" in c or "first_request" in c]
+    assert len(commands) == 3
+    assert all("--out benchmarks/results" in c for c in commands), commands
+
+
+def test_bench_help_and_readme_say_how_long_it_takes() -> None:
+    from onnxserve.serving.cli import build_parser
+
+    defaults = build_parser().parse_args(["bench"])
+    each = bench._duration_range(*bench.configuration_seconds(defaults))
+    total = bench._duration_range(*bench.expected_seconds(defaults, len(defaults.models)))
+    assert (each, total) == ("11-20 s", "8-14 min")
+    assert bench.configurations_per_model(defaults) == 20
+    help_text = subprocess.run(onnxserve_command("bench", "--help"), capture_output=True,
+                               text=True, timeout=60).stdout
+    flat = " ".join(help_text.split())
+    assert "(11-20 s with the defaults)" in flat and "about 8-14 minutes" in flat, help_text
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("### `onnxserve bench`"):readme.index("### `onnxserve export`")]
+    section = " ".join(section.split())
+    assert "about 8-14 minutes" in section and "each 11-20 s" in section
+    assert "20 configurations per model" in section
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--concurrency", "0"], "argument --concurrency: 0: expected 1 or more"),
+    (["--workers", "1", "0"], "argument --workers: 0: expected 1 or more"),
+    (["--window", "0"], "argument --window: 0: expected more than 0"),
+    (["--warmup", "-1"], "argument --warmup: -1: expected at least 0"),
+    (["--max-windows", "0"], "argument --max-windows: 0: expected 1 or more"),
+    (["--rate", "0"], "argument --rate: 0: expected more than 0 requests/s"),
+])
+def test_bench_refuses_settings_that_measure_nothing(args: list[str], message: str) -> None:
+    result = subprocess.run(onnxserve_command("bench", *args), capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 2 and message in result.stderr, result.stderr
+
+
+def test_seed_accuracy_says_which_recipe_it_trains(tmp_path: Path, monkeypatch,
+                                                   capsys) -> None:
+    from onnxserve.benchmarks import seed_accuracy
+
+    def failing_export(command, **kwargs):
+        return subprocess.CompletedProcess(command, 1, "", "no data set here\n")
+
+    monkeypatch.setattr(seed_accuracy.subprocess, "run", failing_export)
+    status = seed_accuracy.main(["--recipes", "lenet5", "fashion_cnn1", "--out",
+                                 str(tmp_path)])
+    assert status == 1
+    out = capsys.readouterr().out
+    assert "[1/2] training lenet5 at the seed's length ..." in out
+    assert "[2/2] training fashion_cnn1 at the seed's length ..." in out
+    assert "failed: no data set here" in (tmp_path / "seed_accuracy.md").read_text()
+
+
+def test_export_report_says_which_export_it_runs(tmp_path: Path, monkeypatch, capsys) -> None:
+    from onnxserve.benchmarks import export_report
+
+    monkeypatch.setattr(export_report, "run_export", lambda args: (1, 10.0, "it failed\n"))
+    status = export_report.main(["--models", "lenet5", "--variants", "fp32", "int8", "--out",
+                                 str(tmp_path)])
+    assert status == 1
+    out = capsys.readouterr().out
+    assert "[1/2] exporting lenet5 fp32 ..." in out and "[2/2] exporting lenet5 int8 ..." in out
+
