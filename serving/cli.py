@@ -3,15 +3,23 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
+import contextlib
 import logging
+import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from .logs import configure as configure_logs
 from .settings import (
     CONTROL_MODES,
     DEFAULT_GRPC_PORT,
+    DEFAULT_HTTP2_MAX_PING_STRIKES,
+    DEFAULT_HTTP2_MAX_PINGS_WITHOUT_DATA,
+    DEFAULT_HTTP2_MIN_RECV_PING_INTERVAL_WITHOUT_DATA_MS,
+    DEFAULT_KEEPALIVE_PERMIT_WITHOUT_CALLS,
+    DEFAULT_KEEPALIVE_TIME_MS,
+    DEFAULT_KEEPALIVE_TIMEOUT_MS,
     DEFAULT_MAX_MESSAGE_BYTES,
     DEFAULT_MAX_QUEUE_SIZE,
     DEFAULT_MODEL_REPOSITORY,
@@ -37,13 +45,46 @@ def _optional_path(name: str) -> Path | None:
     return Path(value) if value else None
 
 
-def _path_flags(args: argparse.Namespace) -> list[str]:
-    flags = []
-    for name in ("tls_cert", "tls_key", "tls_client_ca", "auth_token_file"):
-        value = getattr(args, name)
-        if value is not None:
-            flags += [f"--{name.replace('_', '-')}", str(value)]
-    return flags
+def _boolean(text: str) -> bool:
+    """A flag or environment value read as Triton reads its booleans (true/false, 1/0, ...)."""
+    value = text.strip().lower()
+    if value in ("1", "true", "on", "yes"):
+        return True
+    if value in ("0", "false", "off", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false (or 1/0, on/off), not {text!r}")
+
+
+def _add_keepalive(p: argparse.ArgumentParser) -> None:
+    """Triton's gRPC keepalive and HTTP/2 ping-policy flags (settings.py has the reasons)."""
+    for flag, name, default, meaning in (
+            ("--grpc-keepalive-time", "GRPC_KEEPALIVE_TIME", DEFAULT_KEEPALIVE_TIME_MS,
+             "ms between the server's keepalive pings on a quiet connection"),
+            ("--grpc-keepalive-timeout", "GRPC_KEEPALIVE_TIMEOUT", DEFAULT_KEEPALIVE_TIMEOUT_MS,
+             "ms the server waits for a keepalive ping's acknowledgement before it closes "
+             "the connection"),
+            ("--grpc-http2-max-pings-without-data", "GRPC_HTTP2_MAX_PINGS_WITHOUT_DATA",
+             DEFAULT_HTTP2_MAX_PINGS_WITHOUT_DATA,
+             "pings the server may send while it sends no data, 0 = no limit"),
+            ("--grpc-http2-min-recv-ping-interval-without-data",
+             "GRPC_HTTP2_MIN_RECV_PING_INTERVAL_WITHOUT_DATA",
+             DEFAULT_HTTP2_MIN_RECV_PING_INTERVAL_WITHOUT_DATA_MS,
+             "ms below which a client's ping while no data flows counts as a strike"),
+            ("--grpc-http2-max-ping-strikes", "GRPC_HTTP2_MAX_PING_STRIKES",
+             DEFAULT_HTTP2_MAX_PING_STRIKES,
+             "strikes after which the server closes the connection with GOAWAY "
+             "too_many_pings, 0 = never")):
+        # A string default goes through ``type`` too, so a bad environment value is an
+        # argument error naming the flag rather than a traceback.
+        p.add_argument(flag, type=int, default=env(name, str(default)), metavar="N",
+                       help=f"{meaning} (env ONNXSERVE_{name}; default %(default)s)")
+    p.add_argument("--grpc-keepalive-permit-without-calls", type=_boolean, nargs="?",
+                   const=True, metavar="BOOL",
+                   default=env("GRPC_KEEPALIVE_PERMIT_WITHOUT_CALLS",
+                               str(DEFAULT_KEEPALIVE_PERMIT_WITHOUT_CALLS).lower()),
+                   help="accept keepalive pings on connections with no call in flight; "
+                        "true/false, 1/0 (env ONNXSERVE_GRPC_KEEPALIVE_PERMIT_WITHOUT_CALLS; "
+                        "default %(default)s)")
 
 
 def _add_serve(subparsers: argparse._SubParsersAction) -> None:
@@ -123,7 +164,24 @@ def _add_serve(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--log-level", default=env("LOG_LEVEL", "INFO"),
                    choices=("DEBUG", "INFO", "WARNING", "ERROR"),
                    help="(env ONNXSERVE_LOG_LEVEL; default %(default)s)")
+    _add_keepalive(p)
+    # Set by the parent of --workers N: the pipe on which a worker says it is ready.
+    p.add_argument("--worker-ready-fd", type=int, default=None, help=argparse.SUPPRESS)
     p.set_defaults(func=_run_serve)
+
+
+def _ready_notifier(fd: int | None) -> Callable[[], None] | None:
+    """For a worker of --workers N: tell the parent through ``fd`` that start-up is done."""
+    if fd is None:
+        return None
+
+    def notify() -> None:
+        from .workers import READY_MESSAGE
+
+        with contextlib.suppress(OSError):  # parent gone: its death signal stops us anyway
+            os.write(fd, READY_MESSAGE)
+
+    return notify
 
 
 def _run_serve(args: argparse.Namespace) -> int:
@@ -154,6 +212,13 @@ def _run_serve(args: argparse.Namespace) -> int:
             tls_client_ca=args.tls_client_ca,
             auth_token_file=args.auth_token_file,
             log_level=args.log_level,
+            grpc_keepalive_time_ms=args.grpc_keepalive_time,
+            grpc_keepalive_timeout_ms=args.grpc_keepalive_timeout,
+            grpc_keepalive_permit_without_calls=args.grpc_keepalive_permit_without_calls,
+            grpc_http2_max_pings_without_data=args.grpc_http2_max_pings_without_data,
+            grpc_http2_min_recv_ping_interval_without_data_ms=(
+                args.grpc_http2_min_recv_ping_interval_without_data),
+            grpc_http2_max_ping_strikes=args.grpc_http2_max_ping_strikes,
         )
     except ValueError as exc:
         print(f"onnxserve serve: {exc}", file=sys.stderr)
@@ -166,31 +231,22 @@ def _run_serve(args: argparse.Namespace) -> int:
     if args.workers < 1:
         print("onnxserve serve: --workers must be at least 1", file=sys.stderr)
         return 2
-    if args.workers > 1:
-        from .workers import run_workers
+    from .workers import exit_on_stop_signals, run_workers
 
-        serve_args = ["--model-repository", str(args.model_repository), "--grpc-host",
-                      args.grpc_host, "--grpc-port", str(args.grpc_port), "--providers",
-                      args.providers, "--max-message-bytes", str(args.max_message_bytes),
-                      "--log-level", args.log_level,
-                      "--warmup" if args.warmup else "--no-warmup",
-                      "--model-control-mode", args.model_control_mode,
-                      "--repository-poll-secs", str(args.repository_poll_secs),
-                      "--drain-seconds", str(args.drain_seconds),
-                      "--max-queue-size", str(args.max_queue_size),
-                      "--log-format", args.log_format,
-                      *_path_flags(args),
-                      *(f"--load-model={name}" for name in args.load_model),
-                      *([f"--model-name={args.model_name}"] if args.model_name else []),
-                      *(["--spinning", args.spinning] if args.spinning else [])]
-        if args.intra_op_threads:
-            serve_args += ["--intra-op-threads", str(args.intra_op_threads)]
-        return run_workers(serve_args, args.workers, args.cores, args.metrics_port)
+    if args.workers > 1:
+        # Workers get this command's own arguments (and environment), so that no flag is
+        # lost on the way; run_workers appends --workers 1, --cores, --metrics-port, which
+        # win over the same flags earlier on the line.
+        return run_workers(args.serve_argv, args.workers, args.cores, args.metrics_port)
+    import asyncio
+
     try:
-        asyncio.run(serve(settings))
+        asyncio.run(serve(settings, on_ready=_ready_notifier(args.worker_ready_fd)))
     except (AuthError, StartupError) as exc:
         print(f"onnxserve serve: {exc}", file=sys.stderr)
         return 2
+    finally:
+        exit_on_stop_signals()  # asyncio.run put Python's default handlers back
     return 0
 
 
@@ -215,12 +271,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["serve"]:
+        # Before the heavy imports (grpc, onnxruntime: about a second): a stop from now on
+        # exits 0 instead of killing the process (see serving/workers.py).
+        from .workers import exit_on_stop_signals
+
+        exit_on_stop_signals()
     logging.basicConfig(
         level=logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
     args = build_parser().parse_args(argv)
+    if args.command == "serve":
+        args.serve_argv = argv[1:]
     return args.func(args)
 
 

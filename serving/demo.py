@@ -56,6 +56,23 @@ def die_with_parent() -> None:
         pass
 
 
+#: The signals that stop `onnxserve serve` (and the supervisor of --workers N).
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+def hold_stop_signals() -> None:
+    """``preexec_fn`` for `onnxserve serve` children: die_with_parent(), and SIGTERM/SIGINT
+    blocked until the child has its handlers.
+
+    A blocked signal stays pending across exec; the server unblocks the two once its
+    handler is installed (workers.exit_on_stop_signals), so a stop sent at any moment, even
+    before the interpreter has started, ends it with status 0 instead of killing it. Only
+    for commands that unblock them: anything else would never see SIGTERM.
+    """
+    die_with_parent()
+    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+
+
 def _onnxserve(*args: str) -> list[str]:
     return [sys.executable, "-m", "onnxserve.serving.cli", *args]
 
@@ -102,7 +119,7 @@ def run_demo(args: argparse.Namespace) -> int:
     server = subprocess.Popen(
         _onnxserve("serve", "--model-repository", str(repository), "--grpc-host", "127.0.0.1",
                    "--grpc-port", str(port), "--metrics-port", "0"),
-        preexec_fn=die_with_parent,
+        preexec_fn=hold_stop_signals,
     )
     try:
         _wait_ready(url, server)

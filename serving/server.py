@@ -1,10 +1,22 @@
-"""Start the gRPC server, load the repository, and shut down cleanly on SIGTERM/SIGINT."""
+"""Start the gRPC server, load the repository, and shut down cleanly on SIGTERM/SIGINT.
+
+A stop (SIGTERM, SIGINT or the ``stop`` event) is honoured in every phase: before the port
+opens serve() returns; while models load, the loads still running are abandoned and the
+server never reports ready; while serving, new requests are refused with UNAVAILABLE,
+admitted ones finish (up to ``drain_seconds``), refusals go on for LINGER_SECONDS, and the
+process ends with status 0 (see _exit_process for why it ends instead of returning).
+"""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import os
 import signal
+import sys
+from collections.abc import Awaitable, Callable
+from typing import NoReturn
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -35,6 +47,70 @@ class StartupError(RuntimeError):
 SERVICE_NAME = inference_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 
 
+def grpc_options(settings: ServerSettings) -> list[tuple[str, int]]:
+    """The gRPC server's channel arguments: message limits, keepalive and ping policy.
+
+    The names are gRPC core's (GRPC_ARG_KEEPALIVE_TIME_MS, ...), set from the flags Triton
+    names --grpc-keepalive-time etc.; settings.py says why the defaults differ from Triton's.
+    """
+    return [
+        ("grpc.max_receive_message_length", settings.max_message_bytes),
+        ("grpc.max_send_message_length", settings.max_message_bytes),
+        ("grpc.keepalive_time_ms", settings.grpc_keepalive_time_ms),
+        ("grpc.keepalive_timeout_ms", settings.grpc_keepalive_timeout_ms),
+        ("grpc.keepalive_permit_without_calls",
+         int(settings.grpc_keepalive_permit_without_calls)),
+        ("grpc.http2.max_pings_without_data", settings.grpc_http2_max_pings_without_data),
+        # GRPC_ARG_HTTP2_MIN_RECV_PING_INTERVAL_WITHOUT_DATA_MS (the "recv" is not in the name)
+        ("grpc.http2.min_ping_interval_without_data_ms",
+         settings.grpc_http2_min_recv_ping_interval_without_data_ms),
+        ("grpc.http2.max_ping_strikes", settings.grpc_http2_max_ping_strikes),
+    ]
+
+
+async def _unless_stopped(stop: asyncio.Event, work: Awaitable[object]) -> bool:
+    """Run ``work`` to its end (True), or cancel it when ``stop`` is set first (False).
+
+    Raises whatever ``work`` raises when it ends first. A thread ``work`` waits on (a model
+    load in asyncio.to_thread) cannot be interrupted: it runs on until the process exits.
+    """
+    task = asyncio.ensure_future(work)
+    stopped = asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait((task, stopped), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stopped.cancel()
+    if not stop.is_set():
+        task.result()
+        return True
+    task.cancel()
+    try:
+        await task
+    except asyncio.CancelledError:
+        pass
+    except Exception as exc:  # ended (and failed) just as the stop came: moot now
+        log.debug("abandoned at stop: %s", exc)
+    return False
+
+
+def _exit_process(status: int) -> NoReturn:
+    """End the process at once with ``status``, after flushing the logs and stdio.
+
+    The gRPC server is not stopped with grpc's ``server.stop()``: that cancels, with status
+    CANCELLED (which clients do not retry), every call that reached the server after the
+    stop began and before a handler took it, and a client that keeps sending (retrying each
+    UNAVAILABLE) always has such calls in flight. Ending the process closes every
+    connection instead, so whatever is still in flight fails UNAVAILABLE, which clients
+    retry elsewhere. By this point admitted requests have been answered (the drain) and new
+    ones refused for LINGER_SECONDS. Threads still loading a model end with the process.
+    """
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError):
+            stream.flush()
+    os._exit(status)
+
+
 async def _update_health(
     servicer: health.aio.HealthServicer, registry: Registry, ready: bool
 ) -> None:
@@ -48,8 +124,19 @@ async def _update_health(
         await servicer.set(entry.name, status)
 
 
-async def serve(settings: ServerSettings, stop: asyncio.Event | None = None) -> None:
-    """Run until ``stop`` is set or the process gets SIGTERM/SIGINT."""
+async def serve(settings: ServerSettings, stop: asyncio.Event | None = None,
+                on_ready: Callable[[], None] | None = None) -> None:
+    """Serve until ``stop`` is set or the process gets SIGTERM/SIGINT, then end the process.
+
+    ``on_ready`` is called once, when the models meant to load at start have loaded (or
+    failed) and the server reports ready. Returns only when stopped before the port opened;
+    once it is open, a stop ends the process with status 0 (see _exit_process).
+
+    Raises:
+        StartupError: the port or the metrics port cannot be bound, or the models named to
+            load at start are not in the repository.
+        AuthError: the token file is unusable.
+    """
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -74,13 +161,7 @@ async def serve(settings: ServerSettings, stop: asyncio.Event | None = None) -> 
     interceptors = []
     if settings.auth_token_file is not None:
         interceptors.append(BearerTokenInterceptor(read_token(settings.auth_token_file)))
-    server = grpc.aio.server(
-        interceptors=interceptors,
-        options=[
-            ("grpc.max_receive_message_length", settings.max_message_bytes),
-            ("grpc.max_send_message_length", settings.max_message_bytes),
-        ]
-    )
+    server = grpc.aio.server(interceptors=interceptors, options=grpc_options(settings))
     inference_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(service, server)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
@@ -106,35 +187,52 @@ async def serve(settings: ServerSettings, stop: asyncio.Event | None = None) -> 
     # Liveness: SERVING from start to exit, whatever the models do (orchestrators restart
     # a container whose liveness fails, which a slow model load must not cause).
     await health_servicer.set(LIVENESS_SERVICE, health_pb2.HealthCheckResponse.SERVING)
+    if stop.is_set():  # stopped while setting up: nothing was served
+        metrics.close()
+        log.info("stopped before the port opened")
+        return
     await server.start()
     log.info("gRPC server listening on %s:%d%s%s", settings.grpc_host, port,
              " with TLS" if settings.tls_cert else "",
              " (mutual)" if settings.tls_client_ca else "")
 
-    if settings.providers != "cpu":
-        await asyncio.to_thread(announce, settings.providers)
-    await registry.load_initial(initial_models)
+    async def shut_down(during: str) -> NoReturn:
+        log.info("stopping%s: finishing in-flight requests (up to %.0fs)", during,
+                 settings.drain_seconds)
+        service.accepting = False
+        await _update_health(health_servicer, registry, ready=False)
+        drained = await service.drain(settings.drain_seconds)
+        if not drained:
+            log.warning("requests still running after %.0fs fail UNAVAILABLE when the "
+                        "process exits", settings.drain_seconds)
+        # New requests keep getting UNAVAILABLE (and health NOT_SERVING) for a moment, so
+        # clients and load balancers move away before the port closes.
+        await asyncio.sleep(min(LINGER_SECONDS, settings.drain_seconds))
+        if drained:  # else closing would wait for the runs still going; the exit ends them
+            await registry.close()
+        service.close()
+        metrics.close()
+        log.info("stopped")
+        _exit_process(0)
+
+    if settings.providers != "cpu" and not await _unless_stopped(
+            stop, asyncio.to_thread(announce, settings.providers)):
+        await shut_down(" while probing the GPUs")
+    if not await _unless_stopped(stop, registry.load_initial(initial_models)):
+        await shut_down(" while loading models (the loads not done are abandoned)")
     started = True
     await _update_health(health_servicer, registry, ready=True)
     ready = sum(e.state == READY for e in registry.entries())
     log.info("ready: %d of %d models loaded (model control mode %s)", ready,
              len(registry.entries()), settings.model_control_mode)
+    if on_ready is not None:
+        on_ready()
     watcher = (asyncio.create_task(registry.watch(stop))
                if settings.model_control_mode == "poll" else None)
 
     await stop.wait()
     if watcher is not None:
-        await watcher
-    log.info("stopping: finishing in-flight requests (up to %.0fs)", settings.drain_seconds)
-    service.accepting = False
-    await _update_health(health_servicer, registry, ready=False)
-    if not await service.drain(settings.drain_seconds):
-        log.warning("requests still running after %.0fs are cancelled", settings.drain_seconds)
-    # New requests keep getting UNAVAILABLE (and health NOT_SERVING) for a moment, so
-    # clients and load balancers move away before the port closes.
-    await asyncio.sleep(min(LINGER_SECONDS, settings.drain_seconds))
-    await server.stop(1.0)
-    await registry.close()
-    service.close()
-    metrics.close()
-    log.info("stopped")
+        watcher.cancel()  # a reload in progress is abandoned; the loaded model serves on
+        with contextlib.suppress(asyncio.CancelledError):
+            await watcher
+    await shut_down("")

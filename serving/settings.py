@@ -19,6 +19,35 @@ DEFAULT_MAX_MESSAGE_BYTES = 256 * 1024 * 1024
 # instances busy, small enough that a refused client learns at once instead of timing out.
 DEFAULT_MAX_QUEUE_SIZE = 256
 
+# Keepalive and the HTTP/2 ping policy: Triton's --grpc-keepalive-* / --grpc-http2-* flags,
+# which set the gRPC core channel arguments of the same names. Triton keeps gRPC's server
+# defaults (2 h, 20 s, pings refused on idle connections, 2, 5 min, 2 strikes): a client
+# that pings more often than every 5 minutes while no data flows (tritonclient's
+# KeepAliveOptions(keepalive_time_ms=1000, http2_max_pings_without_data=0), Go and Rust
+# clients, cloud load balancers) is sent GOAWAY "too_many_pings" after 2 strikes, and the
+# calls in flight on that connection fail UNAVAILABLE. onnxserve keeps the server's own
+# keepalive at Triton's values and tolerates clients' pings instead:
+#: ms between the server's own keepalive pings on a quiet connection (Triton: 7200000)
+DEFAULT_KEEPALIVE_TIME_MS = 7_200_000
+#: ms the server waits for a keepalive ping's acknowledgement before closing (Triton: 20000)
+DEFAULT_KEEPALIVE_TIMEOUT_MS = 20_000
+#: accept (and send) keepalive pings on connections with no call in flight. Triton: off,
+#: under which gRPC judges pings on an idle connection against a 2-hour interval, so an
+#: idle client that pings every few seconds is disconnected within three pings
+DEFAULT_KEEPALIVE_PERMIT_WITHOUT_CALLS = True
+#: pings the server may send while it sends no data (Triton: 2; passed on as Triton does,
+#: though gRPC core's ping rate policy applies this limit to clients only)
+DEFAULT_HTTP2_MAX_PINGS_WITHOUT_DATA = 2
+#: ms below which a client's ping, while no data flows, counts as a strike (Triton: 300000).
+#: Half the most aggressive keepalive interval in common use (1 s), so that a 1 s client's
+#: timing jitter never makes a strike; it only matters when strikes are limited (below)
+DEFAULT_HTTP2_MIN_RECV_PING_INTERVAL_WITHOUT_DATA_MS = 500
+#: strikes after which the server sends GOAWAY "too_many_pings"; 0 = never (Triton: 2).
+#: Never: a disconnected client loses its calls in flight, while a ping costs the server
+#: one small acknowledgement (and gRPC bounds the acknowledgements queued for a peer that
+#: does not read them). Set 2 to restore gRPC's protection against ping floods
+DEFAULT_HTTP2_MAX_PING_STRIKES = 0
+
 
 def env(name: str, default: str) -> str:
     """The value of ONNXSERVE_<NAME>, or ``default`` when it is unset or empty."""
@@ -65,6 +94,14 @@ class ServerSettings:
     #: with TLS: clients must present a certificate signed by this CA (mutual TLS)
     tls_client_ca: Path | None = None
     auth_token_file: Path | None = None
+    #: keepalive and HTTP/2 ping policy, see the DEFAULT_* constants above (ms where timed)
+    grpc_keepalive_time_ms: int = DEFAULT_KEEPALIVE_TIME_MS
+    grpc_keepalive_timeout_ms: int = DEFAULT_KEEPALIVE_TIMEOUT_MS
+    grpc_keepalive_permit_without_calls: bool = DEFAULT_KEEPALIVE_PERMIT_WITHOUT_CALLS
+    grpc_http2_max_pings_without_data: int = DEFAULT_HTTP2_MAX_PINGS_WITHOUT_DATA
+    grpc_http2_min_recv_ping_interval_without_data_ms: int = (
+        DEFAULT_HTTP2_MIN_RECV_PING_INTERVAL_WITHOUT_DATA_MS)
+    grpc_http2_max_ping_strikes: int = DEFAULT_HTTP2_MAX_PING_STRIKES
 
     def __post_init__(self) -> None:
         if self.providers not in PROVIDER_MODES:
@@ -105,3 +142,14 @@ class ServerSettings:
             raise ValueError(f"cores must be >= 0, not {self.cores}")
         if self.intra_op_threads < 0:
             raise ValueError(f"intra-op threads must be >= 0, not {self.intra_op_threads}")
+        for flag, value, least in (
+                ("--grpc-keepalive-time", self.grpc_keepalive_time_ms, 1),
+                ("--grpc-keepalive-timeout", self.grpc_keepalive_timeout_ms, 1),
+                ("--grpc-http2-max-pings-without-data", self.grpc_http2_max_pings_without_data,
+                 0),
+                ("--grpc-http2-min-recv-ping-interval-without-data",
+                 self.grpc_http2_min_recv_ping_interval_without_data_ms, 0),
+                ("--grpc-http2-max-ping-strikes", self.grpc_http2_max_ping_strikes, 0)):
+            if not least <= value <= 2**31 - 1:  # gRPC channel arguments are C ints
+                raise ValueError(f"{flag} must be an integer from {least} to 2147483647, "
+                                 f"not {value}")

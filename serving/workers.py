@@ -1,49 +1,288 @@
-"""`onnxserve serve --workers N`: N server processes sharing one port (SO_REUSEPORT).
+"""`onnxserve serve`'s processes: stop signals from the first moment, and `--workers N`.
 
-Each worker is a full server with its own models and schedulers; the kernel spreads
-incoming connections across them (gRPC sets SO_REUSEPORT on Linux). It helps models
-bound by per-request Python overhead, and only for clients that open several
-connections: one HTTP/2 connection always lands on one worker. The parent forwards
-SIGTERM/SIGINT and exits with the worst exit status.
+**Stop signals.** exit_on_stop_signals() is the first thing `onnxserve serve` does
+(cli.main, before the heavy imports): until the server installs its own handlers (at the
+start of server.serve), SIGTERM or SIGINT ends the process at once with status 0, as
+nothing has been opened or loaded yet; Python's default would kill it by the signal (exit
+status 143 in a shell; the --workers parent used to turn a worker's -15 into 241). A
+supervisor can close even the gap before the interpreter runs any code by starting the
+server with the two signals blocked (demo.hold_stop_signals: this module's parent,
+`onnxserve demo` and the tests do): a signal sent then stays pending until
+exit_on_stop_signals unblocks it.
+
+**Workers.** ``--workers N`` runs N server processes sharing one port (SO_REUSEPORT). Each
+is a full server with its own models and schedulers; the kernel spreads incoming
+connections across them. It helps models bound by per-request Python overhead, and only
+for clients that open several connections: one HTTP/2 connection always lands on one
+worker.
+
+**Supervision.** The parent forwards SIGTERM/SIGINT to the workers and exits 0 once they
+have all exited 0 after it (else with the worst status, 128 + n for a worker killed by
+signal n). It learns that a worker is ready (its initial models loaded) through a pipe the
+worker writes to (``--worker-ready-fd``), and it notices a worker's exit at once (the
+pipe's end) and logs it with its pid and status. Then:
+
+- a worker that exits before it was ever ready failed at start-up (a port taken, a file it
+  cannot read, ...): restarting cannot fix that, so the parent stops the other workers and
+  exits with that worker's status (1 if it was 0);
+- a worker that exits while serving (the OOM killer, a crash in native code, an operator's
+  kill) is restarted, after 1 s, then 2, 4, ... up to 30 s, as long as fewer than
+  RESTART_LIMIT workers exited within RESTART_WINDOW_S. The other workers keep serving
+  meanwhile, and a restart takes seconds (loading the models), where stopping the whole
+  server would drop every worker's connections and leave the replica down until the
+  orchestrator restarts it. A worker that dies again and again is not a one-off, though:
+  at the limit the parent stops the others and exits 1, so that the orchestrator sees the
+  failure (and restarts the container, with its own back-off and alerts).
 """
 
 from __future__ import annotations
 
+import collections
 import logging
 import os
+import selectors
 import signal
 import subprocess
 import sys
+import time
+from dataclasses import dataclass
 
-from .demo import die_with_parent
+from .demo import STOP_SIGNALS, hold_stop_signals
 
 log = logging.getLogger(__name__)
+
+#: Worker exits while serving, within RESTART_WINDOW_S, at which the parent gives up.
+RESTART_LIMIT = 5
+RESTART_WINDOW_S = 600.0
+#: Seconds before restarting a worker: doubled for each recent exit, up to the maximum.
+FIRST_RESTART_DELAY_S = 1.0
+MAX_RESTART_DELAY_S = 30.0
+#: What a worker writes to its readiness pipe once its initial models are loaded.
+READY_MESSAGE = b"ready\n"
+
+
+def _exit_at_once(signum: int, _frame: object) -> None:
+    os.write(2, f"onnxserve serve: {signal.Signals(signum).name} before start-up finished: "
+                "exiting\n".encode())
+    os._exit(0)
+
+
+def exit_on_stop_signals() -> None:
+    """From now until the server installs its own handlers, SIGTERM/SIGINT exit 0 at once.
+
+    Also unblocks the two signals, which a supervisor may have blocked
+    (demo.hold_stop_signals) so that a signal sent before this point waits for this handler
+    instead of killing the process. Call from the main thread.
+    """
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, _exit_at_once)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+
+
+def shell_status(returncode: int) -> int:
+    """A Popen return code as a process exit status: n, or 128 + s when killed by signal s."""
+    return 128 - returncode if returncode < 0 else returncode
+
+
+def describe_exit(returncode: int) -> str:
+    """``exited with status 2`` or ``was killed by SIGKILL``."""
+    if returncode >= 0:
+        return f"exited with status {returncode}"
+    try:
+        return f"was killed by {signal.Signals(-returncode).name}"
+    except ValueError:
+        return f"was killed by signal {-returncode}"
+
+
+@dataclass
+class _Worker:
+    index: int
+    process: subprocess.Popen
+    #: read end of the worker's readiness pipe; None once the worker closed it (exited)
+    pipe: int | None
+    ready: bool = False
+
+
+class _Supervisor:
+    """Starts the workers, restarts or gives up on the ones that exit, forwards stops."""
+
+    def __init__(self, command: list[str], workers: int, metrics_port: int) -> None:
+        self._command = command
+        self._count = workers
+        self._metrics_port = metrics_port
+        self._workers: dict[int, _Worker] = {}
+        self._selector = selectors.DefaultSelector()
+        self._signals: list[int] = []
+        #: worker index -> time.monotonic() at which to start it again
+        self._restarts: dict[int, float] = {}
+        self._exits: collections.deque[float] = collections.deque()
+        self._stopping = False
+        #: exit status once the supervisor gave up (a start-up failure, too many exits)
+        self._failure: int | None = None
+        #: statuses of the workers that exited after the stop began
+        self._final: list[int] = []
+
+    def _on_signal(self, signum: int, _frame: object) -> None:
+        self._signals.append(signum)  # acted on in the loop (the wake-up fd ends its wait)
+
+    def run(self) -> int:
+        """Supervise until every worker has exited; returns the command's exit status."""
+        wake_read, wake_write = os.pipe()
+        for fd in (wake_read, wake_write):
+            os.set_blocking(fd, False)
+        previous_wakeup = signal.set_wakeup_fd(wake_write)
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, self._on_signal)
+        self._selector.register(wake_read, selectors.EVENT_READ, None)
+        try:
+            for index in range(self._count):
+                if self._failure is None and not self._signals:
+                    self._start(index)
+            return self._supervise(wake_read)
+        finally:
+            signal.set_wakeup_fd(previous_wakeup)
+            self._selector.close()
+            for fd in (wake_read, wake_write):
+                os.close(fd)
+
+    def _start(self, index: int) -> None:
+        port = self._metrics_port + index if self._metrics_port else 0
+        read_end, write_end = os.pipe()
+        try:
+            process = subprocess.Popen(
+                [*self._command, "--metrics-port", str(port), "--worker-ready-fd",
+                 str(write_end)],
+                preexec_fn=hold_stop_signals, pass_fds=(write_end,))
+        except OSError as exc:
+            os.close(read_end)
+            log.error("cannot start worker %d: %s; stopping the other workers", index, exc)
+            self._give_up(1)
+            return
+        finally:
+            os.close(write_end)
+        os.set_blocking(read_end, False)
+        worker = _Worker(index, process, read_end)
+        self._workers[index] = worker
+        self._selector.register(read_end, selectors.EVENT_READ, worker)
+        log.info("worker %d started (pid %d%s)", index, process.pid,
+                 f", metrics port {port}" if port else "")
+
+    def _signal_workers(self, signum: int) -> None:
+        for worker in self._workers.values():
+            if worker.process.poll() is None:
+                worker.process.send_signal(signum)
+
+    def _give_up(self, status: int) -> None:
+        if self._failure is None:
+            self._failure = status
+        self._restarts.clear()
+        self._signal_workers(signal.SIGTERM)
+
+    def _timeout(self) -> float:
+        if any(w.pipe is None for w in self._workers.values()):
+            return 0.02  # a worker closed its pipe: it is exiting, reap it soon
+        timeout = 0.5
+        if self._restarts:
+            timeout = min(timeout, max(0.0, min(self._restarts.values()) - time.monotonic()))
+        return timeout
+
+    def _supervise(self, wake_read: int) -> int:
+        while self._workers or self._restarts:
+            for key, _events in self._selector.select(self._timeout()):
+                if key.data is None:
+                    while True:  # empty the wake-up pipe (signal numbers, one byte each)
+                        try:
+                            if not os.read(wake_read, 512):
+                                break
+                        except BlockingIOError:
+                            break
+                else:
+                    self._read_pipe(key.data)
+            while self._signals:
+                signum = self._signals.pop(0)
+                if not self._stopping:
+                    log.info("%s: stopping %d worker(s)", signal.Signals(signum).name,
+                             len(self._workers))
+                self._stopping = True
+                self._restarts.clear()
+                self._signal_workers(signum)
+            for worker in list(self._workers.values()):
+                if worker.process.poll() is not None:
+                    self._exited(worker)
+            now = time.monotonic()
+            for index, when in list(self._restarts.items()):
+                if when <= now and not self._stopping and self._failure is None:
+                    del self._restarts[index]
+                    self._start(index)
+        if self._failure is not None:
+            return self._failure
+        status = max((shell_status(code) for code in self._final), default=0)
+        log.info("all workers stopped%s", "" if status == 0 else f" (worst status {status})")
+        return status
+
+    def _read_pipe(self, worker: _Worker) -> None:
+        assert worker.pipe is not None
+        try:
+            data = os.read(worker.pipe, 64)
+        except BlockingIOError:
+            return
+        if data:
+            if READY_MESSAGE in data and not worker.ready:
+                worker.ready = True
+                log.info("worker %d ready (pid %d)", worker.index, worker.process.pid)
+            return
+        self._close_pipe(worker)
+
+    def _close_pipe(self, worker: _Worker) -> None:
+        if worker.pipe is not None:
+            self._selector.unregister(worker.pipe)
+            os.close(worker.pipe)
+            worker.pipe = None
+
+    def _exited(self, worker: _Worker) -> None:
+        if worker.pipe is not None:  # its last words may still be in the pipe
+            self._read_pipe(worker)
+            self._close_pipe(worker)
+        del self._workers[worker.index]
+        code = worker.process.returncode
+        what = f"worker {worker.index} (pid {worker.process.pid}) {describe_exit(code)}"
+        if self._stopping or self._failure is not None:
+            self._final.append(code)
+            log.log(logging.INFO if code == 0 else logging.WARNING, "%s", what)
+            return
+        if not worker.ready:
+            port = self._metrics_port + worker.index if self._metrics_port else 0
+            log.error("%s before it was ready: it failed at start-up (its error is above%s); "
+                      "stopping the other workers", what,
+                      f"; its metrics port is {port}" if port else "")
+            self._give_up(shell_status(code) or 1)
+            return
+        now = time.monotonic()
+        self._exits.append(now)
+        while self._exits and self._exits[0] < now - RESTART_WINDOW_S:
+            self._exits.popleft()
+        if len(self._exits) >= RESTART_LIMIT:
+            log.error("%s while serving: %d worker exits within %.0f s are not a one-off; "
+                      "stopping the server (exit status 1) so that its supervisor sees the "
+                      "failure", what, len(self._exits), RESTART_WINDOW_S)
+            self._give_up(1)
+            return
+        delay = min(MAX_RESTART_DELAY_S, FIRST_RESTART_DELAY_S * 2 ** (len(self._exits) - 1))
+        log.error("%s while serving; restarting it in %.0f s", what, delay)
+        self._restarts[worker.index] = now + delay
 
 
 def run_workers(serve_args: list[str], workers: int, cores: int = 0,
                 metrics_port: int = 0) -> int:
-    """Start ``workers`` copies of ``onnxserve serve serve_args`` and wait for them.
+    """Run ``workers`` copies of ``onnxserve serve serve_args`` until stopped; the exit status.
 
     Each worker gets its share of ``cores`` (0: the machine's) for its sessions' threads,
-    and worker k serves its metrics on ``metrics_port + k`` (0: none).
+    and worker k serves its metrics on ``metrics_port + k`` (0: none). Flags appended to
+    ``serve_args`` win over the same flags in it. Returns 0 when stopped by SIGTERM/SIGINT
+    and every worker exited 0; see the module docstring for the other statuses.
     """
     share = max(1, (cores or os.cpu_count() or 1) // workers)
     command = [sys.executable, "-m", "onnxserve.serving.cli", "serve", *serve_args,
                "--workers", "1", "--cores", str(share)]
-    children = [
-        subprocess.Popen([*command, "--metrics-port", str(metrics_port + k if metrics_port else 0)],
-                         preexec_fn=die_with_parent)
-        for k in range(workers)
-    ]
-    log.info("started %d workers (pids %s), %d core(s) each", workers,
-             ", ".join(str(c.pid) for c in children), share)
-
-    def forward(signum: int, _frame) -> None:
-        for child in children:
-            if child.poll() is None:
-                child.send_signal(signum)
-
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, forward)
-    codes = [child.wait() for child in children]
-    return max(codes, key=abs)
+    log.info("starting %d workers, %d core(s) each", workers, share)
+    return _Supervisor(command, workers, metrics_port).run()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import time
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +38,10 @@ def test_two_workers_share_the_port(tmp_path: Path) -> None:
     build_test_models(tmp_path / "repo")
     server = start_server(tmp_path / "repo", tmp_path / "server.log", "--workers", "2")
     try:
+        deadline = time.monotonic() + 60
+        while server.log().count("models loaded") < 2:  # both workers, not only the first
+            assert time.monotonic() < deadline and server.process.poll() is None, server.log()
+            time.sleep(0.1)
         x = np.ones((2, 5), np.float32)
         for _ in range(4):  # separate connections may land on either worker
             with Client(server.url) as client:

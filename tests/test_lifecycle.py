@@ -1,0 +1,307 @@
+"""Stopping at any moment, and the --workers supervisor.
+
+A stop (SIGTERM) exits 0 in every phase: right after spawn, while importing, while loading
+models (without waiting for the rest and without ever reporting ready), while serving under
+load (every call ends OK or UNAVAILABLE, never CANCELLED). With --workers N, a worker that
+dies while serving is logged and restarted; one that fails at start-up fails the command.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+from conftest import build_test_models, onnxserve_command, write_config
+from onnx_models import slow_model
+
+from onnxserve.clients.client import Client
+from onnxserve.protos import inference_pb2 as pb
+from onnxserve.serving.demo import die_with_parent, free_port, hold_stop_signals
+
+
+def _spawn(repository: Path, log_path: Path, *extra: str, held: bool = True,
+           port: int | None = None) -> tuple[subprocess.Popen, str]:
+    """`onnxserve serve` on 127.0.0.1; ``held``: started with SIGTERM/SIGINT blocked, as
+    onnxserve's own --workers parent starts its workers (the server unblocks them)."""
+    port = port or free_port()
+    process = subprocess.Popen(
+        onnxserve_command("serve", "--model-repository", str(repository), "--grpc-host",
+                          "127.0.0.1", "--grpc-port", str(port), *extra),
+        stdout=log_path.open("w"), stderr=subprocess.STDOUT,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        preexec_fn=hold_stop_signals if held else die_with_parent)
+    return process, f"127.0.0.1:{port}"
+
+
+def _wait_for(condition: Callable[[], bool], timeout: float, what: str,
+              process: subprocess.Popen | None = None, log_path: Path | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if process is not None and process.poll() is not None:
+            raise AssertionError(f"exited with {process.returncode} before {what}:\n"
+                                 f"{log_path.read_text() if log_path else ''}")
+        if time.monotonic() > deadline:
+            raise AssertionError(f"no {what} within {timeout} s:\n"
+                                 f"{log_path.read_text() if log_path else ''}")
+        time.sleep(0.02)
+
+
+def _stop(process: subprocess.Popen, timeout: float = 30.0) -> int:
+    """SIGTERM, then the exit status (SIGKILL and fail if it does not exit in time)."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+    try:
+        return process.wait(timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+        raise AssertionError(f"still running {timeout} s after SIGTERM") from None
+
+
+@pytest.fixture(scope="module")
+def small_repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("repository")
+    build_test_models(folder)
+    return folder
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+@pytest.mark.parametrize("delay", [0.0, 0.05, 0.2, 0.5])
+def test_a_stop_right_after_spawn_exits_0(small_repository: Path, tmp_path: Path,
+                                           workers: int, delay: float) -> None:
+    log_path = tmp_path / "server.log"
+    process, _ = _spawn(small_repository, log_path, "--workers", str(workers),
+                        "--metrics-port", "0")
+    time.sleep(delay)
+    code = _stop(process)
+    assert code == 0, log_path.read_text()
+    assert "Traceback" not in log_path.read_text()
+
+
+def _signals_caught(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("SigCgt:"):
+            return int(line.split()[1], 16)
+    return 0
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_the_stop_handler_comes_before_the_heavy_imports(small_repository: Path,
+                                                         tmp_path: Path, workers: int) -> None:
+    """Started as an orchestrator starts it (signals not held): from the moment its SIGTERM
+    handler exists, before grpc or onnxruntime is loaded, a SIGTERM exits 0."""
+    log_path = tmp_path / "server.log"
+    process, _ = _spawn(small_repository, log_path, "--workers", str(workers),
+                        "--metrics-port", "0", held=False)
+    sigterm = 1 << (signal.SIGTERM - 1)
+    _wait_for(lambda: _signals_caught(process.pid) & sigterm, 30, "SIGTERM handler",
+              process, log_path)
+    process.send_signal(signal.SIGSTOP)  # hold it still while we look at what it loaded
+    try:
+        maps = Path(f"/proc/{process.pid}/maps").read_text()
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.send_signal(signal.SIGCONT)
+    assert "cygrpc" not in maps and "onnxruntime" not in maps
+    assert _stop(process) == 0, log_path.read_text()
+
+
+def _slow_loading_repository(folder: Path, models: int = 6) -> Path:
+    """``models`` models whose warm-up runs 400 batches of 64 (a second or two each)."""
+    for i in range(models):
+        slow_model(folder / f"slow{i}" / "1" / "model.onnx")
+        write_config(folder / f"slow{i}", (
+            "max_batch_size: 64\ndynamic_batching { }\n"
+            'model_warmup { name: "long" batch_size: 64 count: 400 inputs { key: "x" '
+            'value { data_type: TYPE_FP32 dims: [1024] zero_data: true } } }\n'))
+    return folder
+
+
+def test_a_stop_while_models_load_exits_0_without_loading_the_rest(tmp_path: Path) -> None:
+    log_path = tmp_path / "server.log"
+    process, _ = _spawn(_slow_loading_repository(tmp_path / "repo"), log_path,
+                        "--metrics-port", "0", held=False)
+    _wait_for(lambda: "model_loaded" in log_path.read_text(), 60, "first model loaded",
+              process, log_path)
+    loaded = log_path.read_text().count("model_loaded")
+    signalled = time.monotonic()
+    code = _stop(process)
+    took = time.monotonic() - signalled
+    log = log_path.read_text()
+    print(f"stopped {took:.2f} s after SIGTERM, {loaded} of 6 models loaded then, "
+          f"{log.count('model_loaded')} at exit")
+    assert code == 0, log
+    assert "stopping while loading models" in log
+    assert "ready:" not in log  # never reported ready
+    assert log.count("model_loaded") <= loaded + 1 < 6  # the rest were not loaded
+    assert took < 5, log
+
+
+def _slow_request_bytes() -> bytes:
+    request = pb.ModelInferRequest(model_name="slow")
+    request.inputs.add(name="x", datatype="FP32", shape=[1, 1024])
+    request.raw_input_contents.append(np.ones((1, 1024), np.float32).tobytes())
+    return request.SerializeToString()
+
+
+async def _closed_loop(url: str, process: subprocess.Popen, clients: int,
+                       stop_after: float) -> Counter:
+    """``clients`` raw grpc.aio clients, one connection each, each sending its next request
+    when the last is answered, and retrying UNAVAILABLE after 1 ms, as long as the server
+    runs (at most 30 s); SIGTERM to the server after ``stop_after`` s."""
+    payload = _slow_request_bytes()
+    codes: Counter = Counter()
+    deadline = time.monotonic() + 30
+
+    async def client() -> None:
+        async with grpc.aio.insecure_channel(url) as channel:
+            infer = channel.unary_unary("/inference.GRPCInferenceService/ModelInfer")
+            while process.poll() is None and time.monotonic() < deadline:
+                try:
+                    await infer(payload, timeout=30)
+                    codes["OK"] += 1
+                except grpc.aio.AioRpcError as exc:
+                    codes[exc.code().name] += 1
+                    if exc.code() != grpc.StatusCode.UNAVAILABLE:
+                        codes[f"{exc.code().name}: {exc.details()}"] += 1
+                    await asyncio.sleep(0.001)
+
+    async def stopper() -> None:
+        await asyncio.sleep(stop_after)
+        process.send_signal(signal.SIGTERM)
+
+    await asyncio.gather(stopper(), *(client() for _ in range(clients)))
+    return codes
+
+
+def test_sigterm_under_closed_loop_load_answers_ok_or_unavailable(tmp_path: Path) -> None:
+    slow_model(tmp_path / "slow" / "1" / "model.onnx")
+    write_config(tmp_path / "slow", "max_batch_size: 8\ndynamic_batching { }\n")
+    for attempt in range(4):
+        log_path = tmp_path / f"server{attempt}.log"
+        process, url = _spawn(tmp_path, log_path, "--metrics-port", "0", "--drain-seconds",
+                              "20", held=False)
+        _wait_for(lambda p=log_path: "ready:" in p.read_text(), 60, "ready", process,
+                  log_path)
+        codes = asyncio.run(_closed_loop(url, process, clients=16, stop_after=1.5))
+        code = _stop(process)
+        print(f"attempt {attempt}: exit {code}, {dict(codes)}")
+        assert code == 0, log_path.read_text()
+        assert codes["OK"] > 50 and codes["UNAVAILABLE"] > 0, codes
+        assert set(codes) <= {"OK", "UNAVAILABLE"}, codes
+
+
+def _children(pid: int) -> set[int]:
+    return {int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()}
+
+
+def test_a_worker_killed_while_serving_is_restarted(small_repository: Path,
+                                                    tmp_path: Path) -> None:
+    log_path = tmp_path / "server.log"
+    process, url = _spawn(small_repository, log_path, "--workers", "2", "--metrics-port", "0",
+                          held=False)
+    x = np.ones((1, 5), np.float32)
+
+    def infer_on_new_connections(count: int) -> None:
+        for _ in range(count):  # a new connection may land on either worker
+            with Client(url, timeout=10) as client:
+                assert client.infer("scores", {"scores_in": x})["scores"].tolist() == x.tolist()
+
+    try:
+        _wait_for(lambda: log_path.read_text().count("models loaded") == 2, 60,
+                  "both workers ready", process, log_path)
+        infer_on_new_connections(4)
+        workers = _children(process.pid)
+        victim = min(workers)
+        os.kill(victim, signal.SIGKILL)
+        _wait_for(lambda: log_path.read_text().count("models loaded") == 3, 60,
+                  "a new worker, ready", process, log_path)
+        (replacement,) = _children(process.pid) - workers
+        log = log_path.read_text()
+        assert re.search(rf"worker \d \(pid {victim}\) was killed by SIGKILL while serving; "
+                         r"restarting it in 1 s", log), log
+        assert re.search(rf"worker \d ready \(pid {replacement}\)", log), log
+        infer_on_new_connections(8)
+    finally:
+        code = _stop(process)
+    assert code == 0, log_path.read_text()
+    assert "all workers stopped" in log_path.read_text()
+
+
+def test_a_worker_that_fails_at_start_up_fails_the_command(small_repository: Path) -> None:
+    with socket.socket() as taken:
+        while True:  # a metrics port P whose P + 1 we can hold
+            metrics_port = free_port()
+            try:
+                taken.bind(("127.0.0.1", metrics_port + 1))
+                break
+            except OSError:
+                continue
+        taken.listen()
+        started = time.monotonic()
+        result = subprocess.run(
+            onnxserve_command("serve", "--model-repository", str(small_repository),
+                              "--grpc-host", "127.0.0.1", "--grpc-port", str(free_port()),
+                              "--workers", "2", "--metrics-port", str(metrics_port)),
+            capture_output=True, text=True, timeout=60, preexec_fn=die_with_parent)
+        took = time.monotonic() - started
+    output = result.stdout + result.stderr
+    assert result.returncode == 2, output
+    assert f"cannot serve metrics on port {metrics_port + 1}" in output
+    assert re.search(r"worker 1 \(pid \d+\) exited with status 2 before it was ready: it "
+                     r"failed at start-up", output), output
+    assert "worker 0" in output and "Traceback" not in output
+    assert took < 30, output
+
+
+FAKE_WORKER = """
+import os, signal, sys, time
+signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+signal.pthread_sigmask(signal.SIG_UNBLOCK, (signal.SIGTERM, signal.SIGINT))
+fd = int(sys.argv[sys.argv.index("--worker-ready-fd") + 1])
+if sys.argv[1] == "die":  # dies while serving; "fail-at-start" never gets ready
+    os.write(fd, b"ready\\n")
+time.sleep(0.3)
+sys.exit(3)
+"""
+
+SUPERVISOR = """
+import logging, sys
+from onnxserve.serving import workers
+logging.basicConfig(level=logging.INFO, format="%(message)s")
+workers.FIRST_RESTART_DELAY_S = 0.05
+workers.RESTART_WINDOW_S = 60
+sys.exit(workers._Supervisor([sys.executable, sys.argv[1], sys.argv[2]], 2, 0).run())
+"""
+
+
+@pytest.mark.parametrize("behaviour, status, message", [
+    ("die", 1, "5 worker exits within 60 s are not a one-off"),
+    ("fail-at-start", 3, "exited with status 3 before it was ready"),
+])
+def test_the_supervisor_gives_up_on_workers_that_keep_failing(
+        tmp_path: Path, behaviour: str, status: int, message: str) -> None:
+    """The restart policy with stand-in workers: a worker that keeps dying is restarted
+    until RESTART_LIMIT exits, then everything stops with status 1; a worker that never
+    gets ready fails the whole command with its status."""
+    fake = tmp_path / "worker.py"
+    fake.write_text(FAKE_WORKER)
+    result = subprocess.run([sys.executable, "-c", SUPERVISOR, str(fake), behaviour],
+                            capture_output=True, text=True, timeout=60)
+    output = result.stdout + result.stderr
+    assert result.returncode == status, output
+    assert message in output
+    if behaviour == "die":
+        assert output.count("restarting it in") == 4, output
