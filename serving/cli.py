@@ -167,6 +167,8 @@ def _add_serve(subparsers: argparse._SubParsersAction) -> None:
     _add_keepalive(p)
     # Set by the parent of --workers N: the pipe on which a worker says it is ready.
     p.add_argument("--worker-ready-fd", type=int, default=None, help=argparse.SUPPRESS)
+    # Set by the parent of --workers N: which worker this is (in every log line).
+    p.add_argument("--worker-index", type=int, default=None, help=argparse.SUPPRESS)
     p.set_defaults(func=_run_serve)
 
 
@@ -223,7 +225,9 @@ def _run_serve(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"onnxserve serve: {exc}", file=sys.stderr)
         return 2
-    configure_logs(settings.log_level, settings.log_format)
+    worker = (f"worker {args.worker_index}" if args.worker_index is not None
+              else "supervisor" if args.workers > 1 else None)
+    configure_logs(settings.log_level, settings.log_format, worker)
     if not settings.model_repository.is_dir():
         print(f"onnxserve serve: model repository {settings.model_repository} is not a folder "
               "(export a model first: onnxserve export lenet5)", file=sys.stderr)

@@ -31,7 +31,12 @@ def event(logger: logging.Logger, level: int, name: str, **fields: object) -> No
 
 
 class JsonFormatter(logging.Formatter):
-    """One JSON object per line: time, level, logger, and the event's fields or message."""
+    """One JSON object per line: time, level, logger, the process (``worker`` with
+    --workers N), and the event's fields or message."""
+
+    def __init__(self, process: str | None = None) -> None:
+        super().__init__()
+        self._process = process
 
     def format(self, record: logging.LogRecord) -> str:
         out: dict[str, object] = {
@@ -40,6 +45,8 @@ class JsonFormatter(logging.Formatter):
             "level": record.levelname,
             "logger": record.name,
         }
+        if self._process is not None:
+            out["worker"] = self._process
         name = getattr(record, "event", None)
         if name is not None:
             out["event"] = name
@@ -52,10 +59,16 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(out)
 
 
-def configure(level: str = "INFO", fmt: str = "text") -> None:
-    """Send logs to stderr in ``fmt`` (text or json) at ``level``."""
+def configure(level: str = "INFO", fmt: str = "text", process: str | None = None) -> None:
+    """Send logs to stderr in ``fmt`` (text or json) at ``level``.
+
+    ``process`` names this process among the server's (``worker 1``, ``supervisor``) in
+    every line: ``[worker 1]`` in text, a ``worker`` field in JSON; None for a lone server.
+    """
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JsonFormatter() if fmt == "json" else logging.Formatter(_TEXT_FORMAT))
+    text = _TEXT_FORMAT if process is None else _TEXT_FORMAT.replace(
+        "%(name)s", f"[{process}] %(name)s")
+    handler.setFormatter(JsonFormatter(process) if fmt == "json" else logging.Formatter(text))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)

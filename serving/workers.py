@@ -151,7 +151,7 @@ class _Supervisor:
         try:
             process = subprocess.Popen(
                 [*self._command, "--metrics-port", str(port), "--worker-ready-fd",
-                 str(write_end)],
+                 str(write_end), "--worker-index", str(index)],
                 preexec_fn=hold_stop_signals, pass_fds=(write_end,))
         except OSError as exc:
             os.close(read_end)

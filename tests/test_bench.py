@@ -49,6 +49,12 @@ def test_two_workers_share_the_port(tmp_path: Path) -> None:
     finally:
         assert server.stop() == 0
     assert server.log().count("gRPC server listening") == 2
+    # Every line says which process wrote it.
+    lines = [line for line in server.log().splitlines() if " INFO " in line]
+    assert {"[worker 0]", "[worker 1]", "[supervisor]"} <= {
+        line.split("INFO ", 1)[1].split(" onnxserve", 1)[0] for line in lines}
+    listening = [line for line in lines if "gRPC server listening" in line]
+    assert sorted(line.split("[", 1)[1][:8] for line in listening) == ["worker 0", "worker 1"]
 
 
 def test_profile_summary_shares() -> None:

@@ -372,3 +372,29 @@ def test_waiting_for_readiness_reports_a_failed_load_at_once(tmp_path: Path) -> 
             client.wait_until_ready(10)
     finally:
         server.stop()
+
+
+def test_json_and_text_logs_name_the_worker() -> None:
+    import io
+    import logging
+
+    from onnxserve.serving.logs import configure, event
+
+    stream = io.StringIO()
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    try:
+        for fmt in ("json", "text"):
+            configure("INFO", fmt, "worker 3")
+            root.handlers[0].setStream(stream)
+            event(logging.getLogger("onnxserve.test"), logging.INFO, "model_loaded", model="m")
+        json_line, text_line = stream.getvalue().splitlines()
+        assert json.loads(json_line)["worker"] == "worker 3"
+        assert "[worker 3] onnxserve.test: model_loaded model=m" in text_line
+        configure("INFO", "json")
+        root.handlers[0].setStream(stream)
+        logging.getLogger("onnxserve.test").info("alone")
+        assert "worker" not in json.loads(stream.getvalue().splitlines()[-1])
+    finally:
+        root.handlers[:] = handlers
+        root.setLevel(level)
