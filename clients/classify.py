@@ -255,7 +255,8 @@ def _server_problem(exc: InferenceServerError, options: ConnectionOptions) -> st
     return f"the server refused the request: {exc}"
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of classify.py."""
     parser = argparse.ArgumentParser(description="Classify images with an onnxserve model.")
     parser.add_argument("images", nargs="+",
                         help="image files (JPEG, PNG, ...) or folders of them")
@@ -265,6 +266,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--client-preprocessing", action="store_true",
                         help="decode and resize the images here even when the server can")
     add_connection_arguments(parser)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
     if args.top_k < 1:
         parser.error("--top-k must be at least 1")

@@ -24,3 +24,38 @@ def test_every_python_block_runs(server: ServerProcess, samples: Path) -> None:
         with contextlib.redirect_stdout(printed):
             exec(compile(code, "README.md", "exec"), {})
         assert printed.getvalue().strip(), block
+
+
+def shell_lines() -> list[str]:
+    """Every command in README's sh blocks, without its comment."""
+    blocks = re.findall(r"```sh\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
+    return [line.split("  #", 1)[0].strip() for block in blocks for line in block.splitlines()
+            if line.strip()]
+
+
+def test_every_shell_command_names_what_exists() -> None:
+    """Commands too long or networked to run here are checked for what would break them:
+    an unknown make target, flag or file."""
+    import shlex
+
+    from onnxserve.clients.classify import build_parser as classify_parser
+    from onnxserve.serving.cli import build_parser
+
+    makefile = (ROOT / "Makefile").read_text()
+    checked = 0
+    for line in shell_lines():
+        words = shlex.split(line)
+        if words[0] == "make":
+            assert re.search(rf"^{re.escape(words[1])}:", makefile, re.M), line
+        elif words[0].endswith("onnxserve"):
+            build_parser().parse_args(words[1:])
+        elif words[0].endswith("python") and words[1] == "clients/classify.py":
+            classify_parser().parse_args(words[2:])
+        elif words[0] in ("docker", "kubectl"):
+            for flag in ("-f", "-k"):
+                if flag in words:
+                    assert (ROOT / words[words.index(flag) + 1]).exists(), line
+        else:
+            raise AssertionError(f"README command of no known kind: {line}")
+        checked += 1
+    assert checked >= 20
