@@ -16,6 +16,8 @@ from .recipes import RECIPES as _RECIPES  # imports Keras only when a recipe is 
 from .user_models import PREPROCESSING_CHOICES
 
 RECIPES = tuple(_RECIPES)
+#: what the export extra installs (pyproject.toml), by import name
+EXPORT_PACKAGES = ("tensorflow", "keras", "tf2onnx", "onnx", "onnxconverter_common", "sklearn")
 MODELS = (*RECIPES, *APPLICATIONS)
 DEFAULT_SEED = 0
 DEFAULT_WEIGHTS = "imagenet"
@@ -233,4 +235,10 @@ def run_export(args: argparse.Namespace) -> int:
             traceback.print_exc()
         print(f"onnxserve export {what}: {exc}", file=sys.stderr)
         return 1
+    except ModuleNotFoundError as exc:
+        if (exc.name or "").split(".")[0] not in EXPORT_PACKAGES:
+            raise
+        print(f"onnxserve export: {exc.name} is not installed; exporting needs the export "
+              "extra: pip install -e '.[export]' (or `make demo`)", file=sys.stderr)
+        return 2
     return 0

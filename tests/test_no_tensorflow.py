@@ -31,3 +31,16 @@ print(model.versions[1].runners[0].run({{"x": np.zeros((1, 4), np.float32)}})["y
                             timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[[1.0, 1.0, 1.0, 1.0]]"
+
+
+def test_export_without_the_export_stack_says_what_to_install(tmp_path: Path) -> None:
+    code = BLOCK + f"""
+from onnxserve.serving import cli
+raise SystemExit(cli.main(["export", "lenet5", "--dataset", "digits", "--model-repository",
+                           {str(tmp_path / "repo")!r}]))
+"""
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 2, result.stderr
+    assert "is not installed; exporting needs the export extra" in result.stderr
+    assert "Traceback" not in result.stderr and not (tmp_path / "repo").exists()
