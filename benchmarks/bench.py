@@ -23,8 +23,6 @@ import json
 import math
 import os
 import shutil
-import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -33,7 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from onnxserve.clients.client import Client
-from onnxserve.serving.demo import die_with_parent, free_port
+from onnxserve.serving.process import ServerProcess, free_port
 from onnxserve.serving.repository import read_model
 
 from .load import build_request, run_load
@@ -61,40 +59,6 @@ def _tree_cpu_seconds(pid: int) -> float:
         if this == pid or parent == pid:
             total += (int(fields[11]) + int(fields[12])) / _TICKS
     return total
-
-
-class Process:
-    """A server process this benchmark started, stopped by its PID; its output goes to
-    ``log_path`` (a temporary file when None)."""
-
-    def __init__(self, command: list[str], url: str, log_path: Path | None = None) -> None:
-        self.url = url
-        self.log = log_path.open("w+b") if log_path else tempfile.TemporaryFile()
-        self.popen = subprocess.Popen(command, stdout=self.log, stderr=subprocess.STDOUT,
-                                      preexec_fn=die_with_parent)
-
-    def tail(self, size: int = 3000) -> str:
-        self.log.flush()
-        self.log.seek(0)
-        return self.log.read().decode(errors="replace")[-size:]
-
-    def wait_ready(self, timeout: float = 120.0) -> None:
-        """Wait for readiness; raise when the server exits or a model fails to load."""
-        with Client(self.url, timeout=2.0) as client:
-            try:
-                client.wait_until_ready(timeout, alive=lambda: self.popen.poll() is None)
-            except RuntimeError as exc:
-                self.stop()
-                raise RuntimeError(f"{exc}:\n{self.tail()}") from None
-
-    def stop(self) -> None:
-        if self.popen.poll() is None:
-            self.popen.send_signal(signal.SIGTERM)
-            try:
-                self.popen.wait(30)
-            except subprocess.TimeoutExpired:
-                self.popen.kill()
-                self.popen.wait()
 
 
 def _sample(config) -> np.ndarray:
@@ -241,33 +205,27 @@ def bench_model(repository: Path, name: str, args, progress: Progress) -> dict:
     out: dict = {"model": name, "samples_per_request": args.samples_per_request,
                  "raw_onnxruntime": raw, "null_server": [], "onnxserve": []}
     port = free_port()
-    null = Process([sys.executable, "-m", "onnxserve.benchmarks.null_server", "--port",
-                    str(port), "--output-shape", *map(str, config.output[0].dims)],
-                   f"127.0.0.1:{port}")
+    null = ServerProcess([sys.executable, "-m", "onnxserve.benchmarks.null_server", "--port",
+                          str(port), "--output-shape", *map(str, config.output[0].dims)],
+                         f"127.0.0.1:{port}", serve=False)
     try:
         null.wait_ready()
         out["null_server"] = _measure(null.url, payload, args.samples_per_request, args,
-                                      null.popen.pid, progress, f"{name} null server")
+                                      null.pid, progress, f"{name} null server")
     finally:
         null.stop()
     for workers in args.workers:
         for batching in args.batching:
             with tempfile.TemporaryDirectory() as tmp:
                 _variant_repository(repository, name, Path(tmp), batching == "on")
-                port = free_port()
-                server = Process(
-                    [sys.executable, "-m", "onnxserve.serving.cli", "serve",
-                     "--model-repository", tmp, "--grpc-host", "127.0.0.1",
-                     "--grpc-port", str(port), "--workers", str(workers),
-                     "--log-level", "WARNING", "--metrics-port", "0"],
-                    f"127.0.0.1:{port}",
-                )
+                server = ServerProcess.serve(Path(tmp), "--workers", str(workers),
+                                             "--log-level", "WARNING")
                 what = (f"{name} onnxserve, batching {batching}, {workers} "
                         f"worker{'s' if workers > 1 else ''}")
                 try:
                     server.wait_ready()
                     rows = _measure(server.url, payload, args.samples_per_request, args,
-                                    server.popen.pid, progress, what,
+                                    server.pid, progress, what,
                                     stats_name=name if workers == 1 else None)
                 finally:
                     server.stop()

@@ -24,6 +24,7 @@ import numpy as np
 
 from onnxserve.export.cli import MODELS, RECIPES
 from onnxserve.export.pipeline import RANDOM_WEIGHTS_AGREEMENT
+from onnxserve.serving.process import onnxserve_command
 
 RESULTS = Path(__file__).resolve().parent / "results"
 #: the memory each export must stay under
@@ -49,7 +50,7 @@ def run_export(args: list[str]) -> tuple[int, float, str]:
     """Run one export; return its exit status, peak RSS in MB and its output."""
     with tempfile.TemporaryFile("w+") as log:
         process = subprocess.Popen(
-            [sys.executable, "-m", "onnxserve.serving.cli", "export", *args],
+            onnxserve_command("export", *args),
             stdout=log, stderr=subprocess.STDOUT,
         )
         _, status, usage = os.wait4(process.pid, 0)

@@ -22,21 +22,18 @@ import grpc
 import numpy as np
 
 from onnxserve.protos import inference_pb2 as pb
-from onnxserve.serving.demo import free_port
+from onnxserve.serving.process import ServerProcess
 from onnxserve.serving.repository import read_model
 
-from .bench import DEFAULT_OUT, Process, _sample, _variant_repository
+from .bench import DEFAULT_OUT, _sample, _variant_repository
 from .load import INFER_METHOD, build_request
 
 
 def _one_server(repository: Path, name: str, warmup: bool, payload: bytes,
                 requests: int) -> tuple[float, list[float]]:
-    port = free_port()
-    url = f"127.0.0.1:{port}"
-    server = Process([sys.executable, "-m", "onnxserve.serving.cli", "serve",
-                      "--model-repository", str(repository), "--grpc-host", "127.0.0.1",
-                      "--grpc-port", str(port), "--log-level", "WARNING", "--metrics-port", "0",
-                      "--warmup" if warmup else "--no-warmup"], url)
+    server = ServerProcess.serve(repository, "--log-level", "WARNING",
+                                 "--warmup" if warmup else "--no-warmup")
+    url = server.url
     try:
         server.wait_ready()
         with grpc.insecure_channel(url) as channel:

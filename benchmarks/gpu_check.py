@@ -24,9 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
-from onnxserve.benchmarks.bench import Process
 from onnxserve.benchmarks.load import INFER_METHOD, MAX_MESSAGE, build_request
-from onnxserve.serving.demo import free_port
+from onnxserve.serving.process import ServerProcess
 
 RAW_MODELS = ("resnet50_fp16", "resnet50", "mobilenet_v2_fp16", "mobilenet_v2")
 BATCHES = (1, 2, 4, 8, 16, 32, 64)
@@ -267,13 +266,10 @@ def cold_shapes(url: str, name: str, sample: dict[str, np.ndarray], largest: int
             "median_first_over_warm": float(np.median(list(ratios.values())))}
 
 
-def start_server(repository: Path, log: Path, timeout: float, providers: str) -> Process:
+def start_server(repository: Path, log: Path, timeout: float,
+                 providers: str) -> ServerProcess:
     """``onnxserve serve`` on the repository, ready (or an error with its log's tail)."""
-    port = free_port()
-    server = Process([sys.executable, "-m", "onnxserve.serving.cli", "serve",
-                      "--model-repository", str(repository), "--grpc-host", "127.0.0.1",
-                      "--grpc-port", str(port), "--metrics-port", "0", "--providers", providers],
-                     f"127.0.0.1:{port}", log)
+    server = ServerProcess.serve(repository, "--providers", providers, log_path=log)
     server.wait_ready(timeout)
     return server
 

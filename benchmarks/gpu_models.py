@@ -20,10 +20,11 @@ import argparse
 import json
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
+
+from onnxserve.serving.process import onnxserve_command
 
 #: (repository name, export arguments): the exported seed models the check runs
 SEED_EXPORTS: dict[str, list[str]] = {
@@ -54,8 +55,8 @@ def prepare(repository: Path, names: list[str]) -> None:
         if (repository / name).is_dir():
             print(f"{name}: already exported")
             continue
-        command = [sys.executable, "-m", "onnxserve.serving.cli", "export",
-                   *SEED_EXPORTS[name], "--name", name, "--model-repository", str(repository)]
+        command = onnxserve_command("export", *SEED_EXPORTS[name], "--name", name,
+                                    "--model-repository", str(repository))
         print("$", " ".join(command[3:]), flush=True)
         subprocess.run(command, check=True)
 

@@ -20,9 +20,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from onnxserve.serving.demo import free_port
+from onnxserve.serving.process import ServerProcess
 
-from .bench import DEFAULT_OUT, Process
+from .bench import DEFAULT_OUT
 
 _LOAD = """
 import asyncio, sys, numpy as np
@@ -77,12 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     if not Path(py_spy).exists():
         print("profile: py-spy is not installed (pip install py-spy)", file=sys.stderr)
         return 2
-    port = free_port()
-    server = Process([sys.executable, "-m", "onnxserve.serving.cli", "serve",
-                      "--model-repository", str(args.model_repository), "--grpc-host",
-                      "127.0.0.1", "--grpc-port", str(port), "--log-level", "WARNING",
-                      "--metrics-port", "0"],
-                     f"127.0.0.1:{port}")
+    server = ServerProcess.serve(args.model_repository, "--log-level", "WARNING")
     try:
         server.wait_ready()
         load = subprocess.Popen(
@@ -92,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         time.sleep(2)
         with tempfile.NamedTemporaryFile(suffix=".txt") as raw:
-            subprocess.run([py_spy, "record", "--pid", str(server.popen.pid), "--duration",
+            subprocess.run([py_spy, "record", "--pid", str(server.pid), "--duration",
                             str(int(args.seconds)), "--format", "raw", "--output", raw.name,
                             "--threads", "--nonblocking"], check=True, capture_output=True)
             total, own, inclusive = summarize(Path(raw.name).read_text())

@@ -16,6 +16,7 @@ import tempfile
 from pathlib import Path
 
 from onnxserve.export.recipes import RECIPES
+from onnxserve.serving.process import onnxserve_command
 from onnxserve.serving.repository import read_model
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -44,8 +45,7 @@ def main(argv: list[str] | None = None) -> int:
         for number, name in enumerate(args.recipes, 1):
             print(f"[{number}/{len(args.recipes)}] training {name} at the seed's length ...",
                   flush=True)
-            command = [sys.executable, "-m", "onnxserve.serving.cli", "export", name,
-                       "--model-repository", repository]
+            command = onnxserve_command("export", name, "--model-repository", repository)
             if args.data_dir:
                 command += ["--data-dir", str(args.data_dir)]
             result = subprocess.run(command, capture_output=True, text=True)

@@ -7,11 +7,10 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
-import socket
 import subprocess
-import sys
 from pathlib import Path
+
+from .process import ServerProcess, onnxserve_command
 
 DEFAULT_MODELS = ("lenet5", "mobilenet_v2")
 #: Where Keras caches the MobileNetV2 ImageNet weights after a download.
@@ -39,44 +38,6 @@ def add_demo_parser(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run_demo)
 
 
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that is free right now (for servers started locally)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def die_with_parent() -> None:
-    """``preexec_fn`` for child servers: the kernel sends SIGTERM when the parent dies (Linux)."""
-    import ctypes
-
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
-
-
-#: The signals that stop `onnxserve serve` (and the supervisor of --workers N).
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
-
-
-def hold_stop_signals() -> None:
-    """``preexec_fn`` for `onnxserve serve` children: die_with_parent(), and SIGTERM/SIGINT
-    blocked until the child has its handlers.
-
-    A blocked signal stays pending across exec; the server unblocks the two once its
-    handler is installed (workers.exit_on_stop_signals), so a stop sent at any moment, even
-    before the interpreter has started, ends it with status 0 instead of killing it. Only
-    for commands that unblock them: anything else would never see SIGTERM.
-    """
-    die_with_parent()
-    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
-
-
-def _onnxserve(*args: str) -> list[str]:
-    return [sys.executable, "-m", "onnxserve.serving.cli", *args]
-
-
 def _export_missing(repository: Path, weights: str) -> None:
     from onnxserve.export.publish import existing_versions
 
@@ -87,15 +48,9 @@ def _export_missing(repository: Path, weights: str) -> None:
         print(f"== exporting {name}", flush=True)
         extra = ["--weights", weights] if name == "mobilenet_v2" else ["--dataset", "digits"]
         subprocess.run(
-            _onnxserve("export", name, "--model-repository", str(repository), *extra), check=True
+            onnxserve_command("export", name, "--model-repository", str(repository), *extra),
+            check=True
         )
-
-
-def _wait_ready(url: str, server: subprocess.Popen, timeout: float = 180.0) -> None:
-    from onnxserve.clients.client import Client
-
-    with Client(url, timeout=2.0) as client:
-        client.wait_until_ready(timeout, alive=lambda: server.poll() is None, poll_s=0.5)
 
 
 def run_demo(args: argparse.Namespace) -> int:
@@ -109,20 +64,15 @@ def run_demo(args: argparse.Namespace) -> int:
     if not (args.samples / "china.jpg").is_file():
         print(f"== writing sample images to {args.samples}", flush=True)
         subprocess.run(
-            _onnxserve("samples", "--out", str(args.samples)), check=True,
+            onnxserve_command("samples", "--out", str(args.samples)), check=True,
             stdout=subprocess.DEVNULL,
         )
 
-    port = args.grpc_port or free_port()
-    url = f"127.0.0.1:{port}"
+    server = ServerProcess.serve(repository, port=args.grpc_port or None, capture=False)
+    url = server.url
     print(f"== starting the server on {url}", flush=True)
-    server = subprocess.Popen(
-        _onnxserve("serve", "--model-repository", str(repository), "--grpc-host", "127.0.0.1",
-                   "--grpc-port", str(port), "--metrics-port", "0"),
-        preexec_fn=hold_stop_signals,
-    )
     try:
-        _wait_ready(url, server)
+        server.wait_ready(180.0)
         digits = sorted(args.samples.glob("digit_*.png"))
         photos = sorted(args.samples.glob("*.jpg"))
         print("== classifying the held-out digits with lenet5", flush=True)
@@ -135,12 +85,7 @@ def run_demo(args: argparse.Namespace) -> int:
             status = status or 1
     finally:
         print("== stopping the server", flush=True)
-        server.send_signal(signal.SIGTERM)
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
+        server.stop()
     return status
 
 

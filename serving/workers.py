@@ -43,11 +43,10 @@ import os
 import selectors
 import signal
 import subprocess
-import sys
 import time
 from dataclasses import dataclass
 
-from .demo import STOP_SIGNALS, hold_stop_signals
+from .process import STOP_SIGNALS, hold_stop_signals, onnxserve_command
 
 log = logging.getLogger(__name__)
 
@@ -282,7 +281,7 @@ def run_workers(serve_args: list[str], workers: int, cores: int = 0,
     and every worker exited 0; see the module docstring for the other statuses.
     """
     share = max(1, (cores or os.cpu_count() or 1) // workers)
-    command = [sys.executable, "-m", "onnxserve.serving.cli", "serve", *serve_args,
+    command = [*onnxserve_command("serve"), *serve_args,
                "--workers", "1", "--cores", str(share)]
     log.info("starting %d workers, %d core(s) each", workers, share)
     return _Supervisor(command, workers, metrics_port).run()

@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import os
-import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,67 +15,31 @@ sys.path.insert(0, str(Path(__file__).parent))
 from onnx_models import add_one_model, echo_model, scores_model
 
 from onnxserve.clients.client import Client, InferenceServerError
-from onnxserve.serving.demo import die_with_parent, free_port
+from onnxserve.serving.process import ServerProcess, free_port, onnxserve_command
+
+__all__ = ["ROOT", "ServerProcess", "free_port", "onnxserve_command", "start_server"]
 
 ROOT = Path(__file__).resolve().parent.parent
 SCORES_LABELS = ["cat", "dog", "bird", "fish", "horse"]
-
-
-def onnxserve_command(*args: str) -> list[str]:
-    return [sys.executable, "-m", "onnxserve.serving.cli", *args]
-
-
-@dataclass
-class ServerProcess:
-    """A server this test session started; stopped by its own PID."""
-
-    url: str
-    process: subprocess.Popen
-    log_path: Path
-
-    def log(self) -> str:
-        return self.log_path.read_text()
-
-    def stop(self, timeout: float = 30.0) -> int:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        return self.process.returncode
 
 
 def start_server(
     repository: Path, log_path: Path, *extra: str, timeout: float = 60.0,
     token: str | None = None,
 ) -> ServerProcess:
-    """Start `onnxserve serve` on a free localhost port and wait until loading is done."""
-    port = free_port()
-    log_file = log_path.open("w")
-    process = subprocess.Popen(
-        onnxserve_command("serve", "--model-repository", str(repository), "--grpc-host",
-                          "127.0.0.1", "--grpc-port", str(port), "--metrics-port", "0",
-                          *extra),
-        stdout=log_file, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        preexec_fn=die_with_parent,
-    )
-    server = ServerProcess(f"127.0.0.1:{port}", process, log_path)
-    deadline = time.monotonic() + timeout
-    with Client(server.url, timeout=2.0, token=token) as client:
-        while time.monotonic() < deadline:
-            if process.poll() is not None:
-                raise RuntimeError(f"server exited with {process.returncode}:\n{server.log()}")
-            try:
-                index = client.models()
-                if all(m["state"] != "LOADING" for m in index) and "ready:" in server.log():
-                    return server
-            except InferenceServerError:
-                pass
-            time.sleep(0.2)
-    server.stop()
-    raise RuntimeError(f"server did not finish loading in {timeout}s:\n{server.log()}")
+    """Start `onnxserve serve` on a free localhost port and wait until loading is done
+    (every model loaded or failed: tests look at both)."""
+    server = ServerProcess.serve(repository, *extra, log_path=log_path)
+
+    def loaded() -> bool:
+        try:
+            with Client(server.url, timeout=2.0, token=token) as client:
+                return all(m["state"] != "LOADING" for m in client.models())
+        except InferenceServerError:
+            return False
+
+    server.wait_started(timeout, loaded)
+    return server
 
 
 def write_config(folder: Path, text: str) -> None:

@@ -39,8 +39,8 @@ def test_two_workers_share_the_port(tmp_path: Path) -> None:
     server = start_server(tmp_path / "repo", tmp_path / "server.log", "--workers", "2")
     try:
         deadline = time.monotonic() + 60
-        while server.log().count("models loaded") < 2:  # both workers, not only the first
-            assert time.monotonic() < deadline and server.process.poll() is None, server.log()
+        while server.output().count("models loaded") < 2:  # both workers, not only the first
+            assert time.monotonic() < deadline and server.process.poll() is None, server.output()
             time.sleep(0.1)
         x = np.ones((2, 5), np.float32)
         for _ in range(4):  # separate connections may land on either worker
@@ -48,9 +48,9 @@ def test_two_workers_share_the_port(tmp_path: Path) -> None:
                 assert client.infer("scores", {"scores_in": x})["scores"].tolist() == x.tolist()
     finally:
         assert server.stop() == 0
-    assert server.log().count("gRPC server listening") == 2
+    assert server.output().count("gRPC server listening") == 2
     # Every line says which process wrote it.
-    lines = [line for line in server.log().splitlines() if " INFO " in line]
+    lines = [line for line in server.output().splitlines() if " INFO " in line]
     assert {"[worker 0]", "[worker 1]", "[supervisor]"} <= {
         line.split("INFO ", 1)[1].split(" onnxserve", 1)[0] for line in lines}
     listening = [line for line in lines if "gRPC server listening" in line]

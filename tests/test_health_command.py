@@ -9,7 +9,7 @@ from pathlib import Path
 from conftest import build_test_models, onnxserve_command, start_server
 from test_operations import _certificates, _stop, _tls_server
 
-from onnxserve.serving.demo import free_port
+from onnxserve.serving.process import free_port
 
 
 def health(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:

@@ -28,7 +28,7 @@ from onnx_models import slow_model
 
 from onnxserve.clients.client import Client
 from onnxserve.protos import inference_pb2 as pb
-from onnxserve.serving.demo import die_with_parent, free_port, hold_stop_signals
+from onnxserve.serving.process import die_with_parent, free_port, hold_stop_signals
 
 
 def _spawn(repository: Path, log_path: Path, *extra: str, held: bool = True,

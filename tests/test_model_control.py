@@ -209,7 +209,7 @@ def test_twenty_reloads_under_load_fail_no_request(tmp_path: Path) -> None:
     assert outcome["errors"] == []
     assert outcome["ok"] > 100
     assert len(outcome["versions"]) >= 10  # requests really moved to the new loads
-    assert "model_reloaded model=add_one" in server.log()
+    assert "model_reloaded model=add_one" in server.output()
 
 
 def test_control_rpcs_over_grpc(tmp_path: Path) -> None:

@@ -20,7 +20,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from onnxserve.clients.client import Client, InferenceServerError
 from onnxserve.protos import inference_pb2 as pb
 from onnxserve.protos import inference_pb2_grpc
-from onnxserve.serving.demo import free_port
+from onnxserve.serving.process import ServerProcess, free_port
 
 
 def _add_one_request(request_id: str = "", shape=(1, 4)) -> pb.ModelInferRequest:
@@ -92,7 +92,7 @@ def test_request_ids_are_echoed_generated_and_logged(tmp_path: Path) -> None:
             assert ("request-id", "bad-1") in tuple(err.value.trailing_metadata())
     finally:
         server.stop()
-    events = [json.loads(line) for line in server.log().splitlines() if line.startswith("{")]
+    events = [json.loads(line) for line in server.output().splitlines() if line.startswith("{")]
     loaded = [e for e in events if e.get("event") == "model_loaded"]
     assert {e["model"] for e in loaded} == {"add_one", "echo", "scores"}
     (failed,) = [e for e in events if e.get("event") == "request_failed"]
@@ -193,28 +193,17 @@ def _certificates(folder: Path) -> dict[str, Path]:
     return files
 
 
-def _tls_server(tmp_path: Path, files: dict[str, Path], *extra: str):
+def _tls_server(tmp_path: Path, files: dict[str, Path], *extra: str) -> tuple[ServerProcess, str]:
     """Start a TLS server; start_server's readiness probe speaks plaintext, so wait here."""
-    import subprocess
-
-    port = free_port()
-    log_path = tmp_path / "server.log"
-    process = subprocess.Popen(
-        onnxserve_command("serve", "--model-repository", str(tmp_path), "--grpc-host",
-                          "127.0.0.1", "--grpc-port", str(port), "--metrics-port", "0",
-                          "--tls-cert", str(files["server_cert"]), "--tls-key",
-                          str(files["server_key"]), *extra),
-        stdout=log_path.open("w"), stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 60
-    while "ready:" not in log_path.read_text() and time.monotonic() < deadline:
-        assert process.poll() is None, log_path.read_text()
-        time.sleep(0.2)
-    return process, f"127.0.0.1:{port}"
+    server = ServerProcess.serve(tmp_path, "--tls-cert", str(files["server_cert"]),
+                                 "--tls-key", str(files["server_key"]), *extra,
+                                 log_path=tmp_path / "server.log")
+    server.wait_started(60)
+    return server, server.url
 
 
-def _stop(process) -> None:
-    process.send_signal(signal.SIGTERM)
-    process.wait(30)
+def _stop(server: ServerProcess) -> None:
+    server.stop()
 
 
 def test_tls_and_mutual_tls(tmp_path: Path) -> None:
@@ -290,7 +279,7 @@ def test_sigterm_under_load_answers_every_admitted_request(tmp_path: Path) -> No
     assert ok_before > 10
     # Admitted requests all succeed; the only failures are refusals of new ones.
     assert set(outcomes) <= {"OK", "UNAVAILABLE"}, outcomes
-    assert "stopping: finishing in-flight requests" in server.log()
+    assert "stopping: finishing in-flight requests" in server.output()
 
 
 def test_overload_is_refused_promptly_and_admitted_requests_succeed(tmp_path: Path) -> None:

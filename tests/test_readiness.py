@@ -20,7 +20,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from onnx_models import add_one_model
 
 from onnxserve.clients.client import Client
-from onnxserve.serving.demo import free_port
+from onnxserve.serving.process import free_port
 from onnxserve.serving.repository import list_models
 
 
@@ -39,7 +39,7 @@ def test_an_empty_repository_is_live_but_not_ready(tmp_path: Path) -> None:
             assert client.is_server_live() and not client.is_server_ready()
         assert _health(server.url) == "NOT_SERVING"
         assert _health(server.url, "liveness") == "SERVING"
-        assert "holds no model folders" in server.log()
+        assert "holds no model folders" in server.output()
     finally:
         assert server.stop() == 0
 

@@ -236,7 +236,7 @@ def test_failed_model_reports_why_and_others_serve(tmp_path) -> None:
             np.testing.assert_array_equal(client.infer("good", {"x": x})["y"], x + 1)
     finally:
         assert proc.stop() == 0
-    assert "model_load_failed model=broken" in proc.log()
+    assert "model_load_failed model=broken" in proc.output()
 
 
 def test_providers_cuda_without_cuda_fails_the_load_loudly(tmp_path) -> None:
@@ -252,11 +252,11 @@ def test_providers_cuda_without_cuda_fails_the_load_loudly(tmp_path) -> None:
             assert "CUDA" in client.models()[0]["reason"]
     finally:
         proc.stop()
-    assert "no CUDA execution provider" in proc.log()
+    assert "no CUDA execution provider" in proc.output()
 
 
 def test_sigterm_stops_cleanly(tmp_path) -> None:
     add_one_model(tmp_path / "m" / "1" / "model.onnx")
     proc = start_server(tmp_path, tmp_path / "server.log")
     assert proc.stop() == 0
-    assert "stopped" in proc.log()
+    assert "stopped" in proc.output()

@@ -89,7 +89,7 @@ def test_reshape_and_harmless_fields_served_end_to_end(tmp_path: Path) -> None:
             with pytest.raises(InferenceServerError) as err:
                 client.infer("fixed", {"x": np.zeros((1, 3, 32, 32), np.float32)})
             assert err.value.code == grpc.StatusCode.INVALID_ARGUMENT
-        log = server.log()
+        log = server.output()
         assert "response_cache is ignored: onnxserve keeps no response cache" in log
         assert "metric_tags is ignored" in log and "preserve_ordering is ignored" in log
     finally:
@@ -156,7 +156,7 @@ def test_bf16_and_unsupported_fields_fail_the_load_not_the_server(tmp_path: Path
             assert "input 'x' has data_type TYPE_BF16" in index["bf16"]["reason"]
             assert index["stateful"]["state"] == "UNAVAILABLE"
             assert "sequence_batching is set" in index["stateful"]["reason"]
-        assert "Traceback" not in server.log() and "KeyError" not in server.log()
+        assert "Traceback" not in server.output() and "KeyError" not in server.output()
     finally:
         server.stop()
 

@@ -1,0 +1,160 @@
+"""Server processes started from Python: free ports, signals, start / wait / stop by PID.
+
+One place for what `onnxserve demo`, the `--workers` supervisor, the benchmarks and the
+tests each need when they run `onnxserve serve` as a child: the command line, a child that
+dies with its parent, stop signals held until the child can take them, readiness, and a
+stop that ends only the process it started.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import IO
+
+#: The signals that stop `onnxserve serve` (and the supervisor of --workers N).
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+#: Linux prctl option: the signal a process gets when its parent dies.
+_PR_SET_PDEATHSIG = 1
+
+
+def onnxserve_command(*args: str) -> list[str]:
+    """The argv that runs ``onnxserve ARGS`` with this interpreter (no console script needed)."""
+    return [sys.executable, "-m", "onnxserve.serving.cli", *args]
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free right now (for servers started locally)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def die_with_parent() -> None:
+    """Have the kernel send this process SIGTERM when its parent dies (Linux; elsewhere a
+    no-op). As a ``preexec_fn``, for children that must not outlive whoever started them."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def hold_stop_signals() -> None:
+    """``preexec_fn`` for `onnxserve serve` children: die_with_parent(), and SIGTERM/SIGINT
+    blocked until the child has its handlers.
+
+    A blocked signal stays pending across exec; the server unblocks the two once its
+    handler is installed (serving/workers.py, exit_on_stop_signals), so a stop sent at any
+    moment, even before the interpreter has started, ends it with status 0 instead of
+    killing it. Only for commands that unblock them: anything else would never see SIGTERM.
+    """
+    die_with_parent()
+    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+
+
+class ServerProcess:
+    """A server process started here, its output in ``log_path`` (a temporary file when
+    None), stopped by its own PID.
+
+    ``command`` is the whole argv; ``onnxserve serve`` children (``serve=True``) start
+    with their stop signals held (hold_stop_signals), other servers only die with their
+    parent.
+    """
+
+    def __init__(self, command: Sequence[str], url: str, log_path: Path | None = None,
+                 *, serve: bool = True, env: dict[str, str] | None = None,
+                 capture: bool = True) -> None:
+        self.url = url
+        self.log_path = log_path
+        self._log: IO[bytes] | None = None
+        if capture:
+            self._log = log_path.open("w+b") if log_path else tempfile.TemporaryFile()
+        self.process = subprocess.Popen(
+            list(command), stdout=self._log, stderr=subprocess.STDOUT if capture else None,
+            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
+            preexec_fn=hold_stop_signals if serve else die_with_parent)
+
+    @classmethod
+    def serve(cls, repository: Path, *flags: str, log_path: Path | None = None,
+              port: int | None = None, metrics_port: int = 0,
+              env: dict[str, str] | None = None, capture: bool = True) -> ServerProcess:
+        """Start ``onnxserve serve`` on 127.0.0.1 (a free port unless ``port``) for
+        ``repository``, with ``flags`` after the defaults (later flags win). With
+        ``capture`` false its output goes to this process's stdout and stderr."""
+        port = port or free_port()
+        command = onnxserve_command(
+            "serve", "--model-repository", str(repository), "--grpc-host", "127.0.0.1",
+            "--grpc-port", str(port), "--metrics-port", str(metrics_port), *flags)
+        return cls(command, f"127.0.0.1:{port}", log_path, env=env, capture=capture)
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    @property
+    def running(self) -> bool:
+        return self.process.poll() is None
+
+    def output(self) -> str:
+        """Everything the process wrote so far (stdout and stderr; "" when not captured)."""
+        if self._log is None:
+            return ""
+        self._log.flush()
+        self._log.seek(0)
+        text = self._log.read().decode(errors="replace")
+        self._log.seek(0, os.SEEK_END)
+        return text
+
+    def wait_ready(self, timeout: float = 120.0, **client_arguments: object) -> None:
+        """Wait until the server reports ready (Client.wait_until_ready).
+
+        Raises:
+            RuntimeError: the process exited, a model failed to load, or ``timeout`` s
+                passed; the message ends with the process's output. The process is stopped.
+        """
+        from onnxserve.clients.client import Client
+
+        with Client(self.url, timeout=2.0, **client_arguments) as client:  # type: ignore[arg-type]
+            try:
+                client.wait_until_ready(timeout, alive=lambda: self.running)
+            except RuntimeError as exc:
+                self.stop()
+                raise RuntimeError(f"{exc}:\n{self.output()[-3000:]}") from None
+
+    def wait_started(self, timeout: float = 60.0,
+                     loaded: Callable[[], bool] | None = None) -> None:
+        """Wait until the server has finished its start-up, whether every model loaded or
+        not: its log says ``ready:`` and, when given, ``loaded()`` is true.
+
+        Raises:
+            RuntimeError: the process exited first, or ``timeout`` s passed (then it is
+                stopped); the message holds its output.
+        """
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if not self.running:
+                raise RuntimeError(f"server exited with {self.process.returncode}:\n"
+                                   f"{self.output()}")
+            if "ready:" in self.output() and (loaded is None or loaded()):
+                return
+            time.sleep(0.1)
+        self.stop()
+        raise RuntimeError(f"server did not finish starting in {timeout}s:\n{self.output()}")
+
+    def stop(self, timeout: float = 30.0) -> int:
+        """SIGTERM, then SIGKILL after ``timeout`` s; returns the exit status."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        return self.process.returncode
