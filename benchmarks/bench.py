@@ -365,13 +365,10 @@ DESCRIPTION = (
 )
 
 
-def add_bench_parser(subparsers: argparse._SubParsersAction) -> None:
-    from onnxserve.serving.cli import add_repository_argument
-
+def add_bench_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = subparsers.add_parser("bench", help="throughput/latency benchmark against raw "
                                             "onnxruntime and a null server",
                               description=DESCRIPTION)
-    add_repository_argument(p)
     p.add_argument("--models", nargs="+", default=["lenet5", "mobilenet_v2"],
                    help="models of the repository to measure (default: lenet5 mobilenet_v2)")
     p.add_argument("--concurrency", type=_positive_int, nargs="+", default=[1, 4, 16, 64],
@@ -399,6 +396,7 @@ def add_bench_parser(subparsers: argparse._SubParsersAction) -> None:
                         "make bench writes the committed benchmarks/results)")
     p.add_argument("--tag", default="bench", help="output file name stem (default %(default)s)")
     p.set_defaults(func=run_bench)
+    return p  # the caller adds --model-repository (a setting of the server's)
 
 
 def run_bench(args: argparse.Namespace) -> int:

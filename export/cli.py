@@ -44,9 +44,7 @@ _ONLY_FOR = (
 )
 
 
-def add_export_parser(subparsers: argparse._SubParsersAction) -> None:
-    from onnxserve.serving.cli import add_repository_argument
-
+def add_export_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         "export", help="train or load a Keras model, convert it to ONNX, verify, publish",
         description="Export a seed model (see --list) or your own (--from PATH) to a model "
@@ -67,7 +65,6 @@ def add_export_parser(subparsers: argparse._SubParsersAction) -> None:
                         + "; ".join(f"{k}: {v}" for k, v in PREPROCESSING_CHOICES.items())
                         + ". Needed unless the model starts with a Rescaling or Normalization "
                           "layer (then in_graph)")
-    add_repository_argument(p)
     p.add_argument("--name", help="model name in the repository (default: the id, with _fp16 "
                                   "or _int8 for those variants)")
     p.add_argument("--version", type=int, help="version number (default: newest + 1)")
@@ -109,6 +106,7 @@ def add_export_parser(subparsers: argparse._SubParsersAction) -> None:
                      help="take FP32 input already preprocessed, instead of UINT8 pixels with "
                           "the preprocessing in the graph")
     p.set_defaults(func=run_export)
+    return p  # the caller adds --model-repository (a setting of the server's)
 
 
 def _batch_size(text: str) -> int:

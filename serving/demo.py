@@ -21,13 +21,10 @@ KERAS_MOBILENET_V2_WEIGHTS = (
 )
 
 
-def add_demo_parser(subparsers: argparse._SubParsersAction) -> None:
-    from .cli import add_repository_argument
-
+def add_demo_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         "demo", help="export the default models, serve them and classify the sample images"
     )
-    add_repository_argument(p)
     p.add_argument("--samples", type=Path, default=Path("samples"),
                    help="sample image folder (default %(default)s)")
     p.add_argument("--grpc-port", type=int, default=0,
@@ -36,6 +33,7 @@ def add_demo_parser(subparsers: argparse._SubParsersAction) -> None:
                    help="imagenet, none, a file, or auto: Keras' cached ImageNet file when "
                         "present, else none (default %(default)s)")
     p.set_defaults(func=run_demo)
+    return p  # the caller adds --model-repository (a setting of the server's)
 
 
 def _export_missing(repository: Path, weights: str) -> None:

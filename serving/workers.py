@@ -6,21 +6,23 @@ start of server.serve), SIGTERM or SIGINT ends the process at once with status 0
 nothing has been opened or loaded yet; Python's default would kill it by the signal (exit
 status 143 in a shell; the --workers parent used to turn a worker's -15 into 241). A
 supervisor can close even the gap before the interpreter runs any code by starting the
-server with the two signals blocked (demo.hold_stop_signals: this module's parent,
-`onnxserve demo` and the tests do): a signal sent then stays pending until
-exit_on_stop_signals unblocks it.
+server with the two signals blocked (process.hold_stop_signals, which `onnxserve demo`
+and the tests use; this module's parent blocks them across each worker's spawn): a signal
+sent then stays pending until exit_on_stop_signals unblocks it.
 
 **Workers.** ``--workers N`` runs N server processes sharing one port (SO_REUSEPORT). Each
 is a full server with its own models and schedulers; the kernel spreads incoming
-connections across them. It helps models bound by per-request Python overhead, and only
-for clients that open several connections: one HTTP/2 connection always lands on one
-worker.
+connections across them. Each worker is a fresh interpreter (multiprocessing's spawn)
+handed the parent's ServerSettings object itself, with its share of the cores and its own
+metrics port: nothing is rebuilt as command-line flags, so nothing can be lost on the way.
+It helps models bound by per-request Python overhead, and only for clients that open
+several connections: one HTTP/2 connection always lands on one worker.
 
 **Supervision.** The parent forwards SIGTERM/SIGINT to the workers and exits 0 once they
 have all exited 0 after it (else with the worst status, 128 + n for a worker killed by
 signal n). It learns that a worker is ready (its initial models loaded) through a pipe the
-worker writes to (``--worker-ready-fd``), and it notices a worker's exit at once (the
-pipe's end) and logs it with its pid and status. Then:
+worker writes to, and it notices a worker's exit at once (the pipe's end) and logs it with
+its pid and status. Then:
 
 - a worker that exits before it was ever ready failed at start-up (a port taken, a file it
   cannot read, ...): restarting cannot fix that, so the parent stops the other workers and
@@ -37,16 +39,25 @@ pipe's end) and logs it with its pid and status. Then:
 
 from __future__ import annotations
 
+import asyncio
 import collections
+import contextlib
+import dataclasses
 import logging
+import multiprocessing
 import os
 import selectors
 import signal
-import subprocess
+import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from multiprocessing.connection import Connection
+from multiprocessing.process import BaseProcess
 
-from .process import STOP_SIGNALS, hold_stop_signals, onnxserve_command
+from .logs import configure as configure_logs
+from .process import STOP_SIGNALS, die_with_parent
+from .settings import ServerSettings
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +81,7 @@ def exit_on_stop_signals() -> None:
     """From now until the server installs its own handlers, SIGTERM/SIGINT exit 0 at once.
 
     Also unblocks the two signals, which a supervisor may have blocked
-    (demo.hold_stop_signals) so that a signal sent before this point waits for this handler
+    (process.hold_stop_signals) so that a signal sent before this point waits for this handler
     instead of killing the process. Call from the main thread.
     """
     for sig in STOP_SIGNALS:
@@ -96,19 +107,60 @@ def describe_exit(returncode: int) -> str:
 @dataclass
 class _Worker:
     index: int
-    process: subprocess.Popen
-    #: read end of the worker's readiness pipe; None once the worker closed it (exited)
-    pipe: int | None
+    process: BaseProcess
+    #: the worker's readiness pipe; None once the worker closed it (exited)
+    pipe: Connection | None
     ready: bool = False
+
+
+def run_server(settings: ServerSettings, *, on_ready: Callable[[], None] | None = None,
+               process_name: str | None = None) -> int:
+    """Run one server in this process until it is stopped; returns the exit status.
+
+    ``process_name`` ("worker 1") goes into every log line; ``on_ready`` is called once
+    the models meant to load at start have loaded.
+    """
+    from .auth import AuthError
+    from .server import StartupError, serve
+
+    configure_logs(settings.log_level, settings.log_format, process_name)
+    try:
+        asyncio.run(serve(settings, on_ready=on_ready))
+    except (AuthError, StartupError) as exc:
+        print(f"onnxserve serve: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        exit_on_stop_signals()  # asyncio.run put Python's default handlers back
+    return 0
+
+
+def _worker_main(settings: ServerSettings, index: int, ready: Connection) -> None:
+    """A worker process's whole life (spawned: a fresh interpreter, these arguments)."""
+    exit_on_stop_signals()  # and unblock the stop signals the parent held for us
+    die_with_parent()
+
+    def notify() -> None:
+        with contextlib.suppress(OSError):  # parent gone: its death signal stops us anyway
+            ready.send_bytes(READY_MESSAGE)
+
+    sys.exit(run_server(settings, on_ready=notify, process_name=f"worker {index}"))
 
 
 class _Supervisor:
     """Starts the workers, restarts or gives up on the ones that exit, forwards stops."""
 
-    def __init__(self, command: list[str], workers: int, metrics_port: int) -> None:
-        self._command = command
-        self._count = workers
-        self._metrics_port = metrics_port
+    def __init__(self, settings: ServerSettings,
+                 target: Callable[[ServerSettings, int, Connection], None] | None = None
+                 ) -> None:
+        """``target(settings, index, ready_pipe)`` is a worker's life (default:
+        _worker_main); it must be importable, as spawned processes import it."""
+        self._settings = settings
+        self._target = target or _worker_main
+        self._count = settings.workers
+        self._metrics_port = settings.metrics_port
+        #: each worker's share of the cores
+        self.cores = max(1, (settings.cores or os.cpu_count() or 1) // settings.workers)
+        self._context = multiprocessing.get_context("spawn")
         self._workers: dict[int, _Worker] = {}
         self._selector = selectors.DefaultSelector()
         self._signals: list[int] = []
@@ -146,20 +198,24 @@ class _Supervisor:
 
     def _start(self, index: int) -> None:
         port = self._metrics_port + index if self._metrics_port else 0
-        read_end, write_end = os.pipe()
+        settings = dataclasses.replace(self._settings, workers=1, cores=self.cores,
+                                       metrics_port=port)
+        read_end, write_end = self._context.Pipe(duplex=False)
+        process = self._context.Process(target=self._target, args=(settings, index, write_end),
+                                        name=f"onnxserve-worker-{index}")
+        # Held across the spawn: a stop sent before the worker has its handler stays
+        # pending until _worker_main takes it (the child inherits the blocked mask).
+        held = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
         try:
-            process = subprocess.Popen(
-                [*self._command, "--metrics-port", str(port), "--worker-ready-fd",
-                 str(write_end), "--worker-index", str(index)],
-                preexec_fn=hold_stop_signals, pass_fds=(write_end,))
+            process.start()
         except OSError as exc:
-            os.close(read_end)
             log.error("cannot start worker %d: %s; stopping the other workers", index, exc)
+            read_end.close()
             self._give_up(1)
             return
         finally:
-            os.close(write_end)
-        os.set_blocking(read_end, False)
+            signal.pthread_sigmask(signal.SIG_SETMASK, held)
+            write_end.close()
         worker = _Worker(index, process, read_end)
         self._workers[index] = worker
         self._selector.register(read_end, selectors.EVENT_READ, worker)
@@ -168,8 +224,9 @@ class _Supervisor:
 
     def _signal_workers(self, signum: int) -> None:
         for worker in self._workers.values():
-            if worker.process.poll() is None:
-                worker.process.send_signal(signum)
+            if worker.process.is_alive() and worker.process.pid is not None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(worker.process.pid, signum)
 
     def _give_up(self, status: int) -> None:
         if self._failure is None:
@@ -206,7 +263,7 @@ class _Supervisor:
                 self._restarts.clear()
                 self._signal_workers(signum)
             for worker in list(self._workers.values()):
-                if worker.process.poll() is not None:
+                if not worker.process.is_alive():
                     self._exited(worker)
             now = time.monotonic()
             for index, when in list(self._restarts.items()):
@@ -222,20 +279,20 @@ class _Supervisor:
     def _read_pipe(self, worker: _Worker) -> None:
         assert worker.pipe is not None
         try:
-            data = os.read(worker.pipe, 64)
-        except BlockingIOError:
+            if not worker.pipe.poll():
+                return
+            data = worker.pipe.recv_bytes()
+        except (EOFError, OSError):
+            self._close_pipe(worker)
             return
-        if data:
-            if READY_MESSAGE in data and not worker.ready:
-                worker.ready = True
-                log.info("worker %d ready (pid %d)", worker.index, worker.process.pid)
-            return
-        self._close_pipe(worker)
+        if data == READY_MESSAGE and not worker.ready:
+            worker.ready = True
+            log.info("worker %d ready (pid %d)", worker.index, worker.process.pid)
 
     def _close_pipe(self, worker: _Worker) -> None:
         if worker.pipe is not None:
             self._selector.unregister(worker.pipe)
-            os.close(worker.pipe)
+            worker.pipe.close()
             worker.pipe = None
 
     def _exited(self, worker: _Worker) -> None:
@@ -243,7 +300,8 @@ class _Supervisor:
             self._read_pipe(worker)
             self._close_pipe(worker)
         del self._workers[worker.index]
-        code = worker.process.returncode
+        worker.process.join()
+        code = worker.process.exitcode if worker.process.exitcode is not None else 1
         what = f"worker {worker.index} (pid {worker.process.pid}) {describe_exit(code)}"
         if self._stopping or self._failure is not None:
             self._final.append(code)
@@ -271,17 +329,15 @@ class _Supervisor:
         self._restarts[worker.index] = now + delay
 
 
-def run_workers(serve_args: list[str], workers: int, cores: int = 0,
-                metrics_port: int = 0) -> int:
-    """Run ``workers`` copies of ``onnxserve serve serve_args`` until stopped; the exit status.
+def run_workers(settings: ServerSettings) -> int:
+    """Run ``settings.workers`` servers until stopped; returns the exit status.
 
-    Each worker gets its share of ``cores`` (0: the machine's) for its sessions' threads,
-    and worker k serves its metrics on ``metrics_port + k`` (0: none). Flags appended to
-    ``serve_args`` win over the same flags in it. Returns 0 when stopped by SIGTERM/SIGINT
-    and every worker exited 0; see the module docstring for the other statuses.
+    Each worker gets its share of ``settings.cores`` (0: the machine's) for its sessions'
+    threads, and worker k serves its metrics on ``metrics_port + k`` (0: none). Returns 0
+    when stopped by SIGTERM/SIGINT and every worker exited 0; see the module docstring for
+    the other statuses.
     """
-    share = max(1, (cores or os.cpu_count() or 1) // workers)
-    command = [*onnxserve_command("serve"), *serve_args,
-               "--workers", "1", "--cores", str(share)]
-    log.info("starting %d workers, %d core(s) each", workers, share)
-    return _Supervisor(command, workers, metrics_port).run()
+    configure_logs(settings.log_level, settings.log_format, "supervisor")
+    supervisor = _Supervisor(settings)
+    log.info("starting %d workers, %d core(s) each", settings.workers, supervisor.cores)
+    return supervisor.run()

@@ -98,7 +98,7 @@ def test_keepalive_flags_and_environment_reach_the_grpc_options(
         monkeypatch: pytest.MonkeyPatch) -> None:
     from onnxserve.serving.cli import build_parser
     from onnxserve.serving.server import grpc_options
-    from onnxserve.serving.settings import ServerSettings
+    from onnxserve.serving.settings import ServerSettings, settings_from_arguments
 
     monkeypatch.setenv("ONNXSERVE_GRPC_KEEPALIVE_TIME", "60000")
     monkeypatch.setenv("ONNXSERVE_GRPC_KEEPALIVE_PERMIT_WITHOUT_CALLS", "0")
@@ -106,14 +106,7 @@ def test_keepalive_flags_and_environment_reach_the_grpc_options(
                                       "--grpc-http2-max-ping-strikes", "3",
                                       "--grpc-http2-min-recv-ping-interval-without-data",
                                       "10000", "--grpc-http2-max-pings-without-data", "0"])
-    settings = ServerSettings(
-        grpc_keepalive_time_ms=args.grpc_keepalive_time,
-        grpc_keepalive_timeout_ms=args.grpc_keepalive_timeout,
-        grpc_keepalive_permit_without_calls=args.grpc_keepalive_permit_without_calls,
-        grpc_http2_max_pings_without_data=args.grpc_http2_max_pings_without_data,
-        grpc_http2_min_recv_ping_interval_without_data_ms=(
-            args.grpc_http2_min_recv_ping_interval_without_data),
-        grpc_http2_max_ping_strikes=args.grpc_http2_max_ping_strikes)
+    settings = settings_from_arguments(args)
     options = dict(grpc_options(settings))
     assert options["grpc.keepalive_time_ms"] == 60000
     assert options["grpc.keepalive_timeout_ms"] == 5000
