@@ -8,7 +8,7 @@ element type, and the model parameter ``onnxserve.preprocessing`` the scaling:
 - ``tf``: pixels / 127.5 - 1.  ``caffe``: BGR minus ImageNet means.
   ``torch``: (pixels / 255 - mean) / std with ImageNet's mean and std.
 
-Decoding, resizing and scaling are the server's own functions (serving/images.py), so an
+Decoding, resizing and scaling are the server's own functions (protos/images.py), so an
 image preprocessed here and one the server decodes give the model the same numbers.
 """
 
@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from onnxserve.serving import images
+from onnxserve.protos import images
 
 from .client import ModelMetadata
 
@@ -73,9 +73,8 @@ def image_spec(metadata: ModelMetadata) -> ImageSpec:
     encoded_name = str(encoded).split(":", 1)[0] if encoded else None
     try:
         background = images.background_level(
-            str(metadata.parameters.get(images.BACKGROUND_PARAMETER, "")),
-            f"model {metadata.name!r}")
-    except images.ModelLoadError as exc:
+            str(metadata.parameters.get(images.BACKGROUND_PARAMETER, "")))
+    except images.ImageError as exc:
         raise ImageInputError(str(exc)) from None
     return ImageSpec(tensor.name, tensor.datatype, shape[0], shape[1], shape[2], mode,
                      encoded_name, background)

@@ -12,7 +12,7 @@ from google.protobuf import text_format
 
 from onnxserve.protos import model_config_pb2 as mc
 from onnxserve.protos.datatypes import by_name
-from onnxserve.serving.images import ENCODED_IMAGE_PARAMETER
+from onnxserve.protos.images import ENCODED_IMAGE_PARAMETER
 
 #: the BYTES input under which exported image models also take encoded files
 ENCODED_IMAGE_INPUT = "image_bytes"

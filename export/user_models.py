@@ -163,7 +163,7 @@ def sample_batches(model, count: int, preprocessing: str | None = None,
     scales them (serving/images.py), the range the model expects; other inputs random
     values in [0, 1) (floats) or 0-255 / 0-127 (unsigned / signed integers).
     """
-    from onnxserve.serving.images import scale
+    from onnxserve.protos.images import scale
 
     spec = model.inputs[0]
     dims = tuple(spec.shape[1:])

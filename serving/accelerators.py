@@ -22,9 +22,7 @@ from pathlib import Path
 from onnxserve.protos.model_config_pb2 import ModelConfig
 
 from .errors import ModelLoadError
-
-IO_BINDING_KEY = "onnxserve.io_binding"
-BUCKETS_KEY = "onnxserve.batch_buckets"
+from .options import ModelOptions, model_options
 
 #: CUDA execution provider options a model may set (device_id comes from instance_group)
 CUDA_OPTIONS = frozenset({
@@ -36,8 +34,6 @@ CUDA_OPTIONS = frozenset({
 })
 _ALGO_SEARCH = {"0": "EXHAUSTIVE", "1": "HEURISTIC", "2": "DEFAULT"}
 _ARENA = {"0": "kNextPowerOfTwo", "1": "kSameAsRequested"}
-_LEGACY_CUDA_PARAMETERS = ("cudnn_conv_algo_search", "gpu_mem_limit", "arena_extend_strategy",
-                           "do_copy_in_default_stream")
 #: Triton's TensorRT keys that are not the TensorRT provider's own trt_* names
 _TRT_RENAMED = {
     "max_workspace_size_bytes": "trt_max_workspace_size",
@@ -66,15 +62,15 @@ def _cuda_value(key: str, value: str, where: str) -> str:
     if key == "cudnn_conv_algo_search":
         value = _ALGO_SEARCH.get(value, value).upper()
         if value not in _ALGO_SEARCH.values():
-            raise ModelLoadError(f"{where}: cudnn_conv_algo_search must be EXHAUSTIVE (0), "
-                                 f"HEURISTIC (1) or DEFAULT (2), not {value!r}")
+            raise ModelLoadError(f"{where} must be EXHAUSTIVE (0), HEURISTIC (1) or "
+                                 f"DEFAULT (2), not {value!r}")
     elif key == "arena_extend_strategy":
         value = _ARENA.get(value, value)
         if value not in _ARENA.values():
-            raise ModelLoadError(f"{where}: arena_extend_strategy must be kNextPowerOfTwo (0) "
-                                 f"or kSameAsRequested (1), not {value!r}")
+            raise ModelLoadError(f"{where} must be kNextPowerOfTwo (0) or kSameAsRequested "
+                                 f"(1), not {value!r}")
     elif key == "gpu_mem_limit" and not value.isdigit():
-        raise ModelLoadError(f"{where}: gpu_mem_limit must be a number of bytes, not {value!r}")
+        raise ModelLoadError(f"{where} must be a number of bytes, not {value!r}")
     return value
 
 
@@ -100,42 +96,22 @@ def _tensorrt_options(parameters, where: str, cache_dir: Path) -> dict[str, str]
     return options
 
 
-def _buckets(config: ModelConfig) -> tuple[int, ...] | None:
-    if BUCKETS_KEY not in config.parameters:
-        return None
-    text = config.parameters[BUCKETS_KEY].string_value.strip().lower()
-    if text == "auto":
-        return None
-    if text == "none":
-        return ()
-    try:
-        sizes = sorted({int(part) for part in text.split(",")})
-    except ValueError:
-        sizes = []
-    if not sizes or sizes[0] < 1:
-        raise ModelLoadError(
-            f"model {config.name!r}: parameter {BUCKETS_KEY!r} must be auto, none or "
-            f"batch sizes >= 1 separated by commas, not {text!r}")
-    return tuple(sizes)
-
-
 def default_cache_dir(model: str) -> Path:
     """Where TensorRT engines of ``model`` are cached unless the config names a path."""
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
     return Path(base) / "onnxserve" / "tensorrt" / model
 
 
-def gpu_settings(config: ModelConfig) -> GpuSettings:
-    """The model's GPU options, checked; errors name the setting and what it takes."""
+def gpu_settings(config: ModelConfig, options: ModelOptions | None = None) -> GpuSettings:
+    """The model's GPU options (``options`` read from the config when not given), checked;
+    errors name the setting and what it takes."""
+    options = options if options is not None else model_options(config)
     where = f"model {config.name!r}"
     if config.optimization.cuda.graphs:
         raise ModelLoadError(f"{where}: optimization.cuda.graphs is not supported; remove it "
                              "(batches are padded to warmed-up bucket sizes instead)")
-    cuda: dict[str, str] = {}
-    for key in _LEGACY_CUDA_PARAMETERS:
-        if key in config.parameters:
-            value = config.parameters[key].string_value.strip()
-            cuda[key] = _cuda_value(key, value, f"{where}: parameter {key!r}")
+    cuda = {key: _cuda_value(key, value, f"{where}: parameter {key!r}")
+            for key, value in options.legacy_cuda.items()}
     tensorrt = None
     for accelerator in config.optimization.execution_accelerators.gpu_execution_accelerator:
         name = accelerator.name.lower()
@@ -147,19 +123,13 @@ def gpu_settings(config: ModelConfig) -> GpuSettings:
                         f"{place}: unknown option {key!r}; expected one of "
                         f"{', '.join(sorted(CUDA_OPTIONS))} (device_id comes from "
                         "instance_group gpus)")
-                cuda[key] = _cuda_value(key, value.strip(), place)
+                cuda[key] = _cuda_value(key, value.strip(), f"{place}: option {key!r}")
         elif name == "tensorrt":
             tensorrt = _tensorrt_options(accelerator.parameters, place,
                                          default_cache_dir(config.name))
         else:
             raise ModelLoadError(f"{place} is not available; expected cuda or tensorrt")
-    binding_text = (config.parameters[IO_BINDING_KEY].string_value.strip().lower()
-                    if IO_BINDING_KEY in config.parameters else "auto")
-    if binding_text not in ("auto", "true", "false"):
-        raise ModelLoadError(f"{where}: parameter {IO_BINDING_KEY!r} must be auto, true or "
-                             f"false, not {binding_text!r}")
-    io_binding = {"true": True, "false": False}.get(binding_text)
-    return GpuSettings(cuda, tensorrt, io_binding, _buckets(config))
+    return GpuSettings(cuda, tensorrt, options.io_binding, options.batch_buckets)
 
 
 def resolve_buckets(buckets: tuple[int, ...] | None, max_batch_size: int,

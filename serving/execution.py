@@ -31,18 +31,13 @@ from onnxserve.protos.model_config_pb2 import ModelConfig
 from .accelerators import GpuSettings, gpu_settings
 from .devices import CPU_DEVICE, Device
 from .errors import ModelLoadError
-from .settings import SPINNING_MODES
+from .options import RUN_ON_EVENT_LOOP_KEY, ModelOptions, model_options
 
 #: A model runs inline when its batch of 1 runs faster than this at warm-up...
 INLINE_LIMIT_S = 0.25e-3
 #: ...and its largest batch faster than this (the longest the event loop may stall).
 INLINE_STALL_LIMIT_S = 5e-3
 
-INTRA_OP_KEY = "intra_op_thread_count"
-INTER_OP_KEY = "inter_op_thread_count"
-SPINNING_KEY = "onnxserve.spinning"
-INLINE_KEY = "onnxserve.run_on_event_loop"
-EXECUTION_MODE_KEY = "execution_mode"
 #: Triton's optimization.graph.level values (onnxruntime backend) and onnxruntime's levels
 GRAPH_LEVELS = {0: "all", -1: "basic", 1: "extended", 2: "none"}
 
@@ -68,7 +63,7 @@ class ExecutionPlan:
     #: the sessions of CPU instances (GPU instances: see ``session_for``)
     session: SessionSettings
     #: True / False when configured; None lets the warm-up measurement decide
-    run_inline: bool | None
+    run_on_event_loop: bool | None
     #: the model or the server fixed the thread count (the inline choice must keep it)
     threads_fixed: bool
     gpu: GpuSettings = field(default_factory=GpuSettings)
@@ -89,7 +84,7 @@ class ExecutionPlan:
         return replace(self.session, intra_op=threads, spinning="off")
 
     def describe(self) -> str:
-        where = "on the event loop" if self.run_inline else "in worker threads"
+        where = "on the event loop" if self.run_on_event_loop else "in worker threads"
         places: dict[str, int] = {}
         for device in self.devices:
             places[device.describe()] = places.get(device.describe(), 0) + 1
@@ -99,29 +94,6 @@ class ExecutionPlan:
                 f"{where}")
 
 
-def _int_parameter(config: ModelConfig, key: str) -> int | None:
-    if key not in config.parameters:
-        return None
-    text = config.parameters[key].string_value.strip()
-    if not text.isdigit():
-        raise ModelLoadError(
-            f"model {config.name!r}: parameter {key!r} must be a whole number >= 0, not {text!r}"
-        )
-    return int(text)
-
-
-def _choice_parameter(config: ModelConfig, key: str, choices: tuple[str, ...]) -> str | None:
-    if key not in config.parameters:
-        return None
-    text = config.parameters[key].string_value.strip().lower()
-    if text not in choices:
-        raise ModelLoadError(
-            f"model {config.name!r}: parameter {key!r} must be one of {', '.join(choices)}, "
-            f"not {text!r}"
-        )
-    return text
-
-
 def instance_count(config: ModelConfig) -> int:
     """Sessions per model version: the sum of the instance groups' counts (at least 1)."""
     return max(sum(max(group.count, 1) for group in config.instance_group), 1)
@@ -129,23 +101,26 @@ def instance_count(config: ModelConfig) -> int:
 
 def plan_execution(
     config: ModelConfig,
+    options: ModelOptions | None = None,
     *,
     server_intra_op_threads: int = 0,
     server_spinning: str | None = None,
     cores: int | None = None,
     devices: tuple[Device, ...] | None = None,
 ) -> ExecutionPlan:
-    """The execution plan for one model from its config, the server's settings and the
-    instances' devices (serving/devices.py; all on the CPU when not given)."""
+    """The execution plan for one model from its config and options (serving/options.py;
+    read from the config when not given), the server's settings and the instances' devices
+    (serving/devices.py; all on the CPU when not given)."""
+    options = options if options is not None else model_options(config)
     cores = cores or os.cpu_count() or 1
     if devices is None:
         devices = (CPU_DEVICE,) * instance_count(config)
     instances = max(sum(1 for d in devices if not d.is_gpu), 1)
-    model_threads = _int_parameter(config, INTRA_OP_KEY)
+    model_threads = options.intra_op_threads
     intra = model_threads or server_intra_op_threads or max(1, cores // instances)
-    inter = _int_parameter(config, INTER_OP_KEY) or 1
-    mode = _choice_parameter(config, EXECUTION_MODE_KEY, ("0", "1"))
-    parallel = mode == "1" if mode is not None else inter > 1
+    inter = options.inter_op_threads or 1
+    parallel = (options.parallel_execution if options.parallel_execution is not None
+                else inter > 1)
     level = config.optimization.graph.level
     if level not in GRAPH_LEVELS:
         raise ModelLoadError(
@@ -159,28 +134,29 @@ def plan_execution(
             f"{', '.join(repr(a.name) for a in accelerators)} is not available; onnxserve runs "
             "CPU models on onnxruntime's default CPU provider (remove the accelerator)"
         )
-    spinning = _choice_parameter(config, SPINNING_KEY, SPINNING_MODES) or server_spinning
+    spinning = options.spinning or server_spinning
     if spinning is None:
         spinning = "run" if instances * intra <= cores else "off"
-    inline_text = _choice_parameter(config, INLINE_KEY, ("auto", "true", "false"))
-    run_inline = {"true": True, "false": False}.get(inline_text or "auto")
-    if run_inline and (len(devices) > 1 or devices[0].is_gpu):
+    run_on_event_loop = options.run_on_event_loop
+    if run_on_event_loop and (len(devices) > 1 or devices[0].is_gpu):
         raise ModelLoadError(
-            f"model {config.name!r}: parameter {INLINE_KEY!r} is true but the instance groups "
+            f"model {config.name!r}: parameter {RUN_ON_EVENT_LOOP_KEY!r} is true but the "
+            "instance groups "
             f"ask for {len(devices)} instance(s) on {devices[0].describe()}; the event loop "
             "runs one batch at a time on the CPU, so use count: 1 and kind: KIND_CPU"
         )
     fixed = bool(model_threads or server_intra_op_threads)
     settings = SessionSettings(intra, inter, spinning, parallel, GRAPH_LEVELS[level])
-    return ExecutionPlan(tuple(devices), settings, run_inline, fixed, gpu_settings(config))
+    return ExecutionPlan(tuple(devices), settings, run_on_event_loop, fixed,
+                         gpu_settings(config, options))
 
 
-def should_run_inline(
+def should_run_on_event_loop(
     plan: ExecutionPlan, batch_one_s: float | None, largest_batch_s: float | None, provider: str
 ) -> bool:
     """Whether an automatically planned model moves onto the event loop after its warm-up."""
-    if plan.run_inline is not None:
-        return plan.run_inline
+    if plan.run_on_event_loop is not None:
+        return plan.run_on_event_loop
     return (
         batch_one_s is not None
         and largest_batch_s is not None

@@ -15,11 +15,12 @@ from .classification import TopK
 from .config_support import check_config_support
 from .devices import place_instances
 from .errors import InferenceFailedError, InvalidInputError, ModelLoadError, NotFoundError
-from .execution import ExecutionPlan, plan_execution, should_run_inline
+from .execution import ExecutionPlan, plan_execution, should_run_on_event_loop
 from .external_data import check_external_data
 from .images import EncodedImageInput, encoded_image_input
 from .logs import event
 from .metrics import Metrics
+from .options import ModelOptions, model_options
 from .providers import usable_gpus
 from .repository import (
     ModelConfig,
@@ -73,6 +74,8 @@ class Model:
     labels: dict[str, list[str]]
     versions: dict[int, ModelVersion]
     plan: ExecutionPlan | None = None
+    #: the config's parameters, parsed (read from the config when not given)
+    options: ModelOptions | None = None
     rules: InputRules = field(init=False)
     #: the BYTES input of encoded images that stands for the image input, if any
     images: EncodedImageInput | None = field(init=False)
@@ -83,7 +86,9 @@ class Model:
     output_reshapes: dict[str, tuple[int, ...]] = field(init=False)
 
     def __post_init__(self) -> None:
-        self.images = encoded_image_input(self.config)
+        if self.options is None:
+            self.options = model_options(self.config)
+        self.images = encoded_image_input(self.config, self.options)
         substitutes = {self.images.name: self.images.target} if self.images else {}
         self.rules = InputRules(self.config, substitutes)
         self.input_reshapes = {t.name: tuple(t.reshape.shape) for t in self.config.input
@@ -236,7 +241,9 @@ def load_model(
     gpus, why_not = usable_gpus() if settings.providers != "cpu" else (0, "")
     devices = place_instances(source.config, gpus_usable=gpus, mode=settings.providers,
                               why_not=why_not)
-    plan = plan_execution(source.config, server_intra_op_threads=settings.intra_op_threads,
+    options = model_options(source.config)
+    plan = plan_execution(source.config, options,
+                          server_intra_op_threads=settings.intra_op_threads,
                           server_spinning=settings.spinning, cores=settings.cores or None,
                           devices=devices)
     config: ModelConfig | None = None
@@ -258,12 +265,12 @@ def load_model(
                    if settings.warmup else [])
         where = f"model {name!r} version {number}"
         timings = warm_up(runners, samples, where)
-        if plan.run_inline is None:
+        if plan.run_on_event_loop is None:
             # Decided once per model, on its first version. Moving onto the event loop keeps
             # the sessions as they are (one instance, same threads): nothing to rebuild.
             smallest, largest = smallest_and_largest(timings)
-            inline = should_run_inline(plan, smallest, largest, runners[0].provider)
-            plan = replace(plan, run_inline=inline)
+            on_loop = should_run_on_event_loop(plan, smallest, largest, runners[0].provider)
+            plan = replace(plan, run_on_event_loop=on_loop)
         for result in timings:
             log.info("warm-up of %s version %d: %s, first run %.2f ms, then %.3f ms",
                      name, number, result.name, result.first_s * 1e3, result.typical_s * 1e3)
@@ -275,7 +282,7 @@ def load_model(
             max_queue_delay_us=batching.max_queue_delay_microseconds,
             preferred_batch_sizes=list(batching.preferred_batch_size),
             name=f"{name}:{number}",
-            inline=bool(plan.run_inline),
+            run_on_event_loop=bool(plan.run_on_event_loop),
             queue_policy=queue_policy(config, settings.max_queue_size),
             batch_buckets=buckets,
             stats=ModelStats(metrics.for_version(name, number) if metrics else None),
@@ -283,7 +290,7 @@ def load_model(
         versions[number] = ModelVersion(number, runners, scheduler, timings)
     assert config is not None
     labels = read_labels(source.path, config)
-    model = Model(name, config, labels, versions, plan)
+    model = Model(name, config, labels, versions, plan, options)
     event(log, logging.INFO, "model_loaded", model=name,
           versions=",".join(str(v) for v in chosen), provider=model.provider,
           seconds=round(time.perf_counter() - started, 3), execution=plan.describe())

@@ -8,8 +8,8 @@ preferred batch size (or ``max_batch_size``), or until ``max_queue_delay`` has p
 preallocated buffer per input, runs the batch on its runner in a thread, and hands each
 request a view of its own rows of the outputs. A request whose caller went away before
 its batch formed is dropped, never computed. Without batching, each request runs alone.
-A scheduler made with ``inline=True`` runs its batches on the event loop's own thread
-instead: for models so small that the hand-off to a thread costs more than the run.
+A scheduler made with ``run_on_event_loop=True`` runs its batches on the event loop's own
+thread instead: for models so small that the hand-off to a thread costs more than the run.
 
 With ``batch_buckets`` (GPU instances by default, see serving/accelerators.py) a batch is
 padded with zero rows up to the smallest bucket that holds it, so the model only ever sees
@@ -168,16 +168,16 @@ class Scheduler:
         preferred_batch_sizes: Sequence[int] = (),
         name: str = "",
         stats: ModelStats | None = None,
-        inline: bool = False,
+        run_on_event_loop: bool = False,
         queue_policy: QueuePolicy | None = None,
         batch_buckets: Sequence[int] = (),
     ) -> None:
         if not runners:
             raise ValueError("a scheduler needs at least one runner")
         self._runners = list(runners)
-        if inline and len(self._runners) != 1:
+        if run_on_event_loop and len(self._runners) != 1:
             raise ValueError("a scheduler that runs on the event loop takes exactly one runner")
-        self._inline = inline
+        self._inline = run_on_event_loop
         self._inline_buffers = _Buffers(max(max_batch_size, 1), self._runners[0].host_buffer)
         self._policy = queue_policy or QueuePolicy()
         self._max_batch_size = max_batch_size

@@ -15,7 +15,7 @@ from onnxserve.serving.execution import (
     ExecutionPlan,
     SessionSettings,
     plan_execution,
-    should_run_inline,
+    should_run_on_event_loop,
 )
 from onnxserve.serving.model import load_model
 from onnxserve.serving.repository import parse_config
@@ -81,7 +81,7 @@ def test_bad_parameter_values_name_the_parameter(key: str, value: str, message: 
 
 def test_inline_on_request_keeps_the_threads_and_needs_one_instance() -> None:
     plan = plan_execution(_config(_param("onnxserve.run_on_event_loop", "true")), cores=4)
-    assert plan.run_inline and plan.session == SessionSettings(4, 1, "run")
+    assert plan.run_on_event_loop and plan.session == SessionSettings(4, 1, "run")
     with pytest.raises(ModelLoadError, match="count: 1"):
         plan_execution(_config(_param("onnxserve.run_on_event_loop", "true")
                                + "instance_group { count: 2 }\n"))
@@ -90,15 +90,15 @@ def test_inline_on_request_keeps_the_threads_and_needs_one_instance() -> None:
 def test_only_fast_automatic_cpu_models_run_inline() -> None:
     auto = plan_execution(_config(), cores=2)
     cpu = "CPUExecutionProvider"
-    assert should_run_inline(auto, 50e-6, 2e-3, cpu)
-    assert not should_run_inline(auto, 1e-3, 2e-3, cpu)  # batch of 1 too slow
-    assert not should_run_inline(auto, 50e-6, 20e-3, cpu)  # largest batch stalls the loop
-    assert not should_run_inline(auto, 50e-6, 2e-3, "CUDAExecutionProvider")
-    assert not should_run_inline(auto, None, None, cpu)  # not warmed up: unknown
+    assert should_run_on_event_loop(auto, 50e-6, 2e-3, cpu)
+    assert not should_run_on_event_loop(auto, 1e-3, 2e-3, cpu)  # batch of 1 too slow
+    assert not should_run_on_event_loop(auto, 50e-6, 20e-3, cpu)  # largest batch stalls the loop
+    assert not should_run_on_event_loop(auto, 50e-6, 2e-3, "CUDAExecutionProvider")
+    assert not should_run_on_event_loop(auto, None, None, cpu)  # not warmed up: unknown
     fixed = plan_execution(_config(), cores=2, server_intra_op_threads=2)
-    assert not should_run_inline(fixed, 50e-6, 2e-3, cpu)
+    assert not should_run_on_event_loop(fixed, 50e-6, 2e-3, cpu)
     refused = plan_execution(_config(_param("onnxserve.run_on_event_loop", "false")))
-    assert not should_run_inline(refused, 50e-6, 2e-3, cpu)
+    assert not should_run_on_event_loop(refused, 50e-6, 2e-3, cpu)
 
 
 @pytest.mark.parametrize(("mode", "allow", "stop"), [
@@ -125,26 +125,26 @@ def test_serve_flags_reach_the_plan(tmp_path: Path) -> None:
     add_one_model(tmp_path / "m" / "1" / "model.onnx")
     model = load_model(tmp_path, "m", ServerSettings(spinning="always", intra_op_threads=3))
     assert model.versions[1].runners[0].settings == SessionSettings(3, 1, "always")
-    assert not model.plan.run_inline
+    assert not model.plan.run_on_event_loop
 
 
 def test_a_tiny_model_moves_onto_the_event_loop_after_warm_up(tmp_path: Path) -> None:
     add_one_model(tmp_path / "m" / "1" / "model.onnx")
     model = load_model(tmp_path, "m", ServerSettings(cores=2))
     version = model.versions[1]
-    assert model.plan.run_inline and version.scheduler._inline
+    assert model.plan.run_on_event_loop and version.scheduler._inline
     assert version.runners[0].settings == SessionSettings(2, 1, "run")
     assert [r.batch_size for r in version.warmup] == [1, 32]
     assert "on the event loop" in model.parameters()["execution"]
     write_config(tmp_path / "m", _param("onnxserve.run_on_event_loop", "false"))
     kept = load_model(tmp_path, "m", ServerSettings(cores=2))
-    assert not kept.plan.run_inline and kept.versions[1].runners[0].settings.intra_op == 2
+    assert not kept.plan.run_on_event_loop and kept.versions[1].runners[0].settings.intra_op == 2
 
 
 def test_without_warm_up_nothing_runs_and_nothing_moves(tmp_path: Path) -> None:
     add_one_model(tmp_path / "m" / "1" / "model.onnx")
     model = load_model(tmp_path, "m", ServerSettings(warmup=False, cores=2))
-    assert model.versions[1].warmup == [] and model.plan.run_inline is False
+    assert model.versions[1].warmup == [] and model.plan.run_on_event_loop is False
 
 
 def test_default_warm_up_covers_one_the_preferred_sizes_and_the_largest() -> None:

@@ -21,8 +21,10 @@ from conftest import onnxserve_command
 
 from onnxserve.export import pipeline, publish, user_models, verify
 from onnxserve.protos import model_config_pb2 as mc
-from onnxserve.serving.images import ENCODED_IMAGE_PARAMETER, decode, encoded_image_input
+from onnxserve.protos.images import ENCODED_IMAGE_PARAMETER, decode
+from onnxserve.serving.images import encoded_image_input
 from onnxserve.serving.model import load_model
+from onnxserve.serving.options import model_options
 from onnxserve.serving.repository import read_labels, read_model
 from onnxserve.serving.settings import ServerSettings
 
@@ -427,7 +429,7 @@ def test_declared_scale_reaches_the_model_through_encoded_images(tmp_path: Path)
                               layers.Flatten(), layers.Dense(3, activation="softmax")])
     exported = _export(model, tmp_path, "digits", prepare={"preprocessing": "unit"})
     served = _served(exported)
-    target = encoded_image_input(served.config)
+    target = encoded_image_input(served.config, model_options(served.config))
     assert target is not None and target.spec.preprocessing == "unit"
     pixels = np.random.default_rng(2).integers(0, 256, (8, 8), np.uint8)
     png = io.BytesIO()

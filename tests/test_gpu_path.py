@@ -124,9 +124,9 @@ def test_gpu_options_come_from_the_accelerators_and_the_older_parameters() -> No
 
 
 @pytest.mark.parametrize(("text", "message"), [
-    (_param("cudnn_conv_algo_search", "7"), "cudnn_conv_algo_search must be EXHAUSTIVE"),
-    (_param("gpu_mem_limit", "lots"), "gpu_mem_limit must be a number of bytes"),
-    (_param("arena_extend_strategy", "2"), "arena_extend_strategy must be kNextPowerOfTwo"),
+    (_param("cudnn_conv_algo_search", "7"), "'cudnn_conv_algo_search' must be EXHAUSTIVE"),
+    (_param("gpu_mem_limit", "lots"), "'gpu_mem_limit' must be a number of bytes"),
+    (_param("arena_extend_strategy", "2"), "'arena_extend_strategy' must be kNextPowerOfTwo"),
     ('optimization { execution_accelerators { gpu_execution_accelerator: [ { name: "cuda" '
      'parameters { key: "device_id" value: "1" } } ] } }', "unknown option 'device_id'"),
     ('optimization { execution_accelerators { gpu_execution_accelerator: [ { name: '
@@ -138,7 +138,7 @@ def test_gpu_options_come_from_the_accelerators_and_the_older_parameters() -> No
     ('optimization { execution_accelerators { gpu_execution_accelerator: [ { name: '
      '"openvino" } ] } }', "'openvino' is not available; expected cuda or tensorrt"),
     ("optimization { cuda { graphs: true } }", "optimization.cuda.graphs is not supported"),
-    (_param("onnxserve.io_binding", "sometimes"), "must be auto, true or false"),
+    (_param("onnxserve.io_binding", "sometimes"), "must be one of auto, true, false"),
     (_param("onnxserve.batch_buckets", "4,x"), "batch sizes >= 1 separated by commas"),
     (_param("onnxserve.batch_buckets", "0,4"), "batch sizes >= 1"),
 ])

@@ -14,15 +14,11 @@ from onnx_models import channel_mean_model
 from PIL import Image
 
 from onnxserve.clients.client import Client, InferenceServerError
+from onnxserve.protos.images import ImageError, ImageSpec, decode
 from onnxserve.serving.errors import InvalidInputError, ModelLoadError
-from onnxserve.serving.images import (
-    EncodedImageInput,
-    ImageError,
-    ImageSpec,
-    decode,
-    decode_batch,
-    encoded_image_input,
-)
+from onnxserve.serving.images import EncodedImageInput, decode_batch
+from onnxserve.serving.images import encoded_image_input as _encoded_image_input
+from onnxserve.serving.options import model_options
 from onnxserve.serving.repository import parse_config
 
 IMAGE_CONFIG = (
@@ -30,6 +26,10 @@ IMAGE_CONFIG = (
     'input { name: "images" data_type: TYPE_UINT8 format: FORMAT_NHWC dims: [8, 8, 3] }\n'
     'parameters { key: "onnxserve.encoded_image_input" value { string_value: "image_bytes" } }\n'
 )
+
+
+def encoded_image_input(config):
+    return _encoded_image_input(config, model_options(config))
 
 
 def _encoded(color: tuple[int, int, int], size=(20, 12), fmt: str = "PNG") -> bytes:
@@ -81,7 +81,7 @@ def test_a_large_jpeg_decoded_in_draft_mode_stays_close_to_a_full_decode() -> No
     big.save(buffer, format="JPEG", quality=95)
     spec = ImageSpec(224, 224, 3, np.dtype(np.float32))
     drafted = decode(buffer.getvalue(), spec)
-    from onnxserve.serving.images import to_sample
+    from onnxserve.protos.images import to_sample
 
     full = to_sample(Image.open(io.BytesIO(buffer.getvalue())), spec)
     # Draft decoding averages 8x8 DCT blocks instead of resampling all pixels: 4.5x faster
@@ -240,7 +240,7 @@ def test_the_background_is_a_model_parameter() -> None:
     assert encoded_image_input(parse_config(config, "t")).spec.background == 255
     assert encoded_image_input(parse_config(IMAGE_CONFIG, "t")).spec.background == 0
     with pytest.raises(ModelLoadError, match=re.escape(
-            "'onnxserve.image_background' is 'grey'; expected one of black, white")):
+            "parameter 'onnxserve.image_background' must be one of black, white, not 'grey'")):
         encoded_image_input(parse_config(config.replace('"white"', '"grey"'), "t"))
 
 

@@ -306,13 +306,13 @@ def test_inline_scheduler_runs_on_the_event_loop_thread() -> None:
         return await asyncio.gather(*futures), scheduler.stats
 
     # Nothing queued when each arrives: each runs at once, without the worker's round trip.
-    results, stats = run(_with_scheduler(runner, body, max_batch_size=8, inline=True))
+    results, stats = run(_with_scheduler(runner, body, max_batch_size=8, run_on_event_loop=True))
     assert threads and all(t is threading.main_thread() for t in threads)
     assert runner.batches == [1] * 5 and stats.success.count == 5
     assert [r["y"][0, 0] for r in results] == [2.0 * i for i in range(5)]
     # With a queue delay, inline requests wait for each other and batch.
     runner.batches.clear()
-    results, _ = run(_with_scheduler(runner, body, max_batch_size=8, inline=True,
+    results, _ = run(_with_scheduler(runner, body, max_batch_size=8, run_on_event_loop=True,
                                      max_queue_delay_us=50_000))
     assert runner.batches == [5]
     assert [r["y"][0, 0] for r in results] == [2.0 * i for i in range(5)]
@@ -327,14 +327,14 @@ def test_inline_failures_fail_only_that_request() -> None:
             await scheduler.infer({"x": -np.ones((1, 2))}, ["y"], 1)
         return await scheduler.infer({"x": np.ones((1, 2))}, ["y"], 1), scheduler.stats
 
-    result, stats = run(_with_scheduler(runner, body, max_batch_size=4, inline=True))
+    result, stats = run(_with_scheduler(runner, body, max_batch_size=4, run_on_event_loop=True))
     assert result["y"].tolist() == [[2.0, 2.0]]
     assert (stats.success.count, stats.fail.count) == (1, 1)
 
 
 def test_inline_scheduler_takes_one_runner() -> None:
     with pytest.raises(ValueError, match="exactly one runner"):
-        Scheduler([FakeRunner(), FakeRunner()], max_batch_size=4, inline=True)
+        Scheduler([FakeRunner(), FakeRunner()], max_batch_size=4, run_on_event_loop=True)
 
 
 def _held(runner, scheduler_kwargs, body_after_hold):
@@ -466,7 +466,7 @@ def test_outputs_without_a_row_per_sample_fail_the_whole_batch(inline: bool) -> 
             for x in (np.ones((1, 2)), np.full((2, 2), 2.0), np.zeros((3, 2)))),
             return_exceptions=True)
 
-    results = run(_with_scheduler(runner, body, max_batch_size=8, inline=inline,
+    results = run(_with_scheduler(runner, body, max_batch_size=8, run_on_event_loop=inline,
                                   max_queue_delay_us=100_000))
     assert runner.batches == [6]  # the three requests ran as one batch, and failed together
     for result in results:
@@ -523,7 +523,7 @@ def test_an_input_the_model_cannot_compute_fails_only_its_request(inline: bool) 
             for n, v in ((1, 1.0), (2, -1.0), (1, 3.0))), return_exceptions=True)
 
     good, bad, other = run(_with_scheduler(
-        runner, body, max_batch_size=8, inline=inline, max_queue_delay_us=100_000))
+        runner, body, max_batch_size=8, run_on_event_loop=inline, max_queue_delay_us=100_000))
     assert isinstance(bad, InvalidInputError) and "index out of range" in str(bad)
     np.testing.assert_array_equal(good["y"], [[2.0, 2.0]])
     np.testing.assert_array_equal(other["y"], [[6.0, 6.0]])
