@@ -1,7 +1,9 @@
-"""Errors the serving layers raise; grpc_service maps each kind to a gRPC status code.
+"""Errors the serving layers raise, each with its canonical error code.
 
-The layers below the gRPC service (validation, scheduler, runner, registry) raise these
-without knowing about gRPC, so the service is the only place that speaks status codes.
+``code`` is the name of the canonical error code (google.rpc.Code: ``INVALID_ARGUMENT``,
+``NOT_FOUND``, ...) that both KServe V2 bindings use; each front end maps it to its own
+status (a gRPC status code, an HTTP status), so no layer below the front ends knows a
+transport, and the metrics' ``status`` label is the same whatever the transport.
 """
 
 from __future__ import annotations
@@ -10,17 +12,25 @@ from __future__ import annotations
 class ServingError(Exception):
     """Base class: a request or operation failed with a message meant for the caller."""
 
+    code = "INTERNAL"
+
 
 class NotFoundError(ServingError):
     """The model or version named by the request does not exist."""
+
+    code = "NOT_FOUND"
 
 
 class InvalidInputError(ServingError):
     """The request does not match the model: names, datatypes, shapes or sizes."""
 
+    code = "INVALID_ARGUMENT"
+
 
 class UnavailableError(ServingError):
     """The model exists but is not ready (failed to load, unloading, or shutting down)."""
+
+    code = "UNAVAILABLE"
 
 
 class SchedulerClosedError(UnavailableError):
@@ -30,18 +40,37 @@ class SchedulerClosedError(UnavailableError):
 class FailedPreconditionError(ServingError):
     """The server is not in a state that allows the operation (e.g. model control is off)."""
 
+    code = "FAILED_PRECONDITION"
+
 
 class ResourceExhaustedError(ServingError):
     """The server cannot take the request now (queue full)."""
+
+    code = "RESOURCE_EXHAUSTED"
 
 
 class DeadlineExceededError(ServingError):
     """The request's deadline or queue timeout passed before it could run."""
 
+    code = "DEADLINE_EXCEEDED"
+
 
 class InferenceFailedError(ServingError):
     """The runtime failed while executing a batch."""
 
+    code = "INTERNAL"
+
 
 class ModelLoadError(ServingError):
     """A model could not be loaded; the message says which file or field and why."""
+
+    code = "INVALID_ARGUMENT"
+
+
+#: the code of a failure that is not a ServingError (a bug): the canonical INTERNAL
+INTERNAL = "INTERNAL"
+
+
+def error_code(exc: BaseException) -> str:
+    """The canonical error code a failure is answered with."""
+    return exc.code if isinstance(exc, ServingError) else INTERNAL

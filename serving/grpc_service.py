@@ -1,100 +1,70 @@
-"""The KServe V2 gRPC service: each RPC, and ModelInfer's path through the server.
+"""The KServe V2 gRPC service: a thin adapter over the data plane.
 
-ModelInfer: look the model up (registry), decode and check the request (decoding), decode
-encoded images off the event loop (images), queue it for a batch (scheduler), and build the
-answer (encoding). This is the only layer that speaks gRPC status codes; it knows nothing of
-onnxruntime.
+Each RPC turns its message into a data-plane call (serving/dataplane.py) and the result
+back into a message; ``_answers`` maps every failure to a gRPC status in one place. This is
+the only module that speaks gRPC status codes; it knows nothing of onnxruntime or batching.
 """
 
 from __future__ import annotations
 
-import asyncio
+import functools
 import logging
-import os
-import time
-import uuid
-from concurrent.futures import ThreadPoolExecutor
-from importlib.metadata import PackageNotFoundError
-from importlib.metadata import version as package_version
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
 import grpc
-import numpy as np
 
 from onnxserve.protos import inference_pb2 as pb
 from onnxserve.protos import inference_pb2_grpc
-from onnxserve.protos.datatypes import by_config_type
 
-from .decoding import classification_counts, decode_inputs, timeout_parameter
+from .dataplane import DataPlane
+from .decoding import infer_request
 from .encoding import encode_response
-from .errors import (
-    DeadlineExceededError,
-    FailedPreconditionError,
-    InferenceFailedError,
-    InvalidInputError,
-    ModelLoadError,
-    NotFoundError,
-    ResourceExhaustedError,
-    SchedulerClosedError,
-    ServingError,
-    UnavailableError,
-)
-from .images import EncodedImageInput, decode_batch
-from .inflight import InFlight
-from .logs import event
-from .metrics import UNKNOWN_MODEL, Metrics
-from .model import ModelVersion
-from .registry import READY, Registry
-from .validation import expected_shape
+from .errors import ServingError, error_code
+from .statistics import ModelStats
 
 log = logging.getLogger(__name__)
 
-SERVER_NAME = "onnxserve"
-EXTENSIONS = ("classification", "model_configuration", "model_repository", "statistics")
 #: trailing metadata key that carries a failed request's id
 REQUEST_ID_METADATA = "request-id"
 
-_STATUS = {
-    NotFoundError: grpc.StatusCode.NOT_FOUND,
-    InvalidInputError: grpc.StatusCode.INVALID_ARGUMENT,
-    UnavailableError: grpc.StatusCode.UNAVAILABLE,
-    ResourceExhaustedError: grpc.StatusCode.RESOURCE_EXHAUSTED,
-    InferenceFailedError: grpc.StatusCode.INTERNAL,
-    FailedPreconditionError: grpc.StatusCode.FAILED_PRECONDITION,
-    DeadlineExceededError: grpc.StatusCode.DEADLINE_EXCEEDED,
-}
+Response = TypeVar("Response")
+Handler = Callable[[Any, Any, grpc.aio.ServicerContext], Awaitable[Response]]
 
 
-def _status_of(exc: Exception) -> tuple[grpc.StatusCode, str]:
-    """The gRPC status and message a failure is answered with."""
-    if isinstance(exc, ServingError):
-        code = next((c for t, c in _STATUS.items() if isinstance(exc, t)),
-                    grpc.StatusCode.INTERNAL)
-        return code, str(exc)
-    return grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}"
+def _answers(handler: Handler | None = None, *, logged: bool = True) -> Any:
+    """Answer a handler's failures with their gRPC status: a ServingError's canonical code
+    and message, anything else INTERNAL (logged, since it is a bug). ``logged=False`` for
+    handlers whose failures the data plane logs itself."""
 
+    def wrap(handler: Handler) -> Handler:
+        @functools.wraps(handler)
+        async def answer(self, request, context: grpc.aio.ServicerContext):
+            try:
+                return await handler(self, request, context)
+            except Exception as exc:
+                if isinstance(exc, ServingError):
+                    message = str(exc)
+                    if logged:
+                        log.info("%s failed: %s %s", handler.__name__, exc.code, message)
+                else:
+                    message = f"internal error: {type(exc).__name__}: {exc}"
+                    if logged:
+                        log.error("%s failed unexpectedly", handler.__name__, exc_info=exc)
+                await context.abort(grpc.StatusCode[error_code(exc)], message)
 
-def _printable(text: str, limit: int = 128) -> str:
-    """``text`` fit for logs and gRPC metadata: printable ASCII, at most ``limit`` characters."""
-    if len(text) <= limit and text.isascii() and text.isprintable():
-        return text
-    return "".join(c if c.isascii() and c.isprintable() else "?" for c in text[:limit])
+        return answer
 
-
-def _server_version() -> str:
-    try:
-        return package_version("onnxserve")
-    except PackageNotFoundError:
-        return "unknown"
+    return wrap(handler) if handler is not None else wrap
 
 
 def _duration(target: pb.StatisticDuration, source) -> None:
     target.count, target.ns = source.count, source.ns
 
 
-def _statistics(name: str, version: ModelVersion) -> pb.ModelStatistics:
-    stats = version.scheduler.stats
+def _statistics(name: str, version: int, stats: ModelStats) -> pb.ModelStatistics:
     out = pb.ModelStatistics(
-        name=name, version=str(version.version), last_inference=stats.last_inference_ms,
+        name=name, version=str(version), last_inference=stats.last_inference_ms,
         inference_count=stats.inference_count, execution_count=stats.execution_count,
     )
     infer = out.inference_stats
@@ -109,205 +79,76 @@ def _statistics(name: str, version: ModelVersion) -> pb.ModelStatistics:
 
 
 class InferenceService(inference_pb2_grpc.GRPCInferenceServiceServicer):
-    """GRPCInferenceService over a model registry."""
+    """GRPCInferenceService over a data plane."""
 
-    def __init__(self, registry: Registry, metrics: Metrics | None = None) -> None:
-        self._registry = registry
-        self._metrics = metrics
-        self.accepting = True
-        self._in_flight = InFlight()
-        # Pillow releases the GIL while decoding: one thread per core decodes in parallel.
-        self._image_pool = ThreadPoolExecutor(max_workers=os.cpu_count() or 1,
-                                              thread_name_prefix="decode")
-
-    async def drain(self, timeout: float) -> bool:
-        """Refuse new inference requests and wait up to ``timeout`` s for the admitted ones."""
-        self.accepting = False
-        return await self._in_flight.wait_idle(timeout)
-
-    async def _decode_images(
-        self, inputs: dict[str, np.ndarray], images: EncodedImageInput
-    ) -> dict[str, np.ndarray]:
-        """Replace the encoded-image input by the decoded batch (off the event loop)."""
-        loop = asyncio.get_running_loop()
-        encoded = inputs.pop(images.name)
-        inputs[images.target] = await loop.run_in_executor(
-            self._image_pool, decode_batch, encoded, images
-        )
-        return inputs
-
-    def close(self) -> None:
-        self._image_pool.shutdown(wait=False, cancel_futures=True)
-
-    async def _fail(self, context: grpc.aio.ServicerContext, exc: Exception, what: str) -> None:
-        code, message = _status_of(exc)
-        if isinstance(exc, ServingError):
-            log.info("%s failed: %s %s", what, code.name, exc)
-        else:
-            log.error("%s failed unexpectedly", what, exc_info=exc)
-        await context.abort(code, message)
+    def __init__(self, dataplane: DataPlane) -> None:
+        self._plane = dataplane
 
     async def ServerLive(self, request, context):
-        return pb.ServerLiveResponse(live=True)
+        return pb.ServerLiveResponse(live=self._plane.live())
 
     async def ServerReady(self, request, context):
-        return pb.ServerReadyResponse(ready=self.accepting and self._registry.all_ready)
+        return pb.ServerReadyResponse(ready=self._plane.ready())
 
     async def ModelReady(self, request, context):
-        try:
-            self._registry.get(request.name, request.version)
-        except ServingError:
-            return pb.ModelReadyResponse(ready=False)
-        return pb.ModelReadyResponse(ready=self.accepting)
+        return pb.ModelReadyResponse(ready=self._plane.model_ready(request.name,
+                                                                   request.version))
 
     async def ServerMetadata(self, request, context):
-        return pb.ServerMetadataResponse(
-            name=SERVER_NAME, version=_server_version(), extensions=EXTENSIONS
-        )
+        meta = self._plane.server_metadata()
+        return pb.ServerMetadataResponse(name=meta.name, version=meta.version,
+                                         extensions=meta.extensions)
 
+    @_answers
     async def ModelMetadata(self, request, context):
-        try:
-            model, _ = self._registry.get(request.name, request.version)
-        except ServingError as exc:
-            await self._fail(context, exc, f"ModelMetadata {request.name!r}")
-        config = model.config
-        response = pb.ModelMetadataResponse(
-            name=model.name,
-            versions=[str(v) for v in sorted(model.versions)],
-            platform=config.platform,
-        )
-        for tensors, target in ((config.input, response.inputs), (config.output, response.outputs)):
+        meta = self._plane.model_metadata(request.name, request.version)
+        response = pb.ModelMetadataResponse(name=meta.name, versions=meta.versions,
+                                            platform=meta.platform)
+        for tensors, target in ((meta.inputs, response.inputs),
+                                (meta.outputs, response.outputs)):
             for tensor in tensors:
-                target.add(
-                    name=tensor.name,
-                    datatype=by_config_type(tensor.data_type).name,
-                    shape=expected_shape(tensor.dims, config.max_batch_size),
-                )
-        for key, value in model.parameters().items():
+                target.add(name=tensor.name, datatype=tensor.datatype, shape=tensor.shape)
+        for key, value in meta.parameters.items():
             response.parameters[key].string_param = value
         return response
 
+    @_answers
     async def ModelConfig(self, request, context):
-        try:
-            model, _ = self._registry.get(request.name, request.version)
-        except ServingError as exc:
-            await self._fail(context, exc, f"ModelConfig {request.name!r}")
-        return pb.ModelConfigResponse(config=model.config)
+        return pb.ModelConfigResponse(
+            config=self._plane.model_config(request.name, request.version))
 
+    @_answers
     async def ModelStatistics(self, request, context):
         response = pb.ModelStatisticsResponse()
-        if request.name:
-            try:
-                model, version = self._registry.get(request.name, request.version)
-            except ServingError as exc:
-                await self._fail(context, exc, f"ModelStatistics {request.name!r}")
-            chosen = [(model, version)] if request.version else [
-                (model, v) for v in model.versions.values()]
-        else:
-            chosen = [(e.model, v) for e in self._registry.entries() if e.model
-                      for v in e.model.versions.values()]
-        for model, version in chosen:
-            response.model_stats.append(_statistics(model.name, version))
+        for name, version in self._plane.statistics(request.name, request.version):
+            response.model_stats.append(
+                _statistics(name, version.version, version.scheduler.stats))
         return response
 
+    @_answers
     async def RepositoryIndex(self, request, context):
         response = pb.RepositoryIndexResponse()
-        for entry in self._registry.index():
-            if request.ready and entry.state != READY:
-                continue
-            versions = sorted(entry.model.versions) if entry.model else [None]
-            for version in versions:
-                response.models.add(
-                    name=entry.name,
-                    version="" if version is None else str(version),
-                    state=entry.state,
-                    reason=entry.reason,
-                )
+        for row in self._plane.repository_index(request.ready):
+            response.models.add(name=row.name, version=row.version, state=row.state,
+                                reason=row.reason)
         return response
 
+    @_answers
     async def RepositoryModelLoad(self, request, context):
-        name = request.model_name
-        try:
-            self._registry.check_control()
-            if request.parameters:
-                raise InvalidInputError(
-                    f"load parameters are not supported (got {', '.join(request.parameters)}); "
-                    "change the model's files in the repository instead"
-                )
-            entry = await self._registry.load(name)
-            if entry.reason:  # failed, or a failed reload that left the old model serving
-                raise ModelLoadError(f"model {name!r}: {entry.reason}")
-        except ModelLoadError as exc:
-            await self._fail(context, InvalidInputError(str(exc)), f"load {name!r}")
-        except ServingError as exc:
-            await self._fail(context, exc, f"load {name!r}")
+        await self._plane.load(request.model_name, list(request.parameters))
         return pb.RepositoryModelLoadResponse()
 
+    @_answers
     async def RepositoryModelUnload(self, request, context):
-        name = request.model_name
-        try:
-            self._registry.check_control()
-            await self._registry.unload(name)
-        except ServingError as exc:
-            await self._fail(context, exc, f"unload {name!r}")
+        await self._plane.unload(request.model_name)
         return pb.RepositoryModelUnloadResponse()
 
+    @_answers(logged=False)
     async def ModelInfer(self, request, context):
-        self._in_flight.enter()
+        plain = infer_request(request, context.time_remaining())
         try:
-            return await self._infer(request, context)
-        finally:
-            self._in_flight.leave()
-
-    async def _infer(self, request, context):
-        started = time.perf_counter()
-        request_id = _printable(request.id) or uuid.uuid4().hex
-        name = request.model_name
-        model_label = name if self._registry.knows(name) else UNKNOWN_MODEL
-        version_label = ""
-        try:
-            if not self.accepting:
-                raise UnavailableError("the server is shutting down")
-            # A reload can retire the model between lookup and queueing only if this
-            # handler awaits in between; then the lookup is repeated once, on the new model.
-            for attempt in (1, 2):
-                model, version = self._registry.get(name, request.model_version)
-                version_label = str(version.version)
-                inputs, batch_size = decode_inputs(request, model)
-                if model.images is not None and model.images.name in inputs:
-                    inputs = await self._decode_images(inputs, model.images)
-                inputs = model.to_model_inputs(inputs, batch_size)
-                names = model.rules.check_outputs([o.name for o in request.outputs])
-                classification = classification_counts(request)
-                # Batched models find the k best where the batch runs (on its device).
-                top_k = classification if model.config.max_batch_size > 0 else {}
-                try:
-                    outputs = await version.scheduler.infer(
-                        inputs, [n for n in names if n not in top_k], batch_size,
-                        time_remaining=context.time_remaining(),
-                        timeout_us=timeout_parameter(request), top_k=top_k)
-                except SchedulerClosedError:
-                    if attempt == 2:
-                        raise
-                    continue
-                outputs = model.to_client_outputs(outputs)
-                response = encode_response(
-                    request, model, version.version, names, outputs, classification
-                )
-                response.id = request.id or request_id
-                if self._metrics is not None:
-                    self._metrics.observe_request(model_label, version_label, "OK",
-                                                  time.perf_counter() - started)
-                return response
-        except Exception as exc:
-            code, message = _status_of(exc)
-            if self._metrics is not None:
-                self._metrics.observe_request(model_label, version_label, code.name,
-                                              time.perf_counter() - started)
-            if code == grpc.StatusCode.INTERNAL and not isinstance(exc, ServingError):
-                log.error("ModelInfer failed unexpectedly", exc_info=exc)
-            event(log, logging.ERROR if code == grpc.StatusCode.INTERNAL else logging.INFO,
-                  "request_failed", model=name[:200], version=version_label,
-                  status=code.name, request_id=request_id, reason=message)
-            context.set_trailing_metadata(((REQUEST_ID_METADATA, request_id),))
-            await context.abort(code, message)
+            result = await self._plane.infer(plain)
+        except Exception:
+            context.set_trailing_metadata(((REQUEST_ID_METADATA, plain.id),))
+            raise
+        return encode_response(result, request.id or result.id)

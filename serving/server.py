@@ -25,6 +25,7 @@ from grpc_reflection.v1alpha import reflection
 from onnxserve.protos import inference_pb2, inference_pb2_grpc
 
 from .auth import BearerTokenInterceptor, read_token, server_credentials
+from .dataplane import DataPlane
 from .errors import ModelLoadError, NotFoundError
 from .grpc_service import InferenceService
 from .metrics import Metrics, registry_gauges
@@ -147,7 +148,7 @@ async def serve(settings: ServerSettings, stop: asyncio.Event | None = None,
 
     async def models_changed() -> None:
         if started:
-            await _update_health(health_servicer, registry, ready=service.accepting)
+            await _update_health(health_servicer, registry, ready=plane.accepting)
 
     metrics = Metrics()
     registry = Registry(settings.model_repository, settings, on_change=models_changed,
@@ -157,12 +158,12 @@ async def serve(settings: ServerSettings, stop: asyncio.Event | None = None,
         initial_models = registry.initial_models()
     except (NotFoundError, ModelLoadError) as exc:  # before any port opens
         raise StartupError(str(exc)) from None
-    service = InferenceService(registry, metrics)
+    plane = DataPlane(registry, metrics)
     interceptors = []
     if settings.auth_token_file is not None:
         interceptors.append(BearerTokenInterceptor(read_token(settings.auth_token_file)))
     server = grpc.aio.server(interceptors=interceptors, options=grpc_options(settings))
-    inference_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(service, server)
+    inference_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceService(plane), server)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
         (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
@@ -199,9 +200,9 @@ async def serve(settings: ServerSettings, stop: asyncio.Event | None = None,
     async def shut_down(during: str) -> NoReturn:
         log.info("stopping%s: finishing in-flight requests (up to %.0fs)", during,
                  settings.drain_seconds)
-        service.accepting = False
+        plane.accepting = False
         await _update_health(health_servicer, registry, ready=False)
-        drained = await service.drain(settings.drain_seconds)
+        drained = await plane.drain(settings.drain_seconds)
         if not drained:
             log.warning("requests still running after %.0fs fail UNAVAILABLE when the "
                         "process exits", settings.drain_seconds)
@@ -210,7 +211,7 @@ async def serve(settings: ServerSettings, stop: asyncio.Event | None = None,
         await asyncio.sleep(min(LINGER_SECONDS, settings.drain_seconds))
         if drained:  # else closing would wait for the runs still going; the exit ends them
             await registry.close()
-        service.close()
+        plane.close()
         metrics.close()
         log.info("stopped")
         _exit_process(0)

@@ -1,0 +1,354 @@
+"""The transport-neutral operations of the KServe V2 protocol, on plain values and arrays.
+
+Each front end (gRPC today) turns its messages into these calls and their results back into
+messages, and maps the ``ServingError`` they raise to its status codes; nothing here knows
+a transport. ``infer`` is the path every request takes:
+
+    look the model up (registry) -> check the declared inputs against the model's rules
+    -> decode each payload (the front end's decoder: zero-copy views) -> decode encoded
+    images off the event loop -> reshape to the model's shapes -> queue for a batch
+    (scheduler) -> the outputs in the clients' shapes, classification results as
+    "score:index:label" strings
+
+and every request is counted in the metrics under its canonical status code.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from importlib.metadata import PackageNotFoundError
+from importlib.metadata import version as package_version
+
+import numpy as np
+
+from onnxserve.protos.codec import TensorCodecError
+from onnxserve.protos.datatypes import by_config_type
+from onnxserve.protos.model_config_pb2 import ModelConfig
+
+from .classification import TopK, class_strings, top_k
+from .errors import (
+    INTERNAL,
+    InvalidInputError,
+    ModelLoadError,
+    SchedulerClosedError,
+    ServingError,
+    UnavailableError,
+    error_code,
+)
+from .images import EncodedImageInput, decode_batch
+from .inflight import InFlight
+from .logs import event
+from .metrics import UNKNOWN_MODEL, Metrics
+from .model import Model, ModelVersion
+from .registry import READY, ModelEntry, Registry
+from .validation import expected_shape
+
+log = logging.getLogger(__name__)
+
+SERVER_NAME = "onnxserve"
+EXTENSIONS = ("classification", "model_configuration", "model_repository", "statistics")
+CLASSIFICATION_PARAMETER = "classification"
+TIMEOUT_PARAMETER = "timeout"
+
+
+@dataclass(slots=True)
+class RequestInput:
+    """One input as a request declares it; ``decode()`` returns its array (the front end's
+    decoder, called only after the declaration passed the model's checks; it raises
+    TensorCodecError for a payload that does not match)."""
+
+    name: str
+    datatype: str
+    shape: tuple[int, ...]
+    decode: Callable[[], np.ndarray]
+
+
+@dataclass(slots=True)
+class RequestedOutput:
+    """An output a request asks for, with its ``classification`` parameter (any type, as
+    sent; None when absent)."""
+
+    name: str
+    classification: object = None
+
+
+@dataclass(slots=True)
+class InferRequest:
+    """One inference request in plain values. ``id`` is replaced by a generated one when
+    empty (the front end reads it back for its error answers)."""
+
+    model_name: str
+    model_version: str
+    inputs: Sequence[RequestInput]
+    outputs: Sequence[RequestedOutput] = ()
+    id: str = ""
+    #: the request's own queue timeout parameter, as sent (microseconds)
+    timeout: object = None
+    #: seconds until the caller's deadline (None: no deadline)
+    time_remaining: float | None = None
+
+
+@dataclass(slots=True)
+class InferResult:
+    """The answer: each output's array in the order asked for (BYTES as object arrays)."""
+
+    model_name: str
+    model_version: str
+    id: str
+    outputs: list[tuple[str, np.ndarray]]
+
+
+@dataclass(frozen=True)
+class TensorMetadata:
+    name: str
+    datatype: str
+    shape: list[int]
+
+
+@dataclass(frozen=True)
+class ModelMetadata:
+    name: str
+    versions: list[str]
+    platform: str
+    inputs: list[TensorMetadata]
+    outputs: list[TensorMetadata]
+    parameters: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ServerMetadata:
+    name: str
+    version: str
+    extensions: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class IndexEntry:
+    """A row of the repository index: one model version, or a model never loaded."""
+
+    name: str
+    version: str
+    state: str
+    reason: str
+
+
+def _printable(text: str, limit: int = 128) -> str:
+    """``text`` fit for logs and metadata: printable ASCII, at most ``limit`` characters."""
+    if len(text) <= limit and text.isascii() and text.isprintable():
+        return text
+    return "".join(c if c.isascii() and c.isprintable() else "?" for c in text[:limit])
+
+
+def _server_version() -> str:
+    try:
+        return package_version("onnxserve")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def _whole_number(value: object, what: str, least: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < least:
+        raise InvalidInputError(f"{what} must be an integer >= {least}, got {value!r}")
+    return value
+
+
+class DataPlane:
+    """The V2 protocol's operations over a model registry."""
+
+    def __init__(self, registry: Registry, metrics: Metrics | None = None) -> None:
+        self.registry = registry
+        self._metrics = metrics
+        #: False from the moment a stop begins: new requests are refused
+        self.accepting = True
+        self._in_flight = InFlight()
+        # Pillow releases the GIL while decoding: one thread per core decodes in parallel.
+        self._image_pool = ThreadPoolExecutor(max_workers=os.cpu_count() or 1,
+                                              thread_name_prefix="decode")
+
+    # --- lifecycle -----------------------------------------------------------------------
+
+    async def drain(self, timeout: float) -> bool:
+        """Refuse new inference requests and wait up to ``timeout`` s for the admitted ones."""
+        self.accepting = False
+        return await self._in_flight.wait_idle(timeout)
+
+    def close(self) -> None:
+        self._image_pool.shutdown(wait=False, cancel_futures=True)
+
+    # --- health and metadata -------------------------------------------------------------
+
+    def live(self) -> bool:
+        return True
+
+    def ready(self) -> bool:
+        return self.accepting and self.registry.all_ready
+
+    def model_ready(self, name: str, version: str = "") -> bool:
+        try:
+            self.registry.get(name, version)
+        except ServingError:
+            return False
+        return self.accepting
+
+    def server_metadata(self) -> ServerMetadata:
+        return ServerMetadata(SERVER_NAME, _server_version(), EXTENSIONS)
+
+    def model_metadata(self, name: str, version: str = "") -> ModelMetadata:
+        """Raises NotFoundError / UnavailableError for a model that cannot answer."""
+        model, _ = self.registry.get(name, version)
+        config = model.config
+
+        def tensors(items) -> list[TensorMetadata]:
+            return [TensorMetadata(t.name, by_config_type(t.data_type).name,
+                                   expected_shape(t.dims, config.max_batch_size))
+                    for t in items]
+
+        return ModelMetadata(model.name, [str(v) for v in sorted(model.versions)],
+                             config.platform, tensors(config.input), tensors(config.output),
+                             model.parameters())
+
+    def model_config(self, name: str, version: str = "") -> ModelConfig:
+        return self.registry.get(name, version)[0].config
+
+    def statistics(self, name: str = "", version: str = "") -> list[tuple[str, ModelVersion]]:
+        """(model name, version) of every version asked for: all loaded ones when ``name``
+        is empty, all of the model's when ``version`` is."""
+        if not name:
+            return [(e.model.name, v) for e in self.registry.entries() if e.model
+                    for v in e.model.versions.values()]
+        model, chosen = self.registry.get(name, version)
+        if version:
+            return [(model.name, chosen)]
+        return [(model.name, v) for v in model.versions.values()]
+
+    # --- the model repository ------------------------------------------------------------
+
+    def repository_index(self, ready_only: bool = False) -> list[IndexEntry]:
+        rows = []
+        for entry in self.registry.index():
+            if ready_only and entry.state != READY:
+                continue
+            versions = sorted(entry.model.versions) if entry.model else [None]
+            rows.extend(IndexEntry(entry.name, "" if v is None else str(v), entry.state,
+                                   entry.reason) for v in versions)
+        return rows
+
+    async def load(self, name: str, parameters: Sequence[str] = ()) -> ModelEntry:
+        """Load or reload ``name`` (explicit mode only).
+
+        Raises:
+            FailedPreconditionError: model control is off.
+            InvalidInputError: load parameters were given, or the load failed (its reason).
+        """
+        self.registry.check_control()
+        if parameters:
+            raise InvalidInputError(
+                f"load parameters are not supported (got {', '.join(parameters)}); change the "
+                "model's files in the repository instead")
+        entry = await self.registry.load(name)
+        if entry.reason:  # failed, or a failed reload that left the old model serving
+            raise ModelLoadError(f"model {name!r}: {entry.reason}")
+        return entry
+
+    async def unload(self, name: str) -> None:
+        self.registry.check_control()
+        await self.registry.unload(name)
+
+    # --- inference -----------------------------------------------------------------------
+
+    async def infer(self, request: InferRequest) -> InferResult:
+        """Run one inference request; raises a ServingError naming what is wrong."""
+        self._in_flight.enter()
+        started = time.perf_counter()
+        request.id = _printable(request.id) or uuid.uuid4().hex
+        name = request.model_name
+        model_label = name if self.registry.knows(name) else UNKNOWN_MODEL
+        version_label = ""
+        try:
+            if not self.accepting:
+                raise UnavailableError("the server is shutting down")
+            # A reload can retire the model between lookup and queueing only if this
+            # handler awaits in between; then the lookup is repeated once, on the new model.
+            for attempt in (1, 2):
+                model, version = self.registry.get(name, request.model_version)
+                version_label = str(version.version)
+                try:
+                    result = await self._infer(request, model, version)
+                except SchedulerClosedError:
+                    if attempt == 2:
+                        raise
+                    continue
+                if self._metrics is not None:
+                    self._metrics.observe_request(model_label, version_label, "OK",
+                                                  time.perf_counter() - started)
+                return result
+            raise AssertionError("unreachable")
+        except Exception as exc:
+            code = error_code(exc)
+            if self._metrics is not None:
+                self._metrics.observe_request(model_label, version_label, code,
+                                              time.perf_counter() - started)
+            if not isinstance(exc, ServingError):
+                log.error("inference failed unexpectedly", exc_info=exc)
+            event(log, logging.ERROR if code == INTERNAL else logging.INFO, "request_failed",
+                  model=name[:200], version=version_label, status=code,
+                  request_id=request.id, reason=str(exc))
+            raise
+        finally:
+            self._in_flight.leave()
+
+    async def _infer(self, request: InferRequest, model: Model,
+                     version: ModelVersion) -> InferResult:
+        batch_size = model.rules.check([(t.name, t.datatype, t.shape) for t in request.inputs])
+        inputs = {}
+        for tensor in request.inputs:
+            try:
+                inputs[tensor.name] = tensor.decode()
+            except TensorCodecError as exc:
+                raise InvalidInputError(f"input {tensor.name!r}: {exc}") from None
+        if model.images is not None and model.images.name in inputs:
+            inputs = await self._decode_images(inputs, model.images)
+        inputs = model.to_model_inputs(inputs, batch_size)
+        names = model.rules.check_outputs([o.name for o in request.outputs])
+        classification = {
+            o.name: _whole_number(o.classification,
+                                  f"output {o.name!r}: parameter {CLASSIFICATION_PARAMETER!r}",
+                                  1)
+            for o in request.outputs if o.classification is not None}
+        timeout_us = (None if request.timeout is None else _whole_number(
+            request.timeout, f"parameter {TIMEOUT_PARAMETER!r} (microseconds)", 0))
+        batched = model.config.max_batch_size > 0
+        # Batched models find the k best where the batch runs (on its device).
+        top = classification if batched else {}
+        outputs = await version.scheduler.infer(
+            inputs, [n for n in names if n not in top], batch_size,
+            time_remaining=request.time_remaining, timeout_us=timeout_us, top_k=top)
+        outputs = model.to_client_outputs(outputs)
+        answered = []
+        for name in names:
+            value = outputs[name]
+            if isinstance(value, TopK):
+                value = class_strings(value, model.labels.get(name), name)
+            elif name in classification:
+                value = top_k(value, classification[name], model.labels.get(name),
+                              batched=batched, output=name)
+            answered.append((name, value))
+        return InferResult(model.name, str(version.version), request.id, answered)
+
+    async def _decode_images(
+        self, inputs: dict[str, np.ndarray], images: EncodedImageInput
+    ) -> dict[str, np.ndarray]:
+        """Replace the encoded-image input by the decoded batch (off the event loop)."""
+        loop = asyncio.get_running_loop()
+        encoded = inputs.pop(images.name)
+        inputs[images.target] = await loop.run_in_executor(
+            self._image_pool, decode_batch, encoded, images
+        )
+        return inputs
