@@ -54,8 +54,10 @@ bench: $(VENV)/.export-installed
 	$(BIN)/python -m onnxserve.benchmarks.first_request --model-repository $(MODEL_REPOSITORY) \
 		--out benchmarks/results
 
+# ruff on everything; mypy on serving/ (tests/typecheck.py).
 lint: $(VENV)/.test-installed
 	$(BIN)/ruff check .
+	$(BIN)/python tests/typecheck.py
 
 protos: $(VENV)/.test-installed
 	$(BIN)/python -m onnxserve.protos.generate

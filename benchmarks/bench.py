@@ -31,8 +31,8 @@ from pathlib import Path
 import numpy as np
 
 from onnxserve.clients.client import Client
+from onnxserve.serving.models.repository import read_model
 from onnxserve.serving.process import ServerProcess, free_port
-from onnxserve.serving.repository import read_model
 
 from .load import build_request, run_load
 from .raw_onnxruntime import raw_onnxruntime

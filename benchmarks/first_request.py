@@ -22,8 +22,8 @@ import grpc
 import numpy as np
 
 from onnxserve.protos import inference_pb2 as pb
+from onnxserve.serving.models.repository import read_model
 from onnxserve.serving.process import ServerProcess
-from onnxserve.serving.repository import read_model
 
 from .bench import DEFAULT_OUT, _sample, _variant_repository
 from .load import INFER_METHOD, build_request

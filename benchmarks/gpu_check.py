@@ -73,8 +73,8 @@ def _sample(session, batch: int, seed: int = 0) -> dict[str, np.ndarray]:
 def environment() -> dict:
     import onnxruntime as ort
 
-    from onnxserve.serving.devices import cuda_device_count, cuda_device_name
-    from onnxserve.serving.providers import usable_gpus
+    from onnxserve.serving.runtime.devices import cuda_device_count, cuda_device_name
+    from onnxserve.serving.runtime.providers import usable_gpus
 
     gpus, why_not = usable_gpus()
     return {"onnxruntime": ort.__version__, "available_providers": ort.get_available_providers(),
@@ -87,10 +87,10 @@ def parity(repository: Path, names: list[str], providers: str = "cuda",
            budget: Budget | None = None) -> list[dict]:
     """Each model on GPU 0 and on the CPU through onnxserve's runner, same inputs
     (``providers`` cpu: a dry run, both on the CPU, the first with I/O binding)."""
-    from onnxserve.serving.accelerators import GpuSettings
-    from onnxserve.serving.classification import best_k
-    from onnxserve.serving.devices import Device
-    from onnxserve.serving.runner import Runner
+    from onnxserve.serving.runtime.devices import Device
+    from onnxserve.serving.runtime.runner import Runner
+    from onnxserve.serving.runtime.sessions import GpuSettings
+    from onnxserve.serving.runtime.topk import best_k
 
     rows = []
     for name in names:
@@ -169,7 +169,7 @@ def _serving_repository(source: Path, names: list[str], target: Path, instances:
                         kind: int, largest: int) -> None:
     from google.protobuf import text_format
 
-    from onnxserve.serving.repository import parse_config
+    from onnxserve.serving.models.repository import parse_config
 
     for name in names:
         folder = target / name

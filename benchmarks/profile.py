@@ -27,7 +27,7 @@ from .bench import DEFAULT_OUT
 _LOAD = """
 import asyncio, sys, numpy as np
 from onnxserve.benchmarks.load import build_request, run_load
-from onnxserve.serving.repository import read_model
+from onnxserve.serving.models.repository import read_model
 from onnxserve.benchmarks.bench import _sample
 config = read_model(__import__("pathlib").Path(sys.argv[2]), sys.argv[3]).config
 payload = build_request(sys.argv[3], {config.input[0].name: _sample(config)[None]})

@@ -16,8 +16,8 @@ import tempfile
 from pathlib import Path
 
 from onnxserve.export.recipes import RECIPES
+from onnxserve.serving.models.repository import read_model
 from onnxserve.serving.process import onnxserve_command
-from onnxserve.serving.repository import read_model
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

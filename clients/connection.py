@@ -12,6 +12,7 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 DEFAULT_PORT = 8001
 DEFAULT_URL = f"localhost:{DEFAULT_PORT}"
@@ -146,7 +147,7 @@ class ConnectionOptions:
         return bool(self.ssl or self.root_certificates or self.private_key
                     or self.certificate_chain)
 
-    def client_arguments(self) -> dict[str, object]:
+    def client_arguments(self) -> dict[str, Any]:
         """Keyword arguments for ``Client``."""
         return {"token": self.token, "tls": self.tls,
                 "root_certificates": self.root_certificates, "private_key": self.private_key,

@@ -203,7 +203,7 @@ def prepare_user_model(
     ``labels``: a file of class names, one a line (trailing blank lines ignored), for the
     output ``labels_output``, or else for the single output, or else for the only output
     whose last dimension equals the number of names. ``preprocessing``: how pixels reach an
-    image input ([H, W, 1 or 3]), one of serving/images.py's modes; required for an image
+    image input ([H, W, 1 or 3]), one of serving/models/images.py's modes; required for an image
     input unless the model's first layers show it (see user_models.detect_preprocessing),
     refused for other inputs. ExportError says what is wrong and what was expected.
     """

@@ -20,7 +20,7 @@ ENCODED_IMAGE_INPUT = "image_bytes"
 LABELS_FILE = "labels.txt"
 REPORT_FILE = "verification.json"
 PROTOBUF_LIMIT = 2**31 - 1
-#: input datatypes the server decodes encoded images into (serving/images.py)
+#: input datatypes the server decodes encoded images into (serving/models/images.py)
 IMAGE_DATATYPES = ("UINT8", "FP16", "FP32", "FP64")
 
 

@@ -72,7 +72,7 @@ def _wrap_savedmodel(path: Path):
     return keras.Model(inputs, outputs, name="savedmodel")
 
 
-#: what each --preprocessing choice (serving/images.py's modes) feeds an image model
+#: what each --preprocessing choice (serving/models/images.py's modes) feeds an image model
 PREPROCESSING_CHOICES = {
     "in_graph": "pixels 0-255 as they are (the model scales them itself)",
     "unit": "pixels / 255, in [0, 1]",
@@ -160,7 +160,7 @@ def sample_batches(model, count: int, preprocessing: str | None = None,
     Variable dimensions get two different sizes, one batch each (an image of variable
     size: 32x40 and 64x48), so a shape the conversion fixed by mistake shows. Image
     inputs with a ``preprocessing`` mode get random 0-255 pixels scaled as the server
-    scales them (serving/images.py), the range the model expects; other inputs random
+    scales them (serving/models/images.py), the range the model expects; other inputs random
     values in [0, 1) (floats) or 0-255 / 0-127 (unsigned / signed integers).
     """
     from onnxserve.protos.images import scale

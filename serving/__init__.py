@@ -1,0 +1,37 @@
+"""onnxserve's server: a KServe V2 front end over a transport-neutral data plane.
+
+Package map, by layer (each may import the layers below it, never those above; errors,
+settings, types and onnxserve.protos are shared by all, observability is used by all and
+imports none; tests/test_layers.py checks this):
+
+    cli.py, workers.py      the `onnxserve` command; `serve --workers N`'s supervisor
+    commands/               client commands: demo, health
+    server.py               composition root: start-up, serve, shut down as named phases
+    frontends/              grpc_service (the RPCs), decoding, encoding, auth, health
+    dataplane.py            live/ready/metadata/config/statistics/repository/infer on plain
+                            values; classification.py formats top-k results
+    models/                 repository, config_support, options, validation, images,
+                            external_data, execution and accelerators (plans), warmup, model
+                            (load_model), registry
+    batching/               scheduler (queue, batches, padding, splitting), inflight
+    runtime/                runner (an instance's onnxruntime session), sessions, providers,
+                            devices, pinned, topk, kernels/
+    observability/          metrics, statistics, logs
+    errors.py settings.py types.py process.py
+
+The request path: frontends/grpc_service.ModelInfer -> frontends/decoding.infer_request ->
+dataplane.DataPlane.infer (models/registry lookup, models/validation, decode, models/images
+off the loop, models/model reshape) -> batching/scheduler.Scheduler.infer -> runtime/runner
+.Runner.run (in a worker thread) -> split back per request -> dataplane (classification
+strings) -> frontends/encoding.encode_response.
+
+The lifecycle path: cli -> workers.run_server -> server.serve: bind ports -> models/registry
+.load_initial (models/model.load_model in a thread: repository, options, plan, instances,
+warm-up, scheduler) -> ready -> serve -> stop: drain, linger, exit.
+
+Threads: the asyncio event loop runs the front end, the data plane, the registry and the
+schedulers' batch forming (and, for models chosen to run on the event loop, their runs); one
+thread per model instance runs onnxruntime (which releases the GIL); a pool decodes encoded
+images; model loads run in a thread (asyncio.to_thread); gRPC's own poller thread and the
+Prometheus HTTP server's thread serve their sockets.
+"""

@@ -6,7 +6,11 @@ import argparse
 import logging
 import sys
 
-from .settings import add_repository_argument, add_setting_arguments, settings_from_arguments
+from onnxserve.serving.settings import (
+    add_repository_argument,
+    add_setting_arguments,
+    settings_from_arguments,
+)
 
 
 def _add_serve(subparsers: argparse._SubParsersAction) -> None:
@@ -29,7 +33,7 @@ def _run_serve(args: argparse.Namespace) -> int:
         print(f"onnxserve serve: model repository {settings.model_repository} is not a folder "
               "(export a model first: onnxserve export lenet5)", file=sys.stderr)
         return 2
-    from .workers import run_server, run_workers
+    from onnxserve.serving.workers import run_server, run_workers
 
     if settings.workers > 1:
         return run_workers(settings)
@@ -39,9 +43,8 @@ def _run_serve(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from onnxserve.benchmarks.bench import add_bench_parser
     from onnxserve.export.cli import add_export_parser, add_samples_parser
-
-    from .demo import add_demo_parser
-    from .healthcheck import add_health_parser
+    from onnxserve.serving.commands.demo import add_demo_parser
+    from onnxserve.serving.commands.health import add_health_parser
 
     parser = argparse.ArgumentParser(
         prog="onnxserve", description="Export Keras CNNs to ONNX and serve them over gRPC."
@@ -61,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["serve"]:
         # Before the heavy imports (grpc, onnxruntime: about a second): a stop from now on
         # exits 0 instead of killing the process (see serving/workers.py).
-        from .workers import exit_on_stop_signals
+        from onnxserve.serving.workers import exit_on_stop_signals
 
         exit_on_stop_signals()
     logging.basicConfig(

@@ -31,9 +31,9 @@ import numpy as np
 from onnxserve.protos.codec import TensorCodecError
 from onnxserve.protos.datatypes import by_config_type
 from onnxserve.protos.model_config_pb2 import ModelConfig
-
-from .classification import TopK, class_strings, top_k
-from .errors import (
+from onnxserve.serving.batching.inflight import InFlight
+from onnxserve.serving.classification import class_strings, top_k
+from onnxserve.serving.errors import (
     INTERNAL,
     InvalidInputError,
     ModelLoadError,
@@ -42,13 +42,13 @@ from .errors import (
     UnavailableError,
     error_code,
 )
-from .images import EncodedImageInput, decode_batch
-from .inflight import InFlight
-from .logs import event
-from .metrics import UNKNOWN_MODEL, Metrics
-from .model import Model, ModelVersion
-from .registry import READY, ModelEntry, Registry
-from .validation import expected_shape
+from onnxserve.serving.models.images import EncodedImageInput, decode_batch
+from onnxserve.serving.models.model import Model, ModelVersion
+from onnxserve.serving.models.registry import READY, ModelEntry, Registry
+from onnxserve.serving.models.validation import expected_shape
+from onnxserve.serving.observability.logs import event
+from onnxserve.serving.observability.metrics import UNKNOWN_MODEL, Metrics
+from onnxserve.serving.types import TopK
 
 log = logging.getLogger(__name__)
 
@@ -231,7 +231,7 @@ class DataPlane:
     # --- the model repository ------------------------------------------------------------
 
     def repository_index(self, ready_only: bool = False) -> list[IndexEntry]:
-        rows = []
+        rows: list[IndexEntry] = []
         for entry in self.registry.index():
             if ready_only and entry.state != READY:
                 continue

@@ -19,7 +19,7 @@ import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 #: The signals that stop `onnxserve serve` (and the supervisor of --workers N).
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
@@ -112,7 +112,7 @@ class ServerProcess:
         self._log.seek(0, os.SEEK_END)
         return text
 
-    def wait_ready(self, timeout: float = 120.0, **client_arguments: object) -> None:
+    def wait_ready(self, timeout: float = 120.0, **client_arguments: Any) -> None:
         """Wait until the server reports ready (Client.wait_until_ready).
 
         Raises:
@@ -121,7 +121,7 @@ class ServerProcess:
         """
         from onnxserve.clients.client import Client
 
-        with Client(self.url, timeout=2.0, **client_arguments) as client:  # type: ignore[arg-type]
+        with Client(self.url, timeout=2.0, **client_arguments) as client:
             try:
                 client.wait_until_ready(timeout, alive=lambda: self.running)
             except RuntimeError as exc:

@@ -19,24 +19,22 @@ from collections.abc import Awaitable, Callable
 from typing import NoReturn
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1 import health, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from onnxserve.protos import inference_pb2, inference_pb2_grpc
-
-from .auth import BearerTokenInterceptor, read_token, server_credentials
-from .dataplane import DataPlane
-from .errors import ModelLoadError, NotFoundError
-from .grpc_service import InferenceService
-from .metrics import Metrics, registry_gauges
-from .providers import announce
-from .registry import READY, Registry
-from .settings import ServerSettings
+from onnxserve.protos import inference_pb2_grpc
+from onnxserve.serving.dataplane import DataPlane
+from onnxserve.serving.errors import ModelLoadError, NotFoundError
+from onnxserve.serving.frontends.auth import BearerTokenInterceptor, read_token, server_credentials
+from onnxserve.serving.frontends.grpc_service import InferenceService
+from onnxserve.serving.frontends.health import SERVICE_NAME, mark_live, update_health
+from onnxserve.serving.models.registry import READY, Registry
+from onnxserve.serving.observability.metrics import Metrics, registry_gauges
+from onnxserve.serving.runtime.providers import announce
+from onnxserve.serving.settings import ServerSettings
 
 log = logging.getLogger(__name__)
 
-#: Health entry that is SERVING while the process runs (for liveness probes).
-LIVENESS_SERVICE = "liveness"
 #: Seconds between the last admitted request finishing and the port closing.
 LINGER_SECONDS = 0.5
 
@@ -45,7 +43,6 @@ class StartupError(RuntimeError):
     """The server cannot start: a port is taken or a file is unusable."""
 
 
-SERVICE_NAME = inference_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 
 
 def grpc_options(settings: ServerSettings) -> list[tuple[str, int]]:
@@ -112,19 +109,6 @@ def _exit_process(status: int) -> NoReturn:
     os._exit(status)
 
 
-async def _update_health(
-    servicer: health.aio.HealthServicer, registry: Registry, ready: bool
-) -> None:
-    serving = health_pb2.HealthCheckResponse.SERVING
-    not_serving = health_pb2.HealthCheckResponse.NOT_SERVING
-    overall = serving if ready and registry.all_ready else not_serving
-    for name in ("", SERVICE_NAME):
-        await servicer.set(name, overall)
-    for entry in registry.index():
-        status = serving if ready and entry.state == READY else not_serving
-        await servicer.set(entry.name, status)
-
-
 async def serve(settings: ServerSettings, stop: asyncio.Event | None = None,
                 on_ready: Callable[[], None] | None = None) -> None:
     """Serve until ``stop`` is set or the process gets SIGTERM/SIGINT, then end the process.
@@ -148,7 +132,7 @@ async def serve(settings: ServerSettings, stop: asyncio.Event | None = None,
 
     async def models_changed() -> None:
         if started:
-            await _update_health(health_servicer, registry, ready=plane.accepting)
+            await update_health(health_servicer, registry, ready=plane.accepting)
 
     metrics = Metrics()
     registry = Registry(settings.model_repository, settings, on_change=models_changed,
@@ -184,10 +168,8 @@ async def serve(settings: ServerSettings, stop: asyncio.Event | None = None,
             raise StartupError(f"cannot serve metrics on port {settings.metrics_port}: "
                                f"{exc} (choose another with --metrics-port, 0 = off)") from None
         log.info("metrics on http://%s:%d/metrics", settings.grpc_host, metrics_port)
-    await _update_health(health_servicer, registry, ready=False)
-    # Liveness: SERVING from start to exit, whatever the models do (orchestrators restart
-    # a container whose liveness fails, which a slow model load must not cause).
-    await health_servicer.set(LIVENESS_SERVICE, health_pb2.HealthCheckResponse.SERVING)
+    await update_health(health_servicer, registry, ready=False)
+    await mark_live(health_servicer)
     if stop.is_set():  # stopped while setting up: nothing was served
         metrics.close()
         log.info("stopped before the port opened")
@@ -201,7 +183,7 @@ async def serve(settings: ServerSettings, stop: asyncio.Event | None = None,
         log.info("stopping%s: finishing in-flight requests (up to %.0fs)", during,
                  settings.drain_seconds)
         plane.accepting = False
-        await _update_health(health_servicer, registry, ready=False)
+        await update_health(health_servicer, registry, ready=False)
         drained = await plane.drain(settings.drain_seconds)
         if not drained:
             log.warning("requests still running after %.0fs fail UNAVAILABLE when the "
@@ -222,7 +204,7 @@ async def serve(settings: ServerSettings, stop: asyncio.Event | None = None,
     if not await _unless_stopped(stop, registry.load_initial(initial_models)):
         await shut_down(" while loading models (the loads not done are abandoned)")
     started = True
-    await _update_health(health_servicer, registry, ready=True)
+    await update_health(health_servicer, registry, ready=True)
     ready = sum(e.state == READY for e in registry.entries())
     log.info("ready: %d of %d models loaded (model control mode %s)", ready,
              len(registry.entries()), settings.model_control_mode)

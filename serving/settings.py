@@ -81,7 +81,7 @@ class ServerSettings:
     spinning: Spinning | None = setting(
         None, "when onnxruntime's threads spin waiting for work: off, run (only while a batch "
         "runs), always", default_text="run, or off when a model's instances have more "
-        "threads than there are cores (serving/execution.py)")
+        "threads than there are cores (serving/models/execution.py)")
     warmup: bool = setting(True, "run warm-up batches on every instance before a model "
                            "reports ready")
     workers: int = setting(
@@ -295,11 +295,11 @@ def add_setting_arguments(parser: argparse.ArgumentParser,
                                 default=parse_boolean(raw) if raw else settings_field.default,
                                 help=help_text)
             continue
+        # Triton's booleans take a value, and mean true without one
+        optional_value: dict[str, Any] = {"nargs": "?", "const": True} if hint is bool else {}
         parser.add_argument(
             flag, dest=name, type=convert, default=default, metavar=meta["metavar"],
-            choices=_choices().get(name), help=help_text,
-            # Triton's booleans take a value, and mean true without one
-            **({"nargs": "?", "const": True} if hint is bool else {}))
+            choices=_choices().get(name), help=help_text, **optional_value)
 
 
 def add_repository_argument(parser: argparse.ArgumentParser) -> None:
@@ -313,7 +313,7 @@ def settings_from_arguments(args: argparse.Namespace) -> ServerSettings:
     Raises:
         ValueError: a value ServerSettings refuses, naming the flag.
     """
-    values = {}
+    values: dict[str, Any] = {}
     for name in _fields():
         value = getattr(args, name)
         values[name] = tuple(value) if isinstance(value, list) else value

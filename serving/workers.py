@@ -12,9 +12,11 @@ sent then stays pending until exit_on_stop_signals unblocks it.
 
 **Workers.** ``--workers N`` runs N server processes sharing one port (SO_REUSEPORT). Each
 is a full server with its own models and schedulers; the kernel spreads incoming
-connections across them. Each worker is a fresh interpreter (multiprocessing's spawn)
-handed the parent's ServerSettings object itself, with its share of the cores and its own
+connections across them. Each worker is a fresh interpreter handed the parent's
+ServerSettings object itself (pickled on its stdin), with its share of the cores and its own
 metrics port: nothing is rebuilt as command-line flags, so nothing can be lost on the way.
+(Not multiprocessing's spawn: it clears the signal mask, so a stop sent to a worker before
+its handler exists would kill it instead of waiting for the handler.)
 It helps models bound by per-request Python overhead, and only for clients that open
 several connections: one HTTP/2 connection always lands on one worker.
 
@@ -44,20 +46,19 @@ import collections
 import contextlib
 import dataclasses
 import logging
-import multiprocessing
 import os
+import pickle
 import selectors
 import signal
+import subprocess
 import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from multiprocessing.connection import Connection
-from multiprocessing.process import BaseProcess
 
-from .logs import configure as configure_logs
-from .process import STOP_SIGNALS, die_with_parent
-from .settings import ServerSettings
+from onnxserve.serving.observability.logs import configure as configure_logs
+from onnxserve.serving.process import STOP_SIGNALS, hold_stop_signals
+from onnxserve.serving.settings import ServerSettings
 
 log = logging.getLogger(__name__)
 
@@ -107,9 +108,9 @@ def describe_exit(returncode: int) -> str:
 @dataclass
 class _Worker:
     index: int
-    process: BaseProcess
-    #: the worker's readiness pipe; None once the worker closed it (exited)
-    pipe: Connection | None
+    process: subprocess.Popen
+    #: read end of the worker's readiness pipe; None once the worker closed it (exited)
+    pipe: int | None
     ready: bool = False
 
 
@@ -120,7 +121,7 @@ def run_server(settings: ServerSettings, *, on_ready: Callable[[], None] | None 
     ``process_name`` ("worker 1") goes into every log line; ``on_ready`` is called once
     the models meant to load at start have loaded.
     """
-    from .auth import AuthError
+    from .frontends.auth import AuthError
     from .server import StartupError, serve
 
     configure_logs(settings.log_level, settings.log_format, process_name)
@@ -134,33 +135,37 @@ def run_server(settings: ServerSettings, *, on_ready: Callable[[], None] | None 
     return 0
 
 
-def _worker_main(settings: ServerSettings, index: int, ready: Connection) -> None:
-    """A worker process's whole life (spawned: a fresh interpreter, these arguments)."""
+def worker_main() -> None:
+    """A worker process's whole life: ``python -c "...worker_main()" READY_FD``, its
+    ServerSettings and index pickled on stdin (from the parent, never from a user)."""
     exit_on_stop_signals()  # and unblock the stop signals the parent held for us
-    die_with_parent()
+    ready_fd = int(sys.argv[1])
+    settings, index = pickle.loads(sys.stdin.buffer.read())  # from our parent only
 
     def notify() -> None:
         with contextlib.suppress(OSError):  # parent gone: its death signal stops us anyway
-            ready.send_bytes(READY_MESSAGE)
+            os.write(ready_fd, READY_MESSAGE)
 
     sys.exit(run_server(settings, on_ready=notify, process_name=f"worker {index}"))
+
+
+#: the command a worker runs, with its readiness pipe's fd appended
+WORKER_COMMAND = [sys.executable, "-c",
+                  "from onnxserve.serving.workers import worker_main; worker_main()"]
 
 
 class _Supervisor:
     """Starts the workers, restarts or gives up on the ones that exit, forwards stops."""
 
-    def __init__(self, settings: ServerSettings,
-                 target: Callable[[ServerSettings, int, Connection], None] | None = None
-                 ) -> None:
-        """``target(settings, index, ready_pipe)`` is a worker's life (default:
-        _worker_main); it must be importable, as spawned processes import it."""
+    def __init__(self, settings: ServerSettings, command: list[str] | None = None) -> None:
+        """``command`` runs a worker (default: WORKER_COMMAND); it gets its readiness fd
+        as its last argument and ``(settings, index)`` pickled on stdin."""
         self._settings = settings
-        self._target = target or _worker_main
+        self._command = command or WORKER_COMMAND
         self._count = settings.workers
         self._metrics_port = settings.metrics_port
         #: each worker's share of the cores
         self.cores = max(1, (settings.cores or os.cpu_count() or 1) // settings.workers)
-        self._context = multiprocessing.get_context("spawn")
         self._workers: dict[int, _Worker] = {}
         self._selector = selectors.DefaultSelector()
         self._signals: list[int] = []
@@ -200,22 +205,24 @@ class _Supervisor:
         port = self._metrics_port + index if self._metrics_port else 0
         settings = dataclasses.replace(self._settings, workers=1, cores=self.cores,
                                        metrics_port=port)
-        read_end, write_end = self._context.Pipe(duplex=False)
-        process = self._context.Process(target=self._target, args=(settings, index, write_end),
-                                        name=f"onnxserve-worker-{index}")
-        # Held across the spawn: a stop sent before the worker has its handler stays
-        # pending until _worker_main takes it (the child inherits the blocked mask).
-        held = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+        read_end, write_end = os.pipe()
         try:
-            process.start()
+            # Stop signals held (and death with the parent): a stop sent before the
+            # worker has its handler waits for it (see hold_stop_signals).
+            process = subprocess.Popen([*self._command, str(write_end)], stdin=subprocess.PIPE,
+                                       preexec_fn=hold_stop_signals, pass_fds=(write_end,))
         except OSError as exc:
+            os.close(read_end)
             log.error("cannot start worker %d: %s; stopping the other workers", index, exc)
-            read_end.close()
             self._give_up(1)
             return
         finally:
-            signal.pthread_sigmask(signal.SIG_SETMASK, held)
-            write_end.close()
+            os.close(write_end)
+        assert process.stdin is not None
+        with contextlib.suppress(BrokenPipeError):  # it died at once: reaped below
+            process.stdin.write(pickle.dumps((settings, index)))
+        process.stdin.close()
+        os.set_blocking(read_end, False)
         worker = _Worker(index, process, read_end)
         self._workers[index] = worker
         self._selector.register(read_end, selectors.EVENT_READ, worker)
@@ -224,9 +231,8 @@ class _Supervisor:
 
     def _signal_workers(self, signum: int) -> None:
         for worker in self._workers.values():
-            if worker.process.is_alive() and worker.process.pid is not None:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(worker.process.pid, signum)
+            if worker.process.poll() is None:
+                worker.process.send_signal(signum)
 
     def _give_up(self, status: int) -> None:
         if self._failure is None:
@@ -263,7 +269,7 @@ class _Supervisor:
                 self._restarts.clear()
                 self._signal_workers(signum)
             for worker in list(self._workers.values()):
-                if not worker.process.is_alive():
+                if worker.process.poll() is not None:
                     self._exited(worker)
             now = time.monotonic()
             for index, when in list(self._restarts.items()):
@@ -279,20 +285,20 @@ class _Supervisor:
     def _read_pipe(self, worker: _Worker) -> None:
         assert worker.pipe is not None
         try:
-            if not worker.pipe.poll():
-                return
-            data = worker.pipe.recv_bytes()
-        except (EOFError, OSError):
-            self._close_pipe(worker)
+            data = os.read(worker.pipe, 64)
+        except BlockingIOError:
             return
-        if data == READY_MESSAGE and not worker.ready:
-            worker.ready = True
-            log.info("worker %d ready (pid %d)", worker.index, worker.process.pid)
+        if data:
+            if READY_MESSAGE in data and not worker.ready:
+                worker.ready = True
+                log.info("worker %d ready (pid %d)", worker.index, worker.process.pid)
+            return
+        self._close_pipe(worker)
 
     def _close_pipe(self, worker: _Worker) -> None:
         if worker.pipe is not None:
             self._selector.unregister(worker.pipe)
-            worker.pipe.close()
+            os.close(worker.pipe)
             worker.pipe = None
 
     def _exited(self, worker: _Worker) -> None:
@@ -300,8 +306,7 @@ class _Supervisor:
             self._read_pipe(worker)
             self._close_pipe(worker)
         del self._workers[worker.index]
-        worker.process.join()
-        code = worker.process.exitcode if worker.process.exitcode is not None else 1
+        code = worker.process.returncode
         what = f"worker {worker.index} (pid {worker.process.pid}) {describe_exit(code)}"
         if self._stopping or self._failure is not None:
             self._final.append(code)

@@ -1,32 +1,27 @@
-"""Stand-in workers for the --workers supervisor's tests: what a real worker's life
-(serving/workers.py, _worker_main) would do, without loading a model."""
+"""Stand-in workers for the --workers supervisor's tests: what a real worker
+(serving/workers.py, worker_main) does with its readiness pipe and stop signals, without
+loading a model. Run as ``python fake_workers.py die|fail-at-start READY_FD``."""
 
 from __future__ import annotations
 
+import os
+import pickle
 import signal
 import sys
 import time
-from multiprocessing.connection import Connection
 
-from onnxserve.serving.settings import ServerSettings
 from onnxserve.serving.workers import READY_MESSAGE
 
 
-def _stoppable() -> None:
+def main() -> None:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     signal.pthread_sigmask(signal.SIG_UNBLOCK, (signal.SIGTERM, signal.SIGINT))
-
-
-def die(settings: ServerSettings, index: int, ready: Connection) -> None:
-    """Gets ready, then dies while serving."""
-    _stoppable()
-    ready.send_bytes(READY_MESSAGE)
-    time.sleep(0.3)
+    pickle.loads(sys.stdin.buffer.read())  # the settings and index, as a worker gets them
+    if sys.argv[1] == "die":  # gets ready, then dies while serving
+        os.write(int(sys.argv[2]), READY_MESSAGE)
+    time.sleep(0.3)  # "fail-at-start" never gets ready
     sys.exit(3)
 
 
-def fail_at_start(settings: ServerSettings, index: int, ready: Connection) -> None:
-    """Exits before it is ever ready."""
-    _stoppable()
-    time.sleep(0.3)
-    sys.exit(3)
+if __name__ == "__main__":
+    main()

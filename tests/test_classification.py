@@ -36,8 +36,9 @@ def test_matches_full_sort_on_random_scores() -> None:
 
 
 def test_labels_must_be_one_per_class_when_classes_vary() -> None:
-    from onnxserve.serving.classification import best_k, class_strings
+    from onnxserve.serving.classification import class_strings
     from onnxserve.serving.errors import InferenceFailedError
+    from onnxserve.serving.runtime.topk import best_k
 
     best = best_k(np.array([[0.1, 0.7, 0.2]]), 1)
     assert class_strings(best, ["a", "b", "c"], "y").tolist() == [[b"0.700000:1:b"]]

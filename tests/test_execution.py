@@ -9,19 +9,19 @@ import pytest
 from conftest import write_config
 from onnx_models import add_one_model
 
-from onnxserve.serving.devices import CPU_DEVICE
 from onnxserve.serving.errors import ModelLoadError
-from onnxserve.serving.execution import (
+from onnxserve.serving.models.execution import (
     ExecutionPlan,
     SessionSettings,
     plan_execution,
     should_run_on_event_loop,
 )
-from onnxserve.serving.model import load_model
-from onnxserve.serving.repository import parse_config
-from onnxserve.serving.runner import session_options
+from onnxserve.serving.models.model import load_model
+from onnxserve.serving.models.repository import parse_config
+from onnxserve.serving.models.warmup import default_samples, samples_from_config
+from onnxserve.serving.runtime.devices import CPU_DEVICE
+from onnxserve.serving.runtime.runner import session_options
 from onnxserve.serving.settings import ServerSettings
-from onnxserve.serving.warmup import default_samples, samples_from_config
 
 
 def _config(text: str = ""):
@@ -211,7 +211,7 @@ def test_a_warm_up_the_model_cannot_run_fails_the_load(tmp_path: Path) -> None:
 
 def test_a_failing_warm_up_run_is_a_load_error_naming_the_sample() -> None:
     from onnxserve.serving.errors import InferenceFailedError
-    from onnxserve.serving.warmup import WarmupSample, warm_up
+    from onnxserve.serving.models.warmup import WarmupSample, warm_up
 
     class Failing:
         def prepare(self, inputs):

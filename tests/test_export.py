@@ -14,7 +14,7 @@ import pytest
 from conftest import ExportedLenet5, onnxserve_command
 
 from onnxserve.export import verify
-from onnxserve.serving.repository import read_model
+from onnxserve.serving.models.repository import read_model
 
 
 def test_lenet5_reaches_95_percent_on_heldout_digits(lenet5_export: ExportedLenet5) -> None:

@@ -15,14 +15,15 @@ from onnx import TensorProto, helper
 from onnx_models import _save, add_one_model, scores_model
 
 from onnxserve.clients.client import Client
-from onnxserve.serving.accelerators import GpuSettings, gpu_settings, resolve_buckets
-from onnxserve.serving.classification import best_k
-from onnxserve.serving.devices import CPU_DEVICE, Device, place_instances
 from onnxserve.serving.errors import ModelLoadError
-from onnxserve.serving.execution import plan_execution
-from onnxserve.serving.model import _warmup_sizes, load_model
-from onnxserve.serving.pinned import host_buffer
-from onnxserve.serving.providers import (
+from onnxserve.serving.models.accelerators import gpu_settings, resolve_buckets
+from onnxserve.serving.models.execution import plan_execution
+from onnxserve.serving.models.model import _warmup_sizes, load_model
+from onnxserve.serving.models.repository import parse_config
+from onnxserve.serving.models.warmup import default_samples
+from onnxserve.serving.runtime.devices import CPU_DEVICE, Device, place_instances
+from onnxserve.serving.runtime.pinned import host_buffer
+from onnxserve.serving.runtime.providers import (
     CPU,
     CUDA,
     TENSORRT,
@@ -30,10 +31,10 @@ from onnxserve.serving.providers import (
     provider_chain,
     usable_gpus,
 )
-from onnxserve.serving.repository import parse_config
-from onnxserve.serving.runner import Runner
+from onnxserve.serving.runtime.runner import Runner
+from onnxserve.serving.runtime.sessions import GpuSettings
+from onnxserve.serving.runtime.topk import best_k
 from onnxserve.serving.settings import ServerSettings
-from onnxserve.serving.warmup import default_samples
 
 GPUS, WHY_NO_GPU = usable_gpus()
 needs_gpu = pytest.mark.skipif(GPUS == 0, reason=f"no usable CUDA device: {WHY_NO_GPU}")
@@ -301,7 +302,7 @@ def test_a_model_served_with_io_binding_and_buckets_answers_like_any_other(
 @needs_gpu
 def test_a_gpu_instance_runs_on_cuda_with_pinned_buffers_and_matches_the_cpu(
         tmp_path: Path) -> None:
-    from onnxserve.serving.pinned import pinned_empty
+    from onnxserve.serving.runtime.pinned import pinned_empty
 
     path = add_one_model(tmp_path / "m.onnx", size=64)
     gpu = Runner(path, model_name="m", providers="cuda", device=GPU0)
@@ -327,7 +328,7 @@ def test_a_gpu_model_is_warmed_at_every_bucket(tmp_path: Path) -> None:
 
 
 def test_the_committed_kernels_are_what_the_generator_writes() -> None:
-    from onnxserve.serving.kernels.generate import FOLDER, expected_files
+    from onnxserve.serving.runtime.kernels.generate import FOLDER, expected_files
 
     files = expected_files()
     assert sorted(files) == ["topk_float16.onnx", "topk_float32.onnx", "topk_float64.onnx"]
@@ -337,7 +338,7 @@ def test_the_committed_kernels_are_what_the_generator_writes() -> None:
 
 def test_an_installed_but_unusable_cuda_provider_is_announced_loudly(monkeypatch,
                                                                      caplog) -> None:
-    from onnxserve.serving import providers
+    from onnxserve.serving.runtime import providers
 
     monkeypatch.setattr(providers, "usable_gpus", lambda: (0, "libcudnn.so.9 is missing"))
     monkeypatch.setattr(providers.ort, "get_available_providers", lambda: [CUDA, CPU])
@@ -372,7 +373,7 @@ def test_pinned_buffers_are_registered_and_unregistered_with_the_cuda_runtime(
         monkeypatch, caplog) -> None:
     import gc
 
-    from onnxserve.serving import pinned
+    from onnxserve.serving.runtime import pinned
 
     runtime = _FakeCudaRuntime()
     monkeypatch.setattr(pinned, "_cuda_runtime", lambda: runtime)
@@ -415,7 +416,7 @@ def test_string_outputs_come_back_through_io_binding(tmp_path: Path) -> None:
 
 
 def test_a_gpu_session_on_another_device_than_its_instance_is_refused() -> None:
-    from onnxserve.serving.runner import _check_device
+    from onnxserve.serving.runtime.runner import _check_device
 
     class Session:
         def get_provider_options(self):

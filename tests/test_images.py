@@ -16,10 +16,10 @@ from PIL import Image
 from onnxserve.clients.client import Client, InferenceServerError
 from onnxserve.protos.images import ImageError, ImageSpec, decode
 from onnxserve.serving.errors import InvalidInputError, ModelLoadError
-from onnxserve.serving.images import EncodedImageInput, decode_batch
-from onnxserve.serving.images import encoded_image_input as _encoded_image_input
-from onnxserve.serving.options import model_options
-from onnxserve.serving.repository import parse_config
+from onnxserve.serving.models.images import EncodedImageInput, decode_batch
+from onnxserve.serving.models.images import encoded_image_input as _encoded_image_input
+from onnxserve.serving.models.options import model_options
+from onnxserve.serving.models.repository import parse_config
 
 IMAGE_CONFIG = (
     'name: "m"\nmax_batch_size: 8\n'

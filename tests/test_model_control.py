@@ -20,7 +20,7 @@ from onnxserve.clients.client import Client, InferenceServerError
 from onnxserve.protos import inference_pb2 as pb
 from onnxserve.protos import inference_pb2_grpc
 from onnxserve.serving.errors import FailedPreconditionError, InvalidInputError, NotFoundError
-from onnxserve.serving.registry import READY, UNAVAILABLE, Registry
+from onnxserve.serving.models.registry import READY, UNAVAILABLE, Registry
 from onnxserve.serving.settings import ServerSettings
 
 

@@ -19,8 +19,9 @@ def test_serving_runs_without_the_export_stack(tmp_path: Path) -> None:
     add_one_model(tmp_path / "m" / "1" / "model.onnx")
     code = BLOCK + f"""
 import numpy as np
-from onnxserve.serving import cli, grpc_service, server
-from onnxserve.serving.model import load_model
+from onnxserve.serving import cli, server
+from onnxserve.serving.frontends import grpc_service
+from onnxserve.serving.models.model import load_model
 from onnxserve.serving.settings import ServerSettings
 from onnxserve.clients import classify, client, preprocess
 cli.build_parser().parse_args(["serve", "--providers", "cpu"])

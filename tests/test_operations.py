@@ -119,7 +119,7 @@ def test_bearer_token_guards_everything_but_health(tmp_path: Path) -> None:
                 request = health_pb2.HealthCheckRequest(service=service)
                 status = health.Check(request, timeout=10).status
                 assert status == health_pb2.HealthCheckResponse.SERVING, service
-        from onnxserve.serving.healthcheck import check
+        from onnxserve.serving.commands.health import check
 
         assert check(server.url).status == "SERVING"
         assert check(server.url, "nope").status == "NOT_FOUND"
@@ -367,7 +367,7 @@ def test_json_and_text_logs_name_the_worker() -> None:
     import io
     import logging
 
-    from onnxserve.serving.logs import configure, event
+    from onnxserve.serving.observability.logs import configure, event
 
     stream = io.StringIO()
     root = logging.getLogger()

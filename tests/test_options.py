@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from onnxserve.serving.errors import ModelLoadError
-from onnxserve.serving.options import ModelOptions, model_options
-from onnxserve.serving.repository import parse_config
+from onnxserve.serving.models.options import ModelOptions, model_options
+from onnxserve.serving.models.repository import parse_config
 
 
 def _config(**parameters: str):

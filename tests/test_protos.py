@@ -71,7 +71,7 @@ def test_every_field_matches_triton() -> None:
 
 def test_every_triton_model_config_field_parses() -> None:
     # A config.pbtxt that Triton parses must parse here too (what onnxserve then does with
-    # each field is serving/config_support.py's decision, not a parse error).
+    # each field is serving/models/config_support.py's decision, not a parse error).
     ours, triton = _dump("ours"), _dump("tritonclient_model_config")
     missing = [f"{message}.{name}" for message, fields in triton.items()
                for name in fields if name not in ours.get(message, {})]

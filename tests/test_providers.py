@@ -9,14 +9,14 @@ import pytest
 from onnx_models import add_one_model
 
 from onnxserve.serving.errors import ModelLoadError
-from onnxserve.serving.providers import (
+from onnxserve.serving.runtime.providers import (
     CPU,
     CUDA,
     check_active,
     requested_providers,
     usable_gpus,
 )
-from onnxserve.serving.runner import Runner
+from onnxserve.serving.runtime.runner import Runner
 
 
 def test_requested_providers() -> None:
@@ -43,7 +43,7 @@ def test_auto_mode_falls_back_loudly(caplog: pytest.LogCaptureFixture) -> None:
 def test_a_gpu_instance_fails_its_load_where_cuda_cannot_run(tmp_path: Path) -> None:
     import onnxruntime as ort
 
-    from onnxserve.serving.devices import Device
+    from onnxserve.serving.runtime.devices import Device
 
     path = add_one_model(tmp_path / "m.onnx")
     if usable_gpus()[0]:

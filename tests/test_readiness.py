@@ -20,8 +20,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from onnx_models import add_one_model
 
 from onnxserve.clients.client import Client
+from onnxserve.serving.models.repository import list_models
 from onnxserve.serving.process import free_port
-from onnxserve.serving.repository import list_models
 
 
 def _health(url: str, service: str = "") -> str:

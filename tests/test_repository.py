@@ -10,8 +10,8 @@ from onnx_models import add_one_model
 
 from onnxserve.protos import model_config_pb2 as mc
 from onnxserve.serving.errors import ModelLoadError
-from onnxserve.serving.model import load_model
-from onnxserve.serving.repository import (
+from onnxserve.serving.models.model import load_model
+from onnxserve.serving.models.repository import (
     AUTO_MAX_BATCH_SIZE,
     complete_config,
     parse_config,
@@ -19,8 +19,8 @@ from onnxserve.serving.repository import (
     read_model,
     select_versions,
 )
-from onnxserve.serving.runner import Signature, TensorSpec
 from onnxserve.serving.settings import ServerSettings
+from onnxserve.serving.types import Signature, TensorSpec
 
 SIGNATURE = Signature(
     inputs=(TensorSpec("x", "FP32", (-1, 4)),),

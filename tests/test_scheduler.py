@@ -8,8 +8,8 @@ import threading
 import numpy as np
 import pytest
 
+from onnxserve.serving.batching.scheduler import Scheduler
 from onnxserve.serving.errors import InferenceFailedError
-from onnxserve.serving.scheduler import Scheduler
 
 
 class FakeRunner:
@@ -190,7 +190,7 @@ def test_statistics_count_samples_executions_and_queue_time() -> None:
 
 
 def test_buffers_are_reused_between_batches() -> None:
-    from onnxserve.serving.scheduler import _Buffers
+    from onnxserve.serving.batching.scheduler import _Buffers
 
     made = []
 
@@ -210,7 +210,7 @@ def test_buffers_are_reused_between_batches() -> None:
 
 
 def test_buffers_pad_with_zero_rows() -> None:
-    from onnxserve.serving.scheduler import _Buffers
+    from onnxserve.serving.batching.scheduler import _Buffers
 
     buffers = _Buffers(8, lambda shape, dtype: np.full(shape, 7, dtype))
     padded = buffers.concatenate("x", [np.ones((2, 3)), np.full((1, 3), 2.0)], 4)
@@ -251,7 +251,7 @@ def test_a_single_request_is_padded_too() -> None:
 
 
 def test_top_k_is_asked_of_the_runner_once_per_batch_and_split_per_request() -> None:
-    from onnxserve.serving.classification import best_k
+    from onnxserve.serving.runtime.topk import best_k
 
     runner = FakeRunner()
     calls = []
@@ -354,8 +354,8 @@ def _held(runner, scheduler_kwargs, body_after_hold):
 
 
 def test_a_full_queue_refuses_at_once() -> None:
+    from onnxserve.serving.batching.scheduler import QueuePolicy
     from onnxserve.serving.errors import ResourceExhaustedError
-    from onnxserve.serving.scheduler import QueuePolicy
 
     runner = FakeRunner()
 
@@ -377,8 +377,8 @@ def test_a_full_queue_refuses_at_once() -> None:
 
 @pytest.mark.parametrize("source", ["policy", "override", "caller"])
 def test_requests_past_their_deadline_are_dropped_not_computed(source: str) -> None:
+    from onnxserve.serving.batching.scheduler import QueuePolicy
     from onnxserve.serving.errors import DeadlineExceededError
-    from onnxserve.serving.scheduler import QueuePolicy
 
     runner = FakeRunner()
     policy = {"policy": QueuePolicy(timeout_s=0.03),
@@ -400,7 +400,7 @@ def test_requests_past_their_deadline_are_dropped_not_computed(source: str) -> N
 
 
 def test_delay_moves_an_expired_request_behind_the_others() -> None:
-    from onnxserve.serving.scheduler import QueuePolicy
+    from onnxserve.serving.batching.scheduler import QueuePolicy
 
     runner = FakeRunner()
     order = []
@@ -428,10 +428,10 @@ def test_delay_moves_an_expired_request_behind_the_others() -> None:
 
 
 def test_queue_policy_comes_from_the_config() -> None:
+    from onnxserve.serving.batching.scheduler import QueuePolicy
     from onnxserve.serving.errors import ModelLoadError
-    from onnxserve.serving.model import queue_policy
-    from onnxserve.serving.repository import parse_config
-    from onnxserve.serving.scheduler import QueuePolicy
+    from onnxserve.serving.models.model import queue_policy
+    from onnxserve.serving.models.repository import parse_config
 
     config = parse_config(
         "dynamic_batching { default_queue_policy { max_queue_size: 7 timeout_action: DELAY "
@@ -449,7 +449,7 @@ class OneRowRunner(FakeRunner):
         return {n: outputs[n] for n in output_names} if output_names else outputs
 
     def run_with_top_k(self, inputs, output_names, top_k):
-        from onnxserve.serving.classification import best_k
+        from onnxserve.serving.runtime.topk import best_k
 
         outputs = self.run(inputs, output_names)
         return outputs, {name: best_k(outputs[name], k) for name, k in top_k.items()}

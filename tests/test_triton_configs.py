@@ -13,10 +13,10 @@ from onnx import TensorProto, helper
 from onnx_models import _save, add_one_model
 
 from onnxserve.clients.client import Client, InferenceServerError
-from onnxserve.serving.config_support import IGNORED, REFUSED, check_config_support
 from onnxserve.serving.errors import ModelLoadError
-from onnxserve.serving.model import load_model
-from onnxserve.serving.repository import parse_config
+from onnxserve.serving.models.config_support import IGNORED, REFUSED, check_config_support
+from onnxserve.serving.models.model import load_model
+from onnxserve.serving.models.repository import parse_config
 from onnxserve.serving.settings import ServerSettings
 
 SETTINGS = ServerSettings(providers="cpu", warmup=True)

@@ -6,7 +6,7 @@ import pytest
 
 from onnxserve.protos import model_config_pb2 as mc
 from onnxserve.serving.errors import InvalidInputError
-from onnxserve.serving.validation import check_inputs, check_outputs
+from onnxserve.serving.models.validation import check_inputs, check_outputs
 
 
 @pytest.fixture

@@ -26,9 +26,9 @@ from google.protobuf import text_format
 
 from onnxserve.protos import model_config_pb2
 from onnxserve.protos.datatypes import by_config_type, by_name
-
-from .errors import ModelLoadError
-from .runner import Signature, TensorSpec
+from onnxserve.protos.model_config_pb2 import ModelConfig
+from onnxserve.serving.errors import ModelLoadError
+from onnxserve.serving.types import Signature, TensorSpec
 
 CONFIG_FILE = "config.pbtxt"
 DEFAULT_MODEL_FILE = "model.onnx"
@@ -39,7 +39,6 @@ AUTO_MAX_BATCH_SIZE = 32
 MAX_MODEL_NAME = 128
 _MODEL_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]*$")
 
-ModelConfig = model_config_pb2.ModelConfig
 
 
 @dataclass
@@ -311,11 +310,12 @@ def _complete_tensors(config_tensors, specs: tuple[TensorSpec, ...], batched: bo
         return
     for tensor in config_tensors:
         where = f"{kind} {tensor.name!r}"
-        spec = by_name_.get(tensor.name)
-        if spec is None:
+        found = by_name_.get(tensor.name)
+        if found is None:
             raise ModelLoadError(
                 f"{where} is not in the ONNX file, whose {kind}s are {', '.join(by_name_)}"
             )
+        spec = found
         if tensor.data_type == model_config_pb2.TYPE_INVALID:
             tensor.data_type = by_name(spec.datatype).config_type
         elif by_config_type(tensor.data_type).name != spec.datatype:

@@ -27,11 +27,11 @@ import os
 from dataclasses import dataclass, field, replace
 
 from onnxserve.protos.model_config_pb2 import ModelConfig
-
-from .accelerators import GpuSettings, gpu_settings
-from .devices import CPU_DEVICE, Device
-from .errors import ModelLoadError
-from .options import RUN_ON_EVENT_LOOP_KEY, ModelOptions, model_options
+from onnxserve.serving.errors import ModelLoadError
+from onnxserve.serving.models.accelerators import gpu_settings
+from onnxserve.serving.models.options import RUN_ON_EVENT_LOOP_KEY, ModelOptions, model_options
+from onnxserve.serving.runtime.devices import CPU_DEVICE, Device
+from onnxserve.serving.runtime.sessions import GpuSettings, SessionSettings
 
 #: A model runs inline when its batch of 1 runs faster than this at warm-up...
 INLINE_LIMIT_S = 0.25e-3
@@ -40,19 +40,6 @@ INLINE_STALL_LIMIT_S = 5e-3
 
 #: Triton's optimization.graph.level values (onnxruntime backend) and onnxruntime's levels
 GRAPH_LEVELS = {0: "all", -1: "basic", 1: "extended", 2: "none"}
-
-
-@dataclass(frozen=True)
-class SessionSettings:
-    """Threads, spinning and graph optimisation of one onnxruntime session."""
-
-    intra_op: int = 1
-    inter_op: int = 1
-    spinning: str = "run"
-    #: run independent branches of the graph in parallel (inter_op threads)
-    parallel: bool = False
-    #: onnxruntime graph optimisation: "all", "extended", "basic" or "none"
-    optimization: str = "all"
 
 
 @dataclass(frozen=True)
@@ -108,9 +95,9 @@ def plan_execution(
     cores: int | None = None,
     devices: tuple[Device, ...] | None = None,
 ) -> ExecutionPlan:
-    """The execution plan for one model from its config and options (serving/options.py;
+    """The execution plan for one model from its config and options (serving/models/options.py;
     read from the config when not given), the server's settings and the instances' devices
-    (serving/devices.py; all on the CPU when not given)."""
+    (serving/runtime/devices.py; all on the CPU when not given)."""
     options = options if options is not None else model_options(config)
     cores = cores or os.cpu_count() or 1
     if devices is None:

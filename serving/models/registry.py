@@ -23,18 +23,23 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import (
+from onnxserve.serving.errors import (
     FailedPreconditionError,
     InvalidInputError,
     ModelLoadError,
     NotFoundError,
     UnavailableError,
 )
-from .logs import event
-from .metrics import Metrics
-from .model import Model, ModelVersion, load_model
-from .repository import fingerprint, list_models, model_folder, valid_model_name
-from .settings import ServerSettings
+from onnxserve.serving.models.model import Model, ModelVersion, load_model
+from onnxserve.serving.models.repository import (
+    fingerprint,
+    list_models,
+    model_folder,
+    valid_model_name,
+)
+from onnxserve.serving.observability.logs import event
+from onnxserve.serving.observability.metrics import Metrics
+from onnxserve.serving.settings import ServerSettings
 
 log = logging.getLogger(__name__)
 

@@ -10,7 +10,7 @@ import os
 import subprocess
 from pathlib import Path
 
-from .process import ServerProcess, onnxserve_command
+from onnxserve.serving.process import ServerProcess, onnxserve_command
 
 DEFAULT_MODELS = ("lenet5", "mobilenet_v2")
 #: Where Keras caches the MobileNetV2 ImageNet weights after a download.

@@ -9,8 +9,7 @@ import numpy as np
 
 from onnxserve.protos import inference_pb2 as pb
 from onnxserve.protos.codec import TensorCodecError, datatype_of, decode_contents, decode_raw
-
-from .dataplane import (
+from onnxserve.serving.dataplane import (
     CLASSIFICATION_PARAMETER,
     TIMEOUT_PARAMETER,
     InferRequest,

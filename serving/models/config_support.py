@@ -21,10 +21,8 @@ from __future__ import annotations
 from google.protobuf.message import Message
 
 from onnxserve.protos import model_config_pb2
-
-from .errors import ModelLoadError
-
-ModelConfig = model_config_pb2.ModelConfig
+from onnxserve.protos.model_config_pb2 import ModelConfig
+from onnxserve.serving.errors import ModelLoadError
 
 #: field path (names joined by ".", list and map entries transparent) -> why it is refused
 REFUSED: dict[str, str] = {

@@ -5,8 +5,7 @@ from __future__ import annotations
 from onnxserve.protos import inference_pb2 as pb
 from onnxserve.protos.codec import encode_raw
 from onnxserve.protos.datatypes import by_numpy
-
-from .dataplane import InferResult
+from onnxserve.serving.dataplane import InferResult
 
 
 def encode_response(result: InferResult, request_id: str) -> pb.ModelInferResponse:

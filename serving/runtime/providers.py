@@ -15,9 +15,9 @@ from pathlib import Path
 
 import onnxruntime as ort
 
-from .accelerators import GpuSettings
-from .devices import Device, cuda_device_count
-from .errors import ModelLoadError
+from onnxserve.serving.errors import ModelLoadError
+from onnxserve.serving.runtime.devices import Device, cuda_device_count
+from onnxserve.serving.runtime.sessions import GpuSettings
 
 log = logging.getLogger(__name__)
 

@@ -24,9 +24,8 @@ from onnxserve.protos.images import (
     PREPROCESSING_PARAMETER,
 )
 from onnxserve.protos.model_config_pb2 import ModelConfig
-
-from .errors import ModelLoadError
-from .settings import SPINNING_MODES
+from onnxserve.serving.errors import ModelLoadError
+from onnxserve.serving.settings import SPINNING_MODES
 
 INTRA_OP_KEY = "intra_op_thread_count"
 INTER_OP_KEY = "inter_op_thread_count"
@@ -36,7 +35,7 @@ RUN_ON_EVENT_LOOP_KEY = "onnxserve.run_on_event_loop"
 IO_BINDING_KEY = "onnxserve.io_binding"
 BUCKETS_KEY = "onnxserve.batch_buckets"
 #: Triton's older top-level CUDA parameters (values as Triton writes them, checked where
-#: the CUDA options are assembled: serving/accelerators.py)
+#: the CUDA options are assembled: serving/models/accelerators.py)
 LEGACY_CUDA_KEYS = ("cudnn_conv_algo_search", "gpu_mem_limit", "arena_extend_strategy",
                     "do_copy_in_default_stream")
 

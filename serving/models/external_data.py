@@ -19,7 +19,7 @@ import mmap
 from collections.abc import Iterator
 from pathlib import Path
 
-from .errors import ModelLoadError
+from onnxserve.serving.errors import ModelLoadError
 
 # The messages that can hold tensors: message -> {field number: message it holds}.
 _MODEL, _GRAPH, _NODE, _ATTRIBUTE, _FUNCTION, _TRAINING, _SPARSE, _TENSOR = range(8)

@@ -14,8 +14,7 @@ import functools
 from dataclasses import dataclass
 
 from onnxserve.protos.model_config_pb2 import ModelConfig, ModelInstanceGroup
-
-from .errors import ModelLoadError
+from onnxserve.serving.errors import ModelLoadError
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""Write the ONNX graphs in this folder: ``python -m onnxserve.serving.kernels.generate``.
+"""Write the ONNX graphs in this folder: ``python -m onnxserve.serving.runtime.kernels.generate``.
 
 ``topk_<dtype>.onnx`` takes ``scores`` [batch, classes] and ``k`` (int64 [1]) and returns each
 sample's ``k`` best ``values`` and their flat ``indices``, best first. Run on a model's own

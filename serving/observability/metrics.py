@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable
+from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
 from prometheus_client.core import GaugeMetricFamily
@@ -73,7 +74,7 @@ class Metrics:
         self.batch_size = Histogram(
             "onnxserve_batch_size", "Samples per model run", labels, buckets=_BATCH_BUCKETS,
             registry=self.registry)
-        self._server = None
+        self._server: WSGIServer | None = None
 
     def for_version(self, model: str, version: int) -> VersionMetrics:
         return VersionMetrics(self, model, str(version))

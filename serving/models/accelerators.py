@@ -16,13 +16,12 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from onnxserve.protos.model_config_pb2 import ModelConfig
-
-from .errors import ModelLoadError
-from .options import ModelOptions, model_options
+from onnxserve.serving.errors import ModelLoadError
+from onnxserve.serving.models.options import ModelOptions, model_options
+from onnxserve.serving.runtime.sessions import GpuSettings
 
 #: CUDA execution provider options a model may set (device_id comes from instance_group)
 CUDA_OPTIONS = frozenset({
@@ -42,20 +41,6 @@ _TRT_RENAMED = {
 }
 _PRECISIONS = {"FP32": {}, "FP16": {"trt_fp16_enable": "1"},
                "INT8": {"trt_int8_enable": "1", "trt_fp16_enable": "1"}}
-
-
-@dataclass(frozen=True)
-class GpuSettings:
-    """How GPU instances of one model run."""
-
-    #: CUDA execution provider options (strings, as onnxruntime takes them)
-    cuda: dict[str, str] = field(default_factory=dict)
-    #: TensorRT execution provider options; None: TensorRT not asked for
-    tensorrt: dict[str, str] | None = None
-    #: bind inputs and outputs explicitly (None: on for GPU instances, off on the CPU)
-    io_binding: bool | None = None
-    #: batch sizes batches are padded up to; () none; None: decided by the device
-    buckets: tuple[int, ...] | None = None
 
 
 def _cuda_value(key: str, value: str, where: str) -> str:

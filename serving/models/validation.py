@@ -5,9 +5,8 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 
 from onnxserve.protos.datatypes import by_config_type
-
-from .errors import InvalidInputError
-from .repository import ModelConfig
+from onnxserve.serving.errors import InvalidInputError
+from onnxserve.serving.models.repository import ModelConfig
 
 
 def expected_shape(dims: Sequence[int], max_batch_size: int) -> list[int]:

@@ -4,7 +4,7 @@ The runner knows nothing of protobuf or gRPC: it takes and returns numpy arrays.
 ``run`` is synchronous and called from worker threads (onnxruntime releases the GIL).
 
 With I/O binding (the default on a GPU) a batch goes to the device in one copy from its
-host buffer (pinned, see serving/pinned.py), the outputs stay on the device, and only the
+host buffer (pinned, see serving/runtime/pinned.py), the outputs stay on the device, and only the
 outputs asked for come back; a classification's top-k runs on the device too, so k
 numbers per sample cross back instead of the whole score vector.
 """
@@ -13,19 +13,18 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 
-from .accelerators import GpuSettings
-from .classification import TopK, best_k
-from .devices import CPU_DEVICE, Device
-from .errors import InferenceFailedError, InvalidInputError, ModelLoadError
-from .execution import SessionSettings
-from .pinned import host_buffer
-from .providers import check_active, provider_chain
+from onnxserve.serving.errors import InferenceFailedError, InvalidInputError, ModelLoadError
+from onnxserve.serving.runtime.devices import CPU_DEVICE, Device
+from onnxserve.serving.runtime.pinned import host_buffer
+from onnxserve.serving.runtime.providers import check_active, provider_chain
+from onnxserve.serving.runtime.sessions import GpuSettings, SessionSettings
+from onnxserve.serving.runtime.topk import best_k
+from onnxserve.serving.types import Signature, TensorSpec, TopK
 
 KERNELS = Path(__file__).resolve().parent / "kernels"
 #: onnxruntime element types the top-k graph exists for
@@ -52,21 +51,6 @@ _ORT_TYPES = {
     "tensor(double)": "FP64",
     "tensor(string)": "BYTES",
 }
-
-
-@dataclass(frozen=True)
-class TensorSpec:
-    """A model input or output as the ONNX file declares it; -1 marks a dynamic dimension."""
-
-    name: str
-    datatype: str
-    shape: tuple[int, ...]
-
-
-@dataclass(frozen=True)
-class Signature:
-    inputs: tuple[TensorSpec, ...]
-    outputs: tuple[TensorSpec, ...]
 
 
 def _spec(arg: ort.NodeArg) -> TensorSpec:
@@ -188,8 +172,12 @@ class Runner:
     def run(
         self, inputs: dict[str, np.ndarray], output_names: Sequence[str] | None = None
     ) -> dict[str, np.ndarray]:
-        """Execute one batch and return the named outputs (all when ``output_names`` is None)."""
-        names = list(output_names) if output_names else [o.name for o in self.signature.outputs]
+        """Execute one batch and return the named outputs: all when ``output_names`` is
+        None, exactly those named otherwise (as ``run_with_top_k``; none for ``[]``)."""
+        names = ([o.name for o in self.signature.outputs] if output_names is None
+                 else list(output_names))
+        if not names:
+            return {}
         if self.io_binding:
             return self.run_with_top_k(inputs, names, {})[0]
         try:

@@ -16,12 +16,11 @@ import grpc
 
 from onnxserve.protos import inference_pb2 as pb
 from onnxserve.protos import inference_pb2_grpc
-
-from .dataplane import DataPlane
-from .decoding import infer_request
-from .encoding import encode_response
-from .errors import ServingError, error_code
-from .statistics import ModelStats
+from onnxserve.serving.dataplane import DataPlane
+from onnxserve.serving.errors import ServingError, error_code
+from onnxserve.serving.frontends.decoding import infer_request
+from onnxserve.serving.frontends.encoding import encode_response
+from onnxserve.serving.observability.statistics import ModelStats
 
 log = logging.getLogger(__name__)
 

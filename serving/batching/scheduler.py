@@ -11,7 +11,7 @@ its batch formed is dropped, never computed. Without batching, each request runs
 A scheduler made with ``run_on_event_loop=True`` runs its batches on the event loop's own
 thread instead: for models so small that the hand-off to a thread costs more than the run.
 
-With ``batch_buckets`` (GPU instances by default, see serving/accelerators.py) a batch is
+With ``batch_buckets`` (GPU instances by default, see serving/models/accelerators.py) a batch is
 padded with zero rows up to the smallest bucket that holds it, so the model only ever sees
 the few batch shapes that were warmed up; the padding rows' outputs are dropped.
 """
@@ -26,11 +26,12 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import cast
 
 import numpy as np
 
-from .classification import TopK
-from .errors import (
+from onnxserve.serving.batching.inflight import InFlight
+from onnxserve.serving.errors import (
     DeadlineExceededError,
     InferenceFailedError,
     InvalidInputError,
@@ -39,9 +40,8 @@ from .errors import (
     ServingError,
     UnavailableError,
 )
-from .inflight import InFlight
-from .runner import Runner
-from .statistics import ModelStats
+from onnxserve.serving.observability.statistics import ModelStats
+from onnxserve.serving.types import Instance, OutputValue, TopK
 
 log = logging.getLogger(__name__)
 
@@ -160,7 +160,7 @@ class Scheduler:
 
     def __init__(
         self,
-        runners: Sequence[Runner],
+        runners: Sequence[Instance],
         *,
         max_batch_size: int,
         batching: bool = True,
@@ -249,7 +249,7 @@ class Scheduler:
         time_remaining: float | None = None,
         timeout_us: int | None = None,
         top_k: dict[str, int] | None = None,
-    ) -> dict[str, np.ndarray | TopK]:
+    ) -> dict[str, OutputValue]:
         """Queue one request and wait for its outputs.
 
         ``batch_size`` is the request's own leading dimension (0 for models without batching).
@@ -301,7 +301,7 @@ class Scheduler:
                 pending.started_ns - pending.enqueued_ns)
             self.stats.record_request(ok, time.perf_counter_ns() - pending.enqueued_ns, queued)
 
-    def _run_now(self, pending: _Pending) -> dict[str, np.ndarray]:
+    def _run_now(self, pending: _Pending) -> dict[str, OutputValue]:
         pending.started_ns = time.perf_counter_ns()
         ok = False
         try:
@@ -388,7 +388,7 @@ class Scheduler:
             size += nxt.batch_size
         return batch
 
-    async def _work(self, runner: Runner) -> None:
+    async def _work(self, runner: Instance) -> None:
         loop = asyncio.get_running_loop()
         buffers = _Buffers(max(self._max_batch_size, 1), runner.host_buffer)
         while True:
@@ -433,24 +433,23 @@ class Scheduler:
                 if not pending.future.done():
                     pending.future.set_result(outputs)
 
-    def _run_each(self, runner: Runner, buffers: _Buffers,
-                  batch: list[_Pending]) -> list[dict[str, np.ndarray | TopK] | Exception]:
+    def _run_each(self, runner: Instance, buffers: _Buffers,
+                  batch: list[_Pending]) -> list[dict[str, OutputValue] | Exception]:
         """Run each request of a failed batch alone: its outputs, or its own failure."""
-        results: list[dict[str, np.ndarray | TopK] | Exception] = []
+        results: list[dict[str, OutputValue] | Exception] = []
         for pending in batch:
             try:
-                (result,) = self._run_batch(runner, buffers, [pending])
+                results.extend(self._run_batch(runner, buffers, [pending]))
             except ServingError as exc:
-                result = exc
+                results.append(exc)
             except Exception as exc:
                 log.exception("request of model %s failed", self._name)
-                result = InferenceFailedError(f"model {self._name} failed: {exc}")
-            results.append(result)
+                results.append(InferenceFailedError(f"model {self._name} failed: {exc}"))
         return results
 
     @staticmethod
     def _settle(batch: list[_Pending],
-                results: Sequence[dict[str, np.ndarray | TopK] | Exception]) -> None:
+                results: Sequence[dict[str, OutputValue] | Exception]) -> None:
         for pending, result in zip(batch, results, strict=True):
             if pending.future.done():
                 continue
@@ -465,8 +464,8 @@ class Scheduler:
         return self._buckets[index] if index < len(self._buckets) else rows
 
     def _run_batch(
-        self, runner: Runner, buffers: _Buffers, batch: list[_Pending]
-    ) -> list[dict[str, np.ndarray | TopK]]:
+        self, runner: Instance, buffers: _Buffers, batch: list[_Pending]
+    ) -> list[dict[str, OutputValue]]:
         """Concatenate, run and split one batch (in a worker thread)."""
         t0 = time.perf_counter_ns()
         wanted = list(dict.fromkeys(name for p in batch for name in p.outputs))
@@ -490,13 +489,13 @@ class Scheduler:
         if self._max_batch_size > 0:
             check_output_rows(f"model {self._name}", rows, len(batch), outputs, best)
         if len(batch) == 1 and rows == filled and not top:
-            results: list[dict[str, np.ndarray | TopK]] = [outputs]
+            results: list[dict[str, OutputValue]] = [cast(dict[str, OutputValue], outputs)]
         else:
             results = []
             start = 0
             for pending in batch:
                 stop = start + pending.batch_size
-                result: dict[str, np.ndarray | TopK] = {
+                result: dict[str, OutputValue] = {
                     name: outputs[name][start:stop] for name in pending.outputs}
                 for name, k in pending.top_k.items():
                     result[name] = best[name].rows(start, stop, k)

@@ -10,42 +10,49 @@ from pathlib import Path
 
 import numpy as np
 
-from .accelerators import resolve_buckets
-from .classification import TopK
-from .config_support import check_config_support
-from .devices import place_instances
-from .errors import InferenceFailedError, InvalidInputError, ModelLoadError, NotFoundError
-from .execution import ExecutionPlan, plan_execution, should_run_on_event_loop
-from .external_data import check_external_data
-from .images import EncodedImageInput, encoded_image_input
-from .logs import event
-from .metrics import Metrics
-from .options import ModelOptions, model_options
-from .providers import usable_gpus
-from .repository import (
+from onnxserve.serving.batching.scheduler import QueuePolicy, Scheduler
+from onnxserve.serving.errors import (
+    InferenceFailedError,
+    InvalidInputError,
+    ModelLoadError,
+    NotFoundError,
+)
+from onnxserve.serving.models.accelerators import resolve_buckets
+from onnxserve.serving.models.config_support import check_config_support
+from onnxserve.serving.models.execution import (
+    ExecutionPlan,
+    plan_execution,
+    should_run_on_event_loop,
+)
+from onnxserve.serving.models.external_data import check_external_data
+from onnxserve.serving.models.images import EncodedImageInput, encoded_image_input
+from onnxserve.serving.models.options import ModelOptions, model_options
+from onnxserve.serving.models.repository import (
     ModelConfig,
     complete_config,
     read_labels,
     read_model,
     select_versions,
 )
-from .runner import Runner
-from .scheduler import QueuePolicy, Scheduler
-from .settings import ServerSettings
-from .statistics import ModelStats
-from .validation import InputRules
-from .warmup import (
+from onnxserve.serving.models.validation import InputRules
+from onnxserve.serving.models.warmup import (
     WarmupResult,
     default_samples,
     samples_from_config,
     smallest_and_largest,
     warm_up,
 )
+from onnxserve.serving.observability.logs import event
+from onnxserve.serving.observability.metrics import Metrics
+from onnxserve.serving.observability.statistics import ModelStats
+from onnxserve.serving.runtime.devices import place_instances
+from onnxserve.serving.runtime.providers import usable_gpus
+from onnxserve.serving.runtime.runner import Runner
+from onnxserve.serving.settings import ServerSettings
+from onnxserve.serving.types import OutputValue
 
 log = logging.getLogger(__name__)
 
-#: what the scheduler hands back per output: the array, or its top-k classes
-OutputValue = np.ndarray | TopK
 
 
 @dataclass

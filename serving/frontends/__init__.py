@@ -1,0 +1,2 @@
+"""Front ends: one adapter per transport (gRPC), messages in, data-plane calls, messages
+out, one error-mapping decorator each; no batching and no onnxruntime here."""
