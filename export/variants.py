@@ -7,8 +7,6 @@ from pathlib import Path
 
 import numpy as np
 
-VARIANTS = ("fp32", "fp16", "int8")
-
 
 def to_fp16(onnx_model, keep_io_types: bool = True):
     """Weights and compute in float16; float32 inputs and outputs unless keep_io_types is off."""

@@ -37,8 +37,8 @@ DEFAULT_GRPC_PORT = 8001
 # A batch of 64 float 331x331x3 images (the largest seed input) is 84 MB; gRPC's
 # default of 4 MB does not take even one 224x224x3 float batch of 8.
 DEFAULT_MAX_MESSAGE_BYTES = 256 * 1024 * 1024
-# About 1.4 s of LeNet-5 or MobileNetV2 batches of 32 on 2 cores: enough to keep the
-# instances busy, small enough that a refused client learns at once instead of timing out.
+# Enough work to keep the instances busy, little enough that a refused client learns at once
+# instead of timing out (benchmarks/results/defaults.md has the measurement).
 DEFAULT_MAX_QUEUE_SIZE = 256
 
 # Keepalive and the HTTP/2 ping policy: Triton's --grpc-keepalive-* / --grpc-http2-* flags,

@@ -13,19 +13,9 @@ from onnxserve.serving.runtime.providers import (
     CPU,
     CUDA,
     check_active,
-    requested_providers,
     usable_gpus,
 )
 from onnxserve.serving.runtime.runner import Runner
-
-
-def test_requested_providers() -> None:
-    assert requested_providers("cpu", [CUDA, CPU]) == [CPU]
-    assert requested_providers("auto", [CUDA, CPU]) == [CUDA, CPU]
-    assert requested_providers("auto", [CPU]) == [CPU]
-    assert requested_providers("cuda", [CUDA, CPU]) == [CUDA, CPU]
-    with pytest.raises(RuntimeError, match="no CUDA execution provider"):
-        requested_providers("cuda", [CPU])
 
 
 def test_cuda_mode_fails_when_session_fell_back() -> None:

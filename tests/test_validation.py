@@ -6,7 +6,15 @@ import pytest
 
 from onnxserve.protos import model_config_pb2 as mc
 from onnxserve.serving.errors import InvalidInputError
-from onnxserve.serving.models.validation import check_inputs, check_outputs
+from onnxserve.serving.models.validation import InputRules
+
+
+def check_inputs(config: mc.ModelConfig, declared) -> int:
+    return InputRules(config).check(declared)
+
+
+def check_outputs(config: mc.ModelConfig, names) -> list[str]:
+    return InputRules(config).check_outputs(names)
 
 
 @pytest.fixture

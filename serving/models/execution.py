@@ -3,22 +3,21 @@
 The choice comes from, in order: the model's config.pbtxt ``parameters`` (Triton's
 onnxruntime-backend keys ``intra_op_thread_count`` / ``inter_op_thread_count``, and
 ``onnxserve.spinning`` / ``onnxserve.run_on_event_loop``), then the server's flags, then
-defaults measured on a 2-core machine:
+defaults chosen by measurement on a 2-core machine (the figures are in
+benchmarks/results/defaults.md):
 
 - one instance, one onnxruntime thread per core (instances split the cores between them);
 - spinning only while a run is in progress (``run``): a pool that spins between operators
-  cuts MobileNetV2's batch-1 time by about 15%, and stopping the spin when the run ends
-  leaves the cores to the event loop between batches (a pool that keeps spinning, ``always``,
-  cost LeNet-5 30% of its throughput at concurrency 16); when the instances' threads
-  outnumber the cores, no pool spins (they would steal each other's cores);
+  shortens a run, and stopping the spin when the run ends leaves the cores to the event
+  loop between batches (a pool that keeps spinning, ``always``, costs small models much of
+  their throughput); when the instances' threads outnumber the cores, no pool spins (they
+  would steal each other's cores);
 - tiny models (a batch of 1 runs in under ``INLINE_LIMIT_S`` and the largest batch in under
   ``INLINE_STALL_LIMIT_S`` at warm-up) run on the event loop's thread: handing a 50
-  microsecond run to a worker thread and back costs more than the run itself (LeNet-5 at
-  concurrency 16: 1,700/s through a worker thread, 2,450/s inline, in one run on 2 cores).
-  They keep their pool threads, spinning only during runs: with 32-sample requests, LeNet-5
-  inline with 2 threads gave 27,157/s against 23,620/s with 1, same run. A request that
-  finds nothing queued runs at once in its own handler (no worker round trip: +6% at
-  concurrency 1 and 16); so inline models batch only with max_queue_delay_microseconds > 0.
+  microsecond run to a worker thread and back costs more than the run itself. They keep
+  their pool threads, spinning only during runs. A request that finds nothing queued runs
+  at once in its own handler (no worker round trip), so such models batch only with
+  max_queue_delay_microseconds > 0.
 """
 
 from __future__ import annotations

@@ -114,13 +114,3 @@ class InputRules:
         if len(set(names)) != len(names):
             raise InvalidInputError("an output is requested more than once")
         return names or list(self.outputs)
-
-
-def check_inputs(config: ModelConfig, declared: Sequence[tuple[str, str, Sequence[int]]]) -> int:
-    """InputRules(config).check(declared), for one-off checks."""
-    return InputRules(config).check(declared)
-
-
-def check_outputs(config: ModelConfig, names: Iterable[str]) -> list[str]:
-    """InputRules(config).check_outputs(names), for one-off checks."""
-    return InputRules(config).check_outputs(names)

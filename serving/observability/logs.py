@@ -12,7 +12,6 @@ import logging
 import sys
 import time
 
-LOG_FORMATS = ("text", "json")
 _TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 

@@ -29,22 +29,6 @@ _PROBE_MODEL = Path(__file__).resolve().parent / "kernels" / "topk_float32.onnx"
 ProviderChain = list[tuple[str, dict[str, str]]]
 
 
-def requested_providers(mode: str, available: Sequence[str]) -> list[str]:
-    """The provider names to create a session with for ``mode`` (auto, cpu or cuda)."""
-    if mode == "cpu":
-        return [CPU]
-    if mode == "cuda":
-        if CUDA not in available:
-            raise RuntimeError(
-                "--providers cuda: this onnxruntime build has no CUDA execution provider "
-                f"(available: {', '.join(available)}); install onnxruntime-gpu"
-            )
-        return [CUDA, CPU]
-    if mode == "auto":
-        return [CUDA, CPU] if CUDA in available else [CPU]
-    raise ValueError(f"unknown provider mode {mode!r}; expected auto, cpu or cuda")
-
-
 @functools.cache
 def usable_gpus() -> tuple[int, str]:
     """How many GPUs onnxruntime's CUDA provider can run on, and why none when it is 0.
