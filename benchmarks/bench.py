@@ -321,37 +321,31 @@ def plot(results: list[dict], path: Path) -> bool:
     return True
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value}: expected 1 or more")
-    return value
+def _bounded(kind: type, minimum: float, inclusive: bool, unit: str = ""):
+    """An argparse type: a ``kind`` (int or float) at least (or above) ``minimum``."""
+    what = {int: "a whole number", float: "a number"}[kind] + (f" of {unit}" if unit else "")
 
-
-def _seconds(minimum: float, inclusive: bool):
     def parse(text: str) -> float:
         try:
-            value = float(text)
+            value = kind(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
         if not math.isfinite(value) or value < minimum or (value == minimum and not inclusive):
+            bound = (f"{minimum:g} or more" if inclusive and kind is int
+                     else f"{'at least' if inclusive else 'more than'} {minimum:g}")
             raise argparse.ArgumentTypeError(
-                f"{text}: expected {'at least' if inclusive else 'more than'} {minimum:g}")
+                f"{text}: expected {bound}" + (f" {unit}" if unit else ""))
         return value
+
     return parse
 
 
-def _rate(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of requests/s") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"{text}: expected more than 0 requests/s")
-    return value
+_positive_int = _bounded(int, 1, inclusive=True)
+_rate = _bounded(float, 0, inclusive=False, unit="requests/s")
+
+
+def _seconds(minimum: float, inclusive: bool):
+    return _bounded(float, minimum, inclusive, unit="seconds")
 
 
 DESCRIPTION = (

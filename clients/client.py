@@ -15,7 +15,7 @@ import numpy as np
 from onnxserve.protos import inference_pb2 as pb
 from onnxserve.protos import inference_pb2_grpc, model_config_pb2
 from onnxserve.protos.codec import decode_contents, decode_raw, encode_contents, encode_raw
-from onnxserve.protos.datatypes import by_name, by_numpy
+from onnxserve.protos.datatypes import TensorSpec, by_name, by_numpy
 
 from .connection import DEFAULT_URL, clean_token, normalize_url, pem_bytes
 
@@ -81,11 +81,8 @@ class InferenceServerError(Exception):
         self.message = message
 
 
-@dataclass(frozen=True)
-class TensorInfo:
-    name: str
-    datatype: str
-    shape: tuple[int, ...]
+#: a model input or output as its metadata describes it
+TensorInfo = TensorSpec
 
 
 @dataclass(frozen=True)

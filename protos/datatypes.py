@@ -1,4 +1,6 @@
-"""The protocol's tensor datatypes and how they map to numpy, typed contents and config types."""
+"""The protocol's tensor datatypes and how they map to numpy, typed contents and config types;
+``TensorSpec``, a tensor's name, datatype and shape as both the server and clients speak of
+it."""
 
 from __future__ import annotations
 
@@ -7,6 +9,16 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import model_config_pb2
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """A tensor's name, protocol datatype (``FP32``, ...) and shape; -1 marks a dimension of
+    any size (a model's leading -1 is its batch)."""
+
+    name: str
+    datatype: str
+    shape: tuple[int, ...]
 
 
 @dataclass(frozen=True)

@@ -48,7 +48,7 @@ from onnxserve.serving.models.registry import READY, ModelEntry, Registry
 from onnxserve.serving.models.validation import expected_shape
 from onnxserve.serving.observability.logs import event
 from onnxserve.serving.observability.metrics import UNKNOWN_MODEL, Metrics
-from onnxserve.serving.types import TopK
+from onnxserve.serving.types import TensorSpec, TopK
 
 log = logging.getLogger(__name__)
 
@@ -106,19 +106,15 @@ class InferResult:
 
 
 @dataclass(frozen=True)
-class TensorMetadata:
-    name: str
-    datatype: str
-    shape: list[int]
-
-
-@dataclass(frozen=True)
 class ModelMetadata:
+    """A model as clients see it: tensors with the shapes they send (-1: any size, a leading
+    -1 for the batch), and the parameters of serving/models/model.py's ``parameters``."""
+
     name: str
     versions: list[str]
     platform: str
-    inputs: list[TensorMetadata]
-    outputs: list[TensorMetadata]
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
     parameters: dict[str, str] = field(default_factory=dict)
 
 
@@ -205,9 +201,9 @@ class DataPlane:
         model, _ = self.registry.get(name, version)
         config = model.config
 
-        def tensors(items) -> list[TensorMetadata]:
-            return [TensorMetadata(t.name, by_config_type(t.data_type).name,
-                                   expected_shape(t.dims, config.max_batch_size))
+        def tensors(items) -> list[TensorSpec]:
+            return [TensorSpec(t.name, by_config_type(t.data_type).name,
+                               tuple(expected_shape(t.dims, config.max_batch_size)))
                     for t in items]
 
         return ModelMetadata(model.name, [str(v) for v in sorted(model.versions)],

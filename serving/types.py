@@ -15,18 +15,15 @@ from typing import NamedTuple, Protocol
 
 import numpy as np
 
+from onnxserve.protos.datatypes import TensorSpec
 
-@dataclass(frozen=True)
-class TensorSpec:
-    """A model input or output as the ONNX file declares it; -1 marks a dynamic dimension."""
-
-    name: str
-    datatype: str
-    shape: tuple[int, ...]
+__all__ = ["Instance", "OutputValue", "Signature", "TensorSpec", "TopK"]
 
 
 @dataclass(frozen=True)
 class Signature:
+    """A model's inputs and outputs as its ONNX file declares them."""
+
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
 
