@@ -46,8 +46,10 @@ from onnxserve.serving.models.images import EncodedImageInput, decode_batch
 from onnxserve.serving.models.model import Model, ModelVersion
 from onnxserve.serving.models.registry import READY, ModelEntry, Registry
 from onnxserve.serving.models.validation import expected_shape
+from onnxserve.serving.observability import stages
 from onnxserve.serving.observability.logs import event
 from onnxserve.serving.observability.metrics import UNKNOWN_MODEL, Metrics
+from onnxserve.serving.observability.stages import CLOCK
 from onnxserve.serving.types import TensorSpec, TopK
 
 log = logging.getLogger(__name__)
@@ -282,8 +284,11 @@ class DataPlane:
                         raise
                     continue
                 if self._metrics is not None:
+                    observing = time.perf_counter_ns()
                     self._metrics.observe_request(model_label, version_label, "OK",
                                                   time.perf_counter() - started)
+                    if CLOCK.enabled:
+                        CLOCK.add(stages.OBSERVE, observing)
                 return result
             raise AssertionError("unreachable")
         except Exception as exc:
@@ -302,15 +307,24 @@ class DataPlane:
 
     async def _infer(self, request: InferRequest, model: Model,
                      version: ModelVersion) -> InferResult:
+        timed = CLOCK.enabled
+        if timed:
+            mark = time.perf_counter_ns()
         batch_size = model.rules.check([(t.name, t.datatype, t.shape) for t in request.inputs])
+        if timed:
+            mark = CLOCK.add(stages.VALIDATE, mark)
         inputs = {}
         for tensor in request.inputs:
             try:
                 inputs[tensor.name] = tensor.decode()
             except TensorCodecError as exc:
                 raise InvalidInputError(f"input {tensor.name!r}: {exc}") from None
+        if timed:
+            mark = CLOCK.add(stages.DECODE, mark)
         if model.images is not None and model.images.name in inputs:
             inputs = await self._decode_images(inputs, model.images)
+            if timed:
+                mark = CLOCK.add(stages.IMAGES, mark)
         inputs = model.to_model_inputs(inputs, batch_size)
         names = model.rules.check_outputs([o.name for o in request.outputs])
         classification = {
@@ -323,9 +337,13 @@ class DataPlane:
         batched = model.config.max_batch_size > 0
         # Batched models find the k best where the batch runs (on its device).
         top = classification if batched else {}
+        if timed:
+            mark = CLOCK.add(stages.PREPARE, mark)
         outputs = await version.scheduler.infer(
             inputs, [n for n in names if n not in top], batch_size,
             time_remaining=request.time_remaining, timeout_us=timeout_us, top_k=top)
+        if timed:
+            mark = CLOCK.add(stages.BATCH, mark)
         outputs = model.to_client_outputs(outputs)
         answered = []
         for name in names:
@@ -336,6 +354,8 @@ class DataPlane:
                 value = top_k(value, classification[name], model.labels.get(name),
                               batched=batched, output=name)
             answered.append((name, value))
+        if timed:
+            CLOCK.add(stages.STRINGS, mark)
         return InferResult(model.name, str(version.version), request.id, answered)
 
     async def _decode_images(

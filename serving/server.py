@@ -30,6 +30,7 @@ from onnxserve.serving.frontends.grpc_service import InferenceService
 from onnxserve.serving.frontends.health import SERVICE_NAME, mark_live, update_health
 from onnxserve.serving.models.registry import READY, Registry
 from onnxserve.serving.observability.metrics import Metrics, registry_gauges
+from onnxserve.serving.observability.stages import CLOCK
 from onnxserve.serving.runtime.providers import announce
 from onnxserve.serving.settings import ServerSettings
 
@@ -138,6 +139,9 @@ async def serve(settings: ServerSettings, stop: asyncio.Event | None = None,
     registry = Registry(settings.model_repository, settings, on_change=models_changed,
                         metrics=metrics)
     metrics.watch(registry_gauges(registry.index))
+    CLOCK.enabled = settings.stage_timing
+    if settings.stage_timing:
+        metrics.watch(CLOCK.metric_families)
     try:
         initial_models = registry.initial_models()
     except (NotFoundError, ModelLoadError) as exc:  # before any port opens
@@ -191,6 +195,8 @@ async def serve(settings: ServerSettings, stop: asyncio.Event | None = None,
         # New requests keep getting UNAVAILABLE (and health NOT_SERVING) for a moment, so
         # clients and load balancers move away before the port closes.
         await asyncio.sleep(min(LINGER_SECONDS, settings.drain_seconds))
+        if CLOCK.enabled:
+            log.info("stage timing, mean per request: %s", CLOCK.summary())
         if drained:  # else closing would wait for the runs still going; the exit ends them
             await registry.close()
         plane.close()

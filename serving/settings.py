@@ -107,6 +107,9 @@ class ServerSettings:
         "RESOURCE_EXHAUSTED; a config's max_queue_size wins; 0 = unbounded")
     metrics_port: int = setting(8002, "Prometheus /metrics port, 0 = off; with --workers N, "
                                       "worker k uses port + k")
+    stage_timing: bool = setting(
+        False, "time each stage of every request and serve the totals as "
+        "onnxserve_stage_seconds_total (two clock reads per stage; for profiling)")
     log_level: LogLevel = setting("INFO", "log level")
     log_format: LogFormat = setting(
         "text", "text (key=value events) or json (one object per line); with --workers N "

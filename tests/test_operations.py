@@ -387,3 +387,40 @@ def test_json_and_text_logs_name_the_worker() -> None:
     finally:
         root.handlers[:] = handlers
         root.setLevel(level)
+
+
+def test_stage_timing_adds_up_each_stage_of_a_request(tmp_path: Path) -> None:
+    build_test_models(tmp_path)
+    port = free_port()
+    server = start_server(tmp_path, tmp_path / "server.log", "--stage-timing",
+                          "--metrics-port", str(port))
+    try:
+        with Client(server.url) as client:
+            for _ in range(5):
+                client.infer("add_one", {"x": np.zeros((1, 4), np.float32)})
+        samples = _samples(port)
+        count = {labels[0][1]: value for (name, labels), value in samples.items()
+                 if name == "onnxserve_stage_count_total"}
+        seconds = {labels[0][1]: value for (name, labels), value in samples.items()
+                   if name == "onnxserve_stage_seconds_total"}
+        for stage in ("build", "validate", "decode", "prepare", "batch", "strings", "observe",
+                      "encode", "handler"):
+            assert count[stage] == 5, stage
+            assert seconds[stage] > 0, stage
+        assert count["images"] == 0  # add_one takes no encoded images
+        assert seconds["handler"] > seconds["batch"]
+    finally:
+        server.stop()
+    assert "stage timing, mean per request: build" in server.output()
+
+
+def test_stage_timing_is_off_by_default(tmp_path: Path) -> None:
+    build_test_models(tmp_path)
+    port = free_port()
+    server = start_server(tmp_path, tmp_path / "server.log", "--metrics-port", str(port))
+    try:
+        with Client(server.url) as client:
+            client.infer("add_one", {"x": np.zeros((1, 4), np.float32)})
+        assert not any(name.startswith("onnxserve_stage") for name, _ in _samples(port))
+    finally:
+        server.stop()

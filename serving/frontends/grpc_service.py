@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -20,6 +21,8 @@ from onnxserve.serving.dataplane import DataPlane
 from onnxserve.serving.errors import ServingError, error_code
 from onnxserve.serving.frontends.decoding import infer_request
 from onnxserve.serving.frontends.encoding import encode_response
+from onnxserve.serving.observability import stages
+from onnxserve.serving.observability.stages import CLOCK
 from onnxserve.serving.observability.statistics import ModelStats
 
 log = logging.getLogger(__name__)
@@ -144,10 +147,21 @@ class InferenceService(inference_pb2_grpc.GRPCInferenceServiceServicer):
 
     @_answers(logged=False)
     async def ModelInfer(self, request, context):
+        timed = CLOCK.enabled
+        if timed:
+            started = time.perf_counter_ns()
         plain = infer_request(request, context.time_remaining())
+        if timed:
+            CLOCK.add(stages.BUILD, started)
         try:
             result = await self._plane.infer(plain)
         except Exception:
             context.set_trailing_metadata(((REQUEST_ID_METADATA, plain.id),))
             raise
-        return encode_response(result, request.id or result.id)
+        if not timed:
+            return encode_response(result, request.id or result.id)
+        encoding = time.perf_counter_ns()
+        response = encode_response(result, request.id or result.id)
+        CLOCK.add(stages.ENCODE, encoding)
+        CLOCK.add(stages.HANDLER, started)
+        return response

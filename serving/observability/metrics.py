@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterable
 from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 log = logging.getLogger(__name__)
@@ -84,14 +84,14 @@ class Metrics:
         if status == "OK":
             self.request_seconds.labels(model, version).observe(seconds)
 
-    def watch(self, collect: Callable[[], Iterable[GaugeMetricFamily]]) -> None:
-        """Add gauges computed at each scrape by ``collect``."""
+    def watch(self, collect: Callable[[], Iterable[Metric]]) -> None:
+        """Add metrics computed at each scrape by ``collect``."""
 
-        class _Gauges(Collector):
-            def collect(self) -> Iterable[GaugeMetricFamily]:
+        class _Computed(Collector):
+            def collect(self) -> Iterable[Metric]:
                 return collect()
 
-        self.registry.register(_Gauges())
+        self.registry.register(_Computed())
 
     def serve(self, host: str, port: int) -> int:
         """Serve /metrics over HTTP in a background thread; returns the bound port."""
