@@ -24,6 +24,7 @@ SAMPLES = {
     "grpc_port": ("9001", 9001), "providers": ("cpu", "cpu"),
     "max_message_bytes": ("8388608", 8388608), "intra_op_threads": ("3", 3),
     "cores": ("2", 2), "spinning": ("off", "off"), "warmup": ("false", False),
+    "stage_timing": ("true", True),
     "workers": ("3", 3), "model_control_mode": ("poll", "poll"),
     "repository_poll_secs": ("2.5", 2.5), "model_name": ("adder", "adder"),
     "drain_seconds": ("4", 4.0), "max_queue_size": ("7", 7), "metrics_port": ("0", 0),
@@ -52,7 +53,8 @@ def test_every_field_is_sampled() -> None:
 def test_each_setting_by_flag_and_by_environment(name: str,
                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     text, value = SAMPLES[name]
-    argv = ("--no-warmup",) if name == "warmup" else (flag_of(name), text)
+    switches = {"warmup": ("--no-warmup",), "stage_timing": ("--stage-timing",)}
+    argv = switches.get(name, (flag_of(name), text))
     assert getattr(_parse(*argv), name) == value
     monkeypatch.setenv(env_of(name), text)
     assert getattr(_parse(), name) == value
