@@ -28,6 +28,7 @@ serve: $(VENV)/.export-installed
 	$(BIN)/onnxserve serve --model-repository $(MODEL_REPOSITORY)
 
 test: $(VENV)/.test-installed
+	bash tests/system_packages.sh
 	$(BIN)/python -m pytest -m "not slow"
 
 test-slow: $(VENV)/.test-installed

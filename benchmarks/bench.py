@@ -10,6 +10,11 @@ and server CPU, and the server's own queue/compute split from ModelStatistics. W
 bench.json, bench.md and bench.png (with matplotlib) to --out (default ./bench_results;
 ``make bench`` passes benchmarks/results, the committed results).
 
+``--client perf_analyzer`` measures each configuration with Triton's C++ load generator
+instead (benchmarks/perf_analyzer.py, fetched on first use), ``--client both`` with the
+Python client and then perf_analyzer; perf_analyzer's figures leave out the Python
+client's CPU, and every row names its ``client``.
+
 Each configuration (server x load) warms up for --warmup s and measures 3 to --max-windows
 windows of --window s: 11-20 s with the defaults, 20 configurations per model, so about
 8-14 minutes for the two default models; the run prints [n/total] before each one.
@@ -26,6 +31,7 @@ import shutil
 import sys
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +41,15 @@ from onnxserve.serving.models.repository import read_model
 from onnxserve.serving.process import ServerProcess, free_port
 
 from .load import build_request, run_load
+from .perf_analyzer import (
+    ENV_VAR,
+    PerfAnalyzer,
+    PerfAnalyzerFailed,
+    PerfAnalyzerMissing,
+    find_perf_analyzer,
+    run_perf_analyzer,
+)
+from .perf_analyzer import MIN_WINDOWS as PA_MIN_WINDOWS
 from .raw_onnxruntime import raw_onnxruntime
 
 #: Where results go by default: a folder in the working directory, never the package's own
@@ -44,6 +59,9 @@ DEFAULT_OUT = Path("bench_results")
 RAW_BATCH_SIZES = (1, 8, 32)
 #: Windows a configuration measures at least (load.run_load stops when three agree).
 MIN_WINDOWS = 3
+#: --client choices -> the load generators they run, in the order they run.
+CLIENTS = {"python": ("python",), "perf_analyzer": ("perf_analyzer",),
+           "both": ("python", "perf_analyzer")}
 _TICKS = os.sysconf("SC_CLK_TCK")
 
 
@@ -91,6 +109,10 @@ class Progress:
         self.done = 0
         self.started = time.monotonic()
 
+    def skip(self, count: int) -> None:
+        """``count`` announced configurations will not run (the total shrinks)."""
+        self.total -= count
+
     def next(self, what: str) -> None:
         """Print the line announcing the next configuration, ``what`` it measures."""
         left = ""
@@ -130,56 +152,129 @@ def _loads(args) -> list[tuple[str, int, float | None]]:
             + [("poisson", 0, r) for r in args.rate])
 
 
+def _clients(args) -> tuple[str, ...]:
+    """The load generators --client names, in the order each configuration runs them."""
+    return CLIENTS[getattr(args, "client", "python")]
+
+
 def configurations_per_model(args) -> int:
-    """Loads measured per model: on the null server and on each onnxserve set-up."""
+    """Loads measured per model: on the null server and on each onnxserve set-up (each
+    measured once per client of --client)."""
     return (1 + len(args.workers) * len(args.batching)) * len(_loads(args))
+
+
+def measurements_per_model(args) -> int:
+    """Measurements per model: configurations_per_model() x the clients of --client."""
+    return configurations_per_model(args) * len(_clients(args))
 
 
 def expected_seconds(args, models: int) -> tuple[float, float]:
     """Least and most seconds the measurements of ``models`` models take: each
-    configuration warms up, then measures 3 (MIN_WINDOWS) to --max-windows windows; raw
-    onnxruntime runs each of RAW_BATCH_SIZES for one window. Server start-ups (a few
-    seconds each) are not included."""
+    configuration warms up, then measures 3 (MIN_WINDOWS) to --max-windows windows, and
+    again with perf_analyzer when --client asks for it (client_seconds); raw onnxruntime
+    runs each of RAW_BATCH_SIZES for one window. Server start-ups (a few seconds each) are
+    not included."""
     configurations = models * configurations_per_model(args)
     raw = models * len(RAW_BATCH_SIZES) * args.window
-    low, high = configuration_seconds(args)
-    return configurations * low + raw, configurations * high + raw
+    spans = [client_seconds(args, c) for c in _clients(args)]
+    return (configurations * sum(low for low, _ in spans) + raw,
+            configurations * sum(high for _, high in spans) + raw)
 
 
 def configuration_seconds(args) -> tuple[float, float]:
-    """Least and most seconds one configuration's measurement takes (see expected_seconds)."""
+    """Least and most seconds one configuration's measurement by the Python client takes
+    (see expected_seconds)."""
     return (args.warmup + min(MIN_WINDOWS, args.max_windows) * args.window,
             args.warmup + args.max_windows * args.window)
 
 
+def client_seconds(args, client: str) -> tuple[float, float]:
+    """Least and most seconds one configuration's measurement by ``client`` takes.
+    perf_analyzer has no warm-up; it measures 3 to max(3, --max-windows) windows, and when
+    they never agree, 3 more (perf_analyzer.run_perf_analyzer)."""
+    if client == "python":
+        return configuration_seconds(args)
+    most = max(PA_MIN_WINDOWS, args.max_windows)
+    return PA_MIN_WINDOWS * args.window, (most + PA_MIN_WINDOWS) * args.window
+
+
+@dataclass
+class Measured:
+    """What _measure() got from one server: ``rows`` (one per load and client) and
+    ``not_measured`` (each load perf_analyzer could not measure, with the reason)."""
+
+    rows: list[dict] = field(default_factory=list)
+    not_measured: list[dict] = field(default_factory=list)
+
+
 def _measure(url, payload, samples, args, pid, progress: Progress, what: str,
-             stats_name=None) -> list[dict]:
-    rows = []
-    for mode, concurrency, rate in _loads(args):
-        progress.next(f"{what}, {_load_label(mode, concurrency, rate)}")
-        before = _stats(url, stats_name)
-        cpu0, t0 = _tree_cpu_seconds(pid), time.perf_counter()
-        result = asyncio.run(run_load(
-            url, payload, samples_per_request=samples, concurrency=concurrency or 1, rate=rate,
-            warmup_s=args.warmup, window_s=args.window, max_windows=args.max_windows,
-        ))
-        server_cpu = 100 * (_tree_cpu_seconds(pid) - cpu0) / (time.perf_counter() - t0)
-        row = {**result.as_dict(), "server_cpu_percent": round(server_cpu, 1)}
-        after = _stats(url, stats_name)
-        if before and after:
-            n = after["success"]["count"] - before["success"]["count"]
-            execs = after["execution_count"] - before["execution_count"]
-            if n:
-                row["server_queue_ms"] = (after["queue"]["ns"] - before["queue"]["ns"]) / n / 1e6
-                row["server_compute_ms"] = (after["compute_infer"]["ns"]
-                                            - before["compute_infer"]["ns"]) / n / 1e6
-                row["mean_batch"] = (after["inference_count"] - before["inference_count"]) / max(
-                    execs, 1)
-        rows.append(row)
-        print(f"  {row['throughput']:.0f}/s p50 {row['p50_ms']:.2f} ms p99 {row['p99_ms']:.2f} "
-              f"ms errors {row['errors']} client cpu {row['client_cpu_percent']:.0f}% server "
-              f"cpu {server_cpu:.0f}%", flush=True)
-    return rows
+             stats_name=None, *, model: str = "", pa_inputs: dict | None = None,
+             analyzer: PerfAnalyzer | None = None, optional: bool = False) -> Measured:
+    """Measure the server at ``url`` (process ``pid``) at each load with each client of
+    --client. A load perf_analyzer fails at goes to ``not_measured``; with ``optional`` (a
+    server perf_analyzer may not be able to talk to, the null server) its first failure
+    skips its other loads too."""
+    measured = Measured()
+    loads = _loads(args)
+    for index, (mode, concurrency, rate) in enumerate(loads):
+        for client in _clients(args):
+            if client == "perf_analyzer" and optional and measured.not_measured:
+                continue  # already said why
+            label = _load_label(mode, concurrency, rate)
+            progress.next(f"{what}, {label}" + (", perf_analyzer" if client != "python"
+                                                 else ""))
+            before = _stats(url, stats_name)
+            cpu0, t0 = _tree_cpu_seconds(pid), time.perf_counter()
+            if client == "python":
+                result = asyncio.run(run_load(
+                    url, payload, samples_per_request=samples, concurrency=concurrency or 1,
+                    rate=rate, warmup_s=args.warmup, window_s=args.window,
+                    max_windows=args.max_windows,
+                )).as_dict()
+            else:
+                assert analyzer is not None, "--client perf_analyzer without a perf_analyzer"
+                try:
+                    result = run_perf_analyzer(
+                        analyzer, url, model, concurrency=concurrency or 1, rate=rate,
+                        batch_size=samples, inputs=pa_inputs, window_s=args.window,
+                        max_windows=args.max_windows).as_dict()
+                except PerfAnalyzerFailed as exc:
+                    measured.not_measured.append({"client": client, "mode": mode,
+                                                  "concurrency": concurrency, "rate": rate,
+                                                  "reason": str(exc)})
+                    if optional:
+                        skipped = len(loads) - index - 1
+                        progress.skip(skipped)
+                        print(f"  perf_analyzer cannot measure {what}: {exc}; skipping it "
+                              f"there ({skipped} more load(s))", flush=True)
+                    else:
+                        print(f"  perf_analyzer failed: {exc}", flush=True)
+                    continue
+            server_cpu = 100 * (_tree_cpu_seconds(pid) - cpu0) / (time.perf_counter() - t0)
+            measured.rows.append(_row(result, client, server_cpu, before,
+                                      _stats(url, stats_name)))
+    return measured
+
+
+def _row(result: dict, client: str, server_cpu: float, before: dict | None,
+         after: dict | None) -> dict:
+    """A result's row: the client's figures, the server's CPU % and, from the
+    ModelStatistics ``before`` and ``after`` the load, its queue/compute ms and mean
+    batch."""
+    row = {**result, "client": client, "server_cpu_percent": round(server_cpu, 1)}
+    if before and after:
+        n = after["success"]["count"] - before["success"]["count"]
+        execs = after["execution_count"] - before["execution_count"]
+        if n:
+            row["server_queue_ms"] = (after["queue"]["ns"] - before["queue"]["ns"]) / n / 1e6
+            row["server_compute_ms"] = (after["compute_infer"]["ns"]
+                                        - before["compute_infer"]["ns"]) / n / 1e6
+            row["mean_batch"] = (after["inference_count"] - before["inference_count"]) / max(
+                execs, 1)
+    print(f"  {row['throughput']:.0f}/s p50 {row['p50_ms']:.2f} ms p99 {row['p99_ms']:.2f} "
+          f"ms errors {row['errors']} client cpu {row['client_cpu_percent']:.0f}% server "
+          f"cpu {server_cpu:.0f}%" + ("" if row["stable"] else " (unstable)"), flush=True)
+    return row
 
 
 def _stats(url: str, name: str | None) -> dict | None:
@@ -189,13 +284,21 @@ def _stats(url: str, name: str | None) -> dict | None:
         return client.statistics(name)[0]
 
 
-def bench_model(repository: Path, name: str, args, progress: Progress) -> dict:
+def bench_model(repository: Path, name: str, args, progress: Progress,
+                analyzer: PerfAnalyzer | None = None) -> dict:
     """Measure model ``name``: raw onnxruntime, the null server, then onnxserve with each
-    --workers and --batching at each load; ``progress`` numbers the configurations."""
+    --workers and --batching at each load, with each client of --client (``analyzer``
+    runs the perf_analyzer ones); ``progress`` numbers the configurations.
+
+    The result's ``perf_analyzer_not_measured`` lists each load perf_analyzer failed at,
+    with the server (``null`` or ``onnxserve`` with its workers and batching) and the
+    reason."""
     config = read_model(repository, name).config
     sample = _sample(config)
     batch = np.repeat(sample[np.newaxis], args.samples_per_request, axis=0)
     payload = build_request(name, {config.input[0].name: batch})
+    # perf_analyzer sends the same sample, repeated --samples-per-request times (-b).
+    pa_inputs = {config.input[0].name: sample}
     model_file = next(iter(sorted((repository / name).glob("*/model.onnx"))))
     print(f"{name}: raw onnxruntime, batch {', '.join(map(str, RAW_BATCH_SIZES))} "
           f"({args.window:g} s each)", flush=True)
@@ -204,16 +307,22 @@ def bench_model(repository: Path, name: str, args, progress: Progress) -> dict:
         print(f"  batch {b}: {r['throughput']:.0f}/s p50 {r['p50_ms']:.3f} ms", flush=True)
     out: dict = {"model": name, "samples_per_request": args.samples_per_request,
                  "raw_onnxruntime": raw, "null_server": [], "onnxserve": []}
+    if "perf_analyzer" in _clients(args):
+        out["perf_analyzer_not_measured"] = []
+    measure = {"model": name, "pa_inputs": pa_inputs, "analyzer": analyzer}
     port = free_port()
     null = ServerProcess([sys.executable, "-m", "onnxserve.benchmarks.null_server", "--port",
                           str(port), "--output-shape", *map(str, config.output[0].dims)],
                          f"127.0.0.1:{port}", serve=False)
     try:
         null.wait_ready()
-        out["null_server"] = _measure(null.url, payload, args.samples_per_request, args,
-                                      null.pid, progress, f"{name} null server")
+        measured = _measure(null.url, payload, args.samples_per_request, args, null.pid,
+                            progress, f"{name} null server", optional=True, **measure)
     finally:
         null.stop()
+    out["null_server"] = measured.rows
+    for item in measured.not_measured:
+        out["perf_analyzer_not_measured"].append({"server": "null", **item})
     for workers in args.workers:
         for batching in args.batching:
             with tempfile.TemporaryDirectory() as tmp:
@@ -224,23 +333,43 @@ def bench_model(repository: Path, name: str, args, progress: Progress) -> dict:
                         f"worker{'s' if workers > 1 else ''}")
                 try:
                     server.wait_ready()
-                    rows = _measure(server.url, payload, args.samples_per_request, args,
-                                    server.pid, progress, what,
-                                    stats_name=name if workers == 1 else None)
+                    measured = _measure(server.url, payload, args.samples_per_request, args,
+                                        server.pid, progress, what,
+                                        stats_name=name if workers == 1 else None, **measure)
                 finally:
                     server.stop()
-                for row in rows:
+                for row in measured.rows:
                     row.update(workers=workers, batching=batching)
-                out["onnxserve"].extend(rows)
+                out["onnxserve"].extend(measured.rows)
+                for item in measured.not_measured:
+                    out["perf_analyzer_not_measured"].append(
+                        {"server": "onnxserve", "workers": workers, "batching": batching,
+                         **item})
     return out
 
 
+def _load_cell(row: dict) -> str:
+    return f"c={row['concurrency']}" if row["mode"] == "closed" else f"{row['rate']}/s"
+
+
 def markdown(results: list[dict], meta: dict) -> str:
+    clients = meta.get("clients", ["python"])
+    about = []
+    if "python" in clients:
+        about.append("`python`: one closed-loop grpc.aio client on the same machine "
+                     "(pre-serialised requests, raw_input_contents), "
+                     f"{meta['warmup']} s warm-up, {meta['window']} s windows until three "
+                     "agree within 10%.")
+    if "perf_analyzer" in clients:
+        about.append("`perf_analyzer`: Triton's C++ load generator "
+                     f"(`{meta.get('perf_analyzer')}`; gRPC, one synchronous thread per "
+                     "request in flight), no warm-up, "
+                     f"{meta['window']} s windows until three agree within 10% on throughput "
+                     "and latency (else three more, marked unstable); its client CPU covers "
+                     "its whole run, and none of it is Python's.")
     lines = ["# Serving benchmark", "",
-             f"Generated by `{meta['command']}` on {meta['machine']}. One closed-loop grpc.aio "
-             "client on the same machine (pre-serialised requests, raw_input_contents), "
-             f"{meta['warmup']} s warm-up, {meta['window']} s windows until three agree within "
-             "10%. Throughput in inferences/s; latencies per request.", ""]
+             f"Generated by `{meta['command']}` on {meta['machine']}. " + " ".join(about)
+             + " Throughput in inferences/s; latencies per request.", ""]
     for res in results:
         raw = res["raw_onnxruntime"]
         best = max(r["throughput"] for r in raw.values())
@@ -248,15 +377,17 @@ def markdown(results: list[dict], meta: dict) -> str:
                   "raw onnxruntime in-process: " + ", ".join(
                       f"batch {b}: {r['throughput']:.0f}/s (p50 {r['p50_ms']:.3f} ms)"
                       for b, r in raw.items()), "",
-                  "| server | workers | batching | load | inf/s | vs raw best | vs null | p50 ms "
-                  "| p90 | p99 | errors | mean batch | queue ms | compute ms | client CPU % "
-                  "| server CPU % |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-        null = {(r["mode"], r["concurrency"], r["rate"]): r for r in res["null_server"]}
+                  "| server | workers | batching | load | client | inf/s | vs raw best | vs null "
+                  "| p50 ms | p90 | p99 | errors | mean batch | queue ms | compute ms "
+                  "| client CPU % | server CPU % |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        null = {(r.get("client", "python"), r["mode"], r["concurrency"], r["rate"]): r
+                for r in res["null_server"]}
         for server, rows in (("null", res["null_server"]), ("onnxserve", res["onnxserve"])):
             for r in rows:
-                load = f"c={r['concurrency']}" if r["mode"] == "closed" else f"{r['rate']}/s"
-                ref = null.get((r["mode"], r["concurrency"], r["rate"]))
+                client = r.get("client", "python")
+                load = _load_cell(r)
+                ref = null.get((client, r["mode"], r["concurrency"], r["rate"]))
                 vs_null = (f"{r['throughput'] / ref['throughput']:.2f}"
                            if ref and server != "null" and ref["throughput"] else "")
 
@@ -266,6 +397,7 @@ def markdown(results: list[dict], meta: dict) -> str:
 
                 lines.append(
                     f"| {server} | {r.get('workers', '')} | {r.get('batching', '')} | {load} | "
+                    f"{client}{'' if r.get('stable', True) else ' (unstable)'} | "
                     f"{r['throughput']:.0f} | {r['throughput'] / best:.2f} | {vs_null} | "
                     f"{fmt('p50_ms')} | {fmt('p90_ms')} | {fmt('p99_ms')} | {r['errors']} | "
                     f"{fmt('mean_batch', 1)} | {fmt('server_queue_ms', 3)} | "
@@ -273,6 +405,14 @@ def markdown(results: list[dict], meta: dict) -> str:
                     f"{r['server_cpu_percent']:.0f} |"
                 )
         lines.append("")
+        for item in res.get("perf_analyzer_not_measured", []):
+            if item["server"] == "null":
+                lines += ["perf_analyzer cannot measure the null server, whose rows are the "
+                          f"Python client's only: {item['reason']}", ""]
+            else:
+                lines += [f"perf_analyzer did not measure onnxserve, {item['workers']} "
+                          f"worker(s), batching {item['batching']}, at {_load_cell(item)}: "
+                          f"{item['reason']}", ""]
     return "\n".join(lines)
 
 
@@ -300,14 +440,17 @@ def plot(results: list[dict], path: Path) -> bool:
         return False
     fig, axes = plt.subplots(1, len(results), figsize=(6 * len(results), 4.5), squeeze=False)
     for ax, res in zip(axes[0], results, strict=True):
-        series: dict[str, list] = {"null server": res["null_server"]}
-        for r in res["onnxserve"]:
-            key = f"onnxserve w={r['workers']} batching {r['batching']}"
+        series: dict[str, list] = {}
+        for r in [*res["null_server"], *res["onnxserve"]]:
+            key = ("null server" if "workers" not in r
+                   else f"onnxserve w={r['workers']} batching {r['batching']}")
+            if r.get("client", "python") != "python":
+                key += f" ({r['client']})"
             series.setdefault(key, []).append(r)
         for label, rows in series.items():
             rows = [r for r in rows if r["mode"] == "closed"]
             ax.plot([r["throughput"] for r in rows], [r["p50_ms"] for r in rows], marker="o",
-                    label=label)
+                    label=label, linestyle="--" if label.endswith(")") else "-")
         best = max(r["throughput"] for r in res["raw_onnxruntime"].values())
         ax.axvline(best, color="grey", linestyle="--", label="raw onnxruntime best")
         ax.set_title(res["model"])
@@ -355,7 +498,9 @@ DESCRIPTION = (
     "takes --warmup + 3 to --max-windows x --window seconds (11-20 s with the defaults); the "
     "defaults measure 20 configurations per model, about 8-14 minutes for the two default "
     "models. The run prints [n/total] before each configuration, and the time it expects "
-    "first."
+    "first. --client perf_analyzer measures with Triton's C++ perf_analyzer instead (fetched "
+    "on first use), --client both with each in turn: its figures leave out the Python "
+    "client's CPU."
 )
 
 
@@ -389,6 +534,18 @@ def add_bench_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
                    help="folder for <tag>.json, <tag>.md and <tag>.png (default ./%(default)s; "
                         "make bench writes the committed benchmarks/results)")
     p.add_argument("--tag", default="bench", help="output file name stem (default %(default)s)")
+    p.add_argument("--client", choices=tuple(CLIENTS), default="python",
+                   help="load generator: the Python grpc.aio client, Triton's C++ "
+                        "perf_analyzer (its figures exclude the Python client's CPU), or both, "
+                        "each configuration measured by one then the other (default "
+                        "%(default)s)")
+    p.add_argument("--perf-analyzer", type=Path, metavar="PATH",
+                   help=f"the perf_analyzer binary for --client perf_analyzer/both (default: "
+                        f"${ENV_VAR}, else perf_analyzer in $XDG_CACHE_HOME/onnxserve/"
+                        "perf_analyzer (XDG_CACHE_HOME: ~/.cache when unset), else fetched "
+                        "there with pip download: the tritonclient 2.41.0 and "
+                        "nvidia-cuda-runtime-cu12 wheels; it also needs apt-get install "
+                        "libb64-0d)")
     p.set_defaults(func=run_bench)
     return p  # the caller adds --model-repository (a setting of the server's)
 
@@ -399,19 +556,43 @@ def run_bench(args: argparse.Namespace) -> int:
         print(f"onnxserve bench: {', '.join(missing)} not in {args.model_repository}; export "
               "them first (make demo exports lenet5 and mobilenet_v2)", file=sys.stderr)
         return 2
+    clients = _clients(args)
+    if args.perf_analyzer is not None and "perf_analyzer" not in clients:
+        print(f"onnxserve bench: --perf-analyzer applies to --client perf_analyzer or both, not "
+              f"--client {args.client}", file=sys.stderr)
+        return 2
+    analyzer = None
+    if "perf_analyzer" in clients:
+        try:
+            analyzer = find_perf_analyzer(args.perf_analyzer,
+                                          log=lambda line: print(line, flush=True))
+            version = analyzer.version()
+        except (PerfAnalyzerMissing, PerfAnalyzerFailed) as exc:
+            print(f"onnxserve bench: --client {args.client} needs perf_analyzer: {exc}",
+                  file=sys.stderr)
+            return 2
+        print(f"perf_analyzer: {analyzer.binary} ({version})", flush=True)
     per_model = configurations_per_model(args)
-    print(f"onnxserve bench: {len(args.models)} model(s) x {per_model} configurations, "
-          f"{_duration_range(*configuration_seconds(args))} each: about "
+    if clients == ("python",):
+        each = f"{per_model} configurations, {_duration_range(*configuration_seconds(args))} each"
+    else:
+        each = (f"{per_model * len(clients)} measurements ({per_model} configurations, each by "
+                + " and ".join(f"{c} ({_duration_range(*client_seconds(args, c))})"
+                               for c in clients) + ")")
+    print(f"onnxserve bench: {len(args.models)} model(s) x {each}: about "
           f"{_duration_range(*expected_seconds(args, len(args.models)))} plus server "
           f"start-ups; results to {args.out}", flush=True)
     if not _matplotlib_available():  # say it now, not only after the run
         print(f"note: matplotlib is not installed, so there will be no {args.tag}.png "
               f"({PLOT_HINT} for it)", flush=True)
-    progress = Progress(per_model * len(args.models))
-    results = [bench_model(args.model_repository, m, args, progress) for m in args.models]
+    progress = Progress(measurements_per_model(args) * len(args.models))
+    results = [bench_model(args.model_repository, m, args, progress, analyzer)
+               for m in args.models]
     meta = {"command": "onnxserve bench " + " ".join(sys.argv[2:]) if len(sys.argv) > 2
             else "onnxserve bench", "machine": f"{os.cpu_count()} cores, no GPU",
-            "warmup": args.warmup, "window": args.window}
+            "warmup": args.warmup, "window": args.window, "clients": list(clients)}
+    if analyzer is not None:
+        meta["perf_analyzer"] = version
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"{args.tag}.json").write_text(json.dumps({"meta": meta, "results": results},
                                                           indent=2) + "\n")
@@ -427,4 +608,10 @@ def run_bench(args: argparse.Namespace) -> int:
               + (f"; removed {png}, an earlier run's plot" if stale else ""), flush=True)
     print(f"wrote {args.out / (args.tag + '.json')}")
     print(f"wrote {args.out / (args.tag + '.md')}")
-    return 0
+    failed = [(r["model"], item) for r in results
+              for item in r.get("perf_analyzer_not_measured", []) if item["server"] != "null"]
+    for model, item in failed:
+        print(f"onnxserve bench: perf_analyzer failed on {model}, onnxserve "
+              f"{item['workers']} worker(s), batching {item['batching']}, {_load_cell(item)}: "
+              f"{item['reason']}", file=sys.stderr)
+    return 1 if failed else 0
