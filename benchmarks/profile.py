@@ -1,12 +1,20 @@
-"""Where a served request's time goes: py-spy samples of the server under closed-loop load.
+"""Where a served request's time goes: a profile of the server under closed-loop load.
 
-    python -m onnxserve.benchmarks.profile --model-repository DIR --model lenet5 [--concurrency 16]
+    python -m onnxserve.benchmarks.profile --model-repository DIR --model lenet5 \
+        [--concurrency 16] [--tool py-spy|yappi]
 
-Needs py-spy (``pip install py-spy``). Starts the server, drives it with the benchmark's
-load generator in a second process, samples the server for ``--seconds``, and writes the
-own-time and inclusive-time tables to <--out>/profile_<model>.md (default ./bench_results;
-``--out benchmarks/results`` for the committed one). Time inside
-gRPC's compiled core shows up as its Python entry point (asyncio Handle._run).
+Starts the server, drives it with the benchmark's load generator in a second process, and
+writes <--out>/profile_<model>[_yappi].md (default ./bench_results; ``--out
+benchmarks/results`` for the committed one):
+
+- ``py-spy`` (``pip install py-spy``, the default): samples every thread for ``--seconds``;
+  own-time and inclusive-time shares. Time inside gRPC's compiled core shows up as its
+  Python entry point (asyncio Handle._run).
+- ``yappi`` (``pip install yappi``): traces every call of every thread (the server runs
+  under it once ready, serving/observability/profiling.py) and reports CPU time per
+  thread and the functions with the most own CPU time on the event loop's thread, per
+  request; slower than the real server, so read shares, not rates. The server also runs
+  with ``--stage-timing``, whose per-request breakdown heads the report.
 """
 
 from __future__ import annotations
@@ -68,11 +76,16 @@ def build_parser() -> argparse.ArgumentParser:
                         help="how long py-spy samples the server (default %(default)s)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT,
                         help="folder for profile_<model>.md (default ./%(default)s)")
+    parser.add_argument("--tool", choices=("py-spy", "yappi"), default="py-spy",
+                        help="py-spy: sample every thread; yappi: trace every call, per "
+                             "thread, with the stage timing (default %(default)s)")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.tool == "yappi":
+        return profile_with_yappi(args)
     py_spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
     if not Path(py_spy).exists():
         print("profile: py-spy is not installed (pip install py-spy)", file=sys.stderr)
@@ -107,6 +120,86 @@ def main(argv: list[str] | None = None) -> int:
     path.write_text("\n".join(lines) + "\n")
     print(f"wrote {path} ({measured})")
     return 0
+
+
+def _stage_means(metrics_url: str) -> dict[str, float]:
+    """Mean microseconds per request of each stage, from the server's stage counters."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = urllib.request.urlopen(metrics_url, timeout=10).read().decode()
+    seconds: dict[str, float] = {}
+    count: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "onnxserve_stage_seconds_total":
+                seconds[sample.labels["stage"]] = sample.value
+            elif sample.name == "onnxserve_stage_count_total":
+                count[sample.labels["stage"]] = sample.value
+    return {stage: 1e6 * seconds[stage] / n for stage, n in count.items() if n}
+
+
+def profile_with_yappi(args: argparse.Namespace) -> int:
+    """The yappi report (see the module docstring); returns the exit status."""
+    import importlib.util
+    import pstats
+
+    from onnxserve.serving.observability.profiling import ENVIRONMENT
+    from onnxserve.serving.process import free_port
+
+    if importlib.util.find_spec("yappi") is None:
+        print("profile: yappi is not installed (pip install yappi)", file=sys.stderr)
+        return 2
+    metrics_port = free_port()
+    with tempfile.TemporaryDirectory() as tmp:
+        stats_path = Path(tmp) / "server.pstat"
+        server = ServerProcess.serve(args.model_repository, "--log-level", "WARNING",
+                                     "--stage-timing", metrics_port=metrics_port,
+                                     env={ENVIRONMENT: str(stats_path)})
+        try:
+            server.wait_ready()
+            load = subprocess.run(
+                [sys.executable, "-c", _LOAD, server.url, str(args.model_repository),
+                 args.model, str(args.concurrency), str(args.seconds)],
+                stdout=subprocess.PIPE, text=True, check=True, timeout=300)
+            measured = load.stdout.strip()
+            means = _stage_means(f"http://127.0.0.1:{metrics_port}/metrics")
+        finally:
+            server.stop(timeout=60)
+        if not stats_path.exists():
+            print(f"profile: the server wrote no profile:\n{server.output()[-2000:]}",
+                  file=sys.stderr)
+            return 1
+        threads = Path(f"{stats_path}.threads.txt").read_text().strip().splitlines()
+        stats = pstats.Stats(str(stats_path))
+        requests = max(1, _requests(stats))
+        rows = sorted(stats.stats.items(), key=lambda item: -item[1][2])[:30]
+    lines = [f"# Profile (yappi): {args.model} at concurrency {args.concurrency}", "",
+             f"`python -m onnxserve.benchmarks.profile --tool yappi --model {args.model} "
+             f"--concurrency {args.concurrency} --seconds {args.seconds:g}`. Load meanwhile "
+             f"(under the tracing profiler, so slower than the real server): {measured}.", "",
+             "## Stage timing (mean per request, --stage-timing)", "",
+             "| stage | us |", "|---|---|"]
+    lines += [f"| {stage} | {us:.1f} |" for stage, us in means.items()]
+    lines += ["", "## CPU per thread", "", *[f"- {t}" for t in threads], "",
+              "## Own CPU time, every thread", "",
+              "| own s | us per request | calls | function |", "|---|---|---|---|"]
+    for (filename, line, name), (_cc, calls, own, _cum, _callers) in rows:
+        where = f"{Path(filename).name}:{line}"
+        lines.append(f"| {own:.3f} | {1e6 * own / requests:.1f} | {calls} | "
+                     f"`{name} ({where})` |")
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / f"profile_{args.model}_yappi.md"
+    path.write_text("\n".join(lines) + "\n")
+    print(f"wrote {path} ({measured})")
+    return 0
+
+
+def _requests(stats) -> int:
+    """ModelInfer calls in the profile (the handler's call count)."""
+    return max((calls for (_f, _l, name), (_cc, calls, *_rest) in stats.stats.items()
+                if name.endswith("ModelInfer")), default=1)
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@ from onnxserve.serving.frontends.auth import BearerTokenInterceptor, read_token,
 from onnxserve.serving.frontends.grpc_service import InferenceService
 from onnxserve.serving.frontends.health import SERVICE_NAME, mark_live, update_health
 from onnxserve.serving.models.registry import READY, Registry
+from onnxserve.serving.observability import profiling
 from onnxserve.serving.observability.metrics import Metrics, registry_gauges
 from onnxserve.serving.observability.stages import CLOCK
 from onnxserve.serving.runtime.providers import announce
@@ -197,6 +198,7 @@ async def serve(settings: ServerSettings, stop: asyncio.Event | None = None,
         await asyncio.sleep(min(LINGER_SECONDS, settings.drain_seconds))
         if CLOCK.enabled:
             log.info("stage timing, mean per request: %s", CLOCK.summary())
+        profiling.write_profile()
         if drained:  # else closing would wait for the runs still going; the exit ends them
             await registry.close()
         plane.close()
@@ -214,6 +216,7 @@ async def serve(settings: ServerSettings, stop: asyncio.Event | None = None,
     ready = sum(e.state == READY for e in registry.entries())
     log.info("ready: %d of %d models loaded (model control mode %s)", ready,
              len(registry.entries()), settings.model_control_mode)
+    profiling.start_from_environment()  # after loading: warm-up decisions stay unprofiled
     if on_ready is not None:
         on_ready()
     watcher = (asyncio.create_task(registry.watch(stop))

@@ -1,20 +1,31 @@
 """Prometheus metrics: per model version counters and histograms, plus gauges read at scrape.
 
-Served over HTTP by prometheus-client (``--metrics-port``, default 8002, 0 = off). Counters
-and histograms are updated on the request path through label children resolved once per
-model version; gauges (in flight, queue depth, model state) are computed when scraped, so
-they cost nothing per request. Unknown model names are counted under ``model="_unknown"``:
-request contents never become label values.
+Served over HTTP by prometheus-client (``--metrics-port``, default 8002, 0 = off). On the
+request path nothing but integers and floats are added up: a request's status and
+duration on the event loop's thread (``Metrics.observe_request``), a batch's and a
+request's figures by the model version's statistics under their own lock
+(``VersionMetrics``, called from serving/observability/statistics.py); the metric families
+are built from those totals when /metrics is scraped. (prometheus-client's own Counter and
+Histogram take a lock and resolve their labels on every update, a third of onnxserve's
+per-request bookkeeping on a tiny model.) Gauges (in flight, queue depth, model state) are
+computed at scrape too. Unknown model names are counted under ``model="_unknown"``: request
+contents never become label values.
 """
 
 from __future__ import annotations
 
+import bisect
 import logging
 from collections.abc import Callable, Iterable
 from wsgiref.simple_server import WSGIServer
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.registry import Collector
 
 log = logging.getLogger(__name__)
@@ -25,25 +36,49 @@ _LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
 
-class VersionMetrics:
-    """The metric children of one model version; ModelStats calls it on every update."""
+class Histogram:
+    """Observations counted into buckets (upper bounds, ``le``), and their sum. Not locked:
+    its owner serialises updates."""
 
-    def __init__(self, metrics: Metrics, model: str, version: str) -> None:
-        labels = (model, version)
-        self._queue = metrics.queue_seconds.labels(*labels)
-        self._compute = metrics.compute_seconds.labels(*labels)
-        self._batch = metrics.batch_size.labels(*labels)
-        self._inferences = metrics.inferences.labels(*labels)
-        self._executions = metrics.executions.labels(*labels)
+    __slots__ = ("bounds", "counts", "sum")
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)  # the last: above every bound (+Inf)
+        self.sum = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect.bisect_left(self.bounds, value)] += 1
+        self.sum += value
+
+    def samples(self) -> tuple[list[tuple[str, float]], float]:
+        """Cumulative ``(le, count)`` buckets and the sum, as HistogramMetricFamily takes."""
+        buckets: list[tuple[str, float]] = []
+        total = 0
+        for bound, count in zip((*map(str, self.bounds), "+Inf"), self.counts, strict=True):
+            total += count
+            buckets.append((bound, total))
+        return buckets, self.sum
+
+
+class VersionMetrics:
+    """One model version's batch and queue figures; ModelStats updates them under its lock."""
+
+    def __init__(self) -> None:
+        self.inferences = 0
+        self.executions = 0
+        self.batch_size = Histogram(_BATCH_BUCKETS)
+        self.compute_seconds = Histogram(_LATENCY_BUCKETS)
+        self.queue_seconds = Histogram(_LATENCY_BUCKETS)
 
     def batch(self, samples: int, compute_s: float) -> None:
-        self._executions.inc()
-        self._inferences.inc(samples)
-        self._batch.observe(samples)
-        self._compute.observe(compute_s)
+        self.executions += 1
+        self.inferences += samples
+        self.batch_size.observe(samples)
+        self.compute_seconds.observe(compute_s)
 
     def queued(self, queue_s: float) -> None:
-        self._queue.observe(queue_s)
+        self.queue_seconds.observe(queue_s)
 
 
 class Metrics:
@@ -51,38 +86,72 @@ class Metrics:
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
-        labels = ("model", "version")
-        self.requests = Counter(
-            "onnxserve_requests", "ModelInfer requests answered, by gRPC status "
-            "(OK or the error code)", (*labels, "status"), registry=self.registry)
-        self.inferences = Counter(
-            "onnxserve_inferences", "Samples computed (a request may carry several)", labels,
-            registry=self.registry)
-        self.executions = Counter(
-            "onnxserve_executions", "Model runs (batches)", labels, registry=self.registry)
-        self.request_seconds = Histogram(
-            "onnxserve_request_duration_seconds", "Time from receiving a ModelInfer request "
-            "to its answer, in the server", labels, buckets=_LATENCY_BUCKETS,
-            registry=self.registry)
-        self.queue_seconds = Histogram(
-            "onnxserve_queue_duration_seconds", "Time a request waited for its batch to start",
-            labels, buckets=_LATENCY_BUCKETS, registry=self.registry)
-        self.compute_seconds = Histogram(
-            "onnxserve_compute_duration_seconds", "Time of one model run (a batch): copying "
-            "inputs, onnxruntime, splitting outputs", labels, buckets=_LATENCY_BUCKETS,
-            registry=self.registry)
-        self.batch_size = Histogram(
-            "onnxserve_batch_size", "Samples per model run", labels, buckets=_BATCH_BUCKETS,
-            registry=self.registry)
+        #: (model, version) -> that version's batch figures
+        self._versions: dict[tuple[str, str], VersionMetrics] = {}
+        #: (model, version, status) -> answered requests (updated on the event loop only)
+        self._requests: dict[tuple[str, str, str], int] = {}
+        #: (model, version) -> durations of successful requests (event loop only)
+        self._request_seconds: dict[tuple[str, str], Histogram] = {}
+        metrics = self
+
+        class _Totals(Collector):
+            def collect(self) -> Iterable[Metric]:
+                return metrics._families()
+
+        self.registry.register(_Totals())
         self._server: WSGIServer | None = None
 
     def for_version(self, model: str, version: int) -> VersionMetrics:
-        return VersionMetrics(self, model, str(version))
+        """The figures of a model version (a reload of the same version adds to them)."""
+        return self._versions.setdefault((model, str(version)), VersionMetrics())
 
     def observe_request(self, model: str, version: str, status: str, seconds: float) -> None:
-        self.requests.labels(model, version, status).inc()
+        """A ModelInfer answered with ``status`` (OK or the error code) after ``seconds``.
+        Call on the event loop's thread."""
+        key = (model, version, status)
+        self._requests[key] = self._requests.get(key, 0) + 1
         if status == "OK":
-            self.request_seconds.labels(model, version).observe(seconds)
+            histogram = self._request_seconds.get((model, version))
+            if histogram is None:
+                histogram = self._request_seconds[(model, version)] = Histogram(
+                    _LATENCY_BUCKETS)
+            histogram.observe(seconds)
+
+    def _families(self) -> list[Metric]:
+        """The counters and histograms, from the totals (at each scrape)."""
+        labels = ["model", "version"]
+        requests = CounterMetricFamily(
+            "onnxserve_requests", "ModelInfer requests answered, by status (OK or the "
+            "canonical error code)", labels=[*labels, "status"])
+        for status_key, count in list(self._requests.items()):
+            requests.add_metric(list(status_key), count)
+        inferences = CounterMetricFamily(
+            "onnxserve_inferences", "Samples computed (a request may carry several)",
+            labels=labels)
+        executions = CounterMetricFamily("onnxserve_executions", "Model runs (batches)",
+                                         labels=labels)
+        histograms = {
+            "request": HistogramMetricFamily(
+                "onnxserve_request_duration_seconds", "Time from receiving a ModelInfer "
+                "request to its answer, in the server", labels=labels),
+            "queue": HistogramMetricFamily(
+                "onnxserve_queue_duration_seconds", "Time a request waited for its batch "
+                "to start", labels=labels),
+            "compute": HistogramMetricFamily(
+                "onnxserve_compute_duration_seconds", "Time of one model run (a batch): "
+                "copying inputs, onnxruntime, splitting outputs", labels=labels),
+            "batch": HistogramMetricFamily("onnxserve_batch_size", "Samples per model run",
+                                           labels=labels),
+        }
+        for key, histogram in list(self._request_seconds.items()):
+            histograms["request"].add_metric(list(key), *histogram.samples())
+        for key, version in list(self._versions.items()):
+            inferences.add_metric(list(key), version.inferences)
+            executions.add_metric(list(key), version.executions)
+            histograms["queue"].add_metric(list(key), *version.queue_seconds.samples())
+            histograms["compute"].add_metric(list(key), *version.compute_seconds.samples())
+            histograms["batch"].add_metric(list(key), *version.batch_size.samples())
+        return [requests, inferences, executions, *histograms.values()]
 
     def watch(self, collect: Callable[[], Iterable[Metric]]) -> None:
         """Add metrics computed at each scrape by ``collect``."""

@@ -69,8 +69,8 @@ class ModelStats:
             batch.compute_input.add(input_ns)
             batch.compute_infer.add(infer_ns)
             batch.compute_output.add(output_ns)
-        if self.observer is not None:
-            self.observer.batch(samples, (input_ns + infer_ns + output_ns) / 1e9)
+            if self.observer is not None:
+                self.observer.batch(samples, (input_ns + infer_ns + output_ns) / 1e9)
 
     def record_request(self, ok: bool, total_ns: int, queue_ns: int | None) -> None:
         """One request finished (``queue_ns`` is None when it never reached a batch)."""
@@ -78,5 +78,5 @@ class ModelStats:
             (self.success if ok else self.fail).add(total_ns)
             if queue_ns is not None:
                 self.queue.add(queue_ns)
-        if queue_ns is not None and self.observer is not None:
-            self.observer.queued(queue_ns / 1e9)
+                if self.observer is not None:
+                    self.observer.queued(queue_ns / 1e9)
