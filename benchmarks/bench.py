@@ -35,10 +35,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from google.protobuf import text_format
 
 from onnxserve.clients.client import Client
 from onnxserve.serving.models.repository import read_model
 from onnxserve.serving.process import ServerProcess, free_port
+from onnxserve.serving.runtime.cpu import this_cpu
 
 from .load import build_request, run_load
 from .perf_analyzer import (
@@ -90,8 +92,6 @@ def _sample(config) -> np.ndarray:
 
 def _variant_repository(source: Path, name: str, target: Path, batching: bool) -> None:
     """A repository holding ``name`` with dynamic batching switched on or off."""
-    from google.protobuf import text_format
-
     folder = target / name
     shutil.copytree(source / name, folder, symlinks=True)
     config = read_model(target, name).config
@@ -158,9 +158,10 @@ def _clients(args) -> tuple[str, ...]:
 
 
 def configurations_per_model(args) -> int:
-    """Loads measured per model: on the null server and on each onnxserve set-up (each
-    measured once per client of --client)."""
-    return (1 + len(args.workers) * len(args.batching)) * len(_loads(args))
+    """Loads measured per model: on the null server (and its parsing variant with
+    --null-parse) and on each onnxserve set-up (each measured once per client of --client)."""
+    nulls = 2 if getattr(args, "null_parse", False) else 1
+    return (nulls + len(args.workers) * len(args.batching)) * len(_loads(args))
 
 
 def measurements_per_model(args) -> int:
@@ -310,19 +311,28 @@ def bench_model(repository: Path, name: str, args, progress: Progress,
     if "perf_analyzer" in _clients(args):
         out["perf_analyzer_not_measured"] = []
     measure = {"model": name, "pa_inputs": pa_inputs, "analyzer": analyzer}
-    port = free_port()
-    null = ServerProcess([sys.executable, "-m", "onnxserve.benchmarks.null_server", "--port",
-                          str(port), "--output-shape", *map(str, config.output[0].dims)],
-                         f"127.0.0.1:{port}", serve=False)
-    try:
-        null.wait_ready()
-        measured = _measure(null.url, payload, args.samples_per_request, args, null.pid,
-                            progress, f"{name} null server", optional=True, **measure)
-    finally:
-        null.stop()
-    out["null_server"] = measured.rows
-    for item in measured.not_measured:
-        out["perf_analyzer_not_measured"].append({"server": "null", **item})
+    with tempfile.TemporaryDirectory() as tmp:
+        config_file = Path(tmp) / "config.pbtxt"
+        config_file.write_text(text_format.MessageToString(config))
+        for key, parse in (("null_server", False), ("null_parse_server", True)):
+            if parse and not args.null_parse:
+                continue
+            port = free_port()
+            null = ServerProcess([sys.executable, "-m", "onnxserve.benchmarks.null_server",
+                                  "--port", str(port), "--model-config", str(config_file),
+                                  *(["--parse"] if parse else [])],
+                                 f"127.0.0.1:{port}", serve=False)
+            what = f"{name} null server" + (" (parse)" if parse else "")
+            try:
+                null.wait_ready()
+                measured = _measure(null.url, payload, args.samples_per_request, args,
+                                    null.pid, progress, what, optional=True, **measure)
+            finally:
+                null.stop()
+            out[key] = measured.rows
+            for item in measured.not_measured:
+                out["perf_analyzer_not_measured"].append(
+                    {"server": "null (parse)" if parse else "null", **item})
     for workers in args.workers:
         for batching in args.batching:
             with tempfile.TemporaryDirectory() as tmp:
@@ -383,7 +393,9 @@ def markdown(results: list[dict], meta: dict) -> str:
                   "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         null = {(r.get("client", "python"), r["mode"], r["concurrency"], r["rate"]): r
                 for r in res["null_server"]}
-        for server, rows in (("null", res["null_server"]), ("onnxserve", res["onnxserve"])):
+        for server, rows in (("null", res["null_server"]),
+                             ("null (parse)", res.get("null_parse_server", [])),
+                             ("onnxserve", res["onnxserve"])):
             for r in rows:
                 client = r.get("client", "python")
                 load = _load_cell(r)
@@ -406,9 +418,9 @@ def markdown(results: list[dict], meta: dict) -> str:
                 )
         lines.append("")
         for item in res.get("perf_analyzer_not_measured", []):
-            if item["server"] == "null":
-                lines += ["perf_analyzer cannot measure the null server, whose rows are the "
-                          f"Python client's only: {item['reason']}", ""]
+            if item["server"].startswith("null"):
+                lines += [f"perf_analyzer cannot measure the {item['server']} server, whose "
+                          f"rows are the Python client's only: {item['reason']}", ""]
             else:
                 lines += [f"perf_analyzer did not measure onnxserve, {item['workers']} "
                           f"worker(s), batching {item['batching']}, at {_load_cell(item)}: "
@@ -441,8 +453,10 @@ def plot(results: list[dict], path: Path) -> bool:
     fig, axes = plt.subplots(1, len(results), figsize=(6 * len(results), 4.5), squeeze=False)
     for ax, res in zip(axes[0], results, strict=True):
         series: dict[str, list] = {}
-        for r in [*res["null_server"], *res["onnxserve"]]:
-            key = ("null server" if "workers" not in r
+        nulls = [(r, "null server") for r in res["null_server"]]
+        nulls += [(r, "null server (parse)") for r in res.get("null_parse_server", [])]
+        for r, null_label in [*nulls, *((r, "") for r in res["onnxserve"])]:
+            key = (null_label if "workers" not in r
                    else f"onnxserve w={r['workers']} batching {r['batching']}")
             if r.get("client", "python") != "python":
                 key += f" ({r['client']})"
@@ -534,6 +548,9 @@ def add_bench_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
                    help="folder for <tag>.json, <tag>.md and <tag>.png (default ./%(default)s; "
                         "make bench writes the committed benchmarks/results)")
     p.add_argument("--tag", default="bench", help="output file name stem (default %(default)s)")
+    p.add_argument("--null-parse", action="store_true",
+                   help="also measure a do-nothing server that parses each request and builds "
+                        "each response (protobuf's share of a request)")
     p.add_argument("--client", choices=tuple(CLIENTS), default="python",
                    help="load generator: the Python grpc.aio client, Triton's C++ "
                         "perf_analyzer (its figures exclude the Python client's CPU), or both, "
@@ -589,7 +606,7 @@ def run_bench(args: argparse.Namespace) -> int:
     results = [bench_model(args.model_repository, m, args, progress, analyzer)
                for m in args.models]
     meta = {"command": "onnxserve bench " + " ".join(sys.argv[2:]) if len(sys.argv) > 2
-            else "onnxserve bench", "machine": f"{os.cpu_count()} cores, no GPU",
+            else "onnxserve bench", "machine": f"{this_cpu()}, no GPU",
             "warmup": args.warmup, "window": args.window, "clients": list(clients)}
     if analyzer is not None:
         meta["perf_analyzer"] = version
@@ -609,7 +626,8 @@ def run_bench(args: argparse.Namespace) -> int:
     print(f"wrote {args.out / (args.tag + '.json')}")
     print(f"wrote {args.out / (args.tag + '.md')}")
     failed = [(r["model"], item) for r in results
-              for item in r.get("perf_analyzer_not_measured", []) if item["server"] != "null"]
+              for item in r.get("perf_analyzer_not_measured", [])
+              if not item["server"].startswith("null")]
     for model, item in failed:
         print(f"onnxserve bench: perf_analyzer failed on {model}, onnxserve "
               f"{item['workers']} worker(s), batching {item['batching']}, {_load_cell(item)}: "

@@ -299,7 +299,7 @@ def test_bench_measures_with_both_clients(analyzer: pa.PerfAnalyzer, tmp_path: P
                           "scores", "--concurrency", "2", "--batching", "on", "--workers", "1",
                           "--warmup", "0.2", "--window", "0.4", "--max-windows", "3",
                           "--client", "both", "--perf-analyzer", str(analyzer.binary),
-                          "--out", str(out)),
+                          "--null-parse", "--out", str(out)),
         capture_output=True, text=True, timeout=300,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -310,13 +310,12 @@ def test_bench_measures_with_both_clients(analyzer: pa.PerfAnalyzer, tmp_path: P
     assert [r["client"] for r in model["onnxserve"]] == ["python", "perf_analyzer"]
     for row in model["onnxserve"]:
         assert row["throughput"] > 0 and row["errors"] == 0 and "server_compute_ms" in row
-    # The null server answers ModelInfer and ServerReady only: perf_analyzer needs
-    # ModelMetadata first, so the null server is the Python client's alone, and says so.
-    assert [r["client"] for r in model["null_server"]] == ["python"]
-    (skipped,) = model["perf_analyzer_not_measured"]
-    assert skipped["server"] == "null"
-    assert "failed to get model metadata: Method not found!" in skipped["reason"]
+    # The null servers answer the metadata, config and statistics RPCs perf_analyzer asks
+    # for, so both clients measure them too.
+    for key in ("null_server", "null_parse_server"):
+        assert [r["client"] for r in model[key]] == ["python", "perf_analyzer"]
+        assert all(r["throughput"] > 0 and r["errors"] == 0 for r in model[key])
+    assert model["perf_analyzer_not_measured"] == []
     table = (out / "bench.md").read_text()
     assert "| onnxserve | 1 | on | c=2 | perf_analyzer" in table
-    assert "perf_analyzer cannot measure the null server" in table
-    assert "perf_analyzer cannot measure scores null server" in result.stdout
+    assert "| null (parse) |  |  | c=2 | perf_analyzer" in table
