@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -65,6 +66,25 @@ def test_profile_summary_shares() -> None:
     assert total == 4
     assert own[0] == ("decode", 75.0)
     assert dict(inclusive)["loop"] == 100.0
+
+
+def test_stage_breakdown_compares_a_baseline_checkout_with_this_one(tmp_path: Path) -> None:
+    build_test_models(tmp_path / "repo")
+    checkout = Path(__file__).resolve().parent.parent  # this tree, as its own baseline
+    result = subprocess.run(
+        [sys.executable, "-m", "onnxserve.benchmarks.profile", "--tool", "stages",
+         "--model-repository", str(tmp_path / "repo"), "--model", "scores",
+         "--concurrency", "2", "--seconds", "0.5", "--repeat", "1", "--baseline",
+         str(checkout), "--out", str(tmp_path / "out")],
+        capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    table = (tmp_path / "out" / "stages_scores_c2.md").read_text()
+    header = next(line for line in table.splitlines() if line.startswith("| |"))
+    assert "baseline" in header and "this revision" in header
+    for row in ("inferences/s", "server CPU us per request", "handler", "validate"):
+        cells = next(line for line in table.splitlines() if line.startswith(f"| {row} |"))
+        values = [float(c) for c in cells.strip("|").split("|")[1:]]
+        assert len(values) == 2 and all(v > 0 for v in values), cells
 
 
 def test_first_request_table_compares_warm_up_on_and_off() -> None:
