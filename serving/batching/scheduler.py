@@ -268,8 +268,16 @@ class Scheduler:
                 f"model {self._name}: the queue is full ({policy.max_queue_size} requests "
                 "waiting, max_queue_size); retry later"
             )
+        if top_k and self._max_batch_size <= 0:
+            raise ValueError("top_k needs a model with a batch dimension")
         inputs = self._runners[0].prepare(inputs)
         future = asyncio.get_running_loop().create_future()
+        if self._inline and not self._max_delay_s and self._queue.empty() and not self._carry:
+            # Nothing waits to join it: run it now, without the round trip through the
+            # worker task (two event loop turns, a third of a tiny model's time), and
+            # without the queue's bookkeeping (it cannot expire: it never waits).
+            return self._run_now(_Pending(inputs, tuple(outputs), batch_size, (), future,
+                                          top_k=dict(top_k or {})))
         key = _batch_key(inputs) if self._batching else ()
         now = time.monotonic()
         timeout_s = policy.timeout_s
@@ -280,14 +288,8 @@ class Scheduler:
             deadline, from_policy = now + timeout_s, True
         if time_remaining is not None and (deadline is None or now + time_remaining < deadline):
             deadline, from_policy = now + max(time_remaining, 0.0), False
-        if top_k and self._max_batch_size <= 0:
-            raise ValueError("top_k needs a model with a batch dimension")
         pending = _Pending(inputs, tuple(outputs), batch_size, key, future, deadline,
                            from_policy, dict(top_k or {}))
-        if self._inline and not self._max_delay_s and self._queue.empty() and not self._carry:
-            # Nothing waits to join it: run it now, without the round trip through the
-            # worker task (two event loop turns, a third of a tiny model's time).
-            return self._run_now(pending)
         self._queue.put_nowait(pending)
         self._in_flight.enter()
         ok = False
