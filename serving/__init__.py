@@ -7,9 +7,12 @@ imports none; tests/test_layers.py checks this):
     cli.py, workers.py      the `onnxserve` command; `serve --workers N`'s supervisor
     commands/               client commands: demo, health
     server.py               composition root: start-up, serve, shut down as named phases
-    frontends/              grpc_service (the RPCs), decoding, encoding, auth, health
+    frontends/              grpc_service (the RPCs), decoding, encoding, auth, health;
+                            http_service (the REST routes), http_codec (JSON and binary
+                            tensors), http_server (bind, serve, drain, stop)
     dataplane.py            live/ready/metadata/config/statistics/repository/infer on plain
-                            values; classification.py formats top-k results
+                            values; classification.py formats top-k results;
+                            shared_memory.py: Triton's system shared memory regions
     models/                 repository, config_support, options, validation, images,
                             external_data, execution and accelerators (plans), warmup, model
                             (load_model), registry
@@ -19,19 +22,22 @@ imports none; tests/test_layers.py checks this):
     observability/          metrics, statistics, logs
     errors.py settings.py types.py process.py
 
-The request path: frontends/grpc_service.ModelInfer -> frontends/decoding.infer_request ->
-dataplane.DataPlane.infer (models/registry lookup, models/validation, decode, models/images
-off the loop, models/model reshape) -> batching/scheduler.Scheduler.infer -> runtime/runner
+The request path: frontends/grpc_service.ModelInfer (or each request of ModelStreamInfer)
+-> frontends/decoding.infer_request -> dataplane.DataPlane.infer (models/registry lookup,
+models/validation, decode, models/images off the loop, models/model reshape)
+-> batching/scheduler.Scheduler.infer -> runtime/runner
 .Runner.run (in a worker thread) -> split back per request -> dataplane (classification
-strings) -> frontends/encoding.encode_response.
+strings) -> frontends/encoding.encode_response. Over HTTP: frontends/http_service.infer ->
+frontends/http_codec.infer_request -> the same data plane -> http_codec.infer_response.
 
-The lifecycle path: cli -> workers.run_server -> server.serve: bind ports -> models/registry
-.load_initial (models/model.load_model in a thread: repository, options, plan, instances,
-warm-up, scheduler) -> ready -> serve -> stop: drain, linger, exit.
+The lifecycle path: cli -> workers.run_server -> server.serve: bind ports (gRPC, HTTP,
+metrics) -> models/registry.load_initial (models/model.load_model in a thread: repository,
+options, plan, instances, warm-up, scheduler) -> ready -> serve -> stop: drain, linger,
+exit.
 
-Threads: the asyncio event loop runs the front end, the data plane, the registry and the
-schedulers' batch forming (and, for models chosen to run on the event loop, their runs); one
-thread per model instance runs onnxruntime (which releases the GIL); a pool decodes encoded
-images; model loads run in a thread (asyncio.to_thread); gRPC's own poller thread and the
-Prometheus HTTP server's thread serve their sockets.
+Threads: the asyncio event loop runs both front ends (grpc.aio and aiohttp), the data
+plane, the registry and the schedulers' batch forming (and, for models chosen to run on the
+event loop, their runs); one thread per model instance runs onnxruntime (which releases the
+GIL); a pool decodes encoded images; model loads run in a thread (asyncio.to_thread);
+gRPC's own poller thread and the Prometheus HTTP server's thread serve their sockets.
 """

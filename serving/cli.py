@@ -15,7 +15,7 @@ from onnxserve.serving.settings import (
 
 def _add_serve(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
-        "serve", help="serve a model repository over gRPC (KServe V2)",
+        "serve", help="serve a model repository over gRPC and HTTP (KServe V2)",
         description="Serve a model repository over the KServe V2 gRPC protocol. Every flag "
                     "also reads the ONNXSERVE_* variable it names; a flag wins over its "
                     "variable.")

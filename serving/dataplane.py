@@ -20,16 +20,17 @@ import itertools
 import logging
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError
 from importlib.metadata import version as package_version
+from typing import NoReturn
 
 import numpy as np
 
 from onnxserve.protos.codec import TensorCodecError
-from onnxserve.protos.datatypes import by_config_type
+from onnxserve.protos.datatypes import by_config_type, by_name
 from onnxserve.protos.model_config_pb2 import ModelConfig
 from onnxserve.serving.batching.inflight import InFlight
 from onnxserve.serving.classification import class_strings, top_k
@@ -40,22 +41,36 @@ from onnxserve.serving.errors import (
     SchedulerClosedError,
     ServingError,
     UnavailableError,
+    UnimplementedError,
     error_code,
 )
 from onnxserve.serving.models.images import EncodedImageInput, decode_batch
 from onnxserve.serving.models.model import Model, ModelVersion
 from onnxserve.serving.models.registry import READY, ModelEntry, Registry
 from onnxserve.serving.models.validation import expected_shape
-from onnxserve.serving.observability import stages
-from onnxserve.serving.observability.logs import event
+from onnxserve.serving.observability import logs, stages
+from onnxserve.serving.observability.logs import LogSettingValue, event
 from onnxserve.serving.observability.metrics import UNKNOWN_MODEL, Metrics
 from onnxserve.serving.observability.stages import CLOCK
+from onnxserve.serving.shared_memory import (
+    REGION_PARAMETER,
+    Placement,
+    Region,
+    SharedMemoryOutput,
+    SharedMemoryParameters,
+    SharedMemoryRegistry,
+)
 from onnxserve.serving.types import TensorSpec, TopK
 
 log = logging.getLogger(__name__)
 
 SERVER_NAME = "onnxserve"
-EXTENSIONS = ("classification", "model_configuration", "model_repository", "statistics")
+#: Triton's names of the protocol extensions every front end implements, as ServerMetadata
+#: lists them (tests/test_extensions.py ties the list to the RPCs that answer); a front
+#: end adds its own ("binary_tensor_data" is HTTP's). Not built: "trace" (TraceSetting
+#: answers UNIMPLEMENTED), "sequence", "cuda_shared_memory".
+EXTENSIONS = ("classification", "model_configuration", "model_repository", "statistics",
+              "logging", "system_shared_memory")
 CLASSIFICATION_PARAMETER = "classification"
 TIMEOUT_PARAMETER = "timeout"
 
@@ -64,21 +79,26 @@ TIMEOUT_PARAMETER = "timeout"
 class RequestInput:
     """One input as a request declares it; ``decode()`` returns its array (the front end's
     decoder, called only after the declaration passed the model's checks; it raises
-    TensorCodecError for a payload that does not match)."""
+    TensorCodecError for a payload that does not match). An input with ``shared_memory``
+    parameters (serving/shared_memory.py's ``shared_memory_parameters``) is read from that
+    region instead, and ``decode`` is not called."""
 
     name: str
     datatype: str
     shape: tuple[int, ...]
     decode: Callable[[], np.ndarray]
+    shared_memory: SharedMemoryParameters | None = None
 
 
 @dataclass(slots=True)
 class RequestedOutput:
     """An output a request asks for, with its ``classification`` parameter (any type, as
-    sent; None when absent)."""
+    sent; None when absent) and its shared memory parameters (written into that region
+    when given)."""
 
     name: str
     classification: object = None
+    shared_memory: SharedMemoryParameters | None = None
 
 
 @dataclass(slots=True)
@@ -95,16 +115,22 @@ class InferRequest:
     timeout: object = None
     #: seconds until the caller's deadline (None: no deadline)
     time_remaining: float | None = None
+    #: the front end's transport, the metrics' ``protocol`` label (grpc or http)
+    protocol: str = "grpc"
 
 
 @dataclass(slots=True)
 class InferResult:
-    """The answer: each output's array in the order asked for (BYTES as object arrays)."""
+    """The answer: each output's array in the order asked for (BYTES as object arrays);
+    ``shared_memory`` names the outputs written into shared memory (None: none), which
+    the answer reports by serving/shared_memory.py's ``output_parameters`` instead of
+    their data."""
 
     model_name: str
     model_version: str
     id: str
     outputs: list[tuple[str, np.ndarray]]
+    shared_memory: dict[str, SharedMemoryOutput] | None = None
 
 
 @dataclass(frozen=True)
@@ -177,6 +203,8 @@ class DataPlane:
         #: False from the moment a stop begins: new requests are refused
         self.accepting = True
         self._in_flight = InFlight()
+        #: Triton's system shared memory regions (serving/shared_memory.py)
+        self.shared_memory = SharedMemoryRegistry()
         # Pillow releases the GIL while decoding: one thread per core decodes in parallel.
         self._image_pool = ThreadPoolExecutor(max_workers=os.cpu_count() or 1,
                                               thread_name_prefix="decode")
@@ -189,7 +217,12 @@ class DataPlane:
         return await self._in_flight.wait_idle(timeout)
 
     def close(self) -> None:
+        """Release what the data plane holds: the image decoders and every shared memory
+        region (unmapped now, or when the last request using one ends)."""
         self._image_pool.shutdown(wait=False, cancel_futures=True)
+        regions = self.shared_memory.close()
+        if regions:
+            log.info("unregistered %d shared memory region(s) at exit", regions)
 
     # --- health and metadata -------------------------------------------------------------
 
@@ -270,6 +303,44 @@ class DataPlane:
         self.registry.check_control()
         await self.registry.unload(name)
 
+    # --- logging and tracing -------------------------------------------------------------
+
+    def log_settings(
+        self, updates: Mapping[str, object] | None = None
+    ) -> dict[str, LogSettingValue]:
+        """The logging extension: this process's log settings under Triton's keys
+        (log_file, log_info, log_warning, log_error, log_verbose_level, log_format), after
+        applying ``updates`` (plain bool / int / str values; None or empty: only read).
+
+        A change applies to this process's loggers at once and is logged. With
+        ``--workers N`` that is the worker whose connection carried the call (each worker is
+        its own process; the others keep theirs). observability/logs.update_log_settings
+        says how the keys map onto onnxserve's level threshold and formats.
+
+        Raises:
+            InvalidInputError: an unknown key, a wrong value, or contradicting settings.
+        """
+        if not updates:
+            return logs.log_settings()
+        before = logs.log_settings()
+        after = logs.update_log_settings(updates)
+        changed = {key: value for key, value in after.items() if before[key] != value}
+        if changed:  # at WARNING: still shown when info logs were just turned off
+            event(log, logging.WARNING, "log_settings_changed", **changed)
+        return after
+
+    def trace_settings(self) -> NoReturn:
+        """Triton's trace extension, which onnxserve does not build.
+
+        Raises:
+            UnimplementedError: always, naming what to use instead.
+        """
+        raise UnimplementedError(
+            "request tracing is not built into onnxserve; to see where a request's time "
+            "goes, run with --stage-timing (per-stage totals at /metrics as "
+            "onnxserve_stage_seconds_total, and a summary logged at exit) and read the "
+            "onnxserve_request/queue/compute_duration_seconds histograms")
+
     # --- inference -----------------------------------------------------------------------
 
     async def infer(self, request: InferRequest) -> InferResult:
@@ -280,6 +351,7 @@ class DataPlane:
         name = request.model_name
         model_label = name if self.registry.knows(name) else UNKNOWN_MODEL
         version_label = ""
+        held: list[Region] = []  # shared memory regions the request uses
         try:
             if not self.accepting:
                 raise UnavailableError("the server is shutting down")
@@ -289,7 +361,7 @@ class DataPlane:
                 model, version = self.registry.get(name, request.model_version)
                 version_label = str(version.version)
                 try:
-                    result = await self._infer(request, model, version)
+                    result = await self._infer(request, model, version, held)
                 except SchedulerClosedError:
                     if attempt == 2:
                         raise
@@ -297,7 +369,8 @@ class DataPlane:
                 if self._metrics is not None:
                     observing = time.perf_counter_ns()
                     self._metrics.observe_request(model_label, version_label, "OK",
-                                                  time.perf_counter() - started)
+                                                  time.perf_counter() - started,
+                                                  request.protocol)
                     if CLOCK.enabled:
                         CLOCK.add(stages.OBSERVE, observing)
                 return result
@@ -306,7 +379,8 @@ class DataPlane:
             code = error_code(exc)
             if self._metrics is not None:
                 self._metrics.observe_request(model_label, version_label, code,
-                                              time.perf_counter() - started)
+                                              time.perf_counter() - started,
+                                              request.protocol)
             if not isinstance(exc, ServingError):
                 log.error("inference failed unexpectedly", exc_info=exc)
             event(log, logging.ERROR if code == INTERNAL else logging.INFO, "request_failed",
@@ -314,10 +388,12 @@ class DataPlane:
                   request_id=request.id, reason=str(exc))
             raise
         finally:
+            if held:
+                self.shared_memory.release(held)
             self._in_flight.leave()
 
-    async def _infer(self, request: InferRequest, model: Model,
-                     version: ModelVersion) -> InferResult:
+    async def _infer(self, request: InferRequest, model: Model, version: ModelVersion,
+                     held: list[Region]) -> InferResult:
         timed = CLOCK.enabled
         if timed:
             mark = time.perf_counter_ns()
@@ -327,7 +403,12 @@ class DataPlane:
         inputs = {}
         for tensor in request.inputs:
             try:
-                inputs[tensor.name] = tensor.decode()
+                if tensor.shared_memory is None:
+                    inputs[tensor.name] = tensor.decode()
+                else:
+                    inputs[tensor.name] = self.shared_memory.read_input(
+                        tensor.name, by_name(tensor.datatype), tensor.shape,
+                        tensor.shared_memory, held)
             except TensorCodecError as exc:
                 raise InvalidInputError(f"input {tensor.name!r}: {exc}") from None
         if timed:
@@ -343,6 +424,7 @@ class DataPlane:
                                   f"output {o.name!r}: parameter {CLASSIFICATION_PARAMETER!r}",
                                   1)
             for o in request.outputs if o.classification is not None}
+        placed = self._output_targets(request.outputs, held)
         timeout_us = (None if request.timeout is None else _whole_number(
             request.timeout, f"parameter {TIMEOUT_PARAMETER!r} (microseconds)", 0))
         batched = model.config.max_batch_size > 0
@@ -367,7 +449,28 @@ class DataPlane:
             answered.append((name, value))
         if timed:
             CLOCK.add(stages.STRINGS, mark)
-        return InferResult(model.name, str(version.version), request.id, answered)
+        written = None
+        if placed:
+            written = {name: self.shared_memory.write_output(name, value, *placed[name])
+                       for name, value in answered if name in placed}
+        return InferResult(model.name, str(version.version), request.id, answered, written)
+
+    def _output_targets(self, outputs: Sequence[RequestedOutput],
+                        held: list[Region]) -> dict[str, tuple[Region, Placement]] | None:
+        """Where the outputs placed in shared memory go (None: no output is), checked
+        before the run; the regions are added to ``held``."""
+        placed = None
+        for output in outputs:
+            if output.shared_memory is None:
+                continue
+            if output.classification is not None:
+                raise InvalidInputError(
+                    f"output {output.name!r}: parameters {CLASSIFICATION_PARAMETER!r} and "
+                    f"{REGION_PARAMETER!r} cannot be combined; ask for one or the other")
+            placed = placed or {}
+            placed[output.name] = self.shared_memory.output_target(
+                output.name, output.shared_memory, held)
+        return placed
 
     async def _decode_images(
         self, inputs: dict[str, np.ndarray], images: EncodedImageInput

@@ -37,6 +37,12 @@ class SchedulerClosedError(UnavailableError):
     """The model version was unloaded or replaced between lookup and queueing."""
 
 
+class AlreadyExistsError(ServingError):
+    """The name the operation would create is taken (a shared memory region's name)."""
+
+    code = "ALREADY_EXISTS"
+
+
 class FailedPreconditionError(ServingError):
     """The server is not in a state that allows the operation (e.g. model control is off)."""
 
@@ -59,6 +65,12 @@ class InferenceFailedError(ServingError):
     """The runtime failed while executing a batch."""
 
     code = "INTERNAL"
+
+
+class UnimplementedError(ServingError):
+    """The server does not offer the operation (a protocol extension it does not build)."""
+
+    code = "UNIMPLEMENTED"
 
 
 class ModelLoadError(ServingError):

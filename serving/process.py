@@ -70,8 +70,10 @@ class ServerProcess:
 
     def __init__(self, command: Sequence[str], url: str, log_path: Path | None = None,
                  *, serve: bool = True, env: dict[str, str] | None = None,
-                 capture: bool = True) -> None:
+                 capture: bool = True, http_url: str | None = None) -> None:
         self.url = url
+        #: ``host:port`` of its HTTP/REST front end (None: off)
+        self.http_url = http_url
         self.log_path = log_path
         self._log: IO[bytes] | None = None
         if capture:
@@ -83,16 +85,21 @@ class ServerProcess:
 
     @classmethod
     def serve(cls, repository: Path, *flags: str, log_path: Path | None = None,
-              port: int | None = None, metrics_port: int = 0,
+              port: int | None = None, metrics_port: int = 0, http_port: int | None = None,
               env: dict[str, str] | None = None, capture: bool = True) -> ServerProcess:
         """Start ``onnxserve serve`` on 127.0.0.1 (a free port unless ``port``) for
-        ``repository``, with ``flags`` after the defaults (later flags win). With
-        ``capture`` false its output goes to this process's stdout and stderr."""
+        ``repository``, with ``flags`` after the defaults (later flags win). HTTP on
+        ``http_port`` (None: a free port; 0: off). With ``capture`` false its output goes
+        to this process's stdout and stderr."""
         port = port or free_port()
+        while http_port is None or http_port == port:
+            http_port = free_port()
         command = onnxserve_command(
             "serve", "--model-repository", str(repository), "--grpc-host", "127.0.0.1",
-            "--grpc-port", str(port), "--metrics-port", str(metrics_port), *flags)
-        return cls(command, f"127.0.0.1:{port}", log_path, env=env, capture=capture)
+            "--grpc-port", str(port), "--http-port", str(http_port),
+            "--metrics-port", str(metrics_port), *flags)
+        return cls(command, f"127.0.0.1:{port}", log_path, env=env, capture=capture,
+                   http_url=f"127.0.0.1:{http_port}" if http_port else None)
 
     @property
     def pid(self) -> int:

@@ -1,9 +1,12 @@
-"""Start the gRPC server, load the repository, and shut down cleanly on SIGTERM/SIGINT.
+"""Start the gRPC and HTTP servers, load the repository, and shut down cleanly on
+SIGTERM/SIGINT.
 
-A stop (SIGTERM, SIGINT or the ``stop`` event) is honoured in every phase: before the port
-opens serve() returns; while models load, the loads still running are abandoned and the
-server never reports ready; while serving, new requests are refused with UNAVAILABLE,
-admitted ones finish (up to ``drain_seconds``), refusals go on for LINGER_SECONDS, and the
+Both front ends run on one event loop over one data plane. A stop (SIGTERM, SIGINT or the
+``stop`` event) is honoured in every phase: before the ports open serve() returns; while
+models load, the loads still running are abandoned and the server never reports ready;
+while serving, new requests are refused with UNAVAILABLE (HTTP 503, and every HTTP answer
+closes its connection, idle keep-alive connections at once), admitted ones finish (up to
+``drain_seconds``), refusals go on for LINGER_SECONDS, the HTTP server closes, and the
 process ends with status 0 (see _exit_process for why it ends instead of returning).
 """
 
@@ -25,9 +28,17 @@ from grpc_reflection.v1alpha import reflection
 from onnxserve.protos import inference_pb2_grpc
 from onnxserve.serving.dataplane import DataPlane
 from onnxserve.serving.errors import ModelLoadError, NotFoundError
-from onnxserve.serving.frontends.auth import BearerTokenInterceptor, read_token, server_credentials
+from onnxserve.serving.frontends.auth import (
+    BearerTokenInterceptor,
+    read_token,
+    server_credentials,
+    ssl_context,
+)
 from onnxserve.serving.frontends.grpc_service import InferenceService
 from onnxserve.serving.frontends.health import SERVICE_NAME, mark_live, update_health
+from onnxserve.serving.frontends.http_server import HttpServer
+from onnxserve.serving.frontends.http_server import bind as bind_http
+from onnxserve.serving.frontends.http_service import HttpService
 from onnxserve.serving.models.registry import READY, Registry
 from onnxserve.serving.observability import profiling
 from onnxserve.serving.observability.metrics import Metrics, registry_gauges
@@ -149,8 +160,9 @@ async def serve(settings: ServerSettings, stop: asyncio.Event | None = None,
         raise StartupError(str(exc)) from None
     plane = DataPlane(registry, metrics)
     interceptors = []
-    if settings.auth_token_file is not None:
-        interceptors.append(BearerTokenInterceptor(read_token(settings.auth_token_file)))
+    token = read_token(settings.auth_token_file) if settings.auth_token_file else None
+    if token is not None:
+        interceptors.append(BearerTokenInterceptor(token))
     server = grpc.aio.server(interceptors=interceptors, options=grpc_options(settings))
     inference_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceService(plane), server)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -166,6 +178,18 @@ async def serve(settings: ServerSettings, stop: asyncio.Event | None = None,
         port = server.add_insecure_port(address)
     if port == 0:
         raise StartupError(f"cannot listen on {address}")
+    http = None
+    if settings.http_port:
+        try:
+            http_socket = bind_http(settings.grpc_host, settings.http_port)
+        except OSError as exc:
+            raise StartupError(f"cannot listen for HTTP on {settings.grpc_host}:"
+                               f"{settings.http_port}: {exc} (choose another port with "
+                               "--http-port, 0 = off)") from None
+        tls = (ssl_context(settings.tls_cert, settings.tls_key, settings.tls_client_ca)
+               if settings.tls_cert is not None and settings.tls_key is not None else None)
+        http = HttpServer(HttpService(plane, settings.max_message_bytes, token), http_socket,
+                          tls)
     if settings.metrics_port:
         try:
             metrics_port = metrics.serve(settings.grpc_host, settings.metrics_port)
@@ -177,17 +201,25 @@ async def serve(settings: ServerSettings, stop: asyncio.Event | None = None,
     await mark_live(health_servicer)
     if stop.is_set():  # stopped while setting up: nothing was served
         metrics.close()
+        if http is not None:
+            await http.stop()
         log.info("stopped before the port opened")
         return
     await server.start()
     log.info("gRPC server listening on %s:%d%s%s", settings.grpc_host, port,
              " with TLS" if settings.tls_cert else "",
              " (mutual)" if settings.tls_client_ca else "")
+    if http is not None:
+        await http.start()
+        log.info("HTTP server listening on %s:%d%s", settings.grpc_host, http.port,
+                 " with TLS" if settings.tls_cert else "")
 
     async def shut_down(during: str) -> NoReturn:
         log.info("stopping%s: finishing in-flight requests (up to %.0fs)", during,
                  settings.drain_seconds)
         plane.accepting = False
+        if http is not None:
+            http.drain(settings.drain_seconds)
         await update_health(health_servicer, registry, ready=False)
         drained = await plane.drain(settings.drain_seconds)
         if not drained:
@@ -204,6 +236,8 @@ async def serve(settings: ServerSettings, stop: asyncio.Event | None = None,
         plane.close()
         metrics.close()
         log.info("stopped")
+        if http is not None:
+            await http.stop()
         _exit_process(0)
 
     if settings.providers != "cpu" and not await _unless_stopped(

@@ -34,6 +34,7 @@ CONTROL_MODES: tuple[str, ...] = typing.get_args(ControlMode)
 
 ENV_PREFIX = "ONNXSERVE_"
 DEFAULT_GRPC_PORT = 8001
+DEFAULT_HTTP_PORT = 8000
 # A batch of 64 float 331x331x3 images (the largest seed input) is 84 MB; gRPC's
 # default of 4 MB does not take even one 224x224x3 float batch of 8.
 DEFAULT_MAX_MESSAGE_BYTES = 256 * 1024 * 1024
@@ -67,12 +68,14 @@ class ServerSettings:
     model_repository: Path = setting(Path("model_repository"), "model repository folder")
     grpc_host: str = setting("0.0.0.0", "address to listen on")
     grpc_port: int = setting(DEFAULT_GRPC_PORT, "gRPC port (Triton's)")
+    http_port: int = setting(
+        DEFAULT_HTTP_PORT, "HTTP/REST port (Triton's), on the same address, 0 = off")
     providers: Providers = setting(
         "auto", "execution provider: auto (CUDA when it really works, else the CPU, and a "
         "warning), cpu, or cuda (a model whose session does not run on CUDA fails to load)")
     max_message_bytes: int = setting(
-        DEFAULT_MAX_MESSAGE_BYTES, "largest gRPC message accepted or sent (gRPC's own default "
-        "is 4 MB)")
+        DEFAULT_MAX_MESSAGE_BYTES, "largest gRPC message accepted or sent, and largest HTTP "
+        "request body accepted (413 beyond it); gRPC's own default is 4 MB")
     intra_op_threads: int = setting(
         0, "onnxruntime threads per session, 0 = the cores split between a model's instances")
     cores: int = setting(
@@ -119,8 +122,8 @@ class ServerSettings:
     tls_client_ca: Path | None = setting(
         None, "PEM CA: clients must present a certificate it signed (mutual TLS)")
     auth_token_file: Path | None = setting(
-        None, "file holding a bearer token every RPC but health must carry as "
-        "'authorization: Bearer TOKEN'")
+        None, "file holding a bearer token every gRPC call and HTTP request but health "
+        "checks must carry as 'authorization: Bearer TOKEN'")
     grpc_keepalive_time_ms: int = setting(
         7_200_000, "ms between the server's keepalive pings on a quiet connection (Triton's "
         "default)", flag="--grpc-keepalive-time", metavar="N")
@@ -162,7 +165,7 @@ class ServerSettings:
                 f"repository poll interval must be > 0 seconds, not {self.repository_poll_secs}")
         if self.load_models and self.model_control_mode != "explicit":
             raise ValueError("--load-model needs --model-control-mode explicit")
-        for name in ("grpc_port", "metrics_port"):
+        for name in ("grpc_port", "http_port", "metrics_port"):
             if not 0 <= getattr(self, name) <= 65535:
                 raise ValueError(f"{flag_of(name)} must be 0-65535, not {getattr(self, name)}")
         for name in ("max_queue_size", "drain_seconds", "cores", "intra_op_threads"):

@@ -38,7 +38,7 @@ def _spawn(repository: Path, log_path: Path, *extra: str, held: bool = True,
     port = port or free_port()
     process = subprocess.Popen(
         onnxserve_command("serve", "--model-repository", str(repository), "--grpc-host",
-                          "127.0.0.1", "--grpc-port", str(port), *extra),
+                          "127.0.0.1", "--grpc-port", str(port), "--http-port", "0", *extra),
         stdout=log_path.open("w"), stderr=subprocess.STDOUT,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
         preexec_fn=hold_stop_signals if held else die_with_parent)
@@ -254,7 +254,8 @@ def test_a_worker_that_fails_at_start_up_fails_the_command(small_repository: Pat
         result = subprocess.run(
             onnxserve_command("serve", "--model-repository", str(small_repository),
                               "--grpc-host", "127.0.0.1", "--grpc-port", str(free_port()),
-                              "--workers", "2", "--metrics-port", str(metrics_port)),
+                              "--http-port", "0", "--workers", "2", "--metrics-port",
+                              str(metrics_port)),
             capture_output=True, text=True, timeout=60, preexec_fn=die_with_parent)
         took = time.monotonic() - started
     output = result.stdout + result.stderr

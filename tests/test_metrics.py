@@ -23,3 +23,26 @@ def test_buckets_and_sums_match_prometheus_client() -> None:
     assert {float(le): count for le, count in buckets} == {
         float(le): count for le, count in expected.items()}
     assert np.isclose(total, sum(values))
+
+
+def test_request_metrics_are_labelled_by_protocol() -> None:
+    from onnxserve.serving.observability.metrics import Metrics
+
+    metrics = Metrics()
+    metrics.observe_request("m", "1", "OK", 0.001, "grpc")
+    metrics.observe_request("m", "1", "OK", 0.002, "http")
+    metrics.observe_request("m", "1", "OK", 0.003, "http")
+    metrics.observe_request("m", "1", "NOT_FOUND", 0.001, "http")
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for family in metrics.registry.collect() for s in family.samples}
+    base = (("model", "m"),)
+    assert samples[("onnxserve_requests_total",
+                    (*base, ("protocol", "grpc"), ("status", "OK"), ("version", "1")))] == 1
+    assert samples[("onnxserve_requests_total",
+                    (*base, ("protocol", "http"), ("status", "OK"), ("version", "1")))] == 2
+    assert samples[("onnxserve_requests_total", (*base, ("protocol", "http"),
+                                                 ("status", "NOT_FOUND"), ("version", "1")))] == 1
+    assert samples[("onnxserve_request_duration_seconds_count",
+                    (*base, ("protocol", "http"), ("version", "1")))] == 2
+    assert samples[("onnxserve_request_duration_seconds_count",
+                    (*base, ("protocol", "grpc"), ("version", "1")))] == 1

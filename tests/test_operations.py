@@ -53,19 +53,20 @@ def test_metrics_count_requests_by_model_version_and_status(tmp_path: Path) -> N
                 with pytest.raises(grpc.RpcError):
                     stub.ModelInfer(request, timeout=10)
         m = _samples(port)
-        ok = ("onnxserve_requests_total",
-              (("model", "add_one"), ("status", "OK"), ("version", "2")))
+        ok = ("onnxserve_requests_total", (("model", "add_one"), ("protocol", "grpc"),
+                                           ("status", "OK"), ("version", "2")))
         assert m[ok] == 3
-        bad = ("onnxserve_requests_total",
-               (("model", "add_one"), ("status", "INVALID_ARGUMENT"), ("version", "2")))
+        bad = ("onnxserve_requests_total", (("model", "add_one"), ("protocol", "grpc"),
+                                            ("status", "INVALID_ARGUMENT"), ("version", "2")))
         assert m[bad] == 1
-        unknown = ("onnxserve_requests_total",
-                   (("model", "_unknown"), ("status", "NOT_FOUND"), ("version", "")))
+        unknown = ("onnxserve_requests_total", (("model", "_unknown"), ("protocol", "grpc"),
+                                                ("status", "NOT_FOUND"), ("version", "")))
         assert m[unknown] == 1
         labels = (("model", "add_one"), ("version", "2"))
         assert m[("onnxserve_inferences_total", labels)] == 3
         assert m[("onnxserve_batch_size_count", labels)] == 3
-        assert m[("onnxserve_request_duration_seconds_count", labels)] == 3
+        assert m[("onnxserve_request_duration_seconds_count",
+                  (("model", "add_one"), ("protocol", "grpc"), ("version", "2")))] == 3
         assert m[("onnxserve_queue_duration_seconds_count", labels)] == 3
         assert m[("onnxserve_compute_duration_seconds_sum", labels)] > 0
         assert m[("onnxserve_inflight_requests", labels)] == 0

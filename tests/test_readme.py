@@ -18,8 +18,10 @@ def test_every_python_block_runs(server: ServerProcess, samples: Path) -> None:
     blocks = python_blocks()
     assert blocks
     for block in blocks:
-        # The README's own server address and sample folder, as `make demo` leaves them.
-        code = block.replace("localhost:8001", server.url).replace("samples/", f"{samples}/")
+        # The README's own server addresses and sample folder, as `make demo` leaves them.
+        code = (block.replace("localhost:8001", server.url)
+                .replace("localhost:8000", str(server.http_url))
+                .replace("samples/", f"{samples}/"))
         printed = io.StringIO()
         with contextlib.redirect_stdout(printed):
             exec(compile(code, "README.md", "exec"), {})
@@ -51,6 +53,8 @@ def test_every_shell_command_names_what_exists() -> None:
             build_parser().parse_args(words[1:])
         elif words[0].endswith("python") and words[1] == "clients/classify.py":
             classify_parser().parse_args(words[2:])
+        elif words[0] == "curl":  # run by test_every_curl_command_answers
+            assert any(w.startswith("localhost:8000/") for w in words), line
         elif words[0] in ("docker", "kubectl"):
             for flag in ("-f", "-k"):
                 if flag in words:
@@ -59,3 +63,17 @@ def test_every_shell_command_names_what_exists() -> None:
             raise AssertionError(f"README command of no known kind: {line}")
         checked += 1
     assert checked >= 20
+
+
+def test_every_curl_command_answers(server: ServerProcess) -> None:
+    """README's curl commands, run against this session's server (HTTP/REST)."""
+    import shlex
+    import subprocess
+
+    lines = [line for line in shell_lines() if line.startswith("curl ")]
+    assert lines
+    for line in lines:
+        words = [w.replace("localhost:8000", str(server.http_url)) for w in shlex.split(line)]
+        result = subprocess.run(words, capture_output=True, text=True, timeout=30)
+        assert result.returncode == 0 and result.stdout.strip(), (line, result.stderr)
+        assert result.stdout == "200" or '"error"' not in result.stdout, (line, result.stdout)

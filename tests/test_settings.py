@@ -21,7 +21,7 @@ from onnxserve.serving.settings import (
 #: a valid non-default value for each field, as text and as ServerSettings holds it
 SAMPLES = {
     "model_repository": ("/models", Path("/models")), "grpc_host": ("127.0.0.1", "127.0.0.1"),
-    "grpc_port": ("9001", 9001), "providers": ("cpu", "cpu"),
+    "grpc_port": ("9001", 9001), "http_port": ("9000", 9000), "providers": ("cpu", "cpu"),
     "max_message_bytes": ("8388608", 8388608), "intra_op_threads": ("3", 3),
     "cores": ("2", 2), "spinning": ("off", "off"), "warmup": ("false", False),
     "stage_timing": ("true", True),
@@ -82,6 +82,7 @@ def test_flags_win_and_lists_repeat(monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.mark.parametrize(("argv", "message"), [
     (("--workers", "0"), "--workers must be at least 1"),
     (("--grpc-port", "70000"), "--grpc-port must be 0-65535"),
+    (("--http-port", "-1"), "--http-port must be 0-65535"),
     (("--drain-seconds", "-1"), "--drain-seconds must be >= 0"),
     (("--load-model", "a"), "--load-model needs --model-control-mode explicit"),
     (("--tls-cert", "/c"), "TLS needs both"),

@@ -1,13 +1,17 @@
-"""Bearer-token authentication and TLS credentials for the gRPC server.
+"""Bearer-token authentication and TLS credentials for the gRPC and HTTP servers.
 
-With a token configured, every RPC except the health service must carry gRPC metadata
-``authorization: Bearer <token>``; anything else is answered UNAUTHENTICATED before the
-handler runs. The comparison takes the same time whatever the token sent.
+With a token configured, every gRPC call except the health service must carry metadata
+``authorization: Bearer <token>`` (else UNAUTHENTICATED before the handler runs), and every
+HTTP request except ``/v2/health/live`` and ``/v2/health/ready`` the same ``Authorization``
+header (else 401). The comparison takes the same time whatever the token sent. Both
+servers take the same certificate and key, and with a client CA both require client
+certificates it signed.
 """
 
 from __future__ import annotations
 
 import hmac
+import ssl
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
@@ -15,6 +19,8 @@ import grpc
 
 #: Methods open without a token: orchestrators probe health without credentials.
 OPEN_PREFIXES = ("/grpc.health.v1.Health/",)
+#: HTTP paths open without a token, for the same reason.
+OPEN_HTTP_PATHS = frozenset(("/v2/health/live", "/v2/health/ready"))
 
 
 class AuthError(ValueError):
@@ -50,11 +56,20 @@ def _refuse(handler: grpc.RpcMethodHandler, message: str) -> grpc.RpcMethodHandl
     raise AssertionError("a method handler of no known kind")
 
 
+def bearer_refusal(sent: bytes, token: bytes) -> str | None:
+    """None when ``sent`` (an authorization value) is ``Bearer <token>``, else what is
+    wrong, for the caller."""
+    if hmac.compare_digest(sent, b"Bearer " + token):
+        return None
+    return ("missing authorization: send 'authorization: Bearer <token>'" if not sent
+            else "the bearer token is not valid")
+
+
 class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
     """Refuses calls without the right ``authorization: Bearer`` metadata."""
 
     def __init__(self, token: bytes) -> None:
-        self._expected = b"Bearer " + token
+        self._token = token
 
     async def intercept_service(
         self,
@@ -67,11 +82,8 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
         sent = next((v for k, v in details.invocation_metadata or () if k == "authorization"),
                     "")
         sent_bytes = sent.encode() if isinstance(sent, str) else bytes(sent)
-        if hmac.compare_digest(sent_bytes, self._expected):
-            return handler
-        message = ("missing authorization metadata: send 'authorization: Bearer <token>'"
-                   if not sent_bytes else "the bearer token is not valid")
-        return _refuse(handler, message)
+        message = bearer_refusal(sent_bytes, self._token)
+        return handler if message is None else _refuse(handler, message)
 
 
 def server_credentials(cert: Path, key: Path, client_ca: Path | None) -> grpc.ServerCredentials:
@@ -83,3 +95,20 @@ def server_credentials(cert: Path, key: Path, client_ca: Path | None) -> grpc.Se
         raise AuthError(f"cannot read a TLS file: {exc}") from None
     return grpc.ssl_server_credentials([pair], root_certificates=ca,
                                        require_client_auth=ca is not None)
+
+
+def ssl_context(cert: Path, key: Path, client_ca: Path | None) -> ssl.SSLContext:
+    """The HTTP server's TLS context, from the same files as ``server_credentials``.
+
+    Raises:
+        AuthError: a file cannot be read, or the certificate and key do not match.
+    """
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    try:
+        context.load_cert_chain(cert, key)
+        if client_ca is not None:
+            context.load_verify_locations(cafile=client_ca)
+            context.verify_mode = ssl.CERT_REQUIRED
+    except (OSError, ssl.SSLError) as exc:
+        raise AuthError(f"cannot use the TLS files for HTTP: {exc}") from None
+    return context

@@ -1,5 +1,7 @@
 """A gRPC ModelInferRequest as the data plane's InferRequest: tensors decoded on demand as
-zero-copy views of the message's raw bytes (or its typed contents)."""
+zero-copy views of the message's raw bytes (or its typed contents); tensors with Triton's
+shared memory parameters pass them on (serving/shared_memory.py), and then
+raw_input_contents holds one entry per input not in shared memory, in order."""
 
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ from onnxserve.serving.dataplane import (
     RequestedOutput,
     RequestInput,
 )
+from onnxserve.serving.shared_memory import SharedMemoryParameters, shared_memory_parameters
 
 
 def parameter_value(param: pb.InferParameter) -> object:
@@ -23,25 +26,67 @@ def parameter_value(param: pb.InferParameter) -> object:
     return getattr(param, choice) if choice else None
 
 
-def _decoder(request: pb.ModelInferRequest, index: int) -> Callable[[], np.ndarray]:
+def _decoder(request: pb.ModelInferRequest, index: int, raw_index: int | None = None,
+             raw_count: int | None = None) -> Callable[[], np.ndarray]:
+    """Input ``index``'s decoder; its raw data is entry ``raw_index`` of ``raw_count``
+    (when inputs in shared memory have none; default: ``index`` of every input)."""
     tensor = request.inputs[index]
 
     def decode() -> np.ndarray:
         datatype = datatype_of(tensor.datatype)
         has_contents = tensor.HasField("contents") and bool(tensor.contents.ListFields())
         raw = request.raw_input_contents
-        if raw and len(raw) != len(request.inputs):
+        expected = len(request.inputs) if raw_count is None else raw_count
+        if raw and len(raw) != expected:
+            placed = "" if raw_count is None else " not in shared memory"
             raise TensorCodecError(
                 f"raw_input_contents has {len(raw)} entries but the request has "
-                f"{len(request.inputs)} inputs; send one per input, in order")
+                f"{expected} inputs{placed}; send one per input{placed}, in order")
         if raw:
             if has_contents:
                 raise TensorCodecError(
                     "has both contents and raw_input_contents; use one or the other")
-            return decode_raw(request.raw_input_contents[index], datatype, tensor.shape)
+            return decode_raw(raw[index if raw_index is None else raw_index], datatype,
+                              tensor.shape)
         return decode_contents(tensor.contents, datatype, tensor.shape)
 
     return decode
+
+
+def _in_shared_memory() -> np.ndarray:
+    raise TensorCodecError("is in shared memory: the data plane reads it from its region")
+
+
+def _shared_memory(tensor: pb.ModelInferRequest.InferInputTensor
+                   | pb.ModelInferRequest.InferRequestedOutputTensor,
+                   with_data: bool = False) -> SharedMemoryParameters | None:
+    return shared_memory_parameters(
+        {key: parameter_value(value) for key, value in tensor.parameters.items()}, with_data)
+
+
+def _placed_inputs(request: pb.ModelInferRequest) -> list[RequestInput]:
+    """The inputs of a request whose inputs have parameters (shared memory, or ignored)."""
+    placements = [_shared_memory(t, t.HasField("contents") and bool(t.contents.ListFields()))
+                  for t in request.inputs]
+    raw_count = sum(p is None for p in placements)
+    inputs, raw_index = [], 0
+    for index, (tensor, placed) in enumerate(zip(request.inputs, placements, strict=True)):
+        if placed is None:
+            decode = _decoder(request, index, raw_index, raw_count)
+            raw_index += 1
+        else:
+            decode = _in_shared_memory
+        inputs.append(RequestInput(tensor.name, tensor.datatype, tuple(tensor.shape), decode,
+                                   placed))
+    return inputs
+
+
+def _requested_output(output: pb.ModelInferRequest.InferRequestedOutputTensor
+                      ) -> RequestedOutput:
+    parameters = output.parameters
+    classification = (parameter_value(parameters[CLASSIFICATION_PARAMETER])
+                      if CLASSIFICATION_PARAMETER in parameters else None)
+    return RequestedOutput(output.name, classification, _shared_memory(output))
 
 
 def infer_request(request: pb.ModelInferRequest,
@@ -50,10 +95,10 @@ def infer_request(request: pb.ModelInferRequest,
     until the data plane calls each input's ``decode``."""
     inputs = [RequestInput(t.name, t.datatype, tuple(t.shape), _decoder(request, i))
               for i, t in enumerate(request.inputs)]
-    outputs = [
-        RequestedOutput(o.name, parameter_value(o.parameters[CLASSIFICATION_PARAMETER])
-                        if CLASSIFICATION_PARAMETER in o.parameters else None)
-        for o in request.outputs]
+    if any(t.parameters for t in request.inputs):
+        inputs = _placed_inputs(request)
+    outputs = [_requested_output(o) if o.parameters else RequestedOutput(o.name)
+               for o in request.outputs]
     timeout = (parameter_value(request.parameters[TIMEOUT_PARAMETER])
                if TIMEOUT_PARAMETER in request.parameters else None)
     return InferRequest(request.model_name, request.model_version, inputs, outputs,

@@ -3,35 +3,61 @@
 Each RPC turns its message into a data-plane call (serving/dataplane.py) and the result
 back into a message; ``_answers`` maps every failure to a gRPC status in one place. This is
 the only module that speaks gRPC status codes; it knows nothing of onnxruntime or batching.
+
+ModelStreamInfer runs each request of a stream as ModelInfer runs one (``_build`` and
+``_infer``, through the same data plane and batches), several at once, and writes each
+answer when it is ready: answers may overtake each other and carry their request's id.
 """
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
 import grpc
 
 from onnxserve.protos import inference_pb2 as pb
 from onnxserve.protos import inference_pb2_grpc
-from onnxserve.serving.dataplane import DataPlane
+from onnxserve.serving.dataplane import DataPlane, InferRequest
 from onnxserve.serving.errors import ServingError, error_code
 from onnxserve.serving.frontends.decoding import infer_request
 from onnxserve.serving.frontends.encoding import encode_response
 from onnxserve.serving.observability import stages
 from onnxserve.serving.observability.stages import CLOCK
 from onnxserve.serving.observability.statistics import ModelStats
+from onnxserve.serving.shared_memory import cuda_shared_memory_unsupported
 
 log = logging.getLogger(__name__)
 
 #: trailing metadata key that carries a failed request's id
 REQUEST_ID_METADATA = "request-id"
+#: Requests of one ModelStreamInfer stream read and not yet answered (running, or waiting
+#: for their answer to be written) beyond which the stream's next request is not read, so
+#: a client that sends faster than the server answers, or than it reads the answers, is
+#: held back by gRPC's flow control instead of filling the server's memory. 64: one
+#: stream of single-sample requests can fill a batch of the exporter's largest
+#: max_batch_size (64) while the server holds at most 64 decoded requests per stream.
+STREAM_WINDOW = 64
+#: the name of each streamed request's task (tests look for leftovers by it)
+STREAM_TASK_NAME = "ModelStreamInfer request"
+#: Triton's request parameter asking for the final-response flag on streamed answers, and
+#: the response parameter carrying it (every answer here is its request's last)
+FINAL_RESPONSE_PARAMETER = "triton_enable_empty_final_response"
+FINAL_RESPONSE_FLAG = "triton_final_response"
 
 Response = TypeVar("Response")
 Handler = Callable[[Any, Any, grpc.aio.ServicerContext], Awaitable[Response]]
+
+
+def _failure_message(exc: Exception) -> str:
+    """What the client is told of a failure: a ServingError's message, else INTERNAL's."""
+    if isinstance(exc, ServingError):
+        return str(exc)
+    return f"internal error: {type(exc).__name__}: {exc}"
 
 
 def _answers(handler: Handler | None = None, *, logged: bool = True) -> Any:
@@ -45,19 +71,28 @@ def _answers(handler: Handler | None = None, *, logged: bool = True) -> Any:
             try:
                 return await handler(self, request, context)
             except Exception as exc:
-                if isinstance(exc, ServingError):
-                    message = str(exc)
-                    if logged:
-                        log.info("%s failed: %s %s", handler.__name__, exc.code, message)
-                else:
-                    message = f"internal error: {type(exc).__name__}: {exc}"
-                    if logged:
-                        log.error("%s failed unexpectedly", handler.__name__, exc_info=exc)
+                message = _failure_message(exc)
+                if logged and isinstance(exc, ServingError):
+                    log.info("%s failed: %s %s", handler.__name__, exc.code, message)
+                elif logged:
+                    log.error("%s failed unexpectedly", handler.__name__, exc_info=exc)
                 await context.abort(grpc.StatusCode[error_code(exc)], message)
 
         return answer
 
     return wrap(handler) if handler is not None else wrap
+
+
+def _build(request: pb.ModelInferRequest,
+           time_remaining: float | None) -> tuple[InferRequest, int]:
+    """The data plane's request for ``request``, and when stage timing is on the clock
+    reading the handler's time counts from (0 when off)."""
+    if not CLOCK.enabled:
+        return infer_request(request, time_remaining), 0
+    started = time.perf_counter_ns()
+    plain = infer_request(request, time_remaining)
+    CLOCK.add(stages.BUILD, started)
+    return plain, started
 
 
 def _duration(target: pb.StatisticDuration, source) -> None:
@@ -83,8 +118,10 @@ def _statistics(name: str, version: int, stats: ModelStats) -> pb.ModelStatistic
 class InferenceService(inference_pb2_grpc.GRPCInferenceServiceServicer):
     """GRPCInferenceService over a data plane."""
 
-    def __init__(self, dataplane: DataPlane) -> None:
+    def __init__(self, dataplane: DataPlane, stream_window: int = STREAM_WINDOW) -> None:
         self._plane = dataplane
+        #: requests of one ModelStreamInfer stream pending at most (STREAM_WINDOW)
+        self.stream_window = stream_window
 
     async def ServerLive(self, request, context):
         return pb.ServerLiveResponse(live=self._plane.live())
@@ -145,23 +182,153 @@ class InferenceService(inference_pb2_grpc.GRPCInferenceServiceServicer):
         await self._plane.unload(request.model_name)
         return pb.RepositoryModelUnloadResponse()
 
-    @_answers(logged=False)
-    async def ModelInfer(self, request, context):
-        timed = CLOCK.enabled
-        if timed:
-            started = time.perf_counter_ns()
-        plain = infer_request(request, context.time_remaining())
-        if timed:
-            CLOCK.add(stages.BUILD, started)
-        try:
-            result = await self._plane.infer(plain)
-        except Exception:
-            context.set_trailing_metadata(((REQUEST_ID_METADATA, plain.id),))
-            raise
-        if not timed:
-            return encode_response(result, request.id or result.id)
+    @_answers
+    async def SystemSharedMemoryRegister(self, request, context):
+        self._plane.shared_memory.register(request.name, request.key, request.offset,
+                                           request.byte_size)
+        return pb.SystemSharedMemoryRegisterResponse()
+
+    @_answers
+    async def SystemSharedMemoryUnregister(self, request, context):
+        self._plane.shared_memory.unregister(request.name)
+        return pb.SystemSharedMemoryUnregisterResponse()
+
+    @_answers
+    async def SystemSharedMemoryStatus(self, request, context):
+        response = pb.SystemSharedMemoryStatusResponse()
+        for region in self._plane.shared_memory.status(request.name):
+            entry = response.regions[region.name]
+            entry.name, entry.key = region.name, region.key
+            entry.offset, entry.byte_size = region.offset, region.byte_size
+        return response
+
+    @_answers
+    async def CudaSharedMemoryRegister(self, request, context):
+        cuda_shared_memory_unsupported()
+
+    @_answers
+    async def CudaSharedMemoryUnregister(self, request, context):
+        cuda_shared_memory_unsupported()
+
+    @_answers
+    async def CudaSharedMemoryStatus(self, request, context):
+        cuda_shared_memory_unsupported()
+
+    async def _infer(self, request: pb.ModelInferRequest, plain: InferRequest, started: int,
+                     response: pb.ModelInferResponse | None = None) -> pb.ModelInferResponse:
+        """Run ``plain`` (``_build``'s, from ``request``) and encode its answer, into
+        ``response`` when given: ModelInfer's path, and each streamed request's. Raises what
+        the data plane raises."""
+        result = await self._plane.infer(plain)
+        if not started:
+            return encode_response(result, request.id or result.id, response)
         encoding = time.perf_counter_ns()
-        response = encode_response(result, request.id or result.id)
+        response = encode_response(result, request.id or result.id, response)
         CLOCK.add(stages.ENCODE, encoding)
         CLOCK.add(stages.HANDLER, started)
         return response
+
+    @_answers(logged=False)
+    async def ModelInfer(self, request, context):
+        plain, started = _build(request, context.time_remaining())
+        try:
+            return await self._infer(request, plain, started)
+        except Exception:
+            context.set_trailing_metadata(((REQUEST_ID_METADATA, plain.id),))
+            raise
+
+    @_answers
+    async def ModelStreamInfer(self, request_iterator: AsyncIterator[pb.ModelInferRequest],
+                               context: grpc.aio.ServicerContext) -> None:
+        """Answer each request of the stream with a ModelStreamInferResponse, as Triton does
+        for models that answer once per request: ``infer_response`` (its ``id`` the
+        request's, or the generated one), or ``error_message`` with only the id in
+        ``infer_response`` (failed requests do not end the stream).
+
+        Up to ``self.stream_window`` requests run at once and are answered in the order they
+        finish. The next request is read only when fewer are pending, so a fast sender waits
+        (flow control) instead of piling requests up here. The stream ends OK once the
+        client has closed its side and every request read is answered; when the client
+        cancels or the stream's deadline passes, the requests still pending are cancelled
+        (taken out of their batches' queues if not yet running), and none outlives the call.
+        The stream's deadline is each request's deadline.
+        """
+        window = asyncio.Semaphore(self.stream_window)
+        #: answers ready to be written; None: no more will come
+        ready: asyncio.Queue[pb.ModelStreamInferResponse | None] = asyncio.Queue()
+        running: set[asyncio.Task] = set()
+
+        async def answer(request: pb.ModelInferRequest) -> None:
+            ready.put_nowait(await self._stream_answer(request, context))
+
+        async def read() -> None:
+            try:
+                requests = aiter(request_iterator)
+                while True:
+                    await window.acquire()
+                    try:
+                        request = await anext(requests)
+                    except StopAsyncIteration:
+                        break
+                    task = asyncio.create_task(answer(request), name=STREAM_TASK_NAME)
+                    running.add(task)
+                    task.add_done_callback(running.discard)
+                if running:
+                    await asyncio.wait(set(running))
+            finally:
+                ready.put_nowait(None)
+
+        reader = asyncio.create_task(read(), name=STREAM_TASK_NAME)
+        try:
+            while (response := await ready.get()) is not None:
+                await context.write(response)
+                window.release()
+            await reader  # raises what ended the reading, if it failed
+        finally:
+            for task in (reader, *running):
+                task.cancel()
+            await asyncio.gather(reader, *running, return_exceptions=True)
+
+    async def _stream_answer(self, request: pb.ModelInferRequest,
+                             context: grpc.aio.ServicerContext) -> pb.ModelStreamInferResponse:
+        """One streamed request's answer: its response, or its failure's message."""
+        answer = pb.ModelStreamInferResponse()
+        plain: InferRequest | None = None
+        try:
+            plain, started = _build(request, context.time_remaining())
+            await self._infer(request, plain, started, answer.infer_response)
+        except Exception as exc:  # answered on the stream; the data plane logged it
+            answer.Clear()
+            answer.error_message = _failure_message(exc)
+            answer.infer_response.id = request.id or (plain.id if plain is not None else "")
+        final = request.parameters.get(FINAL_RESPONSE_PARAMETER)
+        if final is not None and final.bool_param:
+            answer.infer_response.parameters[FINAL_RESPONSE_FLAG].bool_param = True
+        return answer
+
+    @_answers
+    async def LogSettings(self, request, context):
+        """Read (no settings sent) or change this process's log settings (Triton's keys;
+        DataPlane.log_settings)."""
+        updates = {key: _setting_value(value) for key, value in request.settings.items()}
+        response = pb.LogSettingsResponse()
+        for key, value in self._plane.log_settings(updates).items():
+            entry = response.settings[key]
+            if isinstance(value, bool):
+                entry.bool_param = value
+            elif isinstance(value, int):
+                entry.uint32_param = value
+            else:
+                entry.string_param = value
+        return response
+
+    @_answers
+    async def TraceSetting(self, request, context):
+        """UNIMPLEMENTED: tracing is not built (the message says what to use instead)."""
+        self._plane.trace_settings()
+
+
+def _setting_value(value: pb.LogSettingsRequest.SettingValue) -> object:
+    """A log setting's value as sent (bool, int or str), None when none was set."""
+    choice = value.WhichOneof("parameter_choice")
+    return getattr(value, choice) if choice else None

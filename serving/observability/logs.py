@@ -3,6 +3,9 @@
 ``event(log, logging.INFO, "model_loaded", model="lenet5", versions="1")`` writes
 ``model_loaded model=lenet5 versions=1`` with the text format, and a JSON object with
 ``event``, ``model`` and ``versions`` keys with ``--log-format json``.
+
+``log_settings`` and ``update_log_settings`` read and change the level and the format of the
+running process under Triton's log settings keys (its LogSettings RPC and ``/v2/logging``).
 """
 
 from __future__ import annotations
@@ -11,6 +14,12 @@ import json
 import logging
 import sys
 import time
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from onnxserve.serving.errors import InvalidInputError
+from onnxserve.serving.settings import LogFormat
 
 _TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
@@ -58,16 +67,141 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(out)
 
 
+def _formatter(fmt: str, process: str | None) -> logging.Formatter:
+    if fmt == "json":
+        return JsonFormatter(process)
+    return logging.Formatter(_TEXT_FORMAT if process is None else _TEXT_FORMAT.replace(
+        "%(name)s", f"[{process}] %(name)s"))
+
+
+@dataclass
+class _Configured:
+    """What configure() installed: the handler whose format a settings update changes."""
+
+    handler: logging.Handler
+    format: str
+    process: str | None
+
+
+_configured: _Configured | None = None
+
+
 def configure(level: str = "INFO", fmt: str = "text", process: str | None = None) -> None:
     """Send logs to stderr in ``fmt`` (text or json) at ``level``.
 
     ``process`` names this process among the server's (``worker 1``, ``supervisor``) in
     every line: ``[worker 1]`` in text, a ``worker`` field in JSON; None for a lone server.
     """
+    global _configured
     handler = logging.StreamHandler(sys.stderr)
-    text = _TEXT_FORMAT if process is None else _TEXT_FORMAT.replace(
-        "%(name)s", f"[{process}] %(name)s")
-    handler.setFormatter(JsonFormatter(process) if fmt == "json" else logging.Formatter(text))
+    handler.setFormatter(_formatter(fmt, process))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
+    _configured = _Configured(handler, fmt, process)
+
+
+# --- Triton's log settings ----------------------------------------------------------------
+
+#: Triton's log settings keys, in its order
+LOG_SETTING_KEYS = ("log_file", "log_info", "log_warning", "log_error", "log_verbose_level",
+                    "log_format")
+LOG_FORMATS: tuple[str, ...] = typing.get_args(LogFormat)
+#: each on/off key: the level it turns on, and the threshold that turns it off
+_SWITCHES = {"log_error": (logging.ERROR, logging.CRITICAL),
+             "log_warning": (logging.WARNING, logging.ERROR),
+             "log_info": (logging.INFO, logging.WARNING)}
+
+LogSettingValue = bool | int | str
+
+
+def log_settings() -> dict[str, LogSettingValue]:
+    """This process's log settings under Triton's keys.
+
+    onnxserve logs by severity threshold (the root logger's level, ``--log-level``):
+    ``log_info``, ``log_warning`` and ``log_error`` say whether that severity is logged;
+    ``log_verbose_level`` is 1 at DEBUG, else 0; ``log_format`` is onnxserve's ``text`` or
+    ``json`` (``--log-format``); ``log_file`` is always "" (standard error, as Triton
+    reports its console).
+    """
+    level = logging.getLogger().getEffectiveLevel()
+    return _view(level, _configured.format if _configured is not None else "text")
+
+
+def _view(level: int, fmt: str) -> dict[str, LogSettingValue]:
+    return {"log_file": "", "log_info": level <= logging.INFO,
+            "log_warning": level <= logging.WARNING, "log_error": level <= logging.ERROR,
+            "log_verbose_level": int(level <= logging.DEBUG), "log_format": fmt}
+
+
+def _switch(key: str, value: object) -> bool:
+    if not isinstance(value, bool):
+        raise InvalidInputError(f"log setting {key!r} must be a boolean, got {value!r}")
+    return value
+
+
+def update_log_settings(updates: Mapping[str, object]) -> dict[str, LogSettingValue]:
+    """Apply ``updates`` (Triton's keys, a subset) to this process and return the settings
+    now in force (as ``log_settings``). All or nothing: nothing changes when any key fails.
+
+    Keys and values: ``log_info`` / ``log_warning`` / ``log_error`` booleans (turning one on
+    turns on every more severe one, turning one off every less severe one: the level is a
+    threshold; all three off leaves only CRITICAL); ``log_verbose_level`` an integer >= 0
+    (any level above 0 is DEBUG, read back as 1; 0 leaves DEBUG for INFO); ``log_format``
+    ``text`` or ``json``; ``log_file`` only "" (standard error: the container runtime, or
+    the ``--workers`` supervisor, collects the lines; writing files is not offered).
+
+    Only this process changes: with ``--workers N``, the worker whose connection carried the
+    call; the other workers and the supervisor keep their settings.
+
+    Raises:
+        InvalidInputError: an unknown key, a value of the wrong type or out of range, or
+            settings that contradict each other under a threshold (``log_info`` on with
+            ``log_warning`` off).
+    """
+    unknown = sorted(set(updates) - set(LOG_SETTING_KEYS))
+    if unknown:
+        raise InvalidInputError(
+            f"unknown log setting(s) {', '.join(map(repr, unknown))}; the log settings are "
+            f"{', '.join(LOG_SETTING_KEYS)}")
+    level = logging.getLogger().getEffectiveLevel()
+    current = log_settings()
+    fmt = str(current["log_format"])
+    for key, (on, off) in _SWITCHES.items():  # the most severe first
+        if key in updates:
+            level = min(level, on) if _switch(key, updates[key]) else max(level, off)
+    if "log_verbose_level" in updates:
+        verbose = updates["log_verbose_level"]
+        if isinstance(verbose, bool) or not isinstance(verbose, int) or verbose < 0:
+            raise InvalidInputError(
+                f"log setting 'log_verbose_level' must be an integer >= 0, got {verbose!r}")
+        level = logging.DEBUG if verbose else max(level, logging.INFO)
+    if "log_format" in updates:
+        fmt_value = updates["log_format"]
+        if fmt_value not in LOG_FORMATS:
+            raise InvalidInputError(
+                f"log setting 'log_format' must be one of {', '.join(LOG_FORMATS)}, got "
+                f"{fmt_value!r}")
+        fmt = str(fmt_value)
+    if "log_file" in updates and updates["log_file"] != "":
+        raise InvalidInputError(
+            f"log setting 'log_file' can only be \"\" (standard error), got "
+            f"{updates['log_file']!r}: onnxserve does not write log files; redirect its "
+            "standard error instead")
+    result = _view(level, fmt)
+    for key in (*_SWITCHES, "log_verbose_level"):
+        if key in updates and bool(result[key]) != bool(updates[key]):
+            sent = ", ".join(f"{k}={updates[k]!r}" for k in (*_SWITCHES, "log_verbose_level")
+                             if k in updates)
+            raise InvalidInputError(
+                f"log settings {sent} contradict each other: onnxserve logs by severity "
+                "threshold (verbose < info < warning < error), so turning a severity on "
+                "turns on every more severe one")
+    logging.getLogger().setLevel(level)
+    if fmt != current["log_format"]:
+        if _configured is None:
+            configure(logging.getLevelName(level), fmt)
+        else:
+            _configured.handler.setFormatter(_formatter(fmt, _configured.process))
+            _configured.format = fmt
+    return result

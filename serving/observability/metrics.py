@@ -88,10 +88,10 @@ class Metrics:
         self.registry = CollectorRegistry(auto_describe=True)
         #: (model, version) -> that version's batch figures
         self._versions: dict[tuple[str, str], VersionMetrics] = {}
-        #: (model, version, status) -> answered requests (updated on the event loop only)
-        self._requests: dict[tuple[str, str, str], int] = {}
-        #: (model, version) -> durations of successful requests (event loop only)
-        self._request_seconds: dict[tuple[str, str], Histogram] = {}
+        #: (model, version, protocol, status) -> answered requests (event loop only)
+        self._requests: dict[tuple[str, str, str, str], int] = {}
+        #: (model, version, protocol) -> durations of successful requests (event loop only)
+        self._request_seconds: dict[tuple[str, str, str], Histogram] = {}
         metrics = self
 
         class _Totals(Collector):
@@ -105,15 +105,17 @@ class Metrics:
         """The figures of a model version (a reload of the same version adds to them)."""
         return self._versions.setdefault((model, str(version)), VersionMetrics())
 
-    def observe_request(self, model: str, version: str, status: str, seconds: float) -> None:
-        """A ModelInfer answered with ``status`` (OK or the error code) after ``seconds``.
-        Call on the event loop's thread."""
-        key = (model, version, status)
+    def observe_request(self, model: str, version: str, status: str, seconds: float,
+                        protocol: str) -> None:
+        """An inference request that came over ``protocol`` (grpc or http) answered with
+        ``status`` (OK or the error code) after ``seconds``. Call on the event loop's
+        thread."""
+        key = (model, version, protocol, status)
         self._requests[key] = self._requests.get(key, 0) + 1
         if status == "OK":
-            histogram = self._request_seconds.get((model, version))
+            histogram = self._request_seconds.get((model, version, protocol))
             if histogram is None:
-                histogram = self._request_seconds[(model, version)] = Histogram(
+                histogram = self._request_seconds[(model, version, protocol)] = Histogram(
                     _LATENCY_BUCKETS)
             histogram.observe(seconds)
 
@@ -121,8 +123,9 @@ class Metrics:
         """The counters and histograms, from the totals (at each scrape)."""
         labels = ["model", "version"]
         requests = CounterMetricFamily(
-            "onnxserve_requests", "ModelInfer requests answered, by status (OK or the "
-            "canonical error code)", labels=[*labels, "status"])
+            "onnxserve_requests", "Inference requests answered, by transport (grpc, http) "
+            "and status (OK or the canonical error code)",
+            labels=[*labels, "protocol", "status"])
         for status_key, count in list(self._requests.items()):
             requests.add_metric(list(status_key), count)
         inferences = CounterMetricFamily(
@@ -132,8 +135,9 @@ class Metrics:
                                          labels=labels)
         histograms = {
             "request": HistogramMetricFamily(
-                "onnxserve_request_duration_seconds", "Time from receiving a ModelInfer "
-                "request to its answer, in the server", labels=labels),
+                "onnxserve_request_duration_seconds", "Time from receiving an inference "
+                "request to its answer, in the server, by transport (grpc, http)",
+                labels=[*labels, "protocol"]),
             "queue": HistogramMetricFamily(
                 "onnxserve_queue_duration_seconds", "Time a request waited for its batch "
                 "to start", labels=labels),
@@ -143,8 +147,8 @@ class Metrics:
             "batch": HistogramMetricFamily("onnxserve_batch_size", "Samples per model run",
                                            labels=labels),
         }
-        for key, histogram in list(self._request_seconds.items()):
-            histograms["request"].add_metric(list(key), *histogram.samples())
+        for request_key, histogram in list(self._request_seconds.items()):
+            histograms["request"].add_metric(list(request_key), *histogram.samples())
         for key, version in list(self._versions.items()):
             inferences.add_metric(list(key), version.inferences)
             executions.add_metric(list(key), version.executions)

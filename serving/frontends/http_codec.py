@@ -1,0 +1,328 @@
+"""Inference requests and responses of the KServe V2 REST binding, with Triton's binary
+tensor extension, as the data plane's values.
+
+A request body is a JSON object (the inference header), optionally followed by binary
+tensor data; the header's length in bytes is then in the HTTP header
+``Inference-Header-Content-Length`` (absent: the whole body is JSON). Each input carries
+either ``data`` (JSON values, flat in row-major order or nested) or
+``"parameters": {"binary_data_size": N}``: the next N bytes of the binary section, in the
+order of the inputs, laid out as gRPC's raw contents (protos/codec.py: little-endian,
+BOOL one byte each, BYTES elements each a 4-byte little-endian length and the bytes).
+
+JSON data per datatype: BOOL true/false; UINT8..UINT64 and INT8..INT64 integers in the
+type's range; FP16, FP32, FP64 numbers; BYTES strings (sent as their UTF-8 bytes). BF16
+has no JSON form and is refused as everywhere else (protos/datatypes.py).
+
+Outputs come back as JSON ``data`` (flat, row-major; BYTES as strings) unless the request
+asks for binary: per output ``"parameters": {"binary_data": true}``, or for every output
+without that parameter ``"parameters": {"binary_data_output": true}`` on the request. A
+binary output has ``"parameters": {"binary_data_size": N}`` and its bytes follow the JSON
+header in the order of the outputs.
+
+Nothing here knows HTTP or a web framework: bodies in, bodies out, and malformed requests
+raised as InvalidInputError (the front end answers 400) or, inside an input's ``decode``,
+TensorCodecError (the data plane names the input).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+import numpy as np
+
+from onnxserve.protos.codec import (
+    TensorCodecError,
+    datatype_of,
+    decode_raw,
+    element_count,
+    encode_raw,
+)
+from onnxserve.protos.datatypes import Datatype, by_numpy
+from onnxserve.serving.dataplane import (
+    CLASSIFICATION_PARAMETER,
+    TIMEOUT_PARAMETER,
+    InferRequest,
+    InferResult,
+    RequestedOutput,
+    RequestInput,
+)
+from onnxserve.serving.errors import InvalidInputError
+
+#: the HTTP header that carries the JSON header's length when binary data follows it
+HEADER_LENGTH = "Inference-Header-Content-Length"
+BINARY_DATA_SIZE = "binary_data_size"
+BINARY_DATA = "binary_data"
+BINARY_DATA_OUTPUT = "binary_data_output"
+
+_JSON = json.JSONEncoder(separators=(",", ":"))
+
+
+@dataclass(slots=True)
+class HttpInferRequest:
+    """A parsed request: the data plane's request, the id as sent ("" if none), and which
+    outputs go back as binary data."""
+
+    request: InferRequest
+    sent_id: str
+    binary: Callable[[str], bool]
+
+
+def _fail(message: str) -> InvalidInputError:
+    return InvalidInputError(message)
+
+
+def _object(value: object, what: str) -> dict:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise _fail(f"{what} must be a JSON object, got {type(value).__name__}")
+    return value
+
+
+def _text(value: object, what: str) -> str:
+    if not isinstance(value, str):
+        raise _fail(f"{what} must be a string, got {_json_type(value)}")
+    return value
+
+
+def _flag(parameters: dict, key: str, what: str) -> bool | None:
+    value = parameters.get(key)
+    if value is not None and not isinstance(value, bool):
+        raise _fail(f"{what} parameter {key!r} must be true or false, got {value!r}")
+    return value
+
+
+def _json_type(value: object) -> str:
+    names = {dict: "an object", list: "an array", str: "a string", bool: "a boolean",
+             int: "a number", float: "a number", type(None): "null"}
+    return names.get(type(value), type(value).__name__)
+
+
+def header_length(value: str | None, body_length: int) -> int | None:
+    """The JSON header's length from ``Inference-Header-Content-Length`` (None when absent:
+    the body is all JSON). Raises InvalidInputError for a value that is not a whole number
+    of bytes within the body."""
+    if value is None:
+        return None
+    text = value.strip()
+    if not (text.isascii() and text.isdigit()):
+        raise _fail(f"{HEADER_LENGTH} must be a non-negative integer (the JSON header's "
+                    f"length in bytes), got {value[:40]!r}")
+    length = int(text)
+    if length > body_length:
+        raise _fail(f"{HEADER_LENGTH} is {length} but the body is only {body_length} bytes")
+    return length
+
+
+def parse_header(body: bytes | memoryview, what: str = "the request body") -> dict:
+    """A JSON object from ``body``; InvalidInputError for anything else."""
+    try:
+        value = json.loads(bytes(body))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise _fail(f"{what} is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise _fail(f"{what} nests JSON arrays or objects too deeply") from None
+    if not isinstance(value, dict):
+        raise _fail(f"{what} must be a JSON object, got {_json_type(value)}")
+    return value
+
+
+def _shape(value: object, name: str) -> tuple[int, ...]:
+    if not isinstance(value, list) or not all(
+            isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in value):
+        raise _fail(f"input {name!r}: shape must be an array of non-negative integers, got "
+                    f"{json.dumps(value)[:100]}")
+    return tuple(value)
+
+
+def json_tensor(data: object, datatype: Datatype, shape: tuple[int, ...]) -> np.ndarray:
+    """The array of ``shape`` that JSON ``data`` (flat or nested) holds.
+
+    Raises:
+        TensorCodecError: data is not an array, is ragged, holds values of the wrong kind
+            for ``datatype`` or out of its range, or has not ``prod(shape)`` elements.
+    """
+    count = element_count(shape)
+    if not isinstance(data, list):
+        raise TensorCodecError(f"data must be a JSON array, got {_json_type(data)}")
+    try:
+        array = np.array(data, dtype=object if datatype.name == "BYTES" else None)
+    except ValueError:
+        raise TensorCodecError("data is ragged: nested arrays must have equal lengths") from None
+    if array.size != count:
+        raise TensorCodecError(f"data has {array.size} elements but shape {list(shape)} needs "
+                               f"{count}")
+    if count == 0:
+        return np.empty(shape, dtype=datatype.numpy)
+    kind = array.dtype.kind
+    name = datatype.name
+    if name == "BYTES":
+        flat = array.ravel()
+        out = np.empty(count, dtype=object)
+        for i, item in enumerate(flat):
+            if not isinstance(item, str):
+                raise TensorCodecError(f"BYTES data must be strings; element {i} is "
+                                       f"{_json_type(item)}")
+            out[i] = item.encode("utf-8")
+        return out.reshape(shape)
+    if name == "BOOL":
+        if kind != "b":
+            raise TensorCodecError("BOOL data must be true or false values")
+        return array.reshape(shape)
+    if datatype.numpy.kind in "iu":
+        info = np.iinfo(datatype.numpy)
+        wrong = TensorCodecError(f"{name} data must be integers from {info.min} to "
+                                 f"{info.max}")
+        if kind not in "iu":
+            # numpy reads integers of both signs past int64 as float64 (inexact): look
+            # at the values themselves
+            values = np.array(data, dtype=object).ravel().tolist()
+            if not all(type(v) is int for v in values):
+                raise wrong
+            if min(values) < info.min or max(values) > info.max:
+                raise wrong
+            return np.array(values, dtype=datatype.numpy).reshape(shape)
+        if array.min() < info.min or array.max() > info.max:
+            raise wrong
+    elif kind not in "iuf":
+        raise TensorCodecError(f"{name} data must be numbers")
+    return array.astype(datatype.numpy).reshape(shape)
+
+
+def _decoder(entry: dict, shape: tuple[int, ...],
+             binary: memoryview | None) -> Callable[[], np.ndarray]:
+    datatype_name = entry["datatype"]
+
+    def decode() -> np.ndarray:
+        datatype = datatype_of(datatype_name)
+        if binary is not None:
+            return decode_raw(binary, datatype, shape)  # type: ignore[arg-type]
+        return json_tensor(entry["data"], datatype, shape)
+
+    return decode
+
+
+def infer_request(header: dict, binary: memoryview, model_name: str,
+                  model_version: str) -> HttpInferRequest:
+    """The data plane's request for a parsed inference header and the binary section that
+    followed it (empty when none). Tensors are decoded only when the data plane calls each
+    input's ``decode``.
+
+    Raises:
+        InvalidInputError: the header is not an inference request (fields missing or of the
+            wrong type), an input has both or neither of ``data`` and ``binary_data_size``,
+            or the binary sizes do not add up to the binary section's length.
+    """
+    sent_id = header.get("id", "")
+    _text(sent_id, "id")
+    parameters = _object(header.get("parameters"), "parameters")
+    entries = header.get("inputs")
+    if not isinstance(entries, list) or not entries:
+        raise _fail("inputs must be a non-empty JSON array of input tensors")
+    inputs: list[RequestInput] = []
+    offset = 0
+    for index, entry in enumerate(entries):
+        if not isinstance(entry, dict):
+            raise _fail(f"inputs[{index}] must be a JSON object, got {_json_type(entry)}")
+        name = _text(entry.get("name"), f"inputs[{index}].name")
+        _text(entry.get("datatype"), f"input {name!r}: datatype")
+        shape = _shape(entry.get("shape"), name)
+        size = _object(entry.get("parameters"), f"input {name!r}: parameters").get(
+            BINARY_DATA_SIZE)
+        view: memoryview | None = None
+        if size is not None:
+            if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+                raise _fail(f"input {name!r}: {BINARY_DATA_SIZE} must be a non-negative "
+                            f"integer, got {size!r}")
+            if "data" in entry:
+                raise _fail(f"input {name!r} has both data and {BINARY_DATA_SIZE}; send "
+                            "one or the other")
+            if offset + size > len(binary):
+                raise _fail(f"input {name!r}: {BINARY_DATA_SIZE} {size} goes past the end "
+                            f"of the binary data ({len(binary)} bytes after the JSON header, "
+                            f"{len(binary) - offset} left for this input)")
+            view = binary[offset:offset + size]
+            offset += size
+        elif "data" not in entry:
+            raise _fail(f"input {name!r} has neither data nor {BINARY_DATA_SIZE}")
+        inputs.append(RequestInput(name, entry["datatype"], shape,
+                                   _decoder(entry, shape, view)))
+    if offset != len(binary):
+        raise _fail(f"the body has {len(binary)} bytes of binary data after the JSON header "
+                    f"but the inputs' {BINARY_DATA_SIZE} add up to {offset}")
+    default_binary = bool(_flag(parameters, BINARY_DATA_OUTPUT, "request"))
+    outputs, binary_outputs = _requested_outputs(header.get("outputs"), default_binary)
+    request = InferRequest(model_name, model_version, inputs, outputs, sent_id,
+                           parameters.get(TIMEOUT_PARAMETER), None, protocol="http")
+
+    def wants_binary(output: str) -> bool:
+        return binary_outputs.get(output, default_binary)
+
+    return HttpInferRequest(request, sent_id, wants_binary)
+
+
+def _requested_outputs(entries: object, default_binary: bool
+                       ) -> tuple[list[RequestedOutput], Mapping[str, bool]]:
+    if entries is None:
+        return [], {}
+    if not isinstance(entries, list):
+        raise _fail(f"outputs must be a JSON array, got {_json_type(entries)}")
+    outputs: list[RequestedOutput] = []
+    binary: dict[str, bool] = {}
+    for index, entry in enumerate(entries):
+        if not isinstance(entry, dict):
+            raise _fail(f"outputs[{index}] must be a JSON object, got {_json_type(entry)}")
+        name = _text(entry.get("name"), f"outputs[{index}].name")
+        parameters = _object(entry.get("parameters"), f"output {name!r}: parameters")
+        wanted = _flag(parameters, BINARY_DATA, f"output {name!r}:")
+        binary[name] = default_binary if wanted is None else wanted
+        outputs.append(RequestedOutput(name, parameters.get(CLASSIFICATION_PARAMETER)))
+    return outputs, binary
+
+
+def _json_data(name: str, array: np.ndarray, datatype: Datatype) -> list:
+    flat = array.ravel(order="C")
+    if datatype.name != "BYTES":
+        return flat.tolist()
+    values = []
+    for item in flat:
+        if isinstance(item, str):
+            values.append(item)
+            continue
+        try:
+            values.append(bytes(item).decode("utf-8"))
+        except UnicodeDecodeError:
+            raise InvalidInputError(
+                f"output {name!r} holds bytes that are not UTF-8 text, which JSON cannot "
+                f"carry; ask for it with \"parameters\": {{\"{BINARY_DATA}\": true}}"
+            ) from None
+    return values
+
+
+def infer_response(result: InferResult, response_id: str,
+                   binary: Callable[[str], bool]) -> tuple[bytes, list[bytes]]:
+    """The JSON header of ``result``'s response and the binary outputs that follow it
+    (none: the header is the whole body).
+
+    Raises:
+        InvalidInputError: a BYTES output asked for as JSON holds bytes that are not UTF-8.
+    """
+    outputs = []
+    chunks: list[bytes] = []
+    for name, array in result.outputs:
+        datatype = by_numpy(array.dtype)
+        entry: dict[str, object] = {"name": name, "datatype": datatype.name,
+                                    "shape": list(array.shape)}
+        if binary(name):
+            raw = encode_raw(array, datatype)
+            entry["parameters"] = {BINARY_DATA_SIZE: len(raw)}
+            chunks.append(raw)
+        else:
+            entry["data"] = _json_data(name, array, datatype)
+        outputs.append(entry)
+    header = _JSON.encode({"model_name": result.model_name,
+                           "model_version": result.model_version, "id": response_id,
+                           "outputs": outputs}).encode()
+    return header, chunks

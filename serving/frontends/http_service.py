@@ -1,0 +1,386 @@
+"""The KServe V2 HTTP/REST front end (with Triton's extensions): a thin adapter over the
+data plane.
+
+Each route turns its request into a data-plane call (serving/dataplane.py) and the result
+into JSON; tensors go through http_codec.py. ``HTTP_STATUS`` maps every canonical error
+code to an HTTP status in one place (Triton's 400, 404, 503 and 500; the other codes as
+google.rpc.Code documents their HTTP equivalents), and every failure is answered as
+``{"error": "..."}``. Health answers 200 for true and 400 for false, as Triton does.
+
+Routes (``[/versions/{v}]`` is optional):
+
+    GET  /v2/health/live, /v2/health/ready       GET  /v2
+    GET  /v2/models/{m}[/versions/{v}]           GET  /v2/models/{m}[/versions/{v}]/ready
+    GET  /v2/models/{m}[/versions/{v}]/config    GET  /v2/models[/{m}[/versions/{v}]]/stats
+    POST /v2/models/{m}[/versions/{v}]/infer     POST /v2/repository/index
+    POST /v2/repository/models/{m}/load          POST /v2/repository/models/{m}/unload
+
+A request body larger than the limit (``--max-message-bytes``) is refused with 413
+before it is read when its Content-Length says so, and as soon as it passes the limit when
+it comes chunked (or compressed: gzip and deflate request bodies are accepted, counted
+after decompression). While the server drains, every answer closes its connection.
+
+The web server is aiohttp's (serving/frontends/http_server.py runs it on the gRPC
+server's event loop), chosen by measurement against uvicorn with httptools and with h11
+(benchmarks/results/http_library.md): on a LeNet-5-sized infer aiohttp and uvicorn-httptools
+are level at c=1 and uvicorn-httptools is 11% ahead at c=16 (22% on an empty POST), a few
+percent of a served request; uvicorn-h11 is half as fast. For that, aiohttp gives as public
+API what this front end needs: serving on a running event loop without taking over the
+stop signals, routing, a body limit that covers chunked and compressed bodies, and a
+shutdown that closes idle keep-alive connections while requests in flight finish.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from aiohttp import http_exceptions, web
+from google.protobuf.descriptor import FieldDescriptor
+from google.protobuf.message import Message
+
+from onnxserve.serving.dataplane import DataPlane
+from onnxserve.serving.errors import ServingError, error_code
+from onnxserve.serving.frontends.auth import OPEN_HTTP_PATHS, bearer_refusal
+from onnxserve.serving.frontends.http_codec import (
+    HEADER_LENGTH,
+    header_length,
+    infer_request,
+    infer_response,
+    parse_header,
+)
+from onnxserve.serving.observability import stages
+from onnxserve.serving.observability.stages import CLOCK
+from onnxserve.serving.observability.statistics import Duration, ModelStats
+
+log = logging.getLogger(__name__)
+
+#: canonical error code -> HTTP status (an unknown code: 500)
+HTTP_STATUS = {
+    "INVALID_ARGUMENT": 400,
+    "FAILED_PRECONDITION": 400,
+    "UNAUTHENTICATED": 401,
+    "NOT_FOUND": 404,
+    "ALREADY_EXISTS": 409,
+    "RESOURCE_EXHAUSTED": 429,
+    "INTERNAL": 500,
+    "UNIMPLEMENTED": 501,
+    "UNAVAILABLE": 503,
+    "DEADLINE_EXCEEDED": 504,
+}
+#: the response header that carries a failed inference request's id
+REQUEST_ID_HEADER = "request-id"
+#: Triton's name for the binary tensor extension, which only this front end offers
+BINARY_TENSOR_EXTENSION = "binary_tensor_data"
+#: protocol extensions the data plane offers whose HTTP routes are not built yet
+NOT_OVER_HTTP = frozenset(("logging", "system_shared_memory"))
+
+_JSON_TYPE = "application/json"
+_BINARY_TYPE = "application/octet-stream"
+_dumps = json.JSONEncoder(separators=(",", ":")).encode
+_INT64_TYPES = frozenset((FieldDescriptor.TYPE_INT64, FieldDescriptor.TYPE_UINT64,
+                          FieldDescriptor.TYPE_SINT64, FieldDescriptor.TYPE_FIXED64,
+                          FieldDescriptor.TYPE_SFIXED64))
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def http_status(code: str) -> int:
+    """The HTTP status of a canonical error code."""
+    return HTTP_STATUS.get(code, 500)
+
+
+def _json(value: object, status: int = 200) -> web.Response:
+    return web.Response(body=_dumps(value).encode(), status=status, content_type=_JSON_TYPE)
+
+
+def _error(status: int, message: str) -> web.Response:
+    return _json({"error": message}, status)
+
+
+def failure(exc: Exception) -> web.Response:
+    """The answer to a failed operation: a ServingError's status and message, anything
+    else 500 (a bug: the caller logs it)."""
+    if isinstance(exc, ServingError):
+        return _error(http_status(exc.code), str(exc))
+    return _error(http_status(error_code(exc)), f"internal error: {type(exc).__name__}: {exc}")
+
+
+def message_json(message: Message) -> dict[str, Any]:
+    """A protobuf message as Triton's HTTP API writes it: field names as in the .proto,
+    enums by name, 64-bit integers as JSON numbers (protobuf's own JSON mapping writes
+    them as strings), fields left at their defaults omitted."""
+    out: dict[str, Any] = {}
+    for field, value in message.ListFields():
+        if field.message_type is not None and field.message_type.GetOptions().map_entry:
+            value_field = field.message_type.fields_by_name["value"]
+            out[field.name] = {key: _field_json(value_field, item)
+                               for key, item in value.items()}
+        elif field.label == FieldDescriptor.LABEL_REPEATED:
+            out[field.name] = [_field_json(field, item) for item in value]
+        else:
+            out[field.name] = _field_json(field, value)
+    return out
+
+
+def _field_json(field: FieldDescriptor, value: Any) -> Any:
+    if field.type == FieldDescriptor.TYPE_MESSAGE:
+        return message_json(value)
+    if field.type == FieldDescriptor.TYPE_ENUM:
+        return field.enum_type.values_by_number[value].name \
+            if value in field.enum_type.values_by_number else value
+    if field.type == FieldDescriptor.TYPE_BYTES:
+        return value.decode("utf-8", "replace")
+    if field.type in _INT64_TYPES:
+        return int(value)
+    return value
+
+
+def _duration(duration: Duration) -> dict[str, int]:
+    return {"count": duration.count, "ns": duration.ns}
+
+
+def statistics_json(name: str, version: int, stats: ModelStats) -> dict[str, Any]:
+    """One model version's statistics as Triton's HTTP statistics extension lists them."""
+    return {
+        "name": name, "version": str(version), "last_inference": stats.last_inference_ms,
+        "inference_count": stats.inference_count, "execution_count": stats.execution_count,
+        "inference_stats": {
+            key: _duration(getattr(stats, key))
+            for key in ("success", "fail", "queue", "compute_input", "compute_infer",
+                        "compute_output")},
+        "batch_stats": [
+            {"batch_size": size, **{key: _duration(getattr(batch, key))
+                                    for key in ("compute_input", "compute_infer",
+                                                "compute_output")}}
+            for size, batch in sorted(stats.batches.items())],
+    }
+
+
+class HttpFrontEndError(Exception):
+    """A request refused by the HTTP layer itself (its status is not a canonical code's:
+    413 for a body over the limit, 401 without the token)."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class HttpService:
+    """The REST routes over a data plane; ``application()`` builds the aiohttp app.
+
+    ``max_body_bytes`` bounds request bodies; with ``token`` every route but the health
+    checks needs ``Authorization: Bearer <token>``. ``closing`` (set when the server
+    drains) makes every answer close its connection.
+    """
+
+    def __init__(self, dataplane: DataPlane, max_body_bytes: int,
+                 token: bytes | None = None) -> None:
+        self._plane = dataplane
+        self._limit = max_body_bytes
+        self._token = token
+        self.closing = False
+
+    def application(self) -> web.Application:
+        @web.middleware
+        async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
+            return await self._guard(request, handler)
+
+        # aiohttp's own body limit: past it, reading the body raises (_body answers 413)
+        app = web.Application(client_max_size=self._limit + 1, middlewares=[guard])
+        model = "/v2/models/{model}"
+        versioned = (model, model + "/versions/{version}")
+        routes = [web.get("/v2/health/live", self.live), web.get("/v2/health/ready", self.ready),
+                  web.get("/v2", self.server_metadata),
+                  web.get("/v2/models/stats", self.statistics)]
+        for prefix in versioned:
+            routes += [web.get(prefix, self.model_metadata),
+                       web.get(prefix + "/ready", self.model_ready),
+                       web.get(prefix + "/config", self.model_config),
+                       web.get(prefix + "/stats", self.statistics),
+                       web.post(prefix + "/infer", self.infer)]
+        routes += [web.post("/v2/repository/index", self.repository_index),
+                   web.post("/v2/repository/models/{model}/load", self.load),
+                   web.post("/v2/repository/models/{model}/unload", self.unload)]
+        app.add_routes(routes)
+        return app
+
+    # --- the one place failures become answers -------------------------------------------
+
+    async def _guard(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        """Authenticate, run the route, answer its failure as JSON with its status, and
+        close the connection after the answer while the server drains."""
+        try:
+            if self._token is not None and request.path not in OPEN_HTTP_PATHS:
+                sent = request.headers.get("Authorization", "")
+                refusal = bearer_refusal(sent.encode("latin-1", "replace"), self._token)
+                if refusal is not None:
+                    raise HttpFrontEndError(401, refusal)
+            response = await handler(request)
+        except HttpFrontEndError as exc:
+            response = _error(exc.status, str(exc))
+            if exc.status == 401:
+                response.headers["WWW-Authenticate"] = "Bearer"
+            if exc.status == 413:  # the rest of the body is not read: the connection goes
+                response.force_close()
+        except web.HTTPException as exc:  # aiohttp's: no route, method not allowed, ...
+            response = _error(exc.status, self._routing_message(request, exc))
+            if "Allow" in exc.headers:
+                response.headers["Allow"] = exc.headers["Allow"]
+        except Exception as exc:
+            if isinstance(exc, ServingError):
+                log.info("%s %s failed: %s %s", request.method, request.path[:200],
+                         exc.code, exc)
+            else:
+                log.error("%s %s failed unexpectedly", request.method, request.path[:200],
+                          exc_info=exc)
+            response = failure(exc)
+        if self.closing:
+            response.force_close()
+        return response
+
+    @staticmethod
+    def _routing_message(request: web.Request, exc: web.HTTPException) -> str:
+        path = request.path[:200]
+        if exc.status == 404:
+            return f"no such endpoint: {request.method} {path} (see the KServe V2 REST API)"
+        if exc.status == 405:
+            allowed = exc.headers.get("Allow", "")
+            return f"{request.method} is not allowed on {path}; use {allowed}"
+        return exc.text or exc.reason
+
+    async def _body(self, request: web.Request) -> bytes:
+        """The whole request body (decompressed), refused with 413 past the limit."""
+        limit = self._limit
+        if request.content_length is not None and request.content_length > limit:
+            raise HttpFrontEndError(413, f"the request body is {request.content_length} "
+                                         f"bytes, over the limit of {limit} bytes "
+                                         "(--max-message-bytes)")
+        try:
+            body = await request.read()
+        except web.HTTPRequestEntityTooLarge:
+            body = None
+        except ConnectionError:  # the client left: nobody reads the answer
+            raise HttpFrontEndError(400, "the connection closed before the whole request "
+                                         "body came") from None
+        except http_exceptions.HttpProcessingError as exc:  # bad chunk framing, ...
+            raise HttpFrontEndError(400, f"the request body cannot be read: "
+                                         f"{exc.message}") from None
+        if body is None or len(body) > limit:
+            raise HttpFrontEndError(413, f"the request body is over the limit of {limit} "
+                                         "bytes (--max-message-bytes)")
+        return body
+
+    async def _json_body(self, request: web.Request) -> dict:
+        body = await self._body(request)
+        return parse_header(body) if body.strip() else {}
+
+    # --- health and metadata -------------------------------------------------------------
+
+    async def live(self, request: web.Request) -> web.Response:
+        return web.Response(status=200 if self._plane.live() else 400)
+
+    async def ready(self, request: web.Request) -> web.Response:
+        return web.Response(status=200 if self._plane.ready() else 400)
+
+    async def model_ready(self, request: web.Request) -> web.Response:
+        ready = self._plane.model_ready(request.match_info["model"],
+                                        request.match_info.get("version", ""))
+        return web.Response(status=200 if ready else 400)
+
+    async def server_metadata(self, request: web.Request) -> web.Response:
+        meta = self._plane.server_metadata()
+        extensions = [e for e in meta.extensions if e not in NOT_OVER_HTTP]
+        return _json({"name": meta.name, "version": meta.version,
+                      "extensions": [*extensions, BINARY_TENSOR_EXTENSION]})
+
+    async def model_metadata(self, request: web.Request) -> web.Response:
+        meta = self._plane.model_metadata(request.match_info["model"],
+                                          request.match_info.get("version", ""))
+
+        def tensors(specs) -> list[dict[str, Any]]:
+            return [{"name": t.name, "datatype": t.datatype, "shape": list(t.shape)}
+                    for t in specs]
+
+        answer: dict[str, Any] = {"name": meta.name, "versions": meta.versions,
+                                  "platform": meta.platform, "inputs": tensors(meta.inputs),
+                                  "outputs": tensors(meta.outputs)}
+        if meta.parameters:
+            answer["parameters"] = dict(meta.parameters)
+        return _json(answer)
+
+    async def model_config(self, request: web.Request) -> web.Response:
+        return _json(message_json(self._plane.model_config(
+            request.match_info["model"], request.match_info.get("version", ""))))
+
+    async def statistics(self, request: web.Request) -> web.Response:
+        chosen = self._plane.statistics(request.match_info.get("model", ""),
+                                        request.match_info.get("version", ""))
+        return _json({"model_stats": [statistics_json(name, version.version,
+                                                      version.scheduler.stats)
+                                      for name, version in chosen]})
+
+    # --- the model repository ------------------------------------------------------------
+
+    async def repository_index(self, request: web.Request) -> web.Response:
+        ready = (await self._json_body(request)).get("ready", False)
+        if not isinstance(ready, bool):
+            raise HttpFrontEndError(400, f"'ready' must be true or false, got {ready!r}")
+        return _json([{"name": row.name, "version": row.version, "state": row.state,
+                       "reason": row.reason}
+                      for row in self._plane.repository_index(ready)])
+
+    async def load(self, request: web.Request) -> web.Response:
+        parameters = (await self._json_body(request)).get("parameters") or {}
+        if not isinstance(parameters, dict):
+            raise HttpFrontEndError(400, "'parameters' must be a JSON object")
+        await self._plane.load(request.match_info["model"], list(parameters))
+        return web.Response(status=200)
+
+    async def unload(self, request: web.Request) -> web.Response:
+        await self._json_body(request)  # its parameters (unload_dependents) change nothing
+        await self._plane.unload(request.match_info["model"])
+        return web.Response(status=200)
+
+    # --- inference -----------------------------------------------------------------------
+
+    async def infer(self, request: web.Request) -> web.Response:
+        timed = CLOCK.enabled
+        if timed:
+            started = time.perf_counter_ns()
+        body = await self._body(request)
+        length = header_length(request.headers.get(HEADER_LENGTH), len(body))
+        view = memoryview(body)
+        if length is None:
+            header, binary = parse_header(body, "the inference request"), view[:0]
+        else:
+            header = parse_header(view[:length], f"the JSON header ({HEADER_LENGTH} "
+                                                 f"{length} bytes)")
+            binary = view[length:]
+        parsed = infer_request(header, binary, request.match_info["model"],
+                               request.match_info.get("version", ""))
+        if timed:
+            CLOCK.add(stages.BUILD, started)
+        try:
+            result = await self._plane.infer(parsed.request)
+        except Exception as exc:  # the data plane logged it
+            response = failure(exc)
+            response.headers[REQUEST_ID_HEADER] = parsed.request.id
+            return response
+        if timed:
+            encoding = time.perf_counter_ns()
+        json_header, chunks = infer_response(result, parsed.sent_id or result.id,
+                                             parsed.binary)
+        if chunks:
+            response = web.Response(body=b"".join((json_header, *chunks)),
+                                    content_type=_BINARY_TYPE)
+            response.headers[HEADER_LENGTH] = str(len(json_header))
+        else:
+            response = web.Response(body=json_header, content_type=_JSON_TYPE)
+        if timed:
+            CLOCK.add(stages.ENCODE, encoding)
+            CLOCK.add(stages.HANDLER, started)
+        return response
