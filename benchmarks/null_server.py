@@ -32,6 +32,7 @@ from google.protobuf.message import Message
 from onnxserve.protos import inference_pb2 as pb
 from onnxserve.protos.datatypes import by_config_type
 from onnxserve.protos.model_config_pb2 import ModelConfig
+from onnxserve.serving.process import die_with_parent_if_asked
 
 _SERVICE = "inference.GRPCInferenceService"
 SERVER_NAME = "null"
@@ -166,6 +167,7 @@ def read_config(path: Path) -> ModelConfig:
 
 
 def main() -> None:
+    die_with_parent_if_asked()  # started by bench (process.spawn)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--model-config", type=Path, required=True,

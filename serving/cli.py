@@ -61,6 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    from onnxserve.serving.process import die_with_parent_if_asked
+
+    die_with_parent_if_asked()  # started by process.spawn: go when the parent goes
     if argv[:1] == ["serve"]:
         # Before the heavy imports (grpc, onnxruntime: about a second): a stop from now on
         # exits 0 instead of killing the process (see serving/workers.py).

@@ -2,8 +2,8 @@
 
 One place for what `onnxserve demo`, the `--workers` supervisor, the benchmarks and the
 tests each need when they run `onnxserve serve` as a child: the command line, a child that
-dies with its parent, stop signals held until the child can take them, readiness, and a
-stop that ends only the process it started.
+dies with its parent, stop signals held until the child can take them (spawn), readiness,
+and a stop that ends only the process it started.
 """
 
 from __future__ import annotations
@@ -41,31 +41,62 @@ def free_port() -> int:
 
 def die_with_parent() -> None:
     """Have the kernel send this process SIGTERM when its parent dies (Linux; elsewhere a
-    no-op). As a ``preexec_fn``, for children that must not outlive whoever started them."""
+    no-op)."""
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
-def hold_stop_signals() -> None:
-    """``preexec_fn`` for `onnxserve serve` children: die_with_parent(), and SIGTERM/SIGINT
-    blocked until the child has its handlers.
+#: The variable through which spawn() asks a child to die with its parent: the parent's PID.
+PARENT_PID_ENV = "ONNXSERVE_DIE_WITH_PARENT"
 
-    A blocked signal stays pending across exec; the server unblocks the two once its
-    handler is installed (serving/workers.py, exit_on_stop_signals), so a stop sent at any
-    moment, even before the interpreter has started, ends it with status 0 instead of
-    killing it. Only for commands that unblock them: anything else would never see SIGTERM.
-    """
+
+def die_with_parent_if_asked() -> None:
+    """In a child spawn() started (first thing in its main): die_with_parent(), and exit
+    at once if the parent died before that took effect. The variable is removed, so this
+    process's own children are not affected."""
+    parent = os.environ.pop(PARENT_PID_ENV, "")
+    if not parent.isdigit():
+        return
     die_with_parent()
-    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    if os.getppid() != int(parent):
+        os._exit(0)
+
+
+def spawn(command: Sequence[str], *, hold_signals: bool, env: dict[str, str] | None = None,
+          **popen: Any) -> subprocess.Popen:
+    """Start ``command`` (an onnxserve process that calls die_with_parent_if_asked()) so
+    that it dies with this process; with ``hold_signals``, SIGTERM/SIGINT blocked until the
+    child has its handlers. ``env``: the child's whole environment (default this one's).
+
+    A blocked signal stays pending across exec; `onnxserve serve` unblocks the two once
+    its handler is installed (serving/workers.py, exit_on_stop_signals), so a stop sent at
+    any moment, even before the interpreter has started, ends it with status 0 instead of
+    killing it. Only for commands that unblock them: anything else would never see SIGTERM.
+
+    No ``preexec_fn``: with one, Python forks (instead of vfork) and gRPC's fork handlers
+    run in the child, whose poller then fails on the epoll descriptor that closing the
+    inherited descriptors took away ("epoll_wait: Bad file descriptor", grpcio >= 1.80):
+    the child dies before it runs, at random, whenever this process has gRPC channels or
+    servers. So the signals are blocked in this thread around the start (the child
+    inherits the mask) and the death signal is set by the child itself.
+    """
+    child_env = {**(os.environ if env is None else env), PARENT_PID_ENV: str(os.getpid())}
+    if not hold_signals:
+        return subprocess.Popen(list(command), env=child_env, **popen)
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        return subprocess.Popen(list(command), env=child_env, **popen)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 class ServerProcess:
     """A server process started here, its output in ``log_path`` (a temporary file when
     None), stopped by its own PID.
 
-    ``command`` is the whole argv; ``onnxserve serve`` children (``serve=True``) start
-    with their stop signals held (hold_stop_signals), other servers only die with their
-    parent.
+    ``command`` is the whole argv of an onnxserve process (see spawn); ``onnxserve serve``
+    children (``serve=True``) start with their stop signals held, other servers only die
+    with their parent.
     """
 
     def __init__(self, command: Sequence[str], url: str, log_path: Path | None = None,
@@ -78,10 +109,10 @@ class ServerProcess:
         self._log: IO[bytes] | None = None
         if capture:
             self._log = log_path.open("w+b") if log_path else tempfile.TemporaryFile()
-        self.process = subprocess.Popen(
-            list(command), stdout=self._log, stderr=subprocess.STDOUT if capture else None,
-            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
-            preexec_fn=hold_stop_signals if serve else die_with_parent)
+        self.process = spawn(
+            command, hold_signals=serve, stdout=self._log,
+            stderr=subprocess.STDOUT if capture else None,
+            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
 
     @classmethod
     def serve(cls, repository: Path, *flags: str, log_path: Path | None = None,

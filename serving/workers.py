@@ -6,7 +6,7 @@ start of server.serve), SIGTERM or SIGINT ends the process at once with status 0
 nothing has been opened or loaded yet; Python's default would kill it by the signal (exit
 status 143 in a shell; the --workers parent used to turn a worker's -15 into 241). A
 supervisor can close even the gap before the interpreter runs any code by starting the
-server with the two signals blocked (process.hold_stop_signals, which `onnxserve demo`
+server with the two signals blocked (process.spawn, which `onnxserve demo`
 and the tests use; this module's parent blocks them across each worker's spawn): a signal
 sent then stays pending until exit_on_stop_signals unblocks it.
 
@@ -57,7 +57,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from onnxserve.serving.observability.logs import configure as configure_logs
-from onnxserve.serving.process import STOP_SIGNALS, hold_stop_signals
+from onnxserve.serving.process import STOP_SIGNALS, die_with_parent_if_asked, spawn
 from onnxserve.serving.settings import ServerSettings
 
 log = logging.getLogger(__name__)
@@ -82,7 +82,7 @@ def exit_on_stop_signals() -> None:
     """From now until the server installs its own handlers, SIGTERM/SIGINT exit 0 at once.
 
     Also unblocks the two signals, which a supervisor may have blocked
-    (process.hold_stop_signals) so that a signal sent before this point waits for this handler
+    (process.spawn) so that a signal sent before this point waits for this handler
     instead of killing the process. Call from the main thread.
     """
     for sig in STOP_SIGNALS:
@@ -138,6 +138,7 @@ def run_server(settings: ServerSettings, *, on_ready: Callable[[], None] | None 
 def worker_main() -> None:
     """A worker process's whole life: ``python -c "...worker_main()" READY_FD``, its
     ServerSettings and index pickled on stdin (from the parent, never from a user)."""
+    die_with_parent_if_asked()
     exit_on_stop_signals()  # and unblock the stop signals the parent held for us
     ready_fd = int(sys.argv[1])
     settings, index = pickle.loads(sys.stdin.buffer.read())  # from our parent only
@@ -208,9 +209,9 @@ class _Supervisor:
         read_end, write_end = os.pipe()
         try:
             # Stop signals held (and death with the parent): a stop sent before the
-            # worker has its handler waits for it (see hold_stop_signals).
-            process = subprocess.Popen([*self._command, str(write_end)], stdin=subprocess.PIPE,
-                                       preexec_fn=hold_stop_signals, pass_fds=(write_end,))
+            # worker has its handler waits for it (see process.spawn).
+            process = spawn([*self._command, str(write_end)], hold_signals=True,
+                            stdin=subprocess.PIPE, pass_fds=(write_end,))
         except OSError as exc:
             os.close(read_end)
             log.error("cannot start worker %d: %s; stopping the other workers", index, exc)

@@ -10,10 +10,12 @@ import signal
 import sys
 import time
 
+from onnxserve.serving.process import die_with_parent_if_asked
 from onnxserve.serving.workers import READY_MESSAGE
 
 
 def main() -> None:
+    die_with_parent_if_asked()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     signal.pthread_sigmask(signal.SIG_UNBLOCK, (signal.SIGTERM, signal.SIGINT))
     pickle.loads(sys.stdin.buffer.read())  # the settings and index, as a worker gets them

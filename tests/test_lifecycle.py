@@ -28,7 +28,7 @@ from onnx_models import slow_model
 
 from onnxserve.clients.client import Client
 from onnxserve.protos import inference_pb2 as pb
-from onnxserve.serving.process import die_with_parent, free_port, hold_stop_signals
+from onnxserve.serving.process import free_port, spawn
 
 
 def _spawn(repository: Path, log_path: Path, *extra: str, held: bool = True,
@@ -36,12 +36,11 @@ def _spawn(repository: Path, log_path: Path, *extra: str, held: bool = True,
     """`onnxserve serve` on 127.0.0.1; ``held``: started with SIGTERM/SIGINT blocked, as
     onnxserve's own --workers parent starts its workers (the server unblocks them)."""
     port = port or free_port()
-    process = subprocess.Popen(
+    process = spawn(
         onnxserve_command("serve", "--model-repository", str(repository), "--grpc-host",
                           "127.0.0.1", "--grpc-port", str(port), "--http-port", "0", *extra),
-        stdout=log_path.open("w"), stderr=subprocess.STDOUT,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        preexec_fn=hold_stop_signals if held else die_with_parent)
+        hold_signals=held, stdout=log_path.open("w"), stderr=subprocess.STDOUT,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"})
     return process, f"127.0.0.1:{port}"
 
 
@@ -256,7 +255,7 @@ def test_a_worker_that_fails_at_start_up_fails_the_command(small_repository: Pat
                               "--grpc-host", "127.0.0.1", "--grpc-port", str(free_port()),
                               "--http-port", "0", "--workers", "2", "--metrics-port",
                               str(metrics_port)),
-            capture_output=True, text=True, timeout=60, preexec_fn=die_with_parent)
+            capture_output=True, text=True, timeout=60)
         took = time.monotonic() - started
     output = result.stdout + result.stderr
     assert result.returncode == 2, output
@@ -296,3 +295,72 @@ def test_the_supervisor_gives_up_on_workers_that_keep_failing(
     assert message in output
     if behaviour == "die":
         assert output.count("restarting it in") == 4, output
+
+
+_MIDDLE = """
+import sys, time
+from onnxserve.serving.process import spawn
+child = spawn([sys.executable, "-c", sys.argv[1]], hold_signals=sys.argv[2] == "held")
+print(child.pid, flush=True)
+time.sleep(60)
+"""
+_CHILD = """
+import os, signal, sys, time
+from onnxserve.serving.process import PARENT_PID_ENV, die_with_parent_if_asked
+blocked = signal.SIGTERM in signal.pthread_sigmask(signal.SIG_BLOCK, [])
+die_with_parent_if_asked()
+assert PARENT_PID_ENV not in os.environ
+print("blocked" if blocked else "open", flush=True)
+signal.pthread_sigmask(signal.SIG_UNBLOCK, [signal.SIGTERM])
+time.sleep(60)
+"""
+
+
+@pytest.mark.parametrize("held", ["held", "open"])
+def test_spawned_children_die_with_their_parent(tmp_path: Path, held: str) -> None:
+    """process.spawn (no preexec_fn): the child sets its own death signal, and with
+    hold_signals starts with SIGTERM blocked; killing the parent ends the child."""
+    log = tmp_path / "child.log"
+    middle = subprocess.Popen([sys.executable, "-c", _MIDDLE, _CHILD.replace(
+        "flush=True)", f"flush=True, file=open({str(log)!r}, 'w'))"), held],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert middle.stdout is not None
+        child = int(middle.stdout.readline())
+        _wait_for(lambda: log.is_file() and log.read_text().strip() != "", 30,
+                  "the child to start")
+        assert log.read_text().strip() == ("blocked" if held == "held" else "open")
+    finally:
+        middle.kill()
+        middle.wait()
+
+    def gone() -> bool:
+        try:
+            os.kill(child, 0)
+        except ProcessLookupError:
+            return True
+        stat = Path(f"/proc/{child}/stat")
+        return stat.exists() and stat.read_text().rpartition(")")[2].split()[0] == "Z"
+
+    _wait_for(gone, 30, "the child to die with its parent")
+
+
+_FORK_HANDLERS = """
+import os, sys
+from onnxserve.serving.process import ServerProcess, spawn
+marker = sys.argv[1]
+os.register_at_fork(after_in_child=lambda: open(marker, "a").write("forked "))
+spawn([sys.executable, "-c", "pass"], hold_signals=True).wait()
+spawn([sys.executable, "-c", "pass"], hold_signals=False).wait()
+ServerProcess([sys.executable, "-c", "pass"], "127.0.0.1:1", serve=False).process.wait()
+"""
+
+
+def test_children_start_without_running_fork_handlers(tmp_path: Path) -> None:
+    """gRPC's fork handlers (grpcio >= 1.80) crash a forked child whose parent has channels
+    or servers ("epoll_wait: Bad file descriptor") before it runs: servers, workers and
+    benchmark servers are started without a fork that runs them (no preexec_fn)."""
+    marker = tmp_path / "marker"
+    subprocess.run([sys.executable, "-c", _FORK_HANDLERS, str(marker)], check=True,
+                   timeout=60)
+    assert not marker.exists(), marker.read_text()
