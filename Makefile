@@ -43,7 +43,8 @@ seed-accuracy: $(VENV)/.export-installed
 	$(BIN)/python -m onnxserve.benchmarks.seed_accuracy $(if $(DATA_DIR),--data-dir $(DATA_DIR))
 
 # Serving benchmark of the demo's models (exports them first if needed), written to the
-# committed benchmarks/results. The first bench alone takes about 8-14 minutes.
+# committed benchmarks/results. The first bench alone takes about 8-14 minutes; the last
+# (speed.md: both clients, the parsing null server, a float-input MobileNetV2) about 10.
 bench: $(VENV)/.export-installed
 	$(BIN)/python -m pip install --quiet matplotlib
 	$(BIN)/onnxserve demo --model-repository $(MODEL_REPOSITORY) > /dev/null
@@ -54,6 +55,12 @@ bench: $(VENV)/.export-installed
 		--out benchmarks/results
 	$(BIN)/python -m onnxserve.benchmarks.first_request --model-repository $(MODEL_REPOSITORY) \
 		--out benchmarks/results
+	test -d $(MODEL_REPOSITORY)/mobilenet_v2_float || $(BIN)/onnxserve export mobilenet_v2 \
+		--raw-float-input --name mobilenet_v2_float --weights none \
+		--model-repository $(MODEL_REPOSITORY)
+	$(BIN)/onnxserve bench --model-repository $(MODEL_REPOSITORY) \
+		--models lenet5 mobilenet_v2 mobilenet_v2_float --concurrency 1 16 --batching on \
+		--workers 1 --client both --null-parse --tag speed --out benchmarks/results
 
 # ruff on everything; mypy on serving/ (tests/typecheck.py).
 lint: $(VENV)/.test-installed

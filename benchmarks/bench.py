@@ -13,7 +13,9 @@ bench.json, bench.md and bench.png (with matplotlib) to --out (default ./bench_r
 ``--client perf_analyzer`` measures each configuration with Triton's C++ load generator
 instead (benchmarks/perf_analyzer.py, fetched on first use), ``--client both`` with the
 Python client and then perf_analyzer; perf_analyzer's figures leave out the Python
-client's CPU, and every row names its ``client``.
+client's CPU, and every row names its ``client``. perf_analyzer measures once per
+``--pa-protocol`` (grpc, http) and ``--pa-mode`` (plain, streaming, shared-memory), each
+combination its own row (``pa_protocol``, ``pa_mode``; streaming is gRPC's only).
 
 Each configuration (server x load) warms up for --warmup s and measures 3 to --max-windows
 windows of --window s: 11-20 s with the defaults, 20 configurations per model, so about
@@ -31,6 +33,7 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -48,10 +51,13 @@ from .perf_analyzer import (
     PerfAnalyzer,
     PerfAnalyzerFailed,
     PerfAnalyzerMissing,
+    Transport,
     find_perf_analyzer,
     run_perf_analyzer,
 )
 from .perf_analyzer import MIN_WINDOWS as PA_MIN_WINDOWS
+from .perf_analyzer import MODES as PA_MODES
+from .perf_analyzer import PROTOCOLS as PA_PROTOCOLS
 from .raw_onnxruntime import raw_onnxruntime
 
 #: Where results go by default: a folder in the working directory, never the package's own
@@ -157,6 +163,37 @@ def _clients(args) -> tuple[str, ...]:
     return CLIENTS[getattr(args, "client", "python")]
 
 
+def _transports(args) -> list[Transport]:
+    """The perf_analyzer transports of --pa-protocol x --pa-mode, in that order; streaming
+    only over gRPC (perf_analyzer streams over gRPC only)."""
+    protocols = getattr(args, "pa_protocol", None) or ["grpc"]
+    modes = getattr(args, "pa_mode", None) or ["plain"]
+    return [Transport(p, m) for p in dict.fromkeys(protocols) for m in dict.fromkeys(modes)
+            if not (m == "streaming" and p != "grpc")]
+
+
+def _runs(args) -> list[tuple[str, Transport | None]]:
+    """The measurements of each configuration, in order: (client, perf_analyzer's
+    transport, None for the Python client)."""
+    runs: list[tuple[str, Transport | None]] = []
+    for client in _clients(args):
+        if client == "python":
+            runs.append((client, None))
+        else:
+            runs += [(client, transport) for transport in _transports(args)]
+    return runs
+
+
+def client_label(row: dict) -> str:
+    """A row's client as the table names it: ``python``, or ``perf_analyzer`` with its
+    protocol and mode (``perf_analyzer (http shared-memory)``); rows written before
+    perf_analyzer had transports say ``perf_analyzer``."""
+    client = row.get("client", "python")
+    if client == "python" or "pa_protocol" not in row:
+        return client
+    return f"{client} ({Transport(row['pa_protocol'], row.get('pa_mode', 'plain')).label})"
+
+
 def configurations_per_model(args) -> int:
     """Loads measured per model: on the null server (and its parsing variant with
     --null-parse) and on each onnxserve set-up (each measured once per client of --client)."""
@@ -165,19 +202,21 @@ def configurations_per_model(args) -> int:
 
 
 def measurements_per_model(args) -> int:
-    """Measurements per model: configurations_per_model() x the clients of --client."""
-    return configurations_per_model(args) * len(_clients(args))
+    """Measurements per model: configurations_per_model() x the clients of --client (and
+    perf_analyzer once per transport)."""
+    return configurations_per_model(args) * len(_runs(args))
 
 
 def expected_seconds(args, models: int) -> tuple[float, float]:
     """Least and most seconds the measurements of ``models`` models take: each
     configuration warms up, then measures 3 (MIN_WINDOWS) to --max-windows windows, and
-    again with perf_analyzer when --client asks for it (client_seconds); raw onnxruntime
+    again with perf_analyzer, once per transport, when --client asks for it
+    (client_seconds); raw onnxruntime
     runs each of RAW_BATCH_SIZES for one window. Server start-ups (a few seconds each) are
     not included."""
     configurations = models * configurations_per_model(args)
     raw = models * len(RAW_BATCH_SIZES) * args.window
-    spans = [client_seconds(args, c) for c in _clients(args)]
+    spans = [client_seconds(args, client) for client, _ in _runs(args)]
     return (configurations * sum(low for low, _ in spans) + raw,
             configurations * sum(high for _, high in spans) + raw)
 
@@ -210,23 +249,40 @@ class Measured:
 
 def _measure(url, payload, samples, args, pid, progress: Progress, what: str,
              stats_name=None, *, model: str = "", pa_inputs: dict | None = None,
-             analyzer: PerfAnalyzer | None = None, optional: bool = False) -> Measured:
-    """Measure the server at ``url`` (process ``pid``) at each load with each client of
-    --client. A load perf_analyzer fails at goes to ``not_measured``; with ``optional`` (a
-    server perf_analyzer may not be able to talk to, the null server) its first failure
-    skips its other loads too."""
+             analyzer: PerfAnalyzer | None = None, optional: bool = False,
+             http_url: str | None = None,
+             refusal: Callable[[Transport], str | None] | None = None) -> Measured:
+    """Measure the server at ``url`` (gRPC; ``http_url``: its HTTP port, process ``pid``)
+    at each load with each client of --client, perf_analyzer once per transport. A load
+    perf_analyzer fails at goes to ``not_measured``; so does every load of a transport
+    ``refusal`` gives a reason for (not run, marked ``skipped``), and with ``optional`` (a
+    server perf_analyzer may not be able to talk to, the null server) a transport's first
+    failure skips its other loads too."""
     measured = Measured()
-    loads = _loads(args)
-    for index, (mode, concurrency, rate) in enumerate(loads):
-        for client in _clients(args):
-            if client == "perf_analyzer" and optional and measured.not_measured:
-                continue  # already said why
+    #: transport label -> why perf_analyzer does not measure it on this server
+    given_up: dict[str, str] = {}
+    for mode, concurrency, rate in _loads(args):
+        for client, transport in _runs(args):
+            item: dict = {"client": client, "mode": mode, "concurrency": concurrency,
+                          "rate": rate}
+            if transport is not None:
+                item.update(pa_protocol=transport.protocol, pa_mode=transport.mode)
+                reason = given_up.get(transport.label) or (
+                    refusal(transport) if refusal is not None else None)
+                if reason is not None:
+                    progress.skip(1)
+                    if transport.label not in given_up:
+                        print(f"  perf_analyzer ({transport.label}) does not measure {what}: "
+                              f"{reason}", flush=True)
+                        given_up[transport.label] = reason
+                    measured.not_measured.append({**item, "reason": reason, "skipped": True})
+                    continue
             label = _load_label(mode, concurrency, rate)
-            progress.next(f"{what}, {label}" + (", perf_analyzer" if client != "python"
-                                                 else ""))
+            progress.next(f"{what}, {label}" + (
+                "" if transport is None else f", perf_analyzer ({transport.label})"))
             before = _stats(url, stats_name)
             cpu0, t0 = _tree_cpu_seconds(pid), time.perf_counter()
-            if client == "python":
+            if transport is None:
                 result = asyncio.run(run_load(
                     url, payload, samples_per_request=samples, concurrency=concurrency or 1,
                     rate=rate, warmup_s=args.warmup, window_s=args.window,
@@ -234,20 +290,19 @@ def _measure(url, payload, samples, args, pid, progress: Progress, what: str,
                 )).as_dict()
             else:
                 assert analyzer is not None, "--client perf_analyzer without a perf_analyzer"
+                target = url if transport.protocol == "grpc" else http_url
+                assert target is not None, f"no {transport.protocol} address for {what}"
                 try:
                     result = run_perf_analyzer(
-                        analyzer, url, model, concurrency=concurrency or 1, rate=rate,
+                        analyzer, target, model, concurrency=concurrency or 1, rate=rate,
                         batch_size=samples, inputs=pa_inputs, window_s=args.window,
-                        max_windows=args.max_windows).as_dict()
+                        max_windows=args.max_windows, transport=transport).as_dict()
                 except PerfAnalyzerFailed as exc:
-                    measured.not_measured.append({"client": client, "mode": mode,
-                                                  "concurrency": concurrency, "rate": rate,
-                                                  "reason": str(exc)})
+                    measured.not_measured.append({**item, "reason": str(exc)})
                     if optional:
-                        skipped = len(loads) - index - 1
-                        progress.skip(skipped)
-                        print(f"  perf_analyzer cannot measure {what}: {exc}; skipping it "
-                              f"there ({skipped} more load(s))", flush=True)
+                        given_up[transport.label] = str(exc)
+                        print(f"  perf_analyzer cannot measure {what}: {exc}; skipping "
+                              f"{transport.label} there", flush=True)
                     else:
                         print(f"  perf_analyzer failed: {exc}", flush=True)
                     continue
@@ -255,6 +310,40 @@ def _measure(url, payload, samples, args, pid, progress: Progress, what: str,
             measured.rows.append(_row(result, client, server_cpu, before,
                                       _stats(url, stats_name)))
     return measured
+
+
+def _null_refusal(transport: Transport) -> str | None:
+    """Why perf_analyzer cannot measure the null server over ``transport``: it answers
+    unary gRPC inference only."""
+    if transport == Transport():
+        return None
+    return ("the null server answers unary gRPC inference only (no HTTP, streaming or "
+            "shared memory)")
+
+
+def _workers_refusal(workers: int) -> Callable[[Transport], str | None]:
+    """Why perf_analyzer cannot measure onnxserve with ``workers`` processes over a
+    transport (None: it can). Each worker has its own shared memory regions and its own
+    statistics, while the kernel spreads connections across the workers: shared memory
+    needs the connection that registered a region, and perf_analyzer's statistics calls
+    over HTTP reach different workers, so the counts it subtracts come from different
+    processes and it stops ("failed to find the requested model version", seen with 2
+    workers)."""
+
+    def refusal(transport: Transport) -> str | None:
+        if workers == 1:
+            return None
+        if transport.mode == "shared-memory":
+            return (f"shared memory regions belong to one server process, and with "
+                    f"{workers} workers perf_analyzer's connections land on different ones "
+                    "(measure shared memory with --workers 1)")
+        if transport.protocol == "http":
+            return (f"perf_analyzer's statistics calls over HTTP reach any of the {workers} "
+                    "workers, each with its own statistics, and it stops when their counts "
+                    "disagree (measure HTTP with --workers 1)")
+        return None
+
+    return refusal
 
 
 def _row(result: dict, client: str, server_cpu: float, before: dict | None,
@@ -291,9 +380,9 @@ def bench_model(repository: Path, name: str, args, progress: Progress,
     --workers and --batching at each load, with each client of --client (``analyzer``
     runs the perf_analyzer ones); ``progress`` numbers the configurations.
 
-    The result's ``perf_analyzer_not_measured`` lists each load perf_analyzer failed at,
-    with the server (``null`` or ``onnxserve`` with its workers and batching) and the
-    reason."""
+    The result's ``perf_analyzer_not_measured`` lists each load perf_analyzer failed at
+    or did not try (``skipped``), with the server (``null`` or ``onnxserve`` with its
+    workers and batching), the transport (``pa_protocol``, ``pa_mode``) and the reason."""
     config = read_model(repository, name).config
     sample = _sample(config)
     batch = np.repeat(sample[np.newaxis], args.samples_per_request, axis=0)
@@ -326,7 +415,8 @@ def bench_model(repository: Path, name: str, args, progress: Progress,
             try:
                 null.wait_ready()
                 measured = _measure(null.url, payload, args.samples_per_request, args,
-                                    null.pid, progress, what, optional=True, **measure)
+                                    null.pid, progress, what, optional=True,
+                                    refusal=_null_refusal, **measure)
             finally:
                 null.stop()
             out[key] = measured.rows
@@ -345,7 +435,9 @@ def bench_model(repository: Path, name: str, args, progress: Progress,
                     server.wait_ready()
                     measured = _measure(server.url, payload, args.samples_per_request, args,
                                         server.pid, progress, what,
-                                        stats_name=name if workers == 1 else None, **measure)
+                                        stats_name=name if workers == 1 else None,
+                                        http_url=server.http_url,
+                                        refusal=_workers_refusal(workers), **measure)
                 finally:
                     server.stop()
                 for row in measured.rows:
@@ -372,8 +464,10 @@ def markdown(results: list[dict], meta: dict) -> str:
                      "agree within 10%.")
     if "perf_analyzer" in clients:
         about.append("`perf_analyzer`: Triton's C++ load generator "
-                     f"(`{meta.get('perf_analyzer')}`; gRPC, one synchronous thread per "
-                     "request in flight), no warm-up, "
+                     f"(`{meta.get('perf_analyzer')}`), over the protocol and mode its rows "
+                     "name (plain: one synchronous thread per request in flight; streaming: "
+                     "gRPC's ModelStreamInfer in its async mode; shared-memory: tensors in "
+                     "system shared memory regions it registers), no warm-up, "
                      f"{meta['window']} s windows until three agree within 10% on throughput "
                      "and latency (else three more, marked unstable); its client CPU covers "
                      "its whole run, and none of it is Python's.")
@@ -391,13 +485,13 @@ def markdown(results: list[dict], meta: dict) -> str:
                   "| p50 ms | p90 | p99 | errors | mean batch | queue ms | compute ms "
                   "| client CPU % | server CPU % |",
                   "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-        null = {(r.get("client", "python"), r["mode"], r["concurrency"], r["rate"]): r
+        null = {(client_label(r), r["mode"], r["concurrency"], r["rate"]): r
                 for r in res["null_server"]}
         for server, rows in (("null", res["null_server"]),
                              ("null (parse)", res.get("null_parse_server", [])),
                              ("onnxserve", res["onnxserve"])):
             for r in rows:
-                client = r.get("client", "python")
+                client = client_label(r)
                 load = _load_cell(r)
                 ref = null.get((client, r["mode"], r["concurrency"], r["rate"]))
                 vs_null = (f"{r['throughput'] / ref['throughput']:.2f}"
@@ -417,15 +511,34 @@ def markdown(results: list[dict], meta: dict) -> str:
                     f"{r['server_cpu_percent']:.0f} |"
                 )
         lines.append("")
-        for item in res.get("perf_analyzer_not_measured", []):
-            if item["server"].startswith("null"):
-                lines += [f"perf_analyzer cannot measure the {item['server']} server, whose "
-                          f"rows are the Python client's only: {item['reason']}", ""]
-            else:
-                lines += [f"perf_analyzer did not measure onnxserve, {item['workers']} "
-                          f"worker(s), batching {item['batching']}, at {_load_cell(item)}: "
-                          f"{item['reason']}", ""]
+        lines += _not_measured_lines(res.get("perf_analyzer_not_measured", []))
     return "\n".join(lines)
+
+
+def _not_measured_lines(items: list[dict]) -> list[str]:
+    """One paragraph per server, transport and reason perf_analyzer did not measure,
+    naming the loads for onnxserve. The null server answers perf_analyzer over unary gRPC
+    only, so when that fails, its rows are the Python client's only."""
+    groups: dict[tuple[str, str, str, bool], list[str]] = {}
+    for item in items:
+        null = item["server"].startswith("null")
+        where = (f"the {item['server']} server" if null
+                 else f"onnxserve, {item['workers']} worker(s), batching {item['batching']},")
+        unary_grpc = (item.get("pa_protocol", "grpc"), item.get("pa_mode", "plain")) == (
+            "grpc", "plain")
+        key = (where, client_label(item), item["reason"], null and unary_grpc)
+        groups.setdefault(key, []).append(_load_cell(item))
+    lines = []
+    for (where, client, reason, python_only), loads in groups.items():
+        if python_only:
+            lines.append(f"perf_analyzer cannot measure {where}, whose rows are the Python "
+                         f"client's only: {reason}")
+        elif where.startswith("the null"):
+            lines.append(f"{client} does not measure {where}: {reason}")
+        else:
+            lines.append(f"{client} did not measure {where} at {', '.join(loads)}: {reason}")
+        lines.append("")
+    return lines
 
 
 #: What to do to get the plot.
@@ -459,12 +572,12 @@ def plot(results: list[dict], path: Path) -> bool:
             key = (null_label if "workers" not in r
                    else f"onnxserve w={r['workers']} batching {r['batching']}")
             if r.get("client", "python") != "python":
-                key += f" ({r['client']})"
+                key += f", {client_label(r)}"
             series.setdefault(key, []).append(r)
         for label, rows in series.items():
             rows = [r for r in rows if r["mode"] == "closed"]
             ax.plot([r["throughput"] for r in rows], [r["p50_ms"] for r in rows], marker="o",
-                    label=label, linestyle="--" if label.endswith(")") else "-")
+                    label=label, linestyle="--" if "perf_analyzer" in label else "-")
         best = max(r["throughput"] for r in res["raw_onnxruntime"].values())
         ax.axvline(best, color="grey", linestyle="--", label="raw onnxruntime best")
         ax.set_title(res["model"])
@@ -563,6 +676,14 @@ def add_bench_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
                         "there with pip download: the tritonclient 2.41.0 and "
                         "nvidia-cuda-runtime-cu12 wheels; it also needs apt-get install "
                         "libb64-0d)")
+    p.add_argument("--pa-protocol", nargs="+", choices=PA_PROTOCOLS, metavar="PROTOCOL",
+                   help="perf_analyzer's protocols, each measured in turn: grpc (the gRPC "
+                        "port) and/or http (the HTTP/REST port) (default: grpc)")
+    p.add_argument("--pa-mode", nargs="+", choices=PA_MODES, metavar="MODE",
+                   help="how perf_analyzer sends each request, each measured in turn: plain "
+                        "(one call, one answer), streaming (gRPC's ModelStreamInfer, async; "
+                        "gRPC only), shared-memory (tensors in system shared memory regions "
+                        "it registers; --workers 1 only) (default: plain)")
     p.set_defaults(func=run_bench)
     return p  # the caller adds --model-repository (a setting of the server's)
 
@@ -574,10 +695,21 @@ def run_bench(args: argparse.Namespace) -> int:
               "them first (make demo exports lenet5 and mobilenet_v2)", file=sys.stderr)
         return 2
     clients = _clients(args)
-    if args.perf_analyzer is not None and "perf_analyzer" not in clients:
-        print(f"onnxserve bench: --perf-analyzer applies to --client perf_analyzer or both, not "
-              f"--client {args.client}", file=sys.stderr)
+    for flag, value in (("--perf-analyzer", args.perf_analyzer),
+                        ("--pa-protocol", getattr(args, "pa_protocol", None)),
+                        ("--pa-mode", getattr(args, "pa_mode", None))):
+        if value is not None and "perf_analyzer" not in clients:
+            print(f"onnxserve bench: {flag} applies to --client perf_analyzer or both, not "
+                  f"--client {args.client}", file=sys.stderr)
+            return 2
+    if "perf_analyzer" in clients and not _transports(args):
+        print("onnxserve bench: --pa-mode streaming needs --pa-protocol grpc (perf_analyzer "
+              "streams over gRPC only)", file=sys.stderr)
         return 2
+    if "perf_analyzer" in clients and "streaming" in (args.pa_mode or []) and set(
+            args.pa_protocol or []) - {"grpc"}:
+        print("note: perf_analyzer streams over gRPC only, so streaming is measured over "
+              "grpc alone", flush=True)
     analyzer = None
     if "perf_analyzer" in clients:
         try:
@@ -593,9 +725,11 @@ def run_bench(args: argparse.Namespace) -> int:
     if clients == ("python",):
         each = f"{per_model} configurations, {_duration_range(*configuration_seconds(args))} each"
     else:
-        each = (f"{per_model * len(clients)} measurements ({per_model} configurations, each by "
-                + " and ".join(f"{c} ({_duration_range(*client_seconds(args, c))})"
-                               for c in clients) + ")")
+        runs = [client if transport is None else f"{client} ({transport.label})"
+                for client, transport in _runs(args)]
+        span = {c: _duration_range(*client_seconds(args, c)) for c in clients}
+        each = (f"{per_model * len(runs)} measurements ({per_model} configurations, each by "
+                + " and ".join(f"{run} ({span[run.split(' ')[0]]})" for run in runs) + ")")
     print(f"onnxserve bench: {len(args.models)} model(s) x {each}: about "
           f"{_duration_range(*expected_seconds(args, len(args.models)))} plus server "
           f"start-ups; results to {args.out}", flush=True)
@@ -627,9 +761,9 @@ def run_bench(args: argparse.Namespace) -> int:
     print(f"wrote {args.out / (args.tag + '.md')}")
     failed = [(r["model"], item) for r in results
               for item in r.get("perf_analyzer_not_measured", [])
-              if not item["server"].startswith("null")]
+              if not item["server"].startswith("null") and not item.get("skipped")]
     for model, item in failed:
-        print(f"onnxserve bench: perf_analyzer failed on {model}, onnxserve "
+        print(f"onnxserve bench: {client_label(item)} failed on {model}, onnxserve "
               f"{item['workers']} worker(s), batching {item['batching']}, {_load_cell(item)}: "
               f"{item['reason']}", file=sys.stderr)
     return 1 if failed else 0

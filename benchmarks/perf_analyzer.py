@@ -16,10 +16,14 @@ then in the cache folder (``$XDG_CACHE_HOME/onnxserve/perf_analyzer``, by defaul
 the cache folder.
 
 run_perf_analyzer() runs one load (closed loop at a concurrency, or Poisson arrivals at a
-rate) over gRPC and returns its throughput and latency percentiles from the ``-f`` CSV report.
-perf_analyzer uses these RPCs of the KServe V2 protocol: ServerMetadata, ModelMetadata and
-ModelConfig once at start, ModelStatistics before and after each measurement window, and
-ModelInfer for the load.
+rate) and returns its throughput and latency percentiles from the ``-f`` CSV report, over a
+``Transport``: gRPC or HTTP (``-i``), each request sent plainly (one call, one answer),
+streamed (gRPC's ModelStreamInfer: ``--streaming``, in perf_analyzer's async mode), or with
+its tensors in system shared memory (``--shared-memory system``: perf_analyzer creates and
+registers a region per input and output, and requests name them). perf_analyzer uses these
+calls of the KServe V2 protocol: server metadata, model metadata and config once at start
+(and the shared memory registrations), model statistics before and after each measurement
+window, and inference for the load.
 """
 
 from __future__ import annotations
@@ -65,6 +69,54 @@ MIN_WINDOWS = 3
 #: --stability-percentage for the second try after an unstable first one: any three
 #: windows pass, and the result is marked unstable.
 ANY_WINDOWS_PERCENT = 1000.0
+#: perf_analyzer's protocols (-i).
+PROTOCOLS = ("grpc", "http")
+#: How each request travels: "plain" (one call, one answer), "streaming" (gRPC's
+#: ModelStreamInfer, --streaming), "shared-memory" (tensors in system shared memory regions
+#: perf_analyzer registers, --shared-memory system).
+MODES = ("plain", "streaming", "shared-memory")
+
+
+@dataclass(frozen=True)
+class Transport:
+    """How perf_analyzer reaches the server: ``protocol`` (PROTOCOLS) and ``mode`` (MODES).
+
+    Raises:
+        ValueError: an unknown protocol or mode, or streaming over HTTP (perf_analyzer
+            streams over gRPC only).
+    """
+
+    protocol: str = "grpc"
+    mode: str = "plain"
+
+    def __post_init__(self) -> None:
+        if self.protocol not in PROTOCOLS:
+            raise ValueError(f"perf_analyzer protocol {self.protocol!r} is not one of "
+                             f"{', '.join(PROTOCOLS)}")
+        if self.mode not in MODES:
+            raise ValueError(f"perf_analyzer mode {self.mode!r} is not one of "
+                             f"{', '.join(MODES)}")
+        if self.mode == "streaming" and self.protocol != "grpc":
+            raise ValueError("perf_analyzer streams over gRPC only (--streaming needs -i "
+                             f"grpc), not {self.protocol}")
+
+    @property
+    def label(self) -> str:
+        """``grpc``, ``http``, ``grpc streaming``, ``http shared-memory``, ..."""
+        return self.protocol if self.mode == "plain" else f"{self.protocol} {self.mode}"
+
+    def flags(self, output_shared_memory_size: int | None = None) -> list[str]:
+        """perf_analyzer's flags for this transport (after ``-i PROTOCOL``):
+        ``--streaming --async`` (perf_analyzer streams in async mode), or ``--shared-memory
+        system`` with ``--output-shared-memory-size`` when given (bytes per output and
+        sample; needed for BYTES or variable-shape outputs larger than its 100 KB default)."""
+        if self.mode == "streaming":
+            return ["--streaming", "--async"]
+        if self.mode == "shared-memory":
+            size = ([] if output_shared_memory_size is None
+                    else ["--output-shared-memory-size", str(output_shared_memory_size)])
+            return ["--shared-memory", "system", *size]
+        return []
 
 
 def _manual_steps(cache: Path) -> str:
@@ -428,15 +480,19 @@ def build_command(binary: Path | str, url: str, model: str, *, csv_path: Path,
                   shapes: Mapping[str, Sequence[int]] | None = None,
                   window_s: float = 3.0, max_windows: int = 6,
                   stability_percent: float = STABILITY_PERCENT,
+                  transport: Transport = Transport(),
+                  output_shared_memory_size: int | None = None,
                   extra: Sequence[str] = ()) -> list[str]:
-    """perf_analyzer's argv for one load over gRPC: closed loop at ``concurrency``, or
-    Poisson arrivals at ``rate`` requests/s when given; ``window_s`` seconds per window
-    (``-p`` in ms), at most ``max_windows`` windows (``-r``, at least 3), the CSV report
-    (``--verbose-csv``) to ``csv_path``, ``-v`` for the per-window lines."""
-    command = [str(binary), "-i", "grpc", "-u", url, "-m", model, "-b", str(batch_size),
-               "-p", str(max(1, round(window_s * 1000))),
+    """perf_analyzer's argv for one load over ``transport`` (``url``: that protocol's
+    host:port): closed loop at ``concurrency``, or Poisson arrivals at ``rate`` requests/s
+    when given; ``window_s`` seconds per window (``-p`` in ms), at most ``max_windows``
+    windows (``-r``, at least 3), the CSV report (``--verbose-csv``) to ``csv_path``, ``-v``
+    for the per-window lines."""
+    command = [str(binary), "-i", transport.protocol, "-u", url, "-m", model,
+               "-b", str(batch_size), "-p", str(max(1, round(window_s * 1000))),
                "-r", str(max(MIN_WINDOWS, max_windows)), "-s", f"{stability_percent:g}",
-               "-f", str(csv_path), "--verbose-csv", "-v"]
+               "-f", str(csv_path), "--verbose-csv", "-v",
+               *transport.flags(output_shared_memory_size)]
     if rate is None:
         command += ["--concurrency-range", f"{concurrency}:{concurrency}"]
     else:
@@ -452,7 +508,8 @@ def build_command(binary: Path | str, url: str, model: str, *, csv_path: Path,
 @dataclass
 class PerfAnalyzerResult:
     """One load measured by perf_analyzer. The first keys are those of load.LoadResult, so
-    that its rows sit next to the Python client's; times in ms, throughput in inferences/s.
+    that its rows sit next to the Python client's; times in ms, throughput in inferences/s;
+    ``pa_protocol`` and ``pa_mode`` are the Transport's.
 
     ``seconds`` covers the reported windows; ``run_seconds`` the whole run (start-up, every
     window), over which ``client_cpu_percent`` (perf_analyzer's user + system CPU) is
@@ -483,6 +540,8 @@ class PerfAnalyzerResult:
     pa_server_queue_ms: float
     pa_server_compute_ms: float
     client_recv_ms: float
+    pa_protocol: str = "grpc"
+    pa_mode: str = "plain"
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -500,11 +559,15 @@ def run_perf_analyzer(analyzer: PerfAnalyzer, url: str, model: str, *, concurren
                       window_s: float = 3.0, max_windows: int = 6,
                       stability_percent: float = STABILITY_PERCENT,
                       timeout_s: float | None = None,
+                      transport: Transport = Transport(),
+                      output_shared_memory_size: int | None = None,
                       extra: Sequence[str] = ()) -> PerfAnalyzerResult:
-    """Measure ``model`` at gRPC ``url`` (host:port) with perf_analyzer: closed loop at
-    ``concurrency`` requests in flight, or Poisson arrivals at ``rate`` requests/s; each
-    request ``batch_size`` samples of ``inputs`` (one sample per input, sent as given; by
-    default perf_analyzer's random data, with ``shapes`` for variable dimensions).
+    """Measure ``model`` at ``url`` (host:port of ``transport``'s protocol: the gRPC or the
+    HTTP port) with perf_analyzer: closed loop at ``concurrency`` requests in flight, or
+    Poisson arrivals at ``rate`` requests/s; each request ``batch_size`` samples of
+    ``inputs`` (one sample per input, sent as given; by default perf_analyzer's random data,
+    with ``shapes`` for variable dimensions), plainly, streamed or in shared memory as
+    ``transport`` says (``output_shared_memory_size``: Transport.flags).
 
     Windows of ``window_s`` s repeat until the last three agree within
     ``stability_percent``% (throughput and latency) or ``max_windows`` (at least 3) are
@@ -519,6 +582,8 @@ def run_perf_analyzer(analyzer: PerfAnalyzer, url: str, model: str, *, concurren
             ``error: failed to get model metadata: Method not found!``), timed out, or wrote
             no readable CSV.
     """
+    what = (f"perf_analyzer{'' if transport == Transport() else f' ({transport.label})'} "
+            f"against {url} model {model}")
     with tempfile.TemporaryDirectory(prefix="perf_analyzer-") as tmp:
         data_path = None
         if inputs:
@@ -533,7 +598,10 @@ def run_perf_analyzer(analyzer: PerfAnalyzer, url: str, model: str, *, concurren
             command = build_command(analyzer.binary, url, model, csv_path=csv_path,
                                     concurrency=concurrency, rate=rate, batch_size=batch_size,
                                     input_data_path=data_path, shapes=shapes, window_s=window_s,
-                                    max_windows=windows, stability_percent=percent, extra=extra)
+                                    max_windows=windows, stability_percent=percent,
+                                    transport=transport,
+                                    output_shared_memory_size=output_shared_memory_size,
+                                    extra=extra)
             limit = timeout_s or windows * window_s * 3 + 60
             try:
                 result = subprocess.run(command, stdout=subprocess.PIPE,
@@ -542,7 +610,7 @@ def run_perf_analyzer(analyzer: PerfAnalyzer, url: str, model: str, *, concurren
             except subprocess.TimeoutExpired as exc:
                 output = exc.output if isinstance(exc.output, str) else ""
                 raise PerfAnalyzerFailed(
-                    f"perf_analyzer against {url} model {model} did not finish in {limit:g} s",
+                    f"{what} did not finish in {limit:g} s",
                     -1, output, command) from None
             outputs.append(result.stdout)
             unstable = "Failed to obtain stable measurement" in result.stdout
@@ -556,14 +624,13 @@ def run_perf_analyzer(analyzer: PerfAnalyzer, url: str, model: str, *, concurren
             if libraries:
                 raise PerfAnalyzerMissing(describe_missing(libraries, analyzer.binary))
             raise PerfAnalyzerFailed(
-                f"perf_analyzer against {url} model {model} failed (exit {result.returncode}): "
+                f"{what} failed (exit {result.returncode}): "
                 f"{error_lines(result.stdout)}", result.returncode, output, command)
         try:
             rows = parse_csv(csv_path.read_text())
         except (OSError, ValueError) as exc:
-            raise PerfAnalyzerFailed(f"perf_analyzer against {url} model {model} exited 0 but "
-                                     f"its report is unusable: {exc}", 0, output,
-                                     command) from None
+            raise PerfAnalyzerFailed(f"{what} exited 0 but its report is unusable: {exc}", 0,
+                                     output, command) from None
     row = rows[-1]
     return PerfAnalyzerResult(
         mode="closed" if rate is None else "poisson", concurrency=concurrency, rate=rate,
@@ -577,5 +644,6 @@ def run_perf_analyzer(analyzer: PerfAnalyzer, url: str, model: str, *, concurren
         pa_server_queue_ms=row.server_queue_ms,
         pa_server_compute_ms=(row.server_compute_input_ms + row.server_compute_infer_ms
                               + row.server_compute_output_ms),
-        client_recv_ms=row.client_recv_ms,
+        client_recv_ms=row.client_recv_ms, pa_protocol=transport.protocol,
+        pa_mode=transport.mode,
     )

@@ -13,8 +13,9 @@ a tensor's parameters (Triton's names):
 
 An input so placed is read from the region: exactly ``prod(shape) * itemsize`` bytes for
 fixed-size types, the length-prefixed elements of protos/codec.py for BYTES. A requested
-output so placed is written into the region after the run; its answer carries these
-parameters (``shared_memory_byte_size`` = the bytes written) and no data.
+output so placed is written into the region after the run; its gRPC answer carries these
+parameters (``shared_memory_byte_size`` = the bytes written) and no data, its HTTP answer
+neither (as Triton's: frontends/http_codec.py).
 
 **Keys.** Only POSIX shared memory names are accepted, resolved as glibc's shm_open does
 (leading slashes dropped, the rest one name under /dev/shm, opened O_RDWR | O_NOFOLLOW):
@@ -114,6 +115,16 @@ def output_parameters(output: SharedMemoryOutput) -> dict[str, object]:
     data): the region, the offset and the bytes written."""
     return {REGION_PARAMETER: output.region, OFFSET_PARAMETER: output.offset,
             BYTE_SIZE_PARAMETER: output.byte_size}
+
+
+def in_region() -> NoReturn:
+    """The ``decode`` of a RequestInput placed in shared memory, for front ends: never
+    called, since the data plane reads such an input from its region.
+
+    Raises:
+        TensorCodecError: always.
+    """
+    raise TensorCodecError("is in shared memory: the data plane reads it from its region")
 
 
 def cuda_shared_memory_unsupported() -> NoReturn:

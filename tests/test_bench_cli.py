@@ -74,7 +74,7 @@ def test_bench_default_output_is_a_folder_of_the_working_directory() -> None:
     target = makefile[makefile.index("\nbench:"):makefile.index("\nlint:")]
     commands = [c for c in target.replace("\\\n", " ").splitlines()
                 if "onnxserve bench" in c or "first_request" in c]
-    assert len(commands) == 3
+    assert len(commands) == 4  # bench, bench_batch32, first_request, speed
     assert all("--out benchmarks/results" in c for c in commands), commands
 
 

@@ -57,7 +57,6 @@ def test_dockerfile(name: str) -> None:
     user = [s["value"] for s in runtime if s["instruction"] == "USER"]
     assert user and user[-1] not in ("root", "0")
     exposed = " ".join(s["value"] for s in runtime if s["instruction"] == "EXPOSE").split()
-    assert {"8001", "8002"} <= set(exposed)
     (health,) = [s["value"] for s in runtime if s["instruction"] == "HEALTHCHECK"]
     health_cmd = _exec_form(health.split("CMD", 1)[1])
     assert health_cmd[:2] == ["onnxserve", "health"]
@@ -67,6 +66,10 @@ def test_dockerfile(name: str) -> None:
     assert entry[0] == "onnxserve"
     args = build_parser().parse_args([*entry[1:], *cmd])
     assert str(args.model_repository) == "/models" and args.grpc_host == "0.0.0.0"
+    # HTTP/REST, gRPC and metrics, all on the address above
+    assert sorted(exposed) == sorted(str(p) for p in (args.http_port, args.grpc_port,
+                                                      args.metrics_port))
+    assert args.http_port == 8000 and args.grpc_port == 8001
     assert [s["value"] for s in runtime if s["instruction"] == "VOLUME"] == ["/models"]
 
 
@@ -133,7 +136,9 @@ def test_deployment_agrees_with_the_server(variant: str) -> None:
     sleep = int(container["lifecycle"]["preStop"]["exec"]["command"][1])
     assert pod["spec"]["terminationGracePeriodSeconds"] >= sleep + args.drain_seconds + 1
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
-    assert ports == {"grpc": args.grpc_port, "metrics": args.metrics_port}
+    assert ports == {"http": args.http_port, "grpc": args.grpc_port,
+                     "metrics": args.metrics_port}
+    assert args.http_port == 8000
     assert container["livenessProbe"]["grpc"] == {"port": ports["grpc"], "service": "liveness"}
     assert container["readinessProbe"]["grpc"] == {"port": ports["grpc"]}  # server "" entry
     annotations = pod["metadata"]["annotations"]
@@ -148,6 +153,8 @@ def test_deployment_agrees_with_the_server(variant: str) -> None:
         selector = doc.get("spec", {}).get("selector")
         if doc.get("kind") == "Service":
             assert selector.items() <= labels.items(), name
+            for port in doc["spec"]["ports"]:
+                assert ports[port["targetPort"]] == port["port"], (name, port)
         if doc.get("kind") == "PodDisruptionBudget":
             assert selector["matchLabels"].items() <= labels.items()
         if doc.get("kind") == "HorizontalPodAutoscaler":
@@ -168,7 +175,12 @@ def test_kserve_runtime_and_inference_service() -> None:
     assert str(args.model_repository) == "/mnt/models"  # where KServe puts storageUri
     assert args.model_name == "{{.Name}}"  # a single-file storageUri's model: the service's name
     assert spec["grpcDataEndpoint"] == f"port:{args.grpc_port}"
-    assert {"name": "h2c", "containerPort": args.grpc_port}.items() <= container["ports"][0].items()
+    assert spec["httpDataEndpoint"] == f"port:{args.http_port}"
+    # KServe sends V2 over REST by default, to the container's one port (Knative's rule)
+    (port,) = container["ports"]
+    assert port == {"name": "http1", "containerPort": args.http_port, "protocol": "TCP"}
+    assert container["readinessProbe"]["httpGet"] == {"path": "/v2/health/ready",
+                                                     "port": args.http_port}
     assert (service["apiVersion"], service["kind"]) == ("serving.kserve.io/v1beta1",
                                                         "InferenceService")
     model = service["spec"]["predictor"]["model"]
@@ -176,3 +188,14 @@ def test_kserve_runtime_and_inference_service() -> None:
     assert model["modelFormat"]["name"] == "onnx"
     assert re.match(r"^(pvc|gs|s3|https?)://", model["storageUri"])
     assert model["protocolVersion"] in spec["protocolVersions"]
+    if model["protocolVersion"] == "grpc-v2":  # gRPC needs its port declared, as h2c
+        assert model["ports"] == [{"name": "h2c", "containerPort": args.grpc_port,
+                                   "protocol": "TCP"}]
+    else:  # REST: the runtime's HTTP port
+        assert model["protocolVersion"] == "v2" and "ports" not in model
+
+
+def test_the_services_expose_http() -> None:
+    (service,) = [doc for name, doc in _base().items() if name == "Service/onnxserve"]
+    ports = {p["name"]: (p["port"], p.get("appProtocol")) for p in service["spec"]["ports"]}
+    assert ports["http"] == (8000, "http") and ports["grpc"] == (8001, "grpc")

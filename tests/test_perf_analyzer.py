@@ -10,15 +10,19 @@ import json
 import os
 import re
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
+import grpc
 import numpy as np
 import pytest
-from conftest import build_test_models, onnxserve_command, start_server
+from conftest import ServerProcess, build_test_models, onnxserve_command, start_server
 
 from onnxserve.benchmarks import bench
 from onnxserve.benchmarks import perf_analyzer as pa
 from onnxserve.clients.client import Client
+from onnxserve.protos import inference_pb2 as pb
+from onnxserve.protos import inference_pb2_grpc
 
 # Captured from perf_analyzer 2.41.0 against onnxserve's "scores" test model.
 PLAIN_CSV = """\
@@ -124,6 +128,75 @@ def test_command_for_a_closed_loop_and_for_poisson_arrivals(tmp_path: Path) -> N
                                         rate=50.0, shapes={"x": [3, 4]}))
     assert "--request-rate-range 50:50 --request-distribution poisson" in poisson
     assert "--concurrency-range" not in poisson and "--shape x:3,4" in poisson
+
+
+def test_command_for_each_protocol_and_mode(tmp_path: Path) -> None:
+    def flags(transport: pa.Transport, size: int | None = None) -> str:
+        return " ".join(pa.build_command("pa", "h:1", "m", csv_path=tmp_path / "r.csv",
+                                         transport=transport, output_shared_memory_size=size))
+
+    assert flags(pa.Transport("http")).startswith("pa -i http -u h:1 -m m ")
+    streaming = flags(pa.Transport("grpc", "streaming"))
+    assert "-i grpc " in streaming and " --streaming --async" in streaming
+    shared = flags(pa.Transport("http", "shared-memory"), 512)
+    assert "-i http " in shared and "--shared-memory system --output-shared-memory-size 512" in (
+        shared)
+    assert "--output-shared-memory-size" not in flags(pa.Transport("grpc", "shared-memory"))
+    plain = flags(pa.Transport())
+    assert "--streaming" not in plain and "--shared-memory" not in plain
+    assert [t.label for t in (pa.Transport(), pa.Transport("http", "shared-memory"),
+                              pa.Transport("grpc", "streaming"))] == [
+        "grpc", "http shared-memory", "grpc streaming"]
+    with pytest.raises(ValueError, match="perf_analyzer streams over gRPC only"):
+        pa.Transport("http", "streaming")
+    with pytest.raises(ValueError, match="protocol 'tcp' is not one of grpc, http"):
+        pa.Transport("tcp")
+    with pytest.raises(ValueError, match="mode 'shm' is not one of plain, streaming"):
+        pa.Transport("grpc", "shm")
+
+
+def test_bench_measures_each_protocol_and_mode_it_can() -> None:
+    from onnxserve.serving.cli import build_parser
+
+    args = build_parser().parse_args([
+        "bench", "--client", "both", "--pa-protocol", "grpc", "http", "--pa-mode", "plain",
+        "streaming", "shared-memory", "--workers", "1", "--batching", "on",
+        "--concurrency", "4"])
+    runs = [(client, t and t.label) for client, t in bench._runs(args)]
+    assert runs == [("python", None), ("perf_analyzer", "grpc"),
+                    ("perf_analyzer", "grpc streaming"), ("perf_analyzer", "grpc shared-memory"),
+                    ("perf_analyzer", "http"), ("perf_analyzer", "http shared-memory")]
+    assert bench.measurements_per_model(args) == 2 * 6  # the null server and onnxserve
+    assert [t.label for t in bench._transports(build_parser().parse_args(
+        ["bench", "--client", "perf_analyzer"]))] == ["grpc"]
+    assert bench._null_refusal(pa.Transport()) is None
+    assert "unary gRPC inference only" in bench._null_refusal(pa.Transport("http"))
+    assert bench._workers_refusal(1)(pa.Transport("http", "shared-memory")) is None
+    assert "with 2 workers" in bench._workers_refusal(2)(pa.Transport("grpc", "shared-memory"))
+    assert bench._workers_refusal(2)(pa.Transport("grpc", "streaming")) is None
+    assert "statistics calls over HTTP reach any of the 2 workers" in bench._workers_refusal(2)(
+        pa.Transport("http"))
+    assert bench.client_label({"client": "python"}) == "python"
+    assert bench.client_label({"client": "perf_analyzer"}) == "perf_analyzer"
+    assert bench.client_label({"client": "perf_analyzer", "pa_protocol": "http",
+                               "pa_mode": "shared-memory"}) == (
+        "perf_analyzer (http shared-memory)")
+
+
+@pytest.mark.parametrize(("flags", "message"), [
+    (["--pa-mode", "streaming"], "--pa-mode applies to --client perf_analyzer or both, not "
+                                 "--client python"),
+    (["--pa-protocol", "http"], "--pa-protocol applies to --client perf_analyzer or both"),
+    (["--client", "perf_analyzer", "--pa-protocol", "http", "--pa-mode", "streaming"],
+     "--pa-mode streaming needs --pa-protocol grpc (perf_analyzer streams over gRPC only)"),
+])
+def test_bench_refuses_transports_it_cannot_measure(tmp_path: Path, flags: list[str],
+                                                    message: str) -> None:
+    build_test_models(tmp_path / "repo")
+    result = subprocess.run(onnxserve_command(
+        "bench", "--model-repository", str(tmp_path / "repo"), "--models", "scores", *flags),
+        capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and message in result.stderr, result.stderr
 
 
 def test_input_data_is_one_sample_per_input_in_base64() -> None:
@@ -237,6 +310,39 @@ def test_markdown_puts_each_client_in_its_own_column() -> None:
     assert "`Perf Analyzer 2.41.0`" in text and "none of it is Python's" in text
 
 
+def test_markdown_names_each_transport_and_why_one_was_not_measured() -> None:
+    row = {"mode": "closed", "concurrency": 4, "rate": None, "throughput": 1000.0,
+           "p50_ms": 1.0, "p90_ms": 2.0, "p99_ms": 3.0, "errors": 0, "client_cpu_percent": 50.0,
+           "server_cpu_percent": 90.0, "stable": True, "client": "perf_analyzer"}
+    load = {"mode": "closed", "concurrency": 4, "rate": None, "client": "perf_analyzer"}
+    results = [{"model": "lenet5", "samples_per_request": 1,
+                "raw_onnxruntime": {"1": {"throughput": 2000.0, "p50_ms": 0.1}},
+                "null_server": [{**row, "pa_protocol": "grpc", "pa_mode": "plain",
+                                 "throughput": 4000.0}],
+                "onnxserve": [{**row, "workers": 1, "batching": "on", "pa_protocol": p,
+                               "pa_mode": m}
+                              for p, m in (("grpc", "plain"), ("grpc", "streaming"),
+                                           ("http", "shared-memory"))],
+                "perf_analyzer_not_measured": [
+                    {**load, "server": "null", "pa_protocol": "http", "pa_mode": "plain",
+                     "reason": "the null server answers unary gRPC inference only",
+                     "skipped": True},
+                    *({**load, "concurrency": c, "server": "onnxserve", "workers": 2,
+                       "batching": "on", "pa_protocol": "grpc", "pa_mode": "shared-memory",
+                       "reason": "regions belong to one process", "skipped": True}
+                      for c in (1, 4))]}]
+    meta = {"command": "onnxserve bench", "machine": "2 cores", "warmup": 2.0, "window": 3.0,
+            "clients": ["perf_analyzer"], "perf_analyzer": "Perf Analyzer 2.41.0"}
+    text = bench.markdown(results, meta)
+    assert "| onnxserve | 1 | on | c=4 | perf_analyzer (grpc) | 1000 | 0.50 | 0.25 |" in text
+    assert "| onnxserve | 1 | on | c=4 | perf_analyzer (grpc streaming) | 1000 | 0.50 |  |" in text
+    assert "| c=4 | perf_analyzer (http shared-memory) | 1000 |" in text
+    assert ("perf_analyzer (http) does not measure the null server: the null server answers "
+            "unary gRPC inference only") in text
+    assert ("perf_analyzer (grpc shared-memory) did not measure onnxserve, 2 worker(s), "
+            "batching on, at c=1, c=4: regions belong to one process") in text
+
+
 def test_bench_refuses_a_perf_analyzer_it_would_not_use(tmp_path: Path) -> None:
     build_test_models(tmp_path / "repo")
     base = ["bench", "--model-repository", str(tmp_path / "repo"), "--models", "scores"]
@@ -289,6 +395,90 @@ def test_real_perf_analyzer_measures_onnxserve(analyzer: pa.PerfAnalyzer, tmp_pa
     inferences = sum(s["inference_count"] for s in after) - sum(s["inference_count"]
                                                                 for s in before)
     assert inferences == served * batch_size
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    """One server (gRPC and HTTP) for the transports' measurements."""
+    repository = tmp_path_factory.mktemp("transports")
+    build_test_models(repository)
+    server = start_server(repository, repository / "server.log")
+    yield server
+    server.stop()
+
+
+def _success_counts(server: ServerProcess, model: str) -> tuple[int, int, int]:
+    with Client(server.url) as client:
+        stats = client.statistics(model)
+    return (sum(s["success"]["count"] for s in stats), sum(s["fail"]["count"] for s in stats),
+            sum(s["inference_count"] for s in stats))
+
+
+@pytest.mark.parametrize(("transport", "model", "output_size"), [
+    (pa.Transport("http"), "scores", None),
+    (pa.Transport("grpc", "streaming"), "scores", None),
+    (pa.Transport("grpc", "shared-memory"), "scores", None),
+    (pa.Transport("http", "shared-memory"), "scores", None),
+    # no config.pbtxt: outputs of any batch size, so perf_analyzer is told their size
+    (pa.Transport("grpc", "shared-memory"), "add_one", 64),
+], ids=lambda v: v.label.replace(" ", "-") if isinstance(v, pa.Transport) else str(v))
+def test_real_perf_analyzer_measures_onnxserve_over_each_transport(
+        analyzer: pa.PerfAnalyzer, served: ServerProcess, transport: pa.Transport, model: str,
+        output_size: int | None) -> None:
+    url = served.url if transport.protocol == "grpc" else served.http_url
+    assert url is not None
+    inputs = ({"scores_in": np.linspace(0, 1, 5, dtype=np.float32)} if model == "scores"
+              else None)
+    batch_size = 2 if model == "scores" else 1
+    before = _success_counts(served, model)
+    result = pa.run_perf_analyzer(analyzer, url, model, concurrency=2, batch_size=batch_size,
+                                  inputs=inputs, window_s=0.5, max_windows=4,
+                                  transport=transport,
+                                  output_shared_memory_size=output_size)
+    after = _success_counts(served, model)
+    assert (result.pa_protocol, result.pa_mode) == (transport.protocol, transport.mode)
+    assert result.throughput > 0 and result.errors == 0, result
+    assert result.windows >= 3 and result.requests, result
+    served_count, failed, inferences = (a - b for a, b in zip(after, before, strict=True))
+    assert served_count >= result.requests and failed == 0, (served_count, failed, result)
+    assert inferences == served_count * batch_size
+    # perf_analyzer unregisters its regions when it ends
+    with grpc.insecure_channel(served.url) as channel:
+        status = inference_pb2_grpc.GRPCInferenceServiceStub(channel).SystemSharedMemoryStatus(
+            pb.SystemSharedMemoryStatusRequest(), timeout=10)
+    assert dict(status.regions) == {}
+
+
+def test_bench_measures_every_transport(analyzer: pa.PerfAnalyzer, tmp_path: Path) -> None:
+    build_test_models(tmp_path / "repo")
+    out = tmp_path / "results"
+    result = subprocess.run(
+        onnxserve_command("bench", "--model-repository", str(tmp_path / "repo"), "--models",
+                          "scores", "--concurrency", "2", "--batching", "on", "--workers", "1",
+                          "--warmup", "0.2", "--window", "0.4", "--max-windows", "3",
+                          "--client", "perf_analyzer", "--perf-analyzer", str(analyzer.binary),
+                          "--pa-protocol", "grpc", "http", "--pa-mode", "plain", "streaming",
+                          "shared-memory", "--out", str(out)),
+        capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "streaming is measured over grpc alone" in result.stdout
+    (model,) = json.loads((out / "bench.json").read_text())["results"]
+    measured = [(r["pa_protocol"], r["pa_mode"]) for r in model["onnxserve"]]
+    assert measured == [("grpc", "plain"), ("grpc", "streaming"), ("grpc", "shared-memory"),
+                        ("http", "plain"), ("http", "shared-memory")]
+    for row in model["onnxserve"]:
+        assert row["throughput"] > 0 and row["errors"] == 0 and row["server_compute_ms"] > 0
+    assert [(r["pa_protocol"], r["pa_mode"]) for r in model["null_server"]] == [
+        ("grpc", "plain")]
+    skipped = model["perf_analyzer_not_measured"]
+    assert {(i["pa_protocol"], i["pa_mode"]) for i in skipped} == set(measured[1:])
+    assert all(i["server"] == "null" and i["skipped"] for i in skipped)
+    table = (out / "bench.md").read_text()
+    for label in ("grpc", "grpc streaming", "grpc shared-memory", "http", "http shared-memory"):
+        assert re.search(rf"\| onnxserve \| 1 \| on \| c=2 \| perf_analyzer \({label}\)"
+                         r"( \(unstable\))? \|", table), label
+    assert "perf_analyzer (http) does not measure the null server" in table
 
 
 def test_bench_measures_with_both_clients(analyzer: pa.PerfAnalyzer, tmp_path: Path) -> None:

@@ -18,7 +18,11 @@ from onnxserve.serving.dataplane import (
     RequestedOutput,
     RequestInput,
 )
-from onnxserve.serving.shared_memory import SharedMemoryParameters, shared_memory_parameters
+from onnxserve.serving.shared_memory import (
+    SharedMemoryParameters,
+    in_region,
+    shared_memory_parameters,
+)
 
 
 def parameter_value(param: pb.InferParameter) -> object:
@@ -53,10 +57,6 @@ def _decoder(request: pb.ModelInferRequest, index: int, raw_index: int | None = 
     return decode
 
 
-def _in_shared_memory() -> np.ndarray:
-    raise TensorCodecError("is in shared memory: the data plane reads it from its region")
-
-
 def _shared_memory(tensor: pb.ModelInferRequest.InferInputTensor
                    | pb.ModelInferRequest.InferRequestedOutputTensor,
                    with_data: bool = False) -> SharedMemoryParameters | None:
@@ -75,7 +75,7 @@ def _placed_inputs(request: pb.ModelInferRequest) -> list[RequestInput]:
             decode = _decoder(request, index, raw_index, raw_count)
             raw_index += 1
         else:
-            decode = _in_shared_memory
+            decode = in_region
         inputs.append(RequestInput(tensor.name, tensor.datatype, tuple(tensor.shape), decode,
                                    placed))
     return inputs

@@ -19,6 +19,14 @@ without that parameter ``"parameters": {"binary_data_output": true}`` on the req
 binary output has ``"parameters": {"binary_data_size": N}`` and its bytes follow the JSON
 header in the order of the outputs.
 
+Triton's system shared memory parameters (``shared_memory_region``,
+``shared_memory_byte_size``, ``shared_memory_offset``; serving/shared_memory.py) place an
+input in a registered region instead of ``data`` or the binary section, and ask for an
+output to be written into one: its answer then has only its name, datatype and shape, no
+parameters and no data, as Triton's HTTP answers do (Triton's C++ client, perf_analyzer's,
+reads ``binary_data_size`` from every output that has parameters; over gRPC the answer
+carries the placement).
+
 Nothing here knows HTTP or a web framework: bodies in, bodies out, and malformed requests
 raised as InvalidInputError (the front end answers 400) or, inside an input's ``decode``,
 TensorCodecError (the data plane names the input).
@@ -49,6 +57,7 @@ from onnxserve.serving.dataplane import (
     RequestInput,
 )
 from onnxserve.serving.errors import InvalidInputError
+from onnxserve.serving.shared_memory import in_region, shared_memory_parameters
 
 #: the HTTP header that carries the JSON header's length when binary data follows it
 HEADER_LENGTH = "Inference-Header-Content-Length"
@@ -208,12 +217,14 @@ def infer_request(header: dict, binary: memoryview, model_name: str,
                   model_version: str) -> HttpInferRequest:
     """The data plane's request for a parsed inference header and the binary section that
     followed it (empty when none). Tensors are decoded only when the data plane calls each
-    input's ``decode``.
+    input's ``decode``; inputs with shared memory parameters are read from their region by
+    the data plane (which refuses one that has data too).
 
     Raises:
         InvalidInputError: the header is not an inference request (fields missing or of the
-            wrong type), an input has both or neither of ``data`` and ``binary_data_size``,
-            or the binary sizes do not add up to the binary section's length.
+            wrong type), an input has both of ``data`` and ``binary_data_size``, or neither
+            and no shared memory parameters, or the binary sizes do not add up to the binary
+            section's length.
     """
     sent_id = header.get("id", "")
     _text(sent_id, "id")
@@ -229,8 +240,10 @@ def infer_request(header: dict, binary: memoryview, model_name: str,
         name = _text(entry.get("name"), f"inputs[{index}].name")
         _text(entry.get("datatype"), f"input {name!r}: datatype")
         shape = _shape(entry.get("shape"), name)
-        size = _object(entry.get("parameters"), f"input {name!r}: parameters").get(
-            BINARY_DATA_SIZE)
+        entry_parameters = _object(entry.get("parameters"), f"input {name!r}: parameters")
+        size = entry_parameters.get(BINARY_DATA_SIZE)
+        placed = shared_memory_parameters(entry_parameters,
+                                          with_data=size is not None or "data" in entry)
         view: memoryview | None = None
         if size is not None:
             if isinstance(size, bool) or not isinstance(size, int) or size < 0:
@@ -245,10 +258,11 @@ def infer_request(header: dict, binary: memoryview, model_name: str,
                             f"{len(binary) - offset} left for this input)")
             view = binary[offset:offset + size]
             offset += size
-        elif "data" not in entry:
-            raise _fail(f"input {name!r} has neither data nor {BINARY_DATA_SIZE}")
-        inputs.append(RequestInput(name, entry["datatype"], shape,
-                                   _decoder(entry, shape, view)))
+        elif "data" not in entry and placed is None:
+            raise _fail(f"input {name!r} has neither data nor {BINARY_DATA_SIZE} (nor "
+                        "shared memory parameters)")
+        decode = in_region if placed is not None else _decoder(entry, shape, view)
+        inputs.append(RequestInput(name, entry["datatype"], shape, decode, placed))
     if offset != len(binary):
         raise _fail(f"the body has {len(binary)} bytes of binary data after the JSON header "
                     f"but the inputs' {BINARY_DATA_SIZE} add up to {offset}")
@@ -278,7 +292,8 @@ def _requested_outputs(entries: object, default_binary: bool
         parameters = _object(entry.get("parameters"), f"output {name!r}: parameters")
         wanted = _flag(parameters, BINARY_DATA, f"output {name!r}:")
         binary[name] = default_binary if wanted is None else wanted
-        outputs.append(RequestedOutput(name, parameters.get(CLASSIFICATION_PARAMETER)))
+        outputs.append(RequestedOutput(name, parameters.get(CLASSIFICATION_PARAMETER),
+                                       shared_memory_parameters(parameters)))
     return outputs, binary
 
 
@@ -304,24 +319,28 @@ def _json_data(name: str, array: np.ndarray, datatype: Datatype) -> list:
 def infer_response(result: InferResult, response_id: str,
                    binary: Callable[[str], bool]) -> tuple[bytes, list[bytes]]:
     """The JSON header of ``result``'s response and the binary outputs that follow it
-    (none: the header is the whole body).
+    (none: the header is the whole body). An output written into shared memory has
+    neither data nor parameters (Triton's HTTP answer).
 
     Raises:
         InvalidInputError: a BYTES output asked for as JSON holds bytes that are not UTF-8.
     """
     outputs = []
     chunks: list[bytes] = []
+    placed = result.shared_memory
     for name, array in result.outputs:
         datatype = by_numpy(array.dtype)
         entry: dict[str, object] = {"name": name, "datatype": datatype.name,
                                     "shape": list(array.shape)}
+        outputs.append(entry)
+        if placed is not None and name in placed:
+            continue  # in its region: the answer gives the name, datatype and shape only
         if binary(name):
             raw = encode_raw(array, datatype)
             entry["parameters"] = {BINARY_DATA_SIZE: len(raw)}
             chunks.append(raw)
         else:
             entry["data"] = _json_data(name, array, datatype)
-        outputs.append(entry)
     header = _JSON.encode({"model_name": result.model_name,
                            "model_version": result.model_version, "id": response_id,
                            "outputs": outputs}).encode()

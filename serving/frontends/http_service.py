@@ -14,6 +14,17 @@ Routes (``[/versions/{v}]`` is optional):
     GET  /v2/models/{m}[/versions/{v}]/config    GET  /v2/models[/{m}[/versions/{v}]]/stats
     POST /v2/models/{m}[/versions/{v}]/infer     POST /v2/repository/index
     POST /v2/repository/models/{m}/load          POST /v2/repository/models/{m}/unload
+    GET, POST /v2/logging                        GET, POST /v2[/models/{m}]/trace/setting
+    POST /v2/systemsharedmemory/region/{name}/register
+    POST /v2/systemsharedmemory[/region/{name}]/unregister
+    GET  /v2/systemsharedmemory[/region/{name}]/status
+    and the same three under /v2/cudasharedmemory
+
+Logging reads (GET) or changes (POST, a JSON object of Triton's keys) the log settings and
+answers them as a JSON object; a register body is ``{"key", "offset", "byte_size"}``
+(``offset`` 0 when absent) and a status answer Triton's list of
+``{"name", "key", "offset", "byte_size"}``. Tracing and CUDA shared memory are not built:
+their routes answer 501 with what to use instead.
 
 A request body larger than the limit (``--max-message-bytes``) is refused with 413
 before it is read when its Content-Length says so, and as soon as it passes the limit when
@@ -55,6 +66,7 @@ from onnxserve.serving.frontends.http_codec import (
 from onnxserve.serving.observability import stages
 from onnxserve.serving.observability.stages import CLOCK
 from onnxserve.serving.observability.statistics import Duration, ModelStats
+from onnxserve.serving.shared_memory import cuda_shared_memory_unsupported
 
 log = logging.getLogger(__name__)
 
@@ -75,8 +87,8 @@ HTTP_STATUS = {
 REQUEST_ID_HEADER = "request-id"
 #: Triton's name for the binary tensor extension, which only this front end offers
 BINARY_TENSOR_EXTENSION = "binary_tensor_data"
-#: protocol extensions the data plane offers whose HTTP routes are not built yet
-NOT_OVER_HTTP = frozenset(("logging", "system_shared_memory"))
+#: the fields of a system shared memory register body (Triton's)
+REGISTER_FIELDS = ("key", "offset", "byte_size")
 
 _JSON_TYPE = "application/json"
 _BINARY_TYPE = "application/octet-stream"
@@ -205,6 +217,20 @@ class HttpService:
         routes += [web.post("/v2/repository/index", self.repository_index),
                    web.post("/v2/repository/models/{model}/load", self.load),
                    web.post("/v2/repository/models/{model}/unload", self.unload)]
+        routes += [web.get("/v2/logging", self.log_settings),
+                   web.post("/v2/logging", self.log_settings)]
+        for path in ("/v2/trace/setting", model + "/trace/setting"):
+            routes += [web.get(path, self.trace_settings), web.post(path, self.trace_settings)]
+        shm = "/v2/systemsharedmemory"
+        routes += [web.post(shm + "/region/{name}/register", self.shared_memory_register)]
+        for prefix in (shm, shm + "/region/{name}"):
+            routes += [web.post(prefix + "/unregister", self.shared_memory_unregister),
+                       web.get(prefix + "/status", self.shared_memory_status)]
+        cuda = "/v2/cudasharedmemory"
+        routes += [web.post(cuda + "/region/{name}/register", self.cuda_shared_memory)]
+        for prefix in (cuda, cuda + "/region/{name}"):
+            routes += [web.post(prefix + "/unregister", self.cuda_shared_memory),
+                       web.get(prefix + "/status", self.cuda_shared_memory)]
         app.add_routes(routes)
         return app
 
@@ -293,9 +319,8 @@ class HttpService:
 
     async def server_metadata(self, request: web.Request) -> web.Response:
         meta = self._plane.server_metadata()
-        extensions = [e for e in meta.extensions if e not in NOT_OVER_HTTP]
         return _json({"name": meta.name, "version": meta.version,
-                      "extensions": [*extensions, BINARY_TENSOR_EXTENSION]})
+                      "extensions": [*meta.extensions, BINARY_TENSOR_EXTENSION]})
 
     async def model_metadata(self, request: web.Request) -> web.Response:
         meta = self._plane.model_metadata(request.match_info["model"],
@@ -344,6 +369,58 @@ class HttpService:
         await self._json_body(request)  # its parameters (unload_dependents) change nothing
         await self._plane.unload(request.match_info["model"])
         return web.Response(status=200)
+
+    # --- logging and tracing -------------------------------------------------------------
+
+    async def log_settings(self, request: web.Request) -> web.Response:
+        """GET: the log settings; POST: apply the body's changes (a JSON object of Triton's
+        keys; empty: none) and answer the settings now in force (DataPlane.log_settings)."""
+        updates = await self._json_body(request) if request.method == "POST" else None
+        return _json(self._plane.log_settings(updates))
+
+    async def trace_settings(self, request: web.Request) -> web.Response:
+        """501: tracing is not built (the message says what to use instead)."""
+        self._plane.trace_settings()
+
+    # --- system shared memory ------------------------------------------------------------
+
+    async def shared_memory_register(self, request: web.Request) -> web.Response:
+        """Register the region named in the path: the body is ``{"key", "offset",
+        "byte_size"}`` (``offset`` 0 when absent; other fields refused with 400), checked
+        by SharedMemoryRegistry.register."""
+        body = await self._json_body(request)
+        name = request.match_info["name"]
+        unknown = [key for key in body if key not in REGISTER_FIELDS]
+        missing = [key for key in ("key", "byte_size") if key not in body]
+        if unknown or missing:
+            problems = ([f"unknown field(s) {', '.join(map(repr, unknown))}"] if unknown
+                        else []) + ([f"no {' or '.join(map(repr, missing))}"] if missing
+                                    else [])
+            raise HttpFrontEndError(
+                400, f"registering shared memory region {name!r}: {'; '.join(problems)}; "
+                     'expected {"key": "/name", "offset": N, "byte_size": N} (offset '
+                     "optional)")
+        self._plane.shared_memory.register(name, body["key"], body.get("offset", 0),
+                                           body["byte_size"])
+        return web.Response(status=200)
+
+    async def shared_memory_unregister(self, request: web.Request) -> web.Response:
+        """Unregister the region named in the path, or every region (an unknown name is no
+        error, as with Triton)."""
+        self._plane.shared_memory.unregister(request.match_info.get("name", ""))
+        return web.Response(status=200)
+
+    async def shared_memory_status(self, request: web.Request) -> web.Response:
+        """The region named in the path (404 when not registered), or every region: a list
+        of ``{"name", "key", "offset", "byte_size"}``."""
+        return _json([{"name": r.name, "key": r.key, "offset": r.offset,
+                       "byte_size": r.byte_size}
+                      for r in self._plane.shared_memory.status(
+                          request.match_info.get("name", ""))])
+
+    async def cuda_shared_memory(self, request: web.Request) -> web.Response:
+        """501: CUDA shared memory is not offered."""
+        cuda_shared_memory_unsupported()
 
     # --- inference -----------------------------------------------------------------------
 
