@@ -44,7 +44,8 @@ seed-accuracy: $(VENV)/.export-installed
 
 # Serving benchmark of the demo's models (exports them first if needed), written to the
 # committed benchmarks/results. The first bench alone takes about 8-14 minutes; the last
-# (speed.md: both clients, the parsing null server, a float-input MobileNetV2) about 10.
+# (speed.md: both clients, the parsing null server, a float-input MobileNetV2) about 10,
+# protocols.md (perf_analyzer over gRPC, streaming, HTTP and shared memory) about 8.
 bench: $(VENV)/.export-installed
 	$(BIN)/python -m pip install --quiet matplotlib
 	$(BIN)/onnxserve demo --model-repository $(MODEL_REPOSITORY) > /dev/null
@@ -61,6 +62,12 @@ bench: $(VENV)/.export-installed
 	$(BIN)/onnxserve bench --model-repository $(MODEL_REPOSITORY) \
 		--models lenet5 mobilenet_v2 mobilenet_v2_float --concurrency 1 16 --batching on \
 		--workers 1 --client both --null-parse --tag speed --out benchmarks/results
+	$(BIN)/onnxserve bench --model-repository $(MODEL_REPOSITORY) --models lenet5 mobilenet_v2 \
+		--concurrency 1 16 --batching on --workers 1 --client perf_analyzer \
+		--pa-protocol grpc http --pa-mode plain streaming shared-memory --tag protocols \
+		--out benchmarks/results
+	$(BIN)/python -m onnxserve.benchmarks.shared_memory --model-repository $(MODEL_REPOSITORY) \
+		--model mobilenet_v2 --out benchmarks/results/shared_memory.md
 
 # ruff on everything; mypy on serving/ (tests/typecheck.py).
 lint: $(VENV)/.test-installed

@@ -73,8 +73,9 @@ def test_bench_default_output_is_a_folder_of_the_working_directory() -> None:
     makefile = (ROOT / "Makefile").read_text()
     target = makefile[makefile.index("\nbench:"):makefile.index("\nlint:")]
     commands = [c for c in target.replace("\\\n", " ").splitlines()
-                if "onnxserve bench" in c or "first_request" in c]
-    assert len(commands) == 4  # bench, bench_batch32, first_request, speed
+                if "onnxserve bench" in c or "onnxserve.benchmarks" in c]
+    # bench, bench_batch32, first_request, speed, protocols, shared_memory
+    assert len(commands) == 6, commands
     assert all("--out benchmarks/results" in c for c in commands), commands
 
 
