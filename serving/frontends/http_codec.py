@@ -180,6 +180,9 @@ def json_tensor(data: object, datatype: Datatype, shape: tuple[int, ...]) -> np.
         if kind != "b":
             raise TensorCodecError("BOOL data must be true or false values")
         return array.reshape(shape)
+    if kind in "iuf" and any(type(v) is bool for v in np.array(data, dtype=object).flat):
+        # numpy reads true/false among numbers as 1/0: refuse rather than guess
+        raise TensorCodecError(f"{name} data must be numbers, not true or false")
     if datatype.numpy.kind in "iu":
         info = np.iinfo(datatype.numpy)
         wrong = TensorCodecError(f"{name} data must be integers from {info.min} to "
