@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
+from multiprocessing import shared_memory as mpshm
 from pathlib import Path
 
 import pytest
@@ -114,3 +116,13 @@ def server(repository: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterat
 def client(server: ServerProcess) -> Iterator[Client]:
     with Client(server.url, timeout=30.0) as c:
         yield c
+
+
+@pytest.fixture
+def block(request: pytest.FixtureRequest) -> Iterator[mpshm.SharedMemory]:
+    """A 4 KiB POSIX shared memory object named for the test, unlinked afterwards."""
+    created = mpshm.SharedMemory(f"onnxserve_test_{os.getpid()}_{request.node.name[:30]}",
+                                 create=True, size=4096)
+    yield created
+    created.close()
+    created.unlink()

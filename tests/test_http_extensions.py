@@ -48,16 +48,6 @@ def client(http_server: ServerProcess) -> Iterator[triton.InferenceServerClient]
     client.close()
 
 
-@pytest.fixture
-def block(request: pytest.FixtureRequest) -> Iterator[mpshm.SharedMemory]:
-    """A 4 KiB POSIX shared memory object, unlinked afterwards."""
-    created = mpshm.SharedMemory(f"onnxserve_http_{os.getpid()}_{request.node.name[:30]}",
-                                 create=True, size=4096)
-    yield created
-    created.close()
-    created.unlink()
-
-
 def _key(block: mpshm.SharedMemory) -> str:
     return "/" + block.name.lstrip("/")
 

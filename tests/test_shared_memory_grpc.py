@@ -4,7 +4,6 @@ against a real server; hostile parameters; regions unmapped on unregister and at
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import time
@@ -38,16 +37,6 @@ def shm_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProce
 def stub(shm_server: ServerProcess) -> Iterator[inference_pb2_grpc.GRPCInferenceServiceStub]:
     with grpc.insecure_channel(shm_server.url) as channel:
         yield inference_pb2_grpc.GRPCInferenceServiceStub(channel)
-
-
-@pytest.fixture
-def block(request: pytest.FixtureRequest) -> Iterator[mpshm.SharedMemory]:
-    """A 4 KiB POSIX shared memory object, unlinked afterwards."""
-    created = mpshm.SharedMemory(f"onnxserve_grpc_{os.getpid()}_{request.node.name[:30]}",
-                                 create=True, size=4096)
-    yield created
-    created.close()
-    created.unlink()
 
 
 def _mappings(pid: int, key: str) -> int:
