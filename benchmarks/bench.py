@@ -41,9 +41,9 @@ import numpy as np
 from google.protobuf import text_format
 
 from onnxserve.clients.client import Client
+from onnxserve.export.cpu import this_cpu
 from onnxserve.serving.models.repository import read_model
 from onnxserve.serving.process import ServerProcess, free_port
-from onnxserve.serving.runtime.cpu import this_cpu
 
 from .load import build_request, run_load
 from .perf_analyzer import (

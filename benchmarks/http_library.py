@@ -39,6 +39,8 @@ from pathlib import Path
 
 import numpy as np
 
+from onnxserve.export.cpu import this_cpu
+
 CANDIDATES = ("aiohttp", "uvicorn-httptools", "uvicorn-h11")
 HEADER = json.dumps({"inputs": [{"name": "input", "shape": [1, 28, 28, 1],
                                  "datatype": "FP32",
@@ -216,21 +218,11 @@ def measure(seconds: float, repeats: int) -> list[dict[str, object]]:
     return rows
 
 
-def _cpu() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def report(rows: list[dict[str, object]], seconds: float, repeats: int) -> str:
     from importlib.metadata import version
 
     versions = ", ".join(f"{p} {version(p)}" for p in ("aiohttp", "uvicorn", "httptools", "h11"))
-    lines = [f"CPU: {_cpu()}, {os.cpu_count()} cores (server and client share them); "
+    lines = [f"CPU: {this_cpu()} (server and client share them); "
              f"Python {platform.python_version()}; {versions}; {seconds:g} s per run, "
              f"{repeats} runs per row (median shown, all runs' req/s in the last column).",
              "", "| library | handler | c | req/s | p50 ms | p99 ms | runs, req/s |",

@@ -36,8 +36,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from onnxserve.export.cpu import this_cpu
 from onnxserve.serving.process import ServerProcess
-from onnxserve.serving.runtime.cpu import this_cpu
 
 from .bench import DEFAULT_OUT
 

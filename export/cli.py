@@ -77,12 +77,19 @@ def add_export_parser(subparsers: argparse._SubParsersAction) -> argparse.Argume
                         "quantizer, Python warnings) and the traceback of a failure")
     precision = p.add_mutually_exclusive_group()
     precision.add_argument("--fp16", action="store_true",
-                           help="weights and compute in float16 (inputs/outputs stay float32)")
+                           help="weights and compute in float16 (inputs/outputs stay float32): "
+                                "a GPU format, half the size but no faster than fp32 on the CPU")
     precision.add_argument("--int8", action="store_true",
-                           help="int8 quantization: static, calibrated on training samples, for "
-                                "the recipes; dynamic otherwise")
+                           help="int8 quantization for the CPU: static (QDQ, uint8 activations, "
+                                "int8 per-channel weights), calibrated on training samples for "
+                                "the recipes and on crops of real photos for the applications; "
+                                "dynamic for --from models. Published only if faster than fp32 "
+                                "at batch 1 and 32 on this machine (see --force)")
     p.add_argument("--fp16-io", action="store_true",
                    help="with --fp16 only: float16 inputs/outputs")
+    p.add_argument("--force", action="store_true",
+                   help="with --int8 only: publish the variant even where it is not faster "
+                        "than fp32 on this machine (a warning says both latencies)")
     recipe = p.add_argument_group("training recipes")
     recipe.add_argument("--dataset", choices=DATASETS,
                         help="default: the seed's (mnist, fashion_mnist or cifar10); digits: "
@@ -175,6 +182,9 @@ def inapplicable_options(args: argparse.Namespace) -> list[str]:
     if args.fp16_io and not args.fp16:
         messages.append("--fp16-io applies with --fp16 only (float16 inputs/outputs of the "
                         "fp16 variant)")
+    if args.force and not args.int8:
+        messages.append("--force applies with --int8 only (publish an int8 variant that is not "
+                        "faster than fp32)")
     return messages
 
 
@@ -226,7 +236,7 @@ def run_export(args: argparse.Namespace) -> int:
         pipeline.export(
             prepared, args.model_repository, name=args.name, variant=variant,
             fp16_io=args.fp16_io, opset=args.opset, version=args.version,
-            max_batch_size=args.max_batch_size, verbose=args.verbose,
+            max_batch_size=args.max_batch_size, verbose=args.verbose, force=args.force,
         )
     except (pipeline.ExportError, verify.ParityError) as exc:
         if args.verbose:

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from . import convert, progress, publish, variants, verify
+from .cpu import this_cpu
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +30,16 @@ RANDOM_WEIGHTS_AGREEMENT = ("random weights (--weights none): the scores carry n
                             "so this agreement proves nothing about the variant's accuracy")
 #: int8 must keep this share of fp32's top-1 answers on a recipe's held-out data.
 INT8_MIN_AGREEMENT = 0.99
+#: Variants made to run faster on the CPU: not published unless faster than fp32 at every
+#: batch size measured (or with force). fp16 is a GPU format, no faster on the CPU: its
+#: latency is reported, not checked.
+SPEED_CHECKED_VARIANTS = ("int8",)
+#: The larger batch size a variant's latency is measured at (besides 1), when the model's
+#: max batch size allows it.
+LARGE_BATCH = 32
+#: How long each latency comparison runs: (batch size 1, LARGE_BATCH) as (min runs,
+#: max runs, seconds); the rounds stop after the min runs once the seconds have passed.
+TIMING_RUNS = {1: (30, 200, 4.0), LARGE_BATCH: (5, 30, 10.0)}
 
 
 class ExportError(RuntimeError):
@@ -45,7 +56,8 @@ class Prepared:
     samples: np.ndarray
     #: real images or held-out data: fp16/int8 top-1 agreement against fp32
     agreement_data: np.ndarray
-    #: int8 static calibration samples (training data); None: dynamic quantization
+    #: int8 static calibration samples, [samples, *input shape] (training data, or crops of
+    #: real photos); None: dynamic quantization
     calibration: np.ndarray | None
     #: class names by output name (one per element of the output's last dimension)
     labels: dict[str, list[str]]
@@ -59,6 +71,8 @@ class Prepared:
     more_samples: list[np.ndarray] = field(default_factory=list)
     #: True when the weights are random (--weights none): agreement figures prove nothing
     random_weights: bool = False
+    #: what the calibration samples are, for the report
+    calibration_source: str = ""
 
 
 def prepare_recipe(
@@ -118,6 +132,7 @@ def prepare_recipe(
             "onnxserve.seed_reported_accuracy": recipe.seed_accuracy,
         },
         heldout=(wire(split.x_test[:2000]), split.y_test[:2000]),
+        calibration_source=f"{len(calibration)} training images of {split.source}",
     )
 
 
@@ -145,6 +160,27 @@ def photo_crops(size: int, count: int = 16) -> np.ndarray:
     return np.stack(out[:count]).astype(np.uint8)
 
 
+def calibration_crops(size: int, count: int = 32, seed: int = 1) -> np.ndarray:
+    """int8 calibration images for the applications: [count, size, size, 3] uint8 square
+    crops of scikit-learn's two photos (alternately), each 30-100% of the photo's shorter
+    side at a random place, resized to ``size``, every other one mirrored. Real photos,
+    not noise, and other crops than photo_crops' (the agreement data)."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    photos = _photos()
+    out = []
+    for i in range(count):
+        photo = photos[i % len(photos)]
+        h, w = photo.shape[:2]
+        side = int(min(h, w) * rng.uniform(0.3, 1.0))
+        top, left = int(rng.integers(0, h - side + 1)), int(rng.integers(0, w - side + 1))
+        crop = np.asarray(Image.fromarray(photo[top : top + side, left : left + side])
+                          .resize((size, size), Image.Resampling.BILINEAR))
+        out.append(crop[:, ::-1] if i % 4 >= 2 else crop)
+    return np.stack(out).astype(np.uint8)
+
+
 def prepare_application(app_name: str, *, weights: str, raw_float_input: bool) -> Prepared:
     from . import applications
 
@@ -158,11 +194,13 @@ def prepare_application(app_name: str, *, weights: str, raw_float_input: bool) -
     except applications.WeightsUnavailableError as exc:
         raise ExportError(str(exc)) from None
     photos = photo_crops(app.size)
+    calibration = calibration_crops(app.size)
     noise = np.random.default_rng(0).integers(0, 256, (4, app.size, app.size, 3), np.uint8)
     samples = np.concatenate([photos[:4], noise])
     if raw_float_input:
         samples = preprocess_like_keras(app, samples)
         photos = preprocess_like_keras(app, photos)
+        calibration = preprocess_like_keras(app, calibration)
     label = {"imagenet": "imagenet", "none": RANDOM_WEIGHTS}.get(weights, Path(weights).name)
     mode = app.preprocessing
     return Prepared(
@@ -170,7 +208,7 @@ def prepare_application(app_name: str, *, weights: str, raw_float_input: bool) -
         keras_model=model,
         samples=samples,
         agreement_data=photos,
-        calibration=None,
+        calibration=calibration,
         labels={"probabilities": applications.imagenet_labels()},
         max_batch_size=32,
         parameters={
@@ -180,6 +218,8 @@ def prepare_application(app_name: str, *, weights: str, raw_float_input: bool) -
             "onnxserve.weights": label,
         },
         random_weights=weights == "none",
+        calibration_source=(f"{len(calibration)} random crops (half mirrored) of scikit-learn's "
+                            "two sample photos, other than the agreement crops"),
     )
 
 
@@ -334,11 +374,14 @@ def _stage(what: str) -> Iterator[None]:
         raise ExportError(f"{what} failed ({convert.summary(exc)})") from exc
 
 
-def _session(onnx_model):
+def _session(onnx_model, timing: bool = False):
+    """An onnxruntime CPU session of the model; ``timing``: with the server's options
+    (verify.timing_options), for latencies that are the server's."""
     import onnxruntime as ort
 
+    options = verify.timing_options() if timing else None
     if onnx_model.ByteSize() <= convert.PROTOBUF_LIMIT:
-        return ort.InferenceSession(onnx_model.SerializeToString(),
+        return ort.InferenceSession(onnx_model.SerializeToString(), sess_options=options,
                                     providers=["CPUExecutionProvider"])
     import tempfile
 
@@ -348,7 +391,8 @@ def _session(onnx_model):
         path = f"{tmp}/model.onnx"
         onnx.save_model(onnx_model, path, save_as_external_data=True,
                         location="model.onnx.data")
-        return ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+        return ort.InferenceSession(path, sess_options=options,
+                                    providers=["CPUExecutionProvider"])
 
 
 def _dims(value_info, batched: bool) -> list[int]:
@@ -396,16 +440,23 @@ def export(
     version: int | None = None,
     max_batch_size: int | None = None,
     verbose: bool = False,
+    force: bool = False,
 ) -> dict:
     """Convert, verify, make the variant, publish; return the verification report.
 
     ``max_batch_size``: None takes the prepared model's; 0 writes a non-batching config
-    (dims are the whole ONNX shapes, no encoded-image input). Nothing is written to the
-    repository unless every step succeeds: ExportError names the failing stage (and
-    ParityError the outputs that differ); ``verbose`` shows the converter's log and what
-    onnxruntime's quantizer prints. Prints a line as each step starts (with a "still ..."
-    line every progress.HEARTBEAT_SECONDS while a conversion or variant runs), the parity
-    result and where the model was published.
+    (dims are the whole ONNX shapes, no encoded-image input). Latencies are onnxruntime's
+    with the server's session options (verify.timing_options), medians in milliseconds:
+    fp32 at batch 1; with a variant, fp32 and the variant in turns at batch 1 and at
+    LARGE_BATCH (when ``max_batch_size`` allows). An int8 variant that is not faster than
+    fp32 at each of them is not published (ExportError saying both latencies) unless
+    ``force``: then it is, with a warning on stderr and ``speed_warning`` in the report.
+    Nothing is written to the repository unless every step succeeds: ExportError names the
+    failing stage (and ParityError the outputs that differ); ``verbose`` shows the
+    converter's log and what onnxruntime's quantizer prints. Prints a line as each step
+    starts (with a "still ..." line every progress.HEARTBEAT_SECONDS while a conversion or
+    variant runs), the parity result, the variant's agreement and speed, and where the
+    model was published.
     """
     if max_batch_size is None:
         max_batch_size = prepared.max_batch_size
@@ -426,8 +477,6 @@ def export(
     print(parity, flush=True)
     if prepared.classifier:  # the logits were for the check; serve the probabilities
         convert.keep_outputs(onnx_model, ["probabilities"])
-    with _stage("measuring onnxruntime latency"):
-        latency = verify.batch1_latency_ms(session, prepared.agreement_data[0])
     # Done with Keras: free its copy of the weights before making variants.
     prepared.keras_model = None
     gc.collect()
@@ -438,10 +487,19 @@ def export(
         "parity": parity.as_dict(),
         "parity_summary": str(parity),
         "size_mb": {"fp32": round(onnx_model.ByteSize() / 1e6, 3)},
-        "batch1_latency_ms": {"fp32": round(latency, 3)},
     }
     served = onnx_model
-    if variant != "fp32":
+    if variant == "fp32":
+        del session  # keep one onnxruntime copy of the weights at a time
+        gc.collect()
+        with _stage("measuring onnxruntime latency"):
+            min_runs, max_runs, budget = TIMING_RUNS[1]
+            latency = verify.median_latency_ms(
+                {"fp32": _session(onnx_model, timing=True)},
+                {"fp32": prepared.agreement_data[:1]},
+                min_runs=min_runs, max_runs=max_runs, budget_s=budget)["fp32"]
+        report["batch1_latency_ms"] = {"fp32": round(latency, 3)}
+    else:
         with _stage(f"making and measuring the {variant} variant"), progress.step(
                 f"making the {variant} variant ({_variant_method(prepared, variant)})"):
             reference = verify.run_onnx(session, prepared.agreement_data)
@@ -449,6 +507,10 @@ def export(
             gc.collect()
             served = _variant(prepared, report, onnx_model, reference, variant, fp16_io,
                               verbose)
+        with _stage(f"measuring the {variant} variant's latency"):
+            _measure_speed(prepared, report, onnx_model, served, variant, fp16_io,
+                           max_batch_size)
+        _speed_check(report, variant, force)
     report["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
     report["seconds"] = round(time.perf_counter() - started, 1)
     card = _card(prepared, served, name or prepared.name + (
@@ -464,7 +526,7 @@ def export(
 def _variant_method(prepared: Prepared, variant: str) -> str:
     """How the variant is made, in a few words, for the progress line."""
     if variant == "fp16":
-        return "float16 weights and compute"
+        return "float16 weights and compute: a GPU format, no faster than fp32 on the CPU"
     if prepared.calibration is not None:
         return f"static quantization, calibrated on {len(prepared.calibration)} samples"
     return "dynamic quantization"
@@ -498,18 +560,19 @@ def _variant(prepared: Prepared, report: dict, onnx_model, reference: dict[str, 
     """
     from . import library_logs
 
-    data = prepared.agreement_data
-    if variant == "fp16" and fp16_io and data.dtype == np.float32:
-        data = data.astype(np.float16)
+    data = _variant_input(prepared.agreement_data, variant, fp16_io)
     with library_logs.library_prints_hidden(verbose):
-        served = (variants.to_fp16(onnx_model, keep_io_types=not fp16_io) if variant == "fp16"
-                  else variants.to_int8(onnx_model, prepared.calibration))
+        if variant == "fp16":
+            served = variants.to_fp16(onnx_model, keep_io_types=not fp16_io)
+        else:
+            int8 = variants.to_int8(onnx_model, prepared.calibration,
+                                    calibration_source=prepared.calibration_source)
+            served = int8.model
+            report["int8"] = int8.describe()
     variant_session = _session(served)
     other = verify.run_onnx(variant_session, data)
     report["agreement_samples"] = len(data)
     report["size_mb"][variant] = round(served.ByteSize() / 1e6, 3)
-    report["batch1_latency_ms"][variant] = round(
-        verify.batch1_latency_ms(variant_session, data[0]), 3)
     classes = ["probabilities"] if prepared.classifier else list(prepared.labels)
     agreement = None
     if classes:
@@ -530,9 +593,8 @@ def _variant(prepared: Prepared, report: dict, onnx_model, reference: dict[str, 
               + "; ".join(str(d) for d in differences), flush=True)
     if prepared.heldout is not None:
         x, y = prepared.heldout
-        if variant == "fp16" and fp16_io and x.dtype == np.float32:
-            x = x.astype(np.float16)
-        probs = verify.run_onnx(variant_session, x)["probabilities"]
+        probs = verify.run_onnx(variant_session, _variant_input(x, variant, fp16_io))[
+            "probabilities"]
         report["heldout_accuracy"] = round(float(np.mean(probs.argmax(axis=1) == y)), 4)
     if (variant == "int8" and prepared.heldout is not None and agreement is not None
             and agreement < INT8_MIN_AGREEMENT):
@@ -541,6 +603,83 @@ def _variant(prepared: Prepared, report: dict, onnx_model, reference: dict[str, 
             f"(at least {INT8_MIN_AGREEMENT:.0%} required)"
         )
     return served
+
+
+def _variant_input(x: np.ndarray, variant: str, fp16_io: bool) -> np.ndarray:
+    """``x`` as the variant takes it: float16 for an fp16 variant with float16 inputs."""
+    if variant == "fp16" and fp16_io and x.dtype == np.float32:
+        return x.astype(np.float16)
+    return x
+
+
+def _measure_speed(prepared: Prepared, report: dict, onnx_model, served, variant: str,
+                   fp16_io: bool, max_batch_size: int) -> None:
+    """fp32's and the variant's latencies (medians, ms, measured in turns: see export) at
+    batch 1 and LARGE_BATCH into ``report``: ``batch1_latency_ms`` / ``batch32_latency_ms``
+    ({"fp32": ms, variant: ms}), ``speedup_vs_fp32`` ({"batch1": fp32 / variant, ...}),
+    ``timing`` (CPU, threads), and for int8 ``int8.batch1_ops`` (verify.op_profile); prints
+    a line with them (for fp16: that it is a GPU format)."""
+    import os
+    import tempfile
+
+    import onnx
+
+    data = prepared.agreement_data
+    batches = [1] + ([LARGE_BATCH] if max_batch_size >= LARGE_BATCH else [])
+    sessions = {"fp32": _session(onnx_model, timing=True), variant: _session(served, timing=True)}
+    speedup: dict[str, float] = {}
+    for batch in batches:
+        x = np.resize(data, (batch, *data.shape[1:])).astype(data.dtype)
+        min_runs, max_runs, budget = TIMING_RUNS[batch]
+        ms = verify.median_latency_ms(
+            sessions, {"fp32": x, variant: _variant_input(x, variant, fp16_io)},
+            min_runs=min_runs, max_runs=max_runs, budget_s=budget)
+        report[f"batch{batch}_latency_ms"] = {k: round(v, 3) for k, v in ms.items()}
+        speedup[f"batch{batch}"] = round(ms["fp32"] / ms[variant], 2)
+    del sessions
+    report["speedup_vs_fp32"] = speedup
+    machine = this_cpu()
+    report["timing"] = {"cpu": str(machine), "intra_op_threads": os.cpu_count() or 1,
+                        "statistic": "median, fp32 and the variant in turns"}
+    figures = ", ".join(
+        f"batch {b} {report[f'batch{b}_latency_ms'][variant]:.2f} ms vs fp32 "
+        f"{report[f'batch{b}_latency_ms']['fp32']:.2f} ms ({speedup[f'batch{b}']:.2f}x)"
+        for b in batches)
+    print(f"{variant} speed on {machine}: {figures}"
+          + ("; fp16 is a GPU format: on the CPU it is no faster than fp32"
+             if variant == "fp16" else ""), flush=True)
+    if variant == "int8":
+        with tempfile.TemporaryDirectory() as tmp:
+            path = os.path.join(tmp, "int8.onnx")
+            large = served.ByteSize() > convert.PROTOBUF_LIMIT
+            onnx.save_model(served, path, save_as_external_data=large,
+                            location="int8.onnx.data" if large else None)
+            profile = verify.op_profile(path, data[:1])
+        report["int8"]["batch1_ops"] = [t.as_dict() for t in profile]
+        print(f"int8 at batch 1 after onnxruntime's fusion: {verify.op_summary(profile)}",
+              flush=True)
+
+
+def _speed_check(report: dict, variant: str, force: bool) -> None:
+    """ExportError when a SPEED_CHECKED_VARIANTS variant is not faster than fp32 at every
+    batch size measured (``report``'s batch<N>_latency_ms), unless ``force``: then a
+    warning on stderr and ``speed_warning`` in the report."""
+    if variant not in SPEED_CHECKED_VARIANTS:
+        return
+    measured = sorted((int(key[5:-11]), value) for key, value in report.items()
+                      if key.startswith("batch") and key.endswith("_latency_ms"))
+    slower = [(batch, ms) for batch, ms in measured if ms[variant] >= ms["fp32"]]
+    if not slower:
+        return
+    figures = "; ".join(f"batch {batch}: {ms[variant]:.2f} ms against fp32's {ms['fp32']:.2f} ms"
+                        for batch, ms in slower)
+    cpu = report.get("timing", {}).get("cpu", "this CPU")
+    message = f"{variant} is not faster than fp32 on this machine ({cpu}): {figures}"
+    if not force:
+        raise ExportError(f"{message}. Nothing published: serve the fp32 model, or publish "
+                          f"{variant} anyway with --force")
+    report["speed_warning"] = message
+    print(f"warning: {message}; published anyway (--force)", file=sys.stderr, flush=True)
 
 
 def _card(prepared: Prepared, served, name: str, max_batch_size: int, variant: str,

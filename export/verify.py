@@ -289,14 +289,129 @@ def top1_agreement(reference: np.ndarray, other: np.ndarray) -> float:
     return float(np.mean(reference.argmax(axis=1) == other.argmax(axis=1)))
 
 
-def batch1_latency_ms(session, sample: np.ndarray, runs: int = 20) -> float:
-    """Median onnxruntime latency of one-sample requests, after a warm-up run."""
-    input_name = session.get_inputs()[0].name
-    x = sample[np.newaxis]
-    session.run(None, {input_name: x})
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        session.run(None, {input_name: x})
-        times.append(time.perf_counter() - start)
-    return float(np.median(times) * 1e3)
+def timing_options(threads: int | None = None):
+    """onnxruntime session options as the server's defaults give a model's one CPU instance
+    (serving/models/execution.plan_execution, serving/runtime/runner.session_options):
+    ``threads`` intra-op threads (default: every core, os.cpu_count()), one inter-op
+    thread, sequential execution, every graph optimisation, threads spinning while a run
+    lasts and stopping when it ends. Written out here because the export never imports the
+    server (tests/test_layers.py); tests/test_int8.py checks that both stay the same."""
+    import os
+
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads or os.cpu_count() or 1
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.add_session_config_entry("session.intra_op.allow_spinning", "1")
+    options.add_session_config_entry("session.inter_op.allow_spinning", "1")
+    options.add_session_config_entry("session.force_spinning_stop", "1")
+    return options
+
+
+def median_latency_ms(sessions: dict[str, object], inputs: dict[str, np.ndarray], *,
+                      min_runs: int = 20, max_runs: int = 100,
+                      budget_s: float = 5.0) -> dict[str, float]:
+    """Median wall-clock milliseconds of one ``run`` of each onnxruntime session on its
+    input (``inputs``: by the same keys as ``sessions``; the whole array is one request).
+
+    The sessions take turns, one run each per round, so a load that comes and goes on the
+    machine slows each alike; one warm-up run each first. Rounds go on until ``min_runs``
+    are done and ``budget_s`` seconds have passed, or ``max_runs`` are done. KeyError when
+    a session has no input.
+    """
+    feeds = {key: {session.get_inputs()[0].name: inputs[key]}
+             for key, session in sessions.items()}
+    for key, session in sessions.items():
+        session.run(None, feeds[key])
+    times: dict[str, list[float]] = {key: [] for key in sessions}
+    started = time.perf_counter()
+    for done in range(1, max_runs + 1):
+        for key, session in sessions.items():
+            begin = time.perf_counter()
+            session.run(None, feeds[key])
+            times[key].append(time.perf_counter() - begin)
+        if done >= min_runs and time.perf_counter() - started >= budget_s:
+            break
+    return {key: float(np.median(values) * 1e3) for key, values in times.items()}
+
+
+@dataclass
+class OpTime:
+    """The operators of one type in one kind of arithmetic, over one run."""
+
+    op_type: str
+    #: "integer" (8-bit inputs), "float", or "conversion" (QuantizeLinear, DequantizeLinear,
+    #: Cast between integers and floats)
+    kind: str
+    nodes: int
+    ms: float
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+_CONVERSIONS = ("QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "Cast")
+
+
+def op_profile(model_path: str, sample: np.ndarray, *, runs: int = 10) -> list[OpTime]:
+    """Where one run of the model on ``sample`` ([batch, *input shape]) spends its time,
+    after onnxruntime's graph optimisation (QDQ groups fused into integer kernels), with
+    the timing options: per operator type and kind, the sum over its nodes of each
+    node's fastest time over ``runs`` runs (the fastest, so that other processes' load
+    does not count), most expensive first. ``model_path``: an ONNX file."""
+    import json
+    import os
+    import tempfile
+
+    import onnxruntime as ort
+
+    with tempfile.TemporaryDirectory() as tmp:
+        options = timing_options()
+        options.enable_profiling = True
+        options.profile_file_prefix = os.path.join(tmp, "profile")
+        session = ort.InferenceSession(model_path, sess_options=options,
+                                       providers=["CPUExecutionProvider"])
+        feed = {session.get_inputs()[0].name: sample}
+        session.run(None, feed)
+        for _ in range(runs):
+            session.run(None, feed)
+        with open(session.end_profiling()) as f:
+            events = json.load(f)
+    durations: dict[str, list[float]] = {}
+    kinds: dict[str, tuple[str, str]] = {}
+    for event in events:
+        if event.get("cat") != "Node" or not event["name"].endswith("_kernel_time"):
+            continue
+        args = event.get("args", {})
+        op_type = args.get("op_name", "?")
+        types = [next(iter(t)) for t in args.get("input_type_shape", []) if t]
+        if op_type in _CONVERSIONS:
+            kind = "conversion"
+        elif types and types[0] in ("uint8", "int8"):
+            kind = "integer"
+        else:
+            kind = "float"
+        durations.setdefault(event["name"], []).append(event["dur"] / 1e3)
+        kinds[event["name"]] = (op_type, kind)
+    totals: dict[tuple[str, str], OpTime] = {}
+    for name, values in durations.items():
+        op_type, kind = kinds[name]
+        entry = totals.setdefault((op_type, kind), OpTime(op_type, kind, 0, 0.0))
+        entry.nodes += 1
+        entry.ms += min(values[1:] or values)  # the first run is the warm-up
+    return sorted(totals.values(), key=lambda t: -t.ms)
+
+
+def op_summary(profile: list[OpTime]) -> str:
+    """One line: milliseconds per kind of arithmetic and the operator types in each, e.g.
+    ``1.61 ms integer (QLinearConv x52, QLinearAdd x12), 0.13 ms float (Gemm, Softmax)``."""
+    parts = []
+    for kind in ("integer", "float", "conversion"):
+        ops = [t for t in profile if t.kind == kind]
+        if ops:
+            names = ", ".join(t.op_type + (f" x{t.nodes}" if t.nodes > 1 else "") for t in ops)
+            parts.append(f"{sum(t.ms for t in ops):.2f} ms {kind} ({names})")
+    return ", ".join(parts)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from onnxserve.serving.runtime.cpu import parse_cpuinfo, this_cpu
+from onnxserve.export.cpu import parse_cpuinfo, this_cpu
 
 _XEON = """processor\t: 0
 model name\t: Intel(R) Xeon(R) Platinum 8488C

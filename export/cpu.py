@@ -1,7 +1,8 @@
 """The CPU this process runs on, as far as onnxruntime's kernels and our figures care.
 
-Benchmark results name it (timings differ 2x between CPU generations), and the int8 export
-reads its instruction sets: onnxruntime's x86 kernels multiply 8-bit integers with AVX2's
+The int8 export reads its instruction sets (export/variants.py), and benchmark results
+name it (timings differ 2x between CPU generations; benchmarks/ imports it from here, as
+the serving side needs none of it): onnxruntime's x86 kernels multiply 8-bit integers with AVX2's
 VPMADDUBSW (16-bit intermediate sums, which can saturate), with AVX-512 VNNI / AVX-VNNI's
 VPDPBUSD (no saturation), and on AMX CPUs with tile instructions.
 """
@@ -20,14 +21,14 @@ class Cpu:
     """A CPU: its model name, core count and the instruction sets named above."""
 
     name: str
-    cores: int
-    #: x86-64
+    #: x86-64 (where onnxruntime's U8S8 kernels use VPMADDUBSW or, with VNNI, VPDPBUSD)
     x86: bool
     avx512: bool
     #: AVX-512 VNNI or AVX-VNNI: 8-bit dot products without 16-bit saturation
     vnni: bool
     #: Advanced Matrix Extensions (int8 and bf16 tiles)
-    amx: bool
+    amx: bool = False
+    cores: int = 1
 
     def features(self) -> list[str]:
         """The instruction sets above that the CPU has, by their usual names; on x86 the
