@@ -114,6 +114,15 @@ class _Worker:
     ready: bool = False
 
 
+def _loop_factory(settings: ServerSettings) -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """The event loop --event-loop names (None: asyncio's default)."""
+    if settings.event_loop == "uvloop":
+        import uvloop
+
+        return uvloop.new_event_loop
+    return None
+
+
 def run_server(settings: ServerSettings, *, on_ready: Callable[[], None] | None = None,
                process_name: str | None = None) -> int:
     """Run one server in this process until it is stopped; returns the exit status.
@@ -126,12 +135,13 @@ def run_server(settings: ServerSettings, *, on_ready: Callable[[], None] | None 
 
     configure_logs(settings.log_level, settings.log_format, process_name)
     try:
-        asyncio.run(serve(settings, on_ready=on_ready))
+        with asyncio.Runner(loop_factory=_loop_factory(settings)) as runner:
+            runner.run(serve(settings, on_ready=on_ready))
     except (AuthError, StartupError) as exc:
         print(f"onnxserve serve: {exc}", file=sys.stderr)
         return 2
     finally:
-        exit_on_stop_signals()  # asyncio.run put Python's default handlers back
+        exit_on_stop_signals()  # the runner put Python's default handlers back
     return 0
 
 

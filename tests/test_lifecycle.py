@@ -364,3 +364,18 @@ def test_children_start_without_running_fork_handlers(tmp_path: Path) -> None:
     subprocess.run([sys.executable, "-c", _FORK_HANDLERS, str(marker)], check=True,
                    timeout=60)
     assert not marker.exists(), marker.read_text()
+
+
+def test_the_server_runs_and_drains_on_uvloop(tmp_path: Path) -> None:
+    """--event-loop uvloop: the same server (gRPC and HTTP on one loop) under load, and a
+    SIGTERM that drains it (admitted requests answered, new ones UNAVAILABLE), exit 0."""
+    slow_model(tmp_path / "slow" / "1" / "model.onnx")
+    write_config(tmp_path / "slow", "max_batch_size: 8\ndynamic_batching { }\n")
+    log_path = tmp_path / "server.log"
+    process, url = _spawn(tmp_path, log_path, "--metrics-port", "0", "--drain-seconds", "20",
+                          "--event-loop", "uvloop", held=False)
+    _wait_for(lambda: "ready:" in log_path.read_text(), 60, "ready", process, log_path)
+    assert "uvloop" in Path(f"/proc/{process.pid}/maps").read_text()
+    codes = asyncio.run(_closed_loop(url, process, clients=16, stop_after=1.5))
+    assert _stop(process) == 0, log_path.read_text()
+    assert codes["OK"] > 50 and set(codes) <= {"OK", "UNAVAILABLE"}, codes

@@ -24,7 +24,7 @@ SAMPLES = {
     "grpc_port": ("9001", 9001), "http_port": ("9000", 9000), "providers": ("cpu", "cpu"),
     "max_message_bytes": ("8388608", 8388608), "intra_op_threads": ("3", 3),
     "cores": ("2", 2), "spinning": ("off", "off"), "warmup": ("false", False),
-    "stage_timing": ("true", True),
+    "stage_timing": ("true", True), "event_loop": ("uvloop", "uvloop"),
     "workers": ("3", 3), "model_control_mode": ("poll", "poll"),
     "repository_poll_secs": ("2.5", 2.5), "model_name": ("adder", "adder"),
     "drain_seconds": ("4", 4.0), "max_queue_size": ("7", 7), "metrics_port": ("0", 0),
@@ -105,3 +105,15 @@ def test_a_bad_environment_value_is_an_argument_error(monkeypatch: pytest.Monkey
 def test_workers_receive_the_settings_object() -> None:
     settings = _parse("--workers", "2", "--grpc-port", "9001", "--no-warmup")
     assert pickle.loads(pickle.dumps(settings)) == settings  # what spawn hands each worker
+
+
+def test_uvloop_without_the_package_is_refused_by_name(monkeypatch) -> None:
+    import importlib.util
+
+    from onnxserve.serving.settings import ServerSettings
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "uvloop" else real(name, *a))
+    with pytest.raises(ValueError, match=r"--event-loop uvloop needs the uvloop package"):
+        ServerSettings(event_loop="uvloop")
