@@ -449,19 +449,27 @@ def test_real_perf_analyzer_measures_onnxserve_over_each_transport(
     assert dict(status.regions) == {}
 
 
-def test_bench_measures_every_transport(analyzer: pa.PerfAnalyzer, tmp_path: Path) -> None:
+def _tiny_bench(tmp_path: Path, analyzer: pa.PerfAnalyzer,
+                *flags: str) -> tuple[Path, subprocess.CompletedProcess]:
+    """`onnxserve bench` of the test model "scores" at concurrency 2 in short windows, with
+    ``flags``; (its output folder, the finished process), which succeeded."""
     build_test_models(tmp_path / "repo")
     out = tmp_path / "results"
     result = subprocess.run(
         onnxserve_command("bench", "--model-repository", str(tmp_path / "repo"), "--models",
                           "scores", "--concurrency", "2", "--batching", "on", "--workers", "1",
                           "--warmup", "0.2", "--window", "0.4", "--max-windows", "3",
-                          "--client", "perf_analyzer", "--perf-analyzer", str(analyzer.binary),
-                          "--pa-protocol", "grpc", "http", "--pa-mode", "plain", "streaming",
-                          "shared-memory", "--out", str(out)),
+                          "--perf-analyzer", str(analyzer.binary), *flags, "--out", str(out)),
         capture_output=True, text=True, timeout=600,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return out, result
+
+
+def test_bench_measures_every_transport(analyzer: pa.PerfAnalyzer, tmp_path: Path) -> None:
+    out, result = _tiny_bench(tmp_path, analyzer, "--client", "perf_analyzer",
+                              "--pa-protocol", "grpc", "http", "--pa-mode", "plain",
+                              "streaming", "shared-memory")
     assert "streaming is measured over grpc alone" in result.stdout
     (model,) = json.loads((out / "bench.json").read_text())["results"]
     measured = [(r["pa_protocol"], r["pa_mode"]) for r in model["onnxserve"]]
@@ -482,17 +490,7 @@ def test_bench_measures_every_transport(analyzer: pa.PerfAnalyzer, tmp_path: Pat
 
 
 def test_bench_measures_with_both_clients(analyzer: pa.PerfAnalyzer, tmp_path: Path) -> None:
-    build_test_models(tmp_path / "repo")
-    out = tmp_path / "results"
-    result = subprocess.run(
-        onnxserve_command("bench", "--model-repository", str(tmp_path / "repo"), "--models",
-                          "scores", "--concurrency", "2", "--batching", "on", "--workers", "1",
-                          "--warmup", "0.2", "--window", "0.4", "--max-windows", "3",
-                          "--client", "both", "--perf-analyzer", str(analyzer.binary),
-                          "--null-parse", "--out", str(out)),
-        capture_output=True, text=True, timeout=300,
-    )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    out, _ = _tiny_bench(tmp_path, analyzer, "--client", "both", "--null-parse")
     data = json.loads((out / "bench.json").read_text())
     assert data["meta"]["clients"] == ["python", "perf_analyzer"]
     assert data["meta"]["perf_analyzer"].startswith("Perf Analyzer Version 2.41.0")
