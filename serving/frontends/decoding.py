@@ -93,10 +93,11 @@ def infer_request(request: pb.ModelInferRequest,
                   time_remaining: float | None) -> InferRequest:
     """The data plane's request for a ModelInferRequest; nothing is decoded (or checked)
     until the data plane calls each input's ``decode``."""
-    inputs = [RequestInput(t.name, t.datatype, tuple(t.shape), _decoder(request, i))
-              for i, t in enumerate(request.inputs)]
     if any(t.parameters for t in request.inputs):
         inputs = _placed_inputs(request)
+    else:
+        inputs = [RequestInput(t.name, t.datatype, tuple(t.shape), _decoder(request, i))
+                  for i, t in enumerate(request.inputs)]
     outputs = [_requested_output(o) if o.parameters else RequestedOutput(o.name)
                for o in request.outputs]
     timeout = (parameter_value(request.parameters[TIMEOUT_PARAMETER])
