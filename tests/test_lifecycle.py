@@ -225,8 +225,10 @@ def test_a_worker_killed_while_serving_is_restarted(small_repository: Path,
         workers = _children(process.pid)
         victim = min(workers)
         os.kill(victim, signal.SIGKILL)
-        _wait_for(lambda: log_path.read_text().count("models loaded") == 3, 60,
-                  "a new worker, ready", process, log_path)
+        # The supervisor's line, which follows the worker's own "models loaded" (another
+        # process) once it reads the worker's readiness pipe.
+        _wait_for(lambda: len(re.findall(r"worker \d ready \(pid", log_path.read_text())) == 3,
+                  60, "a new worker, ready", process, log_path)
         (replacement,) = _children(process.pid) - workers
         log = log_path.read_text()
         assert re.search(rf"worker \d \(pid {victim}\) was killed by SIGKILL while serving; "
