@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from onnxserve.benchmarks.load import INFER_METHOD, MAX_MESSAGE, build_request
+from onnxserve.protos.naming import version_folder
 from onnxserve.serving.process import ServerProcess
 
 RAW_MODELS = ("resnet50_fp16", "resnet50", "mobilenet_v2_fp16", "mobilenet_v2")
@@ -51,9 +52,10 @@ def _log(message: str) -> None:
 
 
 def _model_file(repository: Path, name: str) -> Path:
-    versions = sorted((p for p in (repository / name).iterdir() if p.name.isdigit()),
-                      key=lambda p: int(p.name))
-    return versions[-1] / "model.onnx"
+    """The newest version's model file (version folders as the server reads them)."""
+    versions = {version_folder(p.name): p for p in (repository / name).iterdir()}
+    versions.pop(None, None)
+    return versions[max(versions)] / "model.onnx"
 
 
 def _sample(session, batch: int, seed: int = 0) -> dict[str, np.ndarray]:

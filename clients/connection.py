@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from onnxserve.protos.naming import plain_int
+
 DEFAULT_PORT = 8001
 DEFAULT_URL = f"localhost:{DEFAULT_PORT}"
 #: gRPC target forms passed through as they are (name resolvers and socket kinds)
@@ -80,9 +82,10 @@ def normalize_url(url: str) -> tuple[str, bool | None]:
     port = match["port"]
     if port is None or port == "":
         return f"{host}:{DEFAULT_PORT}", tls
-    if not port.isdigit() or not 1 <= int(port) <= 65535:
+    number = plain_int(port, 65535)
+    if not number:
         raise ConnectionSettingsError(f"address {url!r}: port {port!r} is not 1-65535")
-    return f"{host}:{int(port)}", tls
+    return f"{host}:{number}", tls
 
 
 def clean_token(token: str | bytes) -> str:

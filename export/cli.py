@@ -10,6 +10,8 @@ import sys
 import traceback
 from pathlib import Path
 
+from onnxserve.protos.naming import MAX_VERSION, check_model_name, parse_version
+
 from .applications import APPLICATIONS
 from .datasets import DATASETS
 from .recipes import RECIPES as _RECIPES  # imports Keras only when a recipe is built
@@ -65,9 +67,12 @@ def add_export_parser(subparsers: argparse._SubParsersAction) -> argparse.Argume
                         + "; ".join(f"{k}: {v}" for k, v in PREPROCESSING_CHOICES.items())
                         + ". Needed unless the model starts with a Rescaling or Normalization "
                           "layer (then in_graph)")
-    p.add_argument("--name", help="model name in the repository (default: the id, with _fp16 "
-                                  "or _int8 for those variants)")
-    p.add_argument("--version", type=int, help="version number (default: newest + 1)")
+    p.add_argument("--name", type=_model_name,
+                   help="model name in the repository: letters, digits, '_', '.' or '-', "
+                        "not starting with '.' or '-' (default: the id, with _fp16 or _int8 "
+                        "for those variants)")
+    p.add_argument("--version", type=_version,
+                   help="version number, 1 or more (default: newest + 1)")
     p.add_argument("--opset", type=int, default=17, help="ONNX opset (default %(default)s)")
     p.add_argument("--max-batch-size", type=_batch_size,
                    help="max_batch_size written to config.pbtxt; 0: the model does not batch "
@@ -114,6 +119,25 @@ def add_export_parser(subparsers: argparse._SubParsersAction) -> argparse.Argume
                           "the preprocessing in the graph")
     p.set_defaults(func=run_export)
     return p  # the caller adds --model-repository (a setting of the server's)
+
+
+def _model_name(text: str) -> str:
+    """--name: a name the server serves (onnxserve.protos.naming), refused before anything
+    is exported or written."""
+    try:
+        return check_model_name(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _version(text: str) -> int:
+    """--version: a version folder the server serves (ASCII digits, 1 or more)."""
+    version = parse_version(text)
+    if version is None:
+        raise argparse.ArgumentTypeError(
+            f"{text[:40]!r} is not a version number: expected a whole number from 1 to "
+            f"{MAX_VERSION} in ASCII digits")
+    return version
 
 
 def _batch_size(text: str) -> int:

@@ -13,6 +13,7 @@ from google.protobuf import text_format
 from onnxserve.protos import model_config_pb2 as mc
 from onnxserve.protos.datatypes import by_name
 from onnxserve.protos.images import ENCODED_IMAGE_PARAMETER
+from onnxserve.protos.naming import MAX_VERSION, check_model_name, version_folder
 
 #: the BYTES input under which exported image models also take encoded files
 ENCODED_IMAGE_INPUT = "image_bytes"
@@ -134,14 +135,30 @@ def _write_atomically(path: Path, data: bytes) -> None:
 
 
 def existing_versions(repository: Path, name: str) -> list[int]:
-    """Version numbers that already hold a model.onnx."""
-    folder = repository / name
+    """Version numbers that already hold a model.onnx (folders named as the server reads
+    them: onnxserve.protos.naming.version_folder; other folders are not versions).
+
+    Raises:
+        ValueError: ``name`` is not a model name (onnxserve.protos.naming).
+    """
+    folder = repository / check_model_name(name)
     if not folder.is_dir():
         return []
-    return sorted(
-        int(p.name) for p in folder.iterdir()
-        if p.name.isdigit() and (p / "model.onnx").is_file()
-    )
+    found = ((version_folder(p.name), p) for p in folder.iterdir())
+    return sorted(number for number, p in found
+                  if number is not None and (p / "model.onnx").is_file())
+
+
+def check_version(version: int) -> int:
+    """``version`` when it can name a version folder the server serves.
+
+    Raises:
+        ValueError: ``version`` is below 1 or above 2**63 - 1 (Triton's int64 versions; a
+            folder "0" is ignored, as by Triton).
+    """
+    if not 1 <= version <= MAX_VERSION:
+        raise ValueError(f"version {version}: expected a whole number from 1 to {MAX_VERSION}")
+    return version
 
 
 def _write_model(path: Path, onnx_model) -> None:
@@ -168,11 +185,18 @@ def publish(
 
     ``onnx_model`` is an onnx.ModelProto (or its serialised bytes); ``report`` is written
     beside it as verification.json.
+
+    Raises:
+        ValueError: the card's name is not a model name the server serves, the version is
+            not one (see ``check_version``), or ``build_config`` refuses the card; nothing
+            is written then.
     """
-    # The config first: a card it refuses must leave the repository untouched.
+    # Name, version and config first: what they refuse must leave the repository untouched.
+    check_model_name(card.name)
     config_text = text_format.MessageToString(build_config(card))
     if version is None:
         version = max(existing_versions(repository, card.name), default=0) + 1
+    check_version(version)
     folder = repository / card.name
     model_path = folder / str(version) / "model.onnx"
     if isinstance(onnx_model, bytes):

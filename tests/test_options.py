@@ -36,9 +36,21 @@ def test_every_key_parsed() -> None:
     assert model_options(_config(**{"onnxserve.batch_buckets": "none"})).batch_buckets == ()
 
 
+_COUNT = "a whole number >= 0 (ASCII digits, at most 2147483647)"
+
+
 @pytest.mark.parametrize(("key", "value", "expected"), [
-    ("intra_op_thread_count", "two", "a whole number >= 0"),
-    ("inter_op_thread_count", "-1", "a whole number >= 0"),
+    ("intra_op_thread_count", "two", _COUNT),
+    ("inter_op_thread_count", "-1", _COUNT),
+    # str.isdigit() takes these, and int() then raised ValueError or read another script
+    ("intra_op_thread_count", "\u00b2", _COUNT),
+    ("intra_op_thread_count", "\u0663", _COUNT),
+    ("intra_op_thread_count", "+3", _COUNT),
+    ("inter_op_thread_count", "1_0", _COUNT),
+    ("inter_op_thread_count", "2147483648", _COUNT),
+    ("onnxserve.batch_buckets", "4,\u0663", "auto, none or batch sizes >= 1 separated by commas"),
+    ("onnxserve.batch_buckets", "+4", "auto, none or batch sizes >= 1 separated by commas"),
+    ("onnxserve.batch_buckets", "1_6", "auto, none or batch sizes >= 1 separated by commas"),
     ("execution_mode", "2", "one of 0, 1"),
     ("onnxserve.spinning", "sometimes", "one of off, run, always"),
     ("onnxserve.run_on_event_loop", "maybe", "one of auto, true, false"),

@@ -19,6 +19,7 @@ import os
 from pathlib import Path
 
 from onnxserve.protos.model_config_pb2 import ModelConfig
+from onnxserve.protos.naming import plain_int
 from onnxserve.serving.errors import ModelLoadError
 from onnxserve.serving.models.options import ModelOptions, model_options
 from onnxserve.serving.runtime.sessions import GpuSettings
@@ -33,6 +34,8 @@ CUDA_OPTIONS = frozenset({
 })
 _ALGO_SEARCH = {"0": "EXHAUSTIVE", "1": "HEURISTIC", "2": "DEFAULT"}
 _ARENA = {"0": "kNextPowerOfTwo", "1": "kSameAsRequested"}
+#: gpu_mem_limit is a size_t
+MAX_BYTES = 2**64 - 1
 #: Triton's TensorRT keys that are not the TensorRT provider's own trt_* names
 _TRT_RENAMED = {
     "max_workspace_size_bytes": "trt_max_workspace_size",
@@ -54,7 +57,7 @@ def _cuda_value(key: str, value: str, where: str) -> str:
         if value not in _ARENA.values():
             raise ModelLoadError(f"{where} must be kNextPowerOfTwo (0) or kSameAsRequested "
                                  f"(1), not {value!r}")
-    elif key == "gpu_mem_limit" and not value.isdigit():
+    elif key == "gpu_mem_limit" and plain_int(value, MAX_BYTES) is None:
         raise ModelLoadError(f"{where} must be a number of bytes, not {value!r}")
     return value
 

@@ -24,6 +24,7 @@ from onnxserve.protos.images import (
     PREPROCESSING_PARAMETER,
 )
 from onnxserve.protos.model_config_pb2 import ModelConfig
+from onnxserve.protos.naming import plain_int
 from onnxserve.serving.errors import ModelLoadError
 from onnxserve.serving.settings import SPINNING_MODES
 
@@ -38,6 +39,9 @@ BUCKETS_KEY = "onnxserve.batch_buckets"
 #: the CUDA options are assembled: serving/models/accelerators.py)
 LEGACY_CUDA_KEYS = ("cudnn_conv_algo_search", "gpu_mem_limit", "arena_extend_strategy",
                     "do_copy_in_default_stream")
+
+#: the largest thread count or batch size a parameter may give (onnxruntime takes int32)
+MAX_COUNT = 2**31 - 1
 
 T = TypeVar("T")
 
@@ -95,8 +99,8 @@ class _Reader:
         return result
 
     def count(self, key: str) -> int | None:
-        return self.parsed(key, lambda v: int(v) if v.isdigit() else None,
-                           "a whole number >= 0")
+        return self.parsed(key, lambda v: plain_int(v, MAX_COUNT),
+                           f"a whole number >= 0 (ASCII digits, at most {MAX_COUNT})")
 
     def choice(self, key: str, choices: tuple[str, ...]) -> str | None:
         return self.parsed(key, lambda v: v.lower() if v.lower() in choices else None,
@@ -109,10 +113,10 @@ class _Reader:
 
 
 def _buckets(text: str) -> tuple[int, ...] | None:
-    try:
-        sizes = sorted({int(part) for part in text.split(",")})
-    except ValueError:
+    parsed = [plain_int(part.strip(), MAX_COUNT) for part in text.split(",")]
+    if any(size is None for size in parsed):
         return None
+    sizes = sorted({size for size in parsed if size is not None})
     return tuple(sizes) if sizes and sizes[0] >= 1 else None
 
 

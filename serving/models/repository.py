@@ -4,6 +4,11 @@
     <repository>/<model>/<label file>          optional, one class name per line
     <repository>/<model>/<version>/model.onnx  integer version folders
 
+Model names and version folder names follow onnxserve.protos.naming (the rule the exporter
+and requests share): a folder of the repository whose name cannot be a model name is skipped
+(``scan_folders`` says which and why), and a folder inside a model folder that is not a
+version (``²``, ``01``, ``notes``) is ignored with a logged note, as Triton ignores it.
+
 A repository with no model folders and one ``.onnx`` file at its root is KServe's
 single-file layout (what its storage initializer puts in /mnt/models for a storageUri that
 names a file): one model, version 1, named by ``--model-name`` or after the folder, with an
@@ -15,9 +20,9 @@ and rejects a config that contradicts the file, naming the field.
 
 from __future__ import annotations
 
+import logging
 import math
 import os
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +32,14 @@ from google.protobuf import text_format
 from onnxserve.protos import model_config_pb2
 from onnxserve.protos.datatypes import by_config_type, by_name
 from onnxserve.protos.model_config_pb2 import ModelConfig
+from onnxserve.protos.naming import (
+    MAX_MODEL_NAME,
+    MODEL_NAME_RULE,
+    VERSION_FOLDER_RULE,
+    model_name_problem,
+    valid_model_name,
+    version_folder,
+)
 from onnxserve.serving.errors import ModelLoadError
 from onnxserve.serving.types import Signature, TensorSpec
 
@@ -36,9 +49,8 @@ ONNX_PLATFORM = "onnxruntime_onnx"
 ONNX_BACKEND = "onnxruntime"
 #: max_batch_size given to a model that has no config.pbtxt but can batch.
 AUTO_MAX_BATCH_SIZE = 32
-MAX_MODEL_NAME = 128
-_MODEL_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]*$")
 
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -51,12 +63,6 @@ class ModelSource:
     has_config_file: bool
     #: version number -> model file
     versions: dict[int, Path] = field(default_factory=dict)
-
-
-def valid_model_name(name: str) -> bool:
-    """Whether ``name`` can be a model folder: at most 128 letters, digits, '_', '.', '-',
-    not starting with '.' or '-' (so never a path outside the repository)."""
-    return len(name) <= MAX_MODEL_NAME and bool(_MODEL_NAME.match(name))
 
 
 def fingerprint(model_dir: Path) -> tuple:
@@ -94,12 +100,37 @@ def _file_identity(path: Path) -> tuple[int, int, int, int]:
     return stat.st_size, stat.st_mtime_ns, stat.st_dev, stat.st_ino
 
 
-def _model_folders(repository: Path) -> list[str]:
+def scan_folders(repository: Path) -> tuple[list[str], dict[str, str]]:
+    """The repository's model folders, sorted, and the folders it holds that are skipped
+    because their names cannot be model names (folder name -> why; the rule is
+    onnxserve.protos.naming's).
+
+    Raises:
+        ModelLoadError: the repository is not a directory.
+    """
     if not repository.is_dir():
         raise ModelLoadError(f"model repository {repository} is not a directory")
-    return sorted(
-        p.name for p in repository.iterdir() if p.is_dir() and valid_model_name(p.name)
-    )
+    names: list[str] = []
+    skipped: dict[str, str] = {}
+    for path in repository.iterdir():
+        if not path.is_dir():
+            continue
+        problem = model_name_problem(path.name)
+        if problem is None:
+            names.append(path.name)
+        else:
+            skipped[path.name] = problem
+    return sorted(names), dict(sorted(skipped.items()))
+
+
+def describe_skipped(skipped: dict[str, str]) -> str:
+    """One line naming each skipped folder and why (see ``scan_folders``)."""
+    return "; ".join(f"{name!r} {why}" for name, why in skipped.items()) + (
+        f" (a model name is {MODEL_NAME_RULE})")
+
+
+def _model_folders(repository: Path) -> list[str]:
+    return scan_folders(repository)[0]
 
 
 def single_file_model(repository: Path, name: str | None = None) -> tuple[str, Path] | None:
@@ -123,8 +154,8 @@ def single_file_model(repository: Path, name: str | None = None) -> tuple[str, P
     if not valid_model_name(model_name):
         raise ModelLoadError(
             f"the model file {files[0].name} at the root of {repository} needs a model name: "
-            f"{model_name!r} is not one (at most 128 letters, digits, '_', '.' or '-'); "
-            "give one with --model-name")
+            f"{model_name[:MAX_MODEL_NAME + 2]!r} {model_name_problem(model_name)} (a model "
+            f"name is {MODEL_NAME_RULE}); give one with --model-name")
     return model_name, files[0]
 
 
@@ -157,8 +188,10 @@ def read_model(repository: Path, name: str, single_name: str | None = None) -> M
 
     ``single_name`` is the name given to the model of a single-file repository.
     """
-    if not valid_model_name(name):
-        raise ModelLoadError(f"invalid model name {name[:MAX_MODEL_NAME + 1]!r}")
+    problem = model_name_problem(name)
+    if problem is not None:
+        raise ModelLoadError(f"invalid model name {name[:MAX_MODEL_NAME + 2]!r}: it {problem}; "
+                             f"a model name is {MODEL_NAME_RULE}")
     single = single_file_model(repository, single_name)
     path = repository if single and single[0] == name else repository / name
     if not path.is_dir():
@@ -192,11 +225,20 @@ def read_model(repository: Path, name: str, single_name: str | None = None) -> M
         raise ModelLoadError(
             f"{config_path}: default_model_filename {filename[:200]!r} must be a file name in "
             "the version folder, not a path")
-    versions = {
-        int(p.name): p / filename
-        for p in path.iterdir()
-        if p.is_dir() and p.name.isdigit() and (p / filename).is_file()
-    }
+    versions: dict[int, Path] = {}
+    ignored: list[str] = []
+    for folder in sorted(path.iterdir()):
+        if not folder.is_dir():
+            continue
+        number = version_folder(folder.name)
+        if number is None:
+            ignored.append(folder.name)
+        elif (folder / filename).is_file():
+            versions[number] = folder / filename
+    if ignored:
+        # As Triton: a folder that is not a version is no reason to refuse the model.
+        log.warning("model %s: ignored folder(s) %s: not %s", name,
+                    ", ".join(repr(n) for n in ignored), VERSION_FOLDER_RULE)
     return ModelSource(name, path, config, has_config, versions)
 
 
