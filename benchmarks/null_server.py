@@ -144,8 +144,11 @@ def handlers(model: NullModel) -> dict[str, grpc.RpcMethodHandler]:
 
 async def serve(port: int, config: ModelConfig, parse: bool) -> None:
     model = NullModel(config, parse)
+    # no SO_REUSEPORT (gRPC's default): on a port another server holds, fail instead of
+    # silently sharing its connections and measuring both
     server = grpc.aio.server(options=[("grpc.max_receive_message_length", 256 << 20),
-                                      ("grpc.max_send_message_length", 256 << 20)])
+                                      ("grpc.max_send_message_length", 256 << 20),
+                                      ("grpc.so_reuseport", 0)])
     server.add_generic_rpc_handlers(
         (grpc.method_handlers_generic_handler(_SERVICE, handlers(model)),))
     server.add_insecure_port(f"127.0.0.1:{port}")

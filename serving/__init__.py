@@ -9,7 +9,8 @@ imports none; tests/test_layers.py checks this):
     server.py               composition root: start-up, serve, shut down as named phases
     frontends/              grpc_service (the RPCs), decoding, encoding, auth, health;
                             http_service (the REST routes), http_codec (JSON and binary
-                            tensors), http_server (bind, serve, drain, stop)
+                            tensors), http_server (bind, serve, drain, stop),
+                            wrong_protocol (gRPC or TLS clients at the HTTP port)
     dataplane.py            live/ready/metadata/config/statistics/repository/infer on plain
                             values; classification.py formats top-k results;
                             shared_memory.py: Triton's system shared memory regions

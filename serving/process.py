@@ -21,6 +21,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import IO, Any
 
+from onnxserve.protos.naming import plain_int
+
 #: The signals that stop `onnxserve serve` (and the supervisor of --workers N).
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 #: Linux prctl option: the signal a process gets when its parent dies.
@@ -39,6 +41,22 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def check_port_free(host: str, port: int) -> None:
+    """Raise OSError when a server listens on ``host:port`` (or holds it bound), including
+    one that set SO_REUSEPORT: the ``--workers N`` supervisor asks before its workers bind
+    the port together, so that they never join another server's group on it.
+
+    The test bind sets SO_REUSEADDR, as servers bind, so that closed connections still
+    waiting out TIME_WAIT on the port do not count, and not SO_REUSEPORT, with which Linux
+    would let it share a port another server listens on. It never listens.
+    """
+    host = host.strip("[]")
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        probe.bind((host, port))
+
+
 def die_with_parent() -> None:
     """Have the kernel send this process SIGTERM when its parent dies (Linux; elsewhere a
     no-op)."""
@@ -54,11 +72,11 @@ def die_with_parent_if_asked() -> None:
     """In a child spawn() started (first thing in its main): die_with_parent(), and exit
     at once if the parent died before that took effect. The variable is removed, so this
     process's own children are not affected."""
-    parent = os.environ.pop(PARENT_PID_ENV, "")
-    if not parent.isdigit():
+    parent = plain_int(os.environ.pop(PARENT_PID_ENV, ""), 2**31 - 1)
+    if not parent:
         return
     die_with_parent()
-    if os.getppid() != int(parent):
+    if os.getppid() != parent:
         os._exit(0)
 
 

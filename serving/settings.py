@@ -206,6 +206,25 @@ def flag_of(name: str) -> str:
     return meta["flag"] or "--" + name.replace("_", "-")
 
 
+#: what each port setting serves, as the error for a port that cannot be bound names it
+PORTS = {"grpc_port": "gRPC", "http_port": "HTTP", "metrics_port": "metrics"}
+
+
+def port_unavailable(settings: ServerSettings, name: str, reason: str | OSError) -> str:
+    """The one line, the same for every port, for port setting ``name`` (a key of PORTS)
+    that cannot be bound on ``settings.grpc_host``: ``cannot listen for gRPC on
+    0.0.0.0:8001: Address already in use (choose another port with --grpc-port)``."""
+    if isinstance(reason, OSError):
+        reason = os.strerror(reason.errno) if reason.errno else str(reason)
+    advice = f"choose another port with {flag_of(name)}"
+    if name != "grpc_port":
+        advice += ", 0 = off"
+    if "in use" not in reason:  # not this machine's address, a name that does not resolve
+        advice = f"check {flag_of('grpc_host')}, or {advice}"
+    return (f"cannot listen for {PORTS[name]} on {settings.grpc_host}:{getattr(settings, name)}"
+            f": {reason} ({advice})")
+
+
 def env_of(name: str) -> str | None:
     """The environment variable of settings field ``name`` (None: it has none)."""
     if not _fields()[name].metadata["env"]:

@@ -12,9 +12,15 @@ sent then stays pending until exit_on_stop_signals unblocks it.
 
 **Workers.** ``--workers N`` runs N server processes sharing one port (SO_REUSEPORT). Each
 is a full server with its own models and schedulers; the kernel spreads incoming
-connections across them. Each worker is a fresh interpreter handed the parent's
-ServerSettings object itself (pickled on its stdin), with its share of the cores and its own
-metrics port: nothing is rebuilt as command-line flags, so nothing can be lost on the way.
+connections across them. Only they share it: a server started alone binds without
+SO_REUSEPORT, and the parent first checks that no server listens on the gRPC and HTTP
+ports (with SO_REUSEPORT or not), else exits 2 with the same line a single server prints,
+so that a second server never joins the first one's group and answers half its
+connections. (Two supervisors started within the same moment both pass that check: nothing
+in the kernel tells one supervisor's workers from another's.)
+Each worker is a fresh interpreter handed the parent's ServerSettings object itself
+(pickled on its stdin), with its share of the cores and its own metrics port: nothing is
+rebuilt as command-line flags, so nothing can be lost on the way.
 (Not multiprocessing's spawn: it clears the signal mask, so a stop sent to a worker before
 its handler exists would kill it instead of waiting for the handler.)
 It helps models bound by per-request Python overhead, and only for clients that open
@@ -57,8 +63,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from onnxserve.serving.observability.logs import configure as configure_logs
-from onnxserve.serving.process import STOP_SIGNALS, die_with_parent_if_asked, spawn
-from onnxserve.serving.settings import ServerSettings
+from onnxserve.serving.process import (
+    STOP_SIGNALS,
+    check_port_free,
+    die_with_parent_if_asked,
+    spawn,
+)
+from onnxserve.serving.settings import ServerSettings, port_unavailable
 
 log = logging.getLogger(__name__)
 
@@ -124,11 +135,12 @@ def _loop_factory(settings: ServerSettings) -> Callable[[], asyncio.AbstractEven
 
 
 def run_server(settings: ServerSettings, *, on_ready: Callable[[], None] | None = None,
-               process_name: str | None = None) -> int:
+               process_name: str | None = None, share_ports: bool = False) -> int:
     """Run one server in this process until it is stopped; returns the exit status.
 
     ``process_name`` ("worker 1") goes into every log line; ``on_ready`` is called once
-    the models meant to load at start have loaded.
+    the models meant to load at start have loaded; ``share_ports``: a worker of
+    ``--workers N``, which shares the gRPC and HTTP ports with its siblings (SO_REUSEPORT).
     """
     from .frontends.auth import AuthError
     from .server import StartupError, serve
@@ -136,7 +148,7 @@ def run_server(settings: ServerSettings, *, on_ready: Callable[[], None] | None 
     configure_logs(settings.log_level, settings.log_format, process_name)
     try:
         with asyncio.Runner(loop_factory=_loop_factory(settings)) as runner:
-            runner.run(serve(settings, on_ready=on_ready))
+            runner.run(serve(settings, on_ready=on_ready, share_ports=share_ports))
     except (AuthError, StartupError) as exc:
         print(f"onnxserve serve: {exc}", file=sys.stderr)
         return 2
@@ -157,7 +169,8 @@ def worker_main() -> None:
         with contextlib.suppress(OSError):  # parent gone: its death signal stops us anyway
             os.write(ready_fd, READY_MESSAGE)
 
-    sys.exit(run_server(settings, on_ready=notify, process_name=f"worker {index}"))
+    sys.exit(run_server(settings, on_ready=notify, process_name=f"worker {index}",
+                        share_ports=True))
 
 
 #: the command a worker runs, with its readiness pipe's fd appended
@@ -354,6 +367,14 @@ def run_workers(settings: ServerSettings) -> int:
     the other statuses.
     """
     configure_logs(settings.log_level, settings.log_format, "supervisor")
+    for name in ("grpc_port", "http_port"):  # the ports the workers share (SO_REUSEPORT)
+        if getattr(settings, name):
+            try:
+                check_port_free(settings.grpc_host, getattr(settings, name))
+            except OSError as exc:
+                print(f"onnxserve serve: {port_unavailable(settings, name, exc)}",
+                      file=sys.stderr)
+                return 2
     supervisor = _Supervisor(settings)
     log.info("starting %d workers, %d core(s) each", settings.workers, supervisor.cores)
     return supervisor.run()

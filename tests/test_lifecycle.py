@@ -261,7 +261,8 @@ def test_a_worker_that_fails_at_start_up_fails_the_command(small_repository: Pat
         took = time.monotonic() - started
     output = result.stdout + result.stderr
     assert result.returncode == 2, output
-    assert f"cannot serve metrics on port {metrics_port + 1}" in output
+    assert (f"cannot listen for metrics on 127.0.0.1:{metrics_port + 1}: Address already in "
+            "use (choose another port with --metrics-port, 0 = off)") in output
     assert re.search(r"worker 1 \(pid \d+\) exited with status 2 before it was ready: it "
                      r"failed at start-up", output), output
     assert "worker 0" in output and "Traceback" not in output

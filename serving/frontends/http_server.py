@@ -2,9 +2,11 @@
 serve on the running event loop (the gRPC server's), drain, stop.
 
 Binding comes first and apart from serving, so that a port in use stops the start before
-anything is served. The socket is bound with SO_REUSEPORT, as grpc.aio binds the gRPC
-port, so that ``--workers N`` share it (the kernel spreads connections across them). TLS
-uses the gRPC server's certificate, key and client CA.
+anything is served. Only the workers of one ``--workers N`` supervisor bind with
+SO_REUSEPORT, as they bind the gRPC port, to share it (the kernel spreads connections
+across them); any other server's socket on the port makes the bind fail, so that a second
+server never silently takes half the connections of the first. TLS uses the gRPC server's
+certificate, key and client CA.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import ssl
 from aiohttp import web
 
 from onnxserve.serving.frontends.http_service import HttpService
+from onnxserve.serving.frontends.wrong_protocol import FirstBytes
 
 #: seconds ``stop`` waits for answers being written before it closes their connections
 STOP_TIMEOUT_S = 1.0
@@ -24,8 +27,9 @@ STOP_TIMEOUT_S = 1.0
 BACKLOG = 1024
 
 
-def bind(host: str, port: int) -> socket.socket:
-    """A listening TCP socket on ``host:port`` (0: any free port), SO_REUSEPORT set.
+def bind(host: str, port: int, *, share: bool = False) -> socket.socket:
+    """A listening TCP socket on ``host:port`` (0: any free port); ``share``: with
+    SO_REUSEPORT, for the workers of one ``--workers N`` supervisor only.
 
     Raises:
         OSError: the address cannot be bound (taken, or not this machine's).
@@ -33,51 +37,69 @@ def bind(host: str, port: int) -> socket.socket:
     host = host.strip("[]")
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     return socket.create_server((host, port), family=family, backlog=BACKLOG,
-                                reuse_port=True)
+                                reuse_port=share)
 
 
 class HttpServer:
     """One HttpService served on a bound socket."""
 
     def __init__(self, service: HttpService, sock: socket.socket,
-                 ssl_context: ssl.SSLContext | None = None) -> None:
+                 ssl_context: ssl.SSLContext | None = None, *,
+                 grpc_port: int | None = None) -> None:
+        """``grpc_port``: the port named to a gRPC client that connects here by mistake."""
         self.service = service
         self._sock = sock
         self._ssl = ssl_context
+        self._grpc_port = grpc_port
+        self._listener: asyncio.AbstractServer | None = None
+        # handler_cancellation: a client that closes its connection cancels its handler
+        # (aiohttp's default lets it run on), so its inference request leaves the queue
+        # uncomputed, as a cancelled gRPC call's does (the data plane finishes repository
+        # changes whoever waits for them).
         self._runner = web.AppRunner(service.application(), handle_signals=False,
-                                     access_log=None, shutdown_timeout=STOP_TIMEOUT_S)
-        #: closing the connections open when the drain began
-        self._closing: asyncio.Future[None] | None = None
+                                     access_log=None, shutdown_timeout=STOP_TIMEOUT_S,
+                                     handler_cancellation=True)
 
     @property
     def port(self) -> int:
         return self._sock.getsockname()[1]
 
     async def start(self) -> None:
-        """Start answering on the socket (call on the event loop that serves gRPC)."""
-        await self._runner.setup()
-        await web.SockSite(self._runner, self._sock, ssl_context=self._ssl,
-                           backlog=BACKLOG).start()
+        """Start answering on the socket (call on the event loop that serves gRPC).
 
-    def drain(self, timeout: float) -> None:
-        """From now on every answer closes its connection; the connections open now close
-        at once when idle, else after the answer being handled (given up to ``timeout``
-        s, then cancelled). New connections are still answered (the data plane refuses
-        inference with UNAVAILABLE, answered 503)."""
-        self.service.closing = True
+        aiohttp's low-level server makes each connection's protocol (as a site would);
+        each is wrapped in wrong_protocol.FirstBytes, which answers a gRPC or TLS client
+        that came to this port by mistake and passes everything else on.
+        """
+        await self._runner.setup()
         server = self._runner.server
-        if server is not None and self._closing is None:
-            # as the runner's own cleanup does: stop each connection's wait for its next
-            # request, then close each once its answer is out
-            server.pre_shutdown()
-            self._closing = asyncio.ensure_future(server.shutdown(timeout))
+        assert server is not None
+        port, grpc_port, plaintext = self.port, self._grpc_port, self._ssl is None
+        self._listener = await asyncio.get_running_loop().create_server(
+            lambda: FirstBytes(server(), http_port=port, grpc_port=grpc_port,
+                               plaintext=plaintext),
+            sock=self._sock, ssl=self._ssl, backlog=BACKLOG)
+
+    def drain(self) -> None:
+        """From now on every answer closes its connection (``Connection: close``); requests
+        are still read and answered, on new connections and on the keep-alive connections
+        open now (the data plane refuses inference with UNAVAILABLE, answered 503).
+
+        An idle keep-alive connection is not closed here: HTTP/1.1 has no way to tell a
+        client that the server closes it, so a request the client sends while the close is
+        on its way is never answered, and clients do not retry a POST on a closed
+        connection (RFC 9112, section 9.3.1; tritonclient raises HTTPConnectionClosed).
+        Answering that request and closing after the answer moves the client away as
+        surely; the connections still idle then are closed by ``stop``, at the end of the
+        drain, as gRPC's are (serving/server.py)."""
+        self.service.closing = True
 
     async def stop(self) -> None:
         """Stop listening and close every connection (answers being written get up to
         STOP_TIMEOUT_S); before ``start``, only close the socket."""
         self.service.closing = True
-        if self._closing is not None and not self._closing.done():
-            self._closing.cancel()
+        if self._listener is not None:
+            self._listener.close()  # stop listening; cleanup closes the connections
         if self._runner.server is not None:  # started
             await self._runner.cleanup()
         with contextlib.suppress(OSError):
