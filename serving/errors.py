@@ -37,6 +37,12 @@ class SchedulerClosedError(UnavailableError):
     """The model version was unloaded or replaced between lookup and queueing."""
 
 
+class QueueTimeoutError(UnavailableError):
+    """The queue policy's timeout expired with ``timeout_action: REJECT`` before the request
+    ran: Triton answers such a request UNAVAILABLE "Request timeout expired" (its dynamic
+    batcher's rejected requests), and so does onnxserve."""
+
+
 class AlreadyExistsError(ServingError):
     """The name the operation would create is taken (a shared memory region's name)."""
 
@@ -50,7 +56,8 @@ class FailedPreconditionError(ServingError):
 
 
 class ResourceExhaustedError(ServingError):
-    """The server cannot take the request now (queue full)."""
+    """The server cannot take the request now (queue full), or its answer is larger than
+    the transport may send."""
 
     code = "RESOURCE_EXHAUSTED"
 
@@ -81,6 +88,9 @@ class ModelLoadError(ServingError):
 
 #: the code of a failure that is not a ServingError (a bug): the canonical INTERNAL
 INTERNAL = "INTERNAL"
+#: the canonical code of a request whose caller left before its answer (a cancelled gRPC
+#: call or stream, a closed HTTP connection): counted so in the metrics, answered to no one
+CANCELLED = "CANCELLED"
 
 
 def error_code(exc: BaseException) -> str:

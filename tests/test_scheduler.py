@@ -377,8 +377,10 @@ def test_a_full_queue_refuses_at_once() -> None:
 
 @pytest.mark.parametrize("source", ["policy", "override", "caller"])
 def test_requests_past_their_deadline_are_dropped_not_computed(source: str) -> None:
+    """The caller's deadline fails a queued request DEADLINE_EXCEEDED; the queue policy's
+    REJECT timeout fails it UNAVAILABLE "Request timeout expired", as Triton does."""
     from onnxserve.serving.batching.scheduler import QueuePolicy
-    from onnxserve.serving.errors import DeadlineExceededError
+    from onnxserve.serving.errors import DeadlineExceededError, QueueTimeoutError
 
     runner = FakeRunner()
     policy = {"policy": QueuePolicy(timeout_s=0.03),
@@ -392,8 +394,12 @@ def test_requests_past_their_deadline_are_dropped_not_computed(source: str) -> N
             scheduler.infer({"x": np.full((1, 2), 5.0)}, ["y"], 1, **kwargs))
         await asyncio.sleep(0.1)
         runner.gate.set()
-        with pytest.raises(DeadlineExceededError, match="dropped after"):
-            await late
+        if source == "caller":
+            with pytest.raises(DeadlineExceededError, match="dropped after"):
+                await late
+        else:
+            with pytest.raises(QueueTimeoutError, match="Request timeout expired"):
+                await late
 
     _held(runner, {"max_batch_size": 4, "queue_policy": policy}, body)
     assert runner.batches == [1]  # only the first request ran
@@ -527,3 +533,180 @@ def test_an_input_the_model_cannot_compute_fails_only_its_request(inline: bool) 
     assert isinstance(bad, InvalidInputError) and "index out of range" in str(bad)
     np.testing.assert_array_equal(good["y"], [[2.0, 2.0]])
     np.testing.assert_array_equal(other["y"], [[6.0, 6.0]])
+
+
+# --- callers that leave, deadlines and queue timeouts while a batch forms -----------------
+
+#: a batch delay no test waits out: a request left in a forming batch would hang the test
+LONG_DELAY_US = 60_000_000
+
+
+def test_a_caller_that_leaves_a_forming_batch_is_not_computed_and_frees_its_place() -> None:
+    runner = FakeRunner()
+
+    async def body(scheduler):
+        gone = asyncio.ensure_future(scheduler.infer({"x": np.full((1, 2), 9.0)}, ["y"], 1))
+        await asyncio.sleep(0.05)  # the batch forms around it, waiting for a second request
+        gone.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await gone
+        assert scheduler.queued == 0
+        # Two more fill the batch (max 2) at once: the cancelled request holds no place.
+        results = await asyncio.wait_for(asyncio.gather(
+            scheduler.infer({"x": np.full((1, 2), 1.0)}, ["y"], 1),
+            scheduler.infer({"x": np.full((1, 2), 2.0)}, ["y"], 1)), 10)
+        return results, scheduler.stats
+
+    (first, second), stats = run(_with_scheduler(
+        runner, body, max_batch_size=2, max_queue_delay_us=LONG_DELAY_US))
+    assert runner.batches == [2]
+    assert first["y"].tolist() == [[2.0, 2.0]] and second["y"].tolist() == [[4.0, 4.0]]
+    assert (stats.inference_count, stats.success.count, stats.fail.count) == (2, 2, 1)
+
+
+@pytest.mark.parametrize("source", ["caller", "reject"])
+def test_a_deadline_passing_in_a_forming_batch_fails_the_request_then(source: str) -> None:
+    """Checked while the batch forms, not only when a request joins it: the request fails
+    at its deadline (or REJECT timeout), long before the batch would run, uncomputed."""
+    from onnxserve.serving.batching.scheduler import QueuePolicy
+    from onnxserve.serving.errors import DeadlineExceededError, QueueTimeoutError
+
+    runner = FakeRunner()
+    policy = QueuePolicy(timeout_s=0.05) if source == "reject" else QueuePolicy()
+    kwargs = {"time_remaining": 0.05} if source == "caller" else {}
+    expected = DeadlineExceededError if source == "caller" else QueueTimeoutError
+
+    async def body(scheduler):
+        kept = asyncio.ensure_future(scheduler.infer({"x": np.ones((1, 2))}, ["y"], 1))
+        await asyncio.sleep(0.01)
+        late = scheduler.infer({"x": np.ones((1, 2))}, ["y"], 1, **kwargs)
+        if source == "reject":  # both have the policy's timeout: the first fails too
+            with pytest.raises(expected):
+                await asyncio.wait_for(kept, 10)
+        with pytest.raises(expected, match="not computed"):
+            await asyncio.wait_for(late, 10)
+        queued = scheduler.queued
+        if source == "caller":
+            kept.cancel()
+        return queued, scheduler.stats
+
+    queued, stats = run(_with_scheduler(runner, body, max_batch_size=8,
+                                        max_queue_delay_us=LONG_DELAY_US, queue_policy=policy))
+    assert runner.batches == []
+    assert queued == (1 if source == "caller" else 0)
+    assert stats.inference_count == 0 and stats.fail.count == 2
+
+
+def test_delay_runs_a_timed_out_request_after_those_that_came_later() -> None:
+    """Triton's DELAY: a timed-out request waits until every request that has not timed out
+    ran, including requests queued after it timed out."""
+    from onnxserve.serving.batching.scheduler import QueuePolicy
+
+    class SteppedRunner(FakeRunner):
+        """Notes each request's value as its run starts, then waits for a permit."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.seen: list[float] = []
+            self.permits = threading.Semaphore(0)
+
+        def run(self, inputs, output_names=None):
+            self.seen.append(float(inputs["x"][0, 0]))
+            assert self.permits.acquire(timeout=10)
+            return super().run(inputs, output_names)
+
+    runner = SteppedRunner()
+
+    async def until_seen(values):
+        while runner.seen != values:
+            await asyncio.sleep(0.005)
+
+    def infer(scheduler, value):
+        return asyncio.ensure_future(scheduler.infer({"x": np.full((1, 2), value)}, ["y"], 1))
+
+    async def body(scheduler):
+        requests = [infer(scheduler, 0.0)]
+        await until_seen([0.0])
+        requests.append(infer(scheduler, 1.0))  # times out (30 ms) while 0.0 runs
+        await asyncio.sleep(0.1)
+        requests.append(infer(scheduler, 2.0))
+        runner.permits.release()
+        await until_seen([0.0, 2.0])
+        requests.append(infer(scheduler, 3.0))  # queued after 1.0 timed out: goes first
+        runner.permits.release(3)
+        return await asyncio.gather(*requests)
+
+    policy = QueuePolicy(timeout_s=0.03, timeout_action="delay")
+    results = run(_with_scheduler(runner, body, max_batch_size=4, batching=False,
+                                  queue_policy=policy))
+    assert runner.seen == [0.0, 2.0, 3.0, 1.0]
+    assert [r["y"][0, 0] for r in results] == [0.0, 2.0, 4.0, 6.0]
+
+
+def test_a_request_whose_deadline_passed_is_refused_even_when_it_could_run_at_once() -> None:
+    from onnxserve.serving.errors import DeadlineExceededError
+
+    runner = FakeRunner()
+
+    async def body(scheduler):
+        with pytest.raises(DeadlineExceededError, match="not computed"):
+            await scheduler.infer({"x": np.ones((1, 2))}, ["y"], 1, time_remaining=0.0)
+        return scheduler.stats
+
+    stats = run(_with_scheduler(runner, body, max_batch_size=4, run_on_event_loop=True))
+    assert runner.batches == [] and stats.fail.count == 1
+
+
+def test_one_batch_forms_at_a_time_across_instances() -> None:
+    """Two instances do not split the queue into two half batches that each wait for
+    more: one batch forms at a time (Triton's one batcher thread feeds every instance)."""
+    runners = [FakeRunner(), FakeRunner()]
+
+    async def body(scheduler):
+        return await asyncio.wait_for(asyncio.gather(*(
+            scheduler.infer({"x": np.full((1, 2), float(i))}, ["y"], 1) for i in range(4))), 10)
+
+    async def with_two():
+        scheduler = Scheduler(runners, name="t", max_batch_size=4,
+                              max_queue_delay_us=LONG_DELAY_US)
+        scheduler.start()
+        try:
+            return await body(scheduler)
+        finally:
+            await scheduler.close()
+
+    results = run(with_two())
+    assert sorted(runners[0].batches + runners[1].batches) == [4]
+    assert [r["y"][0, 0] for r in results] == [0.0, 2.0, 4.0, 6.0]
+
+
+def test_every_deadline_is_kept_whatever_the_order_and_delay_keeps_the_callers() -> None:
+    """Deadlines that come in any order each fail their request at its time; a request the
+    queue policy DELAYs still fails at its caller's deadline; none is computed."""
+    from onnxserve.serving.batching.scheduler import QueuePolicy
+    from onnxserve.serving.errors import DeadlineExceededError
+
+    runner = FakeRunner()
+
+    async def body(scheduler):
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        failed_at: dict[float, float] = {}
+
+        async def timed(remaining: float) -> None:
+            with pytest.raises(DeadlineExceededError, match="not computed"):
+                await scheduler.infer({"x": np.ones((1, 2))}, ["y"], 1,
+                                      time_remaining=remaining)
+            failed_at[remaining] = loop.time() - started
+
+        # later deadlines first, then earlier ones (the next deadline moves forward)
+        await asyncio.wait_for(asyncio.gather(*(timed(r) for r in (0.4, 0.3, 0.2, 0.1))), 10)
+        return failed_at
+
+    policy = QueuePolicy(timeout_s=0.05, timeout_action="delay")
+    failed_at = run(_with_scheduler(runner, body, max_batch_size=8, queue_policy=policy,
+                                    max_queue_delay_us=LONG_DELAY_US))
+    assert runner.batches == []
+    for remaining, at in failed_at.items():
+        assert at >= remaining  # never before the caller's deadline
+    assert sorted(failed_at, key=failed_at.__getitem__) == [0.1, 0.2, 0.3, 0.4]

@@ -1,13 +1,22 @@
 """Per-model-version dynamic batcher: queue requests, form batches, run them, split results.
 
-Requests wait in one queue per model version. A worker (one per model instance) takes the
-oldest request and adds queued requests with the same per-sample shapes and datatypes,
-counting samples (a request may carry its own batch), until it reaches the largest
-preferred batch size (or ``max_batch_size``), or until ``max_queue_delay`` has passed
-(0: take what is queued when the instance frees). It copies the inputs into one
-preallocated buffer per input, runs the batch on its runner in a thread, and hands each
-request a view of its own rows of the outputs. A request whose caller went away before
-its batch formed is dropped, never computed. Without batching, each request runs alone.
+Requests wait in one queue per model version. A worker (one per model instance; one forms
+a batch at a time, as Triton's one batcher thread feeds every instance) looks at the oldest
+request and the queued requests after it with the same per-sample shapes and datatypes,
+counting samples (a request may carry its own batch), until they reach the largest
+preferred batch size (or ``max_batch_size``), or until the oldest of them has waited
+``max_queue_delay`` (0: take what is queued when the instance frees). Only then does it
+take them out of the queue: it copies the inputs into one preallocated buffer per input,
+runs the batch on its runner in a thread, and hands each request a view of its own rows
+of the outputs. Without batching, each request runs alone.
+
+A request stays in the queue, and so can leave it, until its batch runs: a caller that goes
+away (its task cancelled: a gRPC cancel or deadline, a closed stream or HTTP connection)
+takes its request out at once, and a request whose deadline passes is failed at that
+moment, so neither is ever computed and the batch forming takes another request in its
+place. The queue policy's timeout (Triton's ``default_queue_policy``) acts at the timeout:
+REJECT fails the request with Triton's UNAVAILABLE "Request timeout expired", DELAY moves it
+behind every request that has not timed out, those queued later included.
 A scheduler made with ``run_on_event_loop=True`` runs its batches on the event loop's own
 thread instead: for models so small that the hand-off to a thread costs more than the run.
 
@@ -21,6 +30,8 @@ from __future__ import annotations
 import asyncio
 import bisect
 import collections
+import heapq
+import itertools
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -35,6 +46,7 @@ from onnxserve.serving.errors import (
     DeadlineExceededError,
     InferenceFailedError,
     InvalidInputError,
+    QueueTimeoutError,
     ResourceExhaustedError,
     SchedulerClosedError,
     ServingError,
@@ -48,19 +60,29 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class QueuePolicy:
-    """Triton's ModelQueuePolicy: queue bound and how long a request may wait."""
+    """Triton's ModelQueuePolicy (model_config.proto, and the dynamic batcher's "Queue
+    Policy" in Triton's model configuration guide): queue bound and how long a request may
+    wait in the queue before its batch runs."""
 
     #: queued requests beyond this are refused at once (0: no bound)
     max_queue_size: int = 0
-    #: seconds a request may wait before its batch forms (0: no limit)
+    #: seconds a request may wait in the queue (0: no limit)
     timeout_s: float = 0.0
-    #: what happens on timeout: "reject" fails the request, "delay" moves it behind the others
+    #: what happens at the timeout: "reject" fails the request then (UNAVAILABLE, "Request
+    #: timeout expired", as Triton), "delay" lets it run only after every queued request
+    #: that has not timed out, including those that arrive later
     timeout_action: str = "reject"
     #: whether a request's own "timeout" parameter (microseconds) may replace timeout_s
     allow_timeout_override: bool = False
 
 
-@dataclass
+#: which of a request's deadlines an entry of the scheduler's deadline heap is for
+_CALLER, _QUEUE = "caller", "queue"
+#: withdrawn entries the deadline heap may hold before it is rebuilt without them
+_STALE_KEPT = 64
+
+
+@dataclass(eq=False)  # queued by identity
 class _Pending:
     inputs: dict[str, np.ndarray]
     outputs: tuple[str, ...]
@@ -68,12 +90,15 @@ class _Pending:
     #: requests batch together only when these match
     key: tuple
     future: asyncio.Future
-    #: time.monotonic() after which the request may no longer start (None: never expires)
-    deadline: float | None = None
-    #: the deadline comes from the queue policy (else from the caller's own deadline)
-    policy_deadline: bool = False
     #: outputs asked for as their k best classes (the classification extension)
     top_k: dict[str, int] = field(default_factory=dict)
+    #: time.perf_counter() at which the caller's deadline passes (None: no deadline)
+    caller_deadline: float | None = None
+    #: time.perf_counter() at which the queue policy's timeout expires (None: no timeout,
+    #: or it expired and the request was delayed)
+    queue_deadline: float | None = None
+    #: the nearer of the two deadlines while it is in the scheduler's deadline heap
+    armed_at: float | None = None
     enqueued_ns: int = field(default_factory=time.perf_counter_ns)
     started_ns: int | None = None
 
@@ -132,6 +157,10 @@ class _Buffers:
         self._allocate = allocate
         self._buffers: collections.OrderedDict[tuple, np.ndarray] = collections.OrderedDict()
 
+    def clear(self) -> None:
+        """Let go of every buffer (pinned ones are unregistered when freed)."""
+        self._buffers.clear()
+
     def concatenate(self, name: str, parts: list[np.ndarray], rows: int) -> np.ndarray:
         """The parts one after another, then zero rows up to ``rows`` in all."""
         first = parts[0]
@@ -188,8 +217,21 @@ class Scheduler:
         self._max_delay_s = max_queue_delay_us / 1e6
         self._name = name
         self.stats = stats or ModelStats()
-        self._queue: asyncio.Queue[_Pending] = asyncio.Queue()
-        self._carry: collections.deque[_Pending] = collections.deque()
+        #: queued requests, oldest first, then those delayed by the queue policy (dicts as
+        #: ordered sets: a caller that leaves is taken out at once)
+        self._waiting: dict[_Pending, None] = {}
+        self._delayed: dict[_Pending, None] = {}
+        #: one batch forms at a time; the worker forming it waits on ``_wakeup``
+        self._forming = asyncio.Lock()
+        self._wakeup: asyncio.Future[None] | None = None
+        #: (time, order, request, kind) of the queued requests' nearer deadlines, and one
+        #: timer for the first (a timer per request cost a third of the queue's time);
+        #: entries of requests no longer queued are skipped, or dropped when many
+        self._deadlines: list[tuple[float, int, _Pending, str]] = []
+        self._order = itertools.count()
+        self._stale = 0
+        self._deadline_timer: asyncio.TimerHandle | None = None
+        self._deadline_timer_at = 0.0
         self._executor = ThreadPoolExecutor(
             max_workers=len(self._runners), thread_name_prefix=f"run-{name}"
         )
@@ -224,21 +266,37 @@ class Scheduler:
         ]
 
     async def close(self) -> None:
-        """Stop taking requests, fail what is still queued, and stop the workers."""
+        """Stop taking requests, fail what is still queued, stop the workers and their
+        threads, and let go of the batch buffers and the statistics' metrics.
+
+        Afterwards no batch runs and nothing of the scheduler refers back to it: a worker
+        task ended by ``cancel`` keeps its CancelledError, whose traceback holds the
+        worker's frames and so this scheduler, its runners and their sessions; kept in
+        ``_workers`` that was a reference cycle, freed only by Python's cyclic garbage
+        collector (every reload kept a retired version alive until it ran).
+        """
         self._closed = True
         for task in self._workers:
             task.cancel()
         await asyncio.gather(*self._workers, return_exceptions=True)
-        while self._carry or not self._queue.empty():
-            pending = self._carry.popleft() if self._carry else self._queue.get_nowait()
+        self._workers = []
+        for pending in [*self._waiting, *self._delayed]:
+            self._withdraw(pending)
             if not pending.future.done():
                 pending.future.set_exception(UnavailableError(f"model {self._name} was unloaded"))
+        if self._deadline_timer is not None:
+            self._deadline_timer.cancel()
+            self._deadline_timer = None
+        self._deadlines.clear()
+        self._stale = 0
         self._executor.shutdown(wait=True)
+        self._inline_buffers.clear()
+        self.stats.close()
 
     @property
     def queued(self) -> int:
         """Requests waiting for a batch (not counting the ones running)."""
-        return self._queue.qsize() + len(self._carry)
+        return len(self._waiting) + len(self._delayed)
 
     async def infer(
         self,
@@ -256,8 +314,18 @@ class Scheduler:
         ``top_k`` names outputs wanted as their k best classes per sample (models with a
         batch dimension only), found where the batch runs.
         ``time_remaining`` is the caller's deadline in seconds from now: a request still
-        queued when it passes is dropped, never computed. ``timeout_us`` is the request's
-        own queue timeout, used when the queue policy allows overriding.
+        queued when it passes is failed then, never computed. ``timeout_us`` is the
+        request's own queue timeout, used when the queue policy allows overriding. A caller
+        that stops waiting (its task cancelled) takes its request out of the queue: it is
+        never computed, and its place in a forming batch goes to another request.
+
+        Raises:
+            SchedulerClosedError: the scheduler was closed or is draining.
+            ResourceExhaustedError: the queue holds ``max_queue_size`` requests.
+            DeadlineExceededError: the caller's deadline passed before the request ran.
+            QueueTimeoutError: the queue policy's timeout (REJECT) expired first.
+            UnavailableError: the model was unloaded while the request waited.
+            InferenceFailedError, InvalidInputError: the run failed.
         """
         if self._closed:
             raise SchedulerClosedError(f"model {self._name} is not accepting requests")
@@ -270,27 +338,33 @@ class Scheduler:
             )
         if top_k and self._max_batch_size <= 0:
             raise ValueError("top_k needs a model with a batch dimension")
+        if time_remaining is not None and time_remaining <= 0:
+            self.stats.record_request(False, 0, None)
+            raise DeadlineExceededError(
+                f"model {self._name}: the request's deadline passed before it was queued "
+                f"({-time_remaining * 1e3:.1f} ms ago); it was not computed")
         inputs = self._runners[0].prepare(inputs)
-        future = asyncio.get_running_loop().create_future()
-        if self._inline and not self._max_delay_s and self._queue.empty() and not self._carry:
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        if self._inline and not self._max_delay_s and not self._waiting and not self._delayed:
             # Nothing waits to join it: run it now, without the round trip through the
             # worker task (two event loop turns, a third of a tiny model's time), and
             # without the queue's bookkeeping (it cannot expire: it never waits).
             return self._run_now(_Pending(inputs, tuple(outputs), batch_size, (), future,
                                           top_k=dict(top_k or {})))
         key = _batch_key(inputs) if self._batching else ()
-        now = time.monotonic()
+        pending = _Pending(inputs, tuple(outputs), batch_size, key, future, dict(top_k or {}))
+        now = time.perf_counter()
         timeout_s = policy.timeout_s
         if timeout_us and policy.allow_timeout_override:
             timeout_s = timeout_us / 1e6
-        deadline, from_policy = None, False
         if timeout_s:
-            deadline, from_policy = now + timeout_s, True
-        if time_remaining is not None and (deadline is None or now + time_remaining < deadline):
-            deadline, from_policy = now + max(time_remaining, 0.0), False
-        pending = _Pending(inputs, tuple(outputs), batch_size, key, future, deadline,
-                           from_policy, dict(top_k or {}))
-        self._queue.put_nowait(pending)
+            pending.queue_deadline = now + timeout_s
+        if time_remaining is not None:
+            pending.caller_deadline = now + time_remaining
+        self._waiting[pending] = None
+        self._arm(pending)
+        self._wake()
         self._in_flight.enter()
         ok = False
         try:
@@ -298,6 +372,8 @@ class Scheduler:
             ok = True
             return result
         finally:
+            # Still queued here only when the caller left (this task was cancelled).
+            self._withdraw(pending)
             self._in_flight.leave()
             queued = None if pending.started_ns is None else (
                 pending.started_ns - pending.enqueued_ns)
@@ -318,77 +394,147 @@ class Scheduler:
         finally:
             self.stats.record_request(ok, time.perf_counter_ns() - pending.enqueued_ns, 0)
 
-    async def _next(self, timeout: float | None) -> _Pending | None:
-        while True:
-            if self._carry:
-                pending = self._carry.popleft()
-            elif timeout is None:
-                pending = await self._queue.get()
-            elif timeout <= 0:
-                if self._queue.empty():
-                    return None
-                pending = self._queue.get_nowait()
-            else:
-                got = await self._get_within(timeout)
-                if got is None:
-                    return None
-                pending = got
-            if pending.future.done():  # skip requests whose caller is gone
-                continue
-            if pending.deadline is not None and time.monotonic() > pending.deadline:
-                if not self._expire(pending):
-                    continue
-            return pending
+    # --- the queue: deadlines, callers that leave, batch forming --------------------------
 
-    def _expire(self, pending: _Pending) -> bool:
-        """Handle a request whose deadline passed in the queue; True if it may still run."""
-        waited = (time.perf_counter_ns() - pending.enqueued_ns) / 1e6
-        if pending.policy_deadline and self._policy.timeout_action == "delay":
-            # Triton's DELAY: the request loses its place, and its deadline, and waits
-            # behind everything queued now.
-            pending.deadline = None
-            if self._queue.empty() and not self._carry:
+    def _wake(self) -> None:
+        """Tell the worker forming a batch that the queue changed."""
+        if self._wakeup is not None and not self._wakeup.done():
+            self._wakeup.set_result(None)
+
+    def _withdraw(self, pending: _Pending) -> bool:
+        """Take ``pending`` out of the queue (and its deadline out of the heap); whether it
+        was queued."""
+        if pending.armed_at is not None:
+            pending.armed_at = None
+            self._stale += 1
+            if self._stale > _STALE_KEPT and self._stale * 2 > len(self._deadlines):
+                self._deadlines = [e for e in self._deadlines if e[2].armed_at == e[0]]
+                heapq.heapify(self._deadlines)
+                self._stale = 0
+        for queue in (self._waiting, self._delayed):
+            if pending in queue:
+                del queue[pending]
+                self._wake()
                 return True
-            self._queue.put_nowait(pending)
-            return False
-        reason = ("the model's queue timeout" if pending.policy_deadline
-                  else "the request's deadline")
-        pending.future.set_exception(DeadlineExceededError(
-            f"model {self._name}: request dropped after {waited:.1f} ms in the queue "
-            f"({reason} passed before a batch formed)"))
         return False
 
-    async def _get_within(self, timeout: float) -> _Pending | None:
-        # Not asyncio.wait_for: on Python 3.11 it can drop an item that arrives as the
-        # timeout fires.
-        getter = asyncio.ensure_future(self._queue.get())
-        done, _ = await asyncio.wait({getter}, timeout=timeout)
-        if getter not in done:
-            getter.cancel()
-            try:
-                return await getter
-            except asyncio.CancelledError:
-                return None
-        return getter.result()
+    def _arm(self, pending: _Pending) -> None:
+        """Put the nearer of ``pending``'s deadlines (if any) in the deadline heap."""
+        caller, queue = pending.caller_deadline, pending.queue_deadline
+        if caller is None and queue is None:
+            return
+        if queue is None or (caller is not None and caller <= queue):
+            at, kind = cast(float, caller), _CALLER
+        else:
+            at, kind = queue, _QUEUE
+        pending.armed_at = at
+        heapq.heappush(self._deadlines, (at, next(self._order), pending, kind))
+        if self._deadline_timer is None or at < self._deadline_timer_at:
+            self._set_deadline_timer()
 
-    async def _gather(self) -> list[_Pending]:
-        first = await self._next(None)
-        assert first is not None
+    def _set_deadline_timer(self) -> None:
+        """(Re)set the one timer for the first live deadline of the heap."""
+        if self._deadline_timer is not None:
+            self._deadline_timer.cancel()
+            self._deadline_timer = None
+        heap = self._deadlines
+        while heap and heap[0][2].armed_at != heap[0][0]:
+            heapq.heappop(heap)
+            self._stale -= 1
+        if heap:
+            self._deadline_timer_at = heap[0][0]
+            self._deadline_timer = asyncio.get_running_loop().call_later(
+                max(heap[0][0] - time.perf_counter(), 0.0), self._deadlines_passed)
+
+    def _deadlines_passed(self) -> None:
+        """The deadline timer fired: act on every deadline passed, then set it again."""
+        self._deadline_timer = None
+        heap, now = self._deadlines, time.perf_counter()
+        while heap and heap[0][0] <= now:
+            at, _, pending, kind = heapq.heappop(heap)
+            if pending.armed_at != at:
+                self._stale -= 1  # withdrawn, or its deadline changed
+                continue
+            pending.armed_at = None
+            self._expire(pending, kind)
+        self._set_deadline_timer()
+
+    def _expire(self, pending: _Pending, kind: str) -> None:
+        """A queued request's deadline (``kind``) passed: fail it now, or, for the queue
+        policy's DELAY, move it behind the requests that have not timed out (Triton's
+        ModelQueuePolicy: "delay the request until all other requests at the same (or
+        higher) priority levels that have not reached their timeouts are processed")."""
+        if pending not in self._waiting and pending not in self._delayed:
+            return  # running or answered: too late to drop it
+        waited_ms = (time.perf_counter_ns() - pending.enqueued_ns) / 1e6
+        if kind == _QUEUE and self._policy.timeout_action == "delay":
+            pending.queue_deadline = None
+            del self._waiting[pending]
+            self._delayed[pending] = None
+            self._arm(pending)  # the caller's own deadline still holds
+            self._wake()
+            return
+        self._withdraw(pending)
+        if pending.future.done():
+            return
+        if kind == _CALLER:
+            pending.future.set_exception(DeadlineExceededError(
+                f"model {self._name}: request dropped after {waited_ms:.1f} ms in the queue "
+                "(the request's deadline passed before its batch ran); it was not computed"))
+        else:
+            pending.future.set_exception(QueueTimeoutError(
+                f"model {self._name}: Request timeout expired after {waited_ms:.1f} ms in "
+                "the queue (dynamic_batching.default_queue_policy: timeout_action REJECT; "
+                "the timeout is default_timeout_microseconds, or the request's 'timeout' "
+                "parameter where allow_timeout_override is true); it was not computed"))
+
+    def _form(self) -> tuple[list[_Pending], float | None]:
+        """The batch the queue holds now, and how long it may still wait for more: 0 to
+        run it now; None when nothing is queued."""
+        queued = itertools.chain(self._waiting, self._delayed)
+        first = next(queued, None)
+        if first is None:
+            return [], None
         batch = [first]
         if not self._batching:
-            return batch
-        size = first.batch_size
-        deadline = time.monotonic() + self._max_delay_s
-        while size < self._target:
-            nxt = await self._next(deadline - time.monotonic())
+            return batch, 0.0
+        size, oldest = first.batch_size, first.enqueued_ns
+        full = size >= self._target
+        while not full:
+            nxt = next(queued, None)
             if nxt is None:
                 break
             if nxt.key != first.key or size + nxt.batch_size > self._max_batch_size:
-                self._carry.appendleft(nxt)
+                full = True  # the batch cannot grow past this request: run it as it is
                 break
             batch.append(nxt)
             size += nxt.batch_size
-        return batch
+            oldest = min(oldest, nxt.enqueued_ns)
+            full = size >= self._target
+        if full or not self._max_delay_s:
+            return batch, 0.0
+        # Triton's max_queue_delay counts from the oldest request of the batch.
+        waited = (time.perf_counter_ns() - oldest) / 1e9
+        return batch, max(self._max_delay_s - waited, 0.0)
+
+    async def _gather(self) -> list[_Pending]:
+        """Wait for the next batch to be due and take its requests out of the queue."""
+        async with self._forming:
+            loop = asyncio.get_running_loop()
+            while True:
+                batch, wait = self._form()
+                if batch and not wait:
+                    for pending in batch:
+                        self._withdraw(pending)
+                    return batch
+                self._wakeup = waiter = loop.create_future()
+                timer = None if wait is None else loop.call_later(wait, self._wake)
+                try:
+                    await waiter
+                finally:
+                    self._wakeup = None
+                    if timer is not None:
+                        timer.cancel()
 
     async def _work(self, runner: Instance) -> None:
         loop = asyncio.get_running_loop()
@@ -407,12 +553,15 @@ class Scheduler:
                     )
             except InvalidInputError as exc:
                 # One request's input the model cannot compute must not fail the others
-                # batched with it: run each alone, so only the culprits fail.
+                # batched with it: run each alone, so only the culprits fail (and not those
+                # whose callers left meanwhile).
                 if len(batch) == 1:
                     self._settle(batch, [exc])
-                elif self._inline:
+                    continue
+                batch = [pending for pending in batch if not pending.future.done()]
+                if self._inline:
                     self._settle(batch, self._run_each(runner, buffers, batch))
-                else:
+                elif batch:
                     self._settle(batch, await loop.run_in_executor(
                         self._executor, self._run_each, runner, buffers, batch))
                 continue

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
+from onnxserve.protos.naming import parse_version
 from onnxserve.serving.batching.scheduler import QueuePolicy, Scheduler
 from onnxserve.serving.errors import (
     InferenceFailedError,
@@ -65,6 +66,23 @@ class ModelVersion:
     @property
     def provider(self) -> str:
         return self.runners[0].provider
+
+    async def close(self) -> None:
+        """Release the version: its scheduler stops (failing what is still queued, joining
+        its threads), then its instances' onnxruntime sessions, threads and buffers go and
+        its metrics are handed back. Done explicitly because whatever still refers to a
+        retired version (a traceback, a finished task, a caller) would otherwise keep all
+        of that until Python's cyclic garbage collector runs."""
+        await self.scheduler.close()
+        for runner in self.runners:
+            runner.close()
+
+    def discard(self) -> None:
+        """Release a version whose scheduler never started (a load that failed later on):
+        its instances' sessions and its metrics."""
+        self.scheduler.stats.close()
+        for runner in self.runners:
+            runner.close()
 
     def instances(self) -> str:
         """Each instance's device, provider and I/O path, counted."""
@@ -147,15 +165,21 @@ class Model:
         return reshaped
 
     def version(self, requested: str) -> ModelVersion:
-        """The version a request names, or the newest loaded one when it names none."""
+        """The version a request names, or the newest loaded one when it names none.
+
+        Raises:
+            NotFoundError: no loaded version is ``requested``, or it is not a version
+                number at all (onnxserve.protos.naming.parse_version: ASCII digits only).
+        """
         if not requested:
             return self.versions[max(self.versions)]
-        if not requested.isdigit() or int(requested) not in self.versions:
+        number = parse_version(requested)
+        if number is None or number not in self.versions:
             raise NotFoundError(
-                f"model {self.name!r} has no version {requested!r}; loaded versions are "
+                f"model {self.name!r} has no version {requested[:40]!r}; loaded versions are "
                 f"{', '.join(str(v) for v in sorted(self.versions))}"
             )
-        return self.versions[int(requested)]
+        return self.versions[number]
 
     @property
     def provider(self) -> str:
@@ -187,8 +211,9 @@ class Model:
         return all(results)
 
     async def close(self) -> None:
+        """Release every version (see ModelVersion.close); once its drain has ended."""
         for version in self.versions.values():
-            await version.scheduler.close()
+            await version.close()
 
 
 def queue_policy(config: ModelConfig, default_max_queue_size: int = 0) -> QueuePolicy:
@@ -213,11 +238,18 @@ def queue_policy(config: ModelConfig, default_max_queue_size: int = 0) -> QueueP
 
 def _build_runners(path: Path, name: str, plan: ExecutionPlan,
                    settings: ServerSettings) -> list[Runner]:
-    return [
-        Runner(path, model_name=name, providers=settings.providers,
-               settings=plan.session_for(device), device=device, gpu=plan.gpu)
-        for device in plan.devices
-    ]
+    """One runner per planned device; when one fails, those already built are closed."""
+    runners: list[Runner] = []
+    try:
+        for device in plan.devices:
+            runners.append(Runner(path, model_name=name, providers=settings.providers,
+                                  settings=plan.session_for(device), device=device,
+                                  gpu=plan.gpu))
+    except BaseException:
+        for runner in runners:
+            runner.close()
+        raise
+    return runners
 
 
 def _warmup_sizes(config: ModelConfig, buckets: tuple[int, ...],
@@ -255,49 +287,62 @@ def load_model(
                           devices=devices)
     config: ModelConfig | None = None
     versions: dict[int, ModelVersion] = {}
-    for number in chosen:
-        path = source.versions[number]
-        check_external_data(path, source.path)
-        runners = _build_runners(path, name, plan, settings)
-        version_config = complete_config(source, runners[0].signature)
-        if config is not None and version_config.input != config.input:
-            raise ModelLoadError(
-                f"model {name!r}: version {number} has different inputs than the other versions"
+    #: the instances of the version being loaded, until its ModelVersion holds them
+    building: list[Runner] = []
+    try:
+        for number in chosen:
+            path = source.versions[number]
+            check_external_data(path, source.path)
+            runners = _build_runners(path, name, plan, settings)
+            building = runners
+            version_config = complete_config(source, runners[0].signature)
+            if config is not None and version_config.input != config.input:
+                raise ModelLoadError(
+                    f"model {name!r}: version {number} has different inputs than the other versions"
+                )
+            config = version_config
+            on_gpu = any(r.provider != "CPUExecutionProvider" for r in runners)
+            buckets = resolve_buckets(plan.gpu.buckets, config.max_batch_size, on_gpu)
+            samples = (samples_from_config(config, source.path) if config.model_warmup
+                       else default_samples(config, _warmup_sizes(config, buckets, on_gpu))
+                       if settings.warmup else [])
+            where = f"model {name!r} version {number}"
+            timings = warm_up(runners, samples, where)
+            if plan.run_on_event_loop is None:
+                # Decided once per model, on its first version. Moving onto the event loop keeps
+                # the sessions as they are (one instance, same threads): nothing to rebuild.
+                smallest, largest = smallest_and_largest(timings)
+                on_loop = should_run_on_event_loop(plan, smallest, largest, runners[0].provider)
+                plan = replace(plan, run_on_event_loop=on_loop)
+            for result in timings:
+                log.info("warm-up of %s version %d: %s, first run %.2f ms, then %.3f ms",
+                         name, number, result.name, result.first_s * 1e3, result.typical_s * 1e3)
+            batching = config.dynamic_batching
+            scheduler = Scheduler(
+                runners,
+                max_batch_size=config.max_batch_size,
+                batching=config.HasField("dynamic_batching"),
+                max_queue_delay_us=batching.max_queue_delay_microseconds,
+                preferred_batch_sizes=list(batching.preferred_batch_size),
+                name=f"{name}:{number}",
+                run_on_event_loop=bool(plan.run_on_event_loop),
+                queue_policy=queue_policy(config, settings.max_queue_size),
+                batch_buckets=buckets,
+                stats=ModelStats(metrics.for_version(name, number) if metrics else None),
             )
-        config = version_config
-        on_gpu = any(r.provider != "CPUExecutionProvider" for r in runners)
-        buckets = resolve_buckets(plan.gpu.buckets, config.max_batch_size, on_gpu)
-        samples = (samples_from_config(config, source.path) if config.model_warmup
-                   else default_samples(config, _warmup_sizes(config, buckets, on_gpu))
-                   if settings.warmup else [])
-        where = f"model {name!r} version {number}"
-        timings = warm_up(runners, samples, where)
-        if plan.run_on_event_loop is None:
-            # Decided once per model, on its first version. Moving onto the event loop keeps
-            # the sessions as they are (one instance, same threads): nothing to rebuild.
-            smallest, largest = smallest_and_largest(timings)
-            on_loop = should_run_on_event_loop(plan, smallest, largest, runners[0].provider)
-            plan = replace(plan, run_on_event_loop=on_loop)
-        for result in timings:
-            log.info("warm-up of %s version %d: %s, first run %.2f ms, then %.3f ms",
-                     name, number, result.name, result.first_s * 1e3, result.typical_s * 1e3)
-        batching = config.dynamic_batching
-        scheduler = Scheduler(
-            runners,
-            max_batch_size=config.max_batch_size,
-            batching=config.HasField("dynamic_batching"),
-            max_queue_delay_us=batching.max_queue_delay_microseconds,
-            preferred_batch_sizes=list(batching.preferred_batch_size),
-            name=f"{name}:{number}",
-            run_on_event_loop=bool(plan.run_on_event_loop),
-            queue_policy=queue_policy(config, settings.max_queue_size),
-            batch_buckets=buckets,
-            stats=ModelStats(metrics.for_version(name, number) if metrics else None),
-        )
-        versions[number] = ModelVersion(number, runners, scheduler, timings)
-    assert config is not None
-    labels = read_labels(source.path, config)
-    model = Model(name, config, labels, versions, plan, options)
+            versions[number] = ModelVersion(number, runners, scheduler, timings)
+            building = []
+        assert config is not None
+        labels = read_labels(source.path, config)
+        model = Model(name, config, labels, versions, plan, options)
+    except BaseException:
+        # Release what was built now: the exception's traceback holds these frames
+        # (and the sessions, threads and weights) for as long as it is kept.
+        for runner in building:
+            runner.close()
+        for built in versions.values():
+            built.discard()
+        raise
     event(log, logging.INFO, "model_loaded", model=name,
           versions=",".join(str(v) for v in chosen), provider=model.provider,
           seconds=round(time.perf_counter() - started, 3), execution=plan.describe())

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import bisect
 import logging
+import threading
+import weakref
 from collections.abc import Callable, Iterable
 from wsgiref.simple_server import WSGIServer
 
@@ -64,7 +66,12 @@ class Histogram:
 class VersionMetrics:
     """One model version's batch and queue figures; ModelStats updates them under its lock."""
 
-    def __init__(self) -> None:
+    def __init__(self, owner: Metrics | None = None, key: tuple[str, str] = ("", "")) -> None:
+        #: the Metrics that serves these figures (weak: no reference cycle through it)
+        self._owner = weakref.ref(owner) if owner is not None else None
+        self._key = key
+        #: loaded schedulers reporting here (a reload of the same version shares them)
+        self.users = 0
         self.inferences = 0
         self.executions = 0
         self.batch_size = Histogram(_BATCH_BUCKETS)
@@ -80,14 +87,22 @@ class VersionMetrics:
     def queued(self, queue_s: float) -> None:
         self.queue_seconds.observe(queue_s)
 
+    def close(self) -> None:
+        """A scheduler reporting here closed (its model version was unloaded or replaced)."""
+        owner = self._owner() if self._owner is not None else None
+        if owner is not None:
+            owner.release_version(self._key, self)
+
 
 class Metrics:
     """All of onnxserve's metric families, in their own registry."""
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
-        #: (model, version) -> that version's batch figures
+        #: (model, version) -> that version's batch figures, while a scheduler reports there
         self._versions: dict[tuple[str, str], VersionMetrics] = {}
+        #: guards _versions (model loads run in threads)
+        self._lock = threading.Lock()
         #: (model, version, protocol, status) -> answered requests (event loop only)
         self._requests: dict[tuple[str, str, str, str], int] = {}
         #: (model, version, protocol) -> durations of successful requests (event loop only)
@@ -102,8 +117,31 @@ class Metrics:
         self._server: WSGIServer | None = None
 
     def for_version(self, model: str, version: int) -> VersionMetrics:
-        """The figures of a model version (a reload of the same version adds to them)."""
-        return self._versions.setdefault((model, str(version)), VersionMetrics())
+        """The figures of a model version for one more scheduler (a reload of the same
+        version adds to them); its ``close`` hands them back (``release_version``)."""
+        key = (model, str(version))
+        with self._lock:
+            figures = self._versions.get(key)
+            if figures is None:
+                figures = self._versions[key] = VersionMetrics(self, key)
+            figures.users += 1
+            return figures
+
+    def release_version(self, key: tuple[str, str], figures: VersionMetrics) -> None:
+        """One scheduler of a model version is gone; when it was the last, the version's
+        series go from /metrics (its batch figures and its request counts), as Triton
+        drops a model version's metrics when the version unloads. Without this, a server
+        that loads a new version number at every reload would keep every retired
+        version's series, and their memory, for ever."""
+        with self._lock:
+            figures.users -= 1
+            if figures.users > 0 or self._versions.get(key) is not figures:
+                return
+            del self._versions[key]
+        for request_key in [k for k in self._requests if k[:2] == key]:
+            self._requests.pop(request_key, None)
+        for seconds_key in [k for k in self._request_seconds if k[:2] == key]:
+            self._request_seconds.pop(seconds_key, None)
 
     def observe_request(self, model: str, version: str, status: str, seconds: float,
                         protocol: str) -> None:

@@ -35,6 +35,8 @@ class StatsObserver(Protocol):
 
     def queued(self, queue_s: float) -> None: ...
 
+    def close(self) -> None: ...
+
 
 class ModelStats:
     """Counters one scheduler updates; read by the ModelStatistics RPC and /metrics."""
@@ -71,6 +73,14 @@ class ModelStats:
             batch.compute_output.add(output_ns)
             if self.observer is not None:
                 self.observer.batch(samples, (input_ns + infer_ns + output_ns) / 1e9)
+
+    def close(self) -> None:
+        """The model version is gone: tell the observer once (its metrics may go) and stop
+        telling it of updates."""
+        with self._lock:
+            observer, self.observer = self.observer, None
+        if observer is not None:
+            observer.close()
 
     def record_request(self, ok: bool, total_ns: int, queue_ns: int | None) -> None:
         """One request finished (``queue_ns`` is None when it never reached a batch)."""

@@ -14,11 +14,17 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from pathlib import Path
+from typing import NoReturn, cast
 
 import numpy as np
 import onnxruntime as ort
 
-from onnxserve.serving.errors import InferenceFailedError, InvalidInputError, ModelLoadError
+from onnxserve.serving.errors import (
+    InferenceFailedError,
+    InvalidInputError,
+    ModelLoadError,
+    UnavailableError,
+)
 from onnxserve.serving.runtime.devices import CPU_DEVICE, Device
 from onnxserve.serving.runtime.pinned import host_buffer
 from onnxserve.serving.runtime.providers import check_active, provider_chain
@@ -102,6 +108,7 @@ class Runner:
     ) -> None:
         self.settings = settings or SessionSettings()
         self.device = device
+        self._model_name = model_name
         gpu = gpu or GpuSettings()
         options = session_options(self.settings)
         try:
@@ -137,6 +144,19 @@ class Runner:
         self._host_outputs = {o.name for o in self.signature.outputs if o.datatype == "BYTES"}
         self._pinned = on_gpu
         self._topk: dict[str, ort.InferenceSession] = {}
+
+    def close(self) -> None:
+        """Release the onnxruntime sessions (this instance's and its top-k graphs'): their
+        weights, memory arena and thread pools go now, not when the last reference to the
+        runner goes (a traceback or a finished task's frame can hold one until Python's
+        cyclic garbage collector runs, and a server reloading a model every few seconds
+        kept every retired version's threads and memory until then). Call it once no batch
+        runs on the instance (its scheduler closed); calling it again does nothing.
+        Afterwards a run raises UnavailableError, naming the model.
+        """
+        closed = cast(ort.InferenceSession, _ClosedSession(self._model_name))
+        self._session = closed
+        self._topk.clear()
 
     def describe(self) -> str:
         """The instance's device, provider and I/O path, for metadata and logs."""
@@ -182,6 +202,8 @@ class Runner:
             return self.run_with_top_k(inputs, names, {})[0]
         try:
             results = self._session.run(names, inputs)
+        except UnavailableError:
+            raise
         except Exception as exc:
             raise runtime_error(exc) from exc
         return dict(zip(names, results, strict=True))
@@ -201,7 +223,7 @@ class Runner:
                 return self._run_bound(inputs, names, top_k)
             wanted = list(dict.fromkeys([*names, *top_k]))
             results = dict(zip(wanted, self._session.run(wanted, inputs), strict=True))
-        except InvalidInputError:
+        except (InvalidInputError, UnavailableError):
             raise
         except Exception as exc:
             raise runtime_error(exc) from exc
@@ -259,6 +281,19 @@ class Runner:
         session.run_with_iobinding(binding)
         values, indices = binding.copy_outputs_to_cpu()
         return TopK(values, indices, value.shape()[1])
+
+
+class _ClosedSession:
+    """Stands for the session of a closed runner: any use is refused, naming the model."""
+
+    def __init__(self, model_name: str) -> None:
+        self._model_name = model_name
+
+    def __getattr__(self, name: str) -> NoReturn:
+        if name.startswith("__"):  # protocols probed by copy, pickle, hasattr: absent
+            raise AttributeError(name)
+        raise UnavailableError(f"model {self._model_name!r}: this instance was closed (the "
+                               "model version was unloaded or replaced)")
 
 
 def runtime_error(exc: Exception) -> InvalidInputError | InferenceFailedError:
