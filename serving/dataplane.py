@@ -20,12 +20,12 @@ import itertools
 import logging
 import os
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError
 from importlib.metadata import version as package_version
-from typing import NoReturn
+from typing import Any, NoReturn, TypeVar, overload
 
 import numpy as np
 
@@ -35,7 +35,8 @@ from onnxserve.protos.model_config_pb2 import ModelConfig
 from onnxserve.serving.batching.inflight import InFlight
 from onnxserve.serving.classification import class_strings, top_k
 from onnxserve.serving.errors import (
-    INTERNAL,
+    CANCELLED,
+    DeadlineExceededError,
     InvalidInputError,
     ModelLoadError,
     SchedulerClosedError,
@@ -49,7 +50,7 @@ from onnxserve.serving.models.model import Model, ModelVersion
 from onnxserve.serving.models.registry import READY, ModelEntry, Registry
 from onnxserve.serving.models.validation import expected_shape
 from onnxserve.serving.observability import logs, stages
-from onnxserve.serving.observability.logs import LogSettingValue, event
+from onnxserve.serving.observability.logs import FailureLog, LogSettingValue, event
 from onnxserve.serving.observability.metrics import UNKNOWN_MODEL, Metrics
 from onnxserve.serving.observability.stages import CLOCK
 from onnxserve.serving.shared_memory import (
@@ -63,6 +64,7 @@ from onnxserve.serving.shared_memory import (
 from onnxserve.serving.types import TensorSpec, TopK
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 SERVER_NAME = "onnxserve"
 #: Triton's names of the protocol extensions every front end implements, as ServerMetadata
@@ -194,6 +196,10 @@ def _whole_number(value: object, what: str, least: int) -> int:
     return value
 
 
+def _call_later(delay: float, callback: Callable[[], None]) -> None:
+    asyncio.get_running_loop().call_later(delay, callback)
+
+
 class DataPlane:
     """The V2 protocol's operations over a model registry."""
 
@@ -208,6 +214,10 @@ class DataPlane:
         # Pillow releases the GIL while decoding: one thread per core decodes in parallel.
         self._image_pool = ThreadPoolExecutor(max_workers=os.cpu_count() or 1,
                                               thread_name_prefix="decode")
+        #: repository changes (load, unload) running, kept to their end
+        self._changes: set[asyncio.Future] = set()
+        #: request_failed events, summarised under overload and during a drain
+        self._failures = FailureLog(log, schedule=_call_later)
 
     # --- lifecycle -----------------------------------------------------------------------
 
@@ -220,6 +230,7 @@ class DataPlane:
         """Release what the data plane holds: the image decoders and every shared memory
         region (unmapped now, or when the last request using one ends)."""
         self._image_pool.shutdown(wait=False, cancel_futures=True)
+        self._failures.flush()
         regions = self.shared_memory.close()
         if regions:
             log.info("unregistered %d shared memory region(s) at exit", regions)
@@ -294,14 +305,28 @@ class DataPlane:
             raise InvalidInputError(
                 f"load parameters are not supported (got {', '.join(parameters)}); change the "
                 "model's files in the repository instead")
-        entry = await self.registry.load(name)
+        entry = await self._to_the_end(self.registry.load(name))
         if entry.reason:  # failed, or a failed reload that left the old model serving
             raise ModelLoadError(f"model {name!r}: {entry.reason}")
         return entry
 
     async def unload(self, name: str) -> None:
         self.registry.check_control()
-        await self.registry.unload(name)
+        await self._to_the_end(self.registry.unload(name))
+
+    async def _to_the_end(self, change: Awaitable[T]) -> T:
+        """Await a repository change that runs to its end even if the caller leaves (a
+        cancelled gRPC call, a closed HTTP connection): cancelled halfway, a load would
+        leave its model LOADING for good (the registry logs how a load ended)."""
+        task = asyncio.ensure_future(change)
+        self._changes.add(task)
+        task.add_done_callback(self._change_done)
+        return await asyncio.shield(task)
+
+    def _change_done(self, task: asyncio.Future) -> None:
+        self._changes.discard(task)
+        if not task.cancelled():
+            task.exception()  # retrieved: a caller that left is not there to see it
 
     # --- logging and tracing -------------------------------------------------------------
 
@@ -343,8 +368,22 @@ class DataPlane:
 
     # --- inference -----------------------------------------------------------------------
 
-    async def infer(self, request: InferRequest) -> InferResult:
-        """Run one inference request; raises a ServingError naming what is wrong."""
+    @overload
+    async def infer(self, request: InferRequest) -> InferResult: ...
+
+    @overload
+    async def infer(self, request: InferRequest,
+                    answer: Callable[[InferResult], T]) -> T: ...
+
+    async def infer(self, request: InferRequest,
+                    answer: Callable[[InferResult], Any] | None = None) -> Any:
+        """Run one inference request and return its result, or what ``answer`` (the front
+        end's encoding) makes of it; raises a ServingError naming what is wrong.
+
+        ``answer`` runs before the request is counted and logged, so that an answer that
+        cannot be sent (too large for the transport, not encodable) is counted under the
+        status its client is given, not as OK.
+        """
         self._in_flight.enter()
         started = time.perf_counter()
         request.id = _printable(request.id) or _new_request_id()
@@ -366,6 +405,7 @@ class DataPlane:
                     if attempt == 2:
                         raise
                     continue
+                answered = result if answer is None else answer(result)
                 if self._metrics is not None:
                     observing = time.perf_counter_ns()
                     self._metrics.observe_request(model_label, version_label, "OK",
@@ -373,8 +413,23 @@ class DataPlane:
                                                   request.protocol)
                     if CLOCK.enabled:
                         CLOCK.add(stages.OBSERVE, observing)
-                return result
+                return answered
             raise AssertionError("unreachable")
+        except asyncio.CancelledError:
+            # The caller left (a cancelled gRPC call or stream, a closed HTTP connection,
+            # or gRPC cancelling a call whose deadline passed): the request was taken out
+            # of its queue uncomputed (serving/batching/scheduler.py); count it as what it
+            # was, though no one gets the answer.
+            waited = time.perf_counter() - started
+            code = (DeadlineExceededError.code if request.time_remaining is not None
+                    and waited >= request.time_remaining else CANCELLED)
+            if self._metrics is not None:
+                self._metrics.observe_request(model_label, version_label, code, waited,
+                                              request.protocol)
+            self._failures.failed(model=name[:200], version=version_label, status=code,
+                                  request_id=request.id,
+                                  reason=f"the caller left after {waited * 1e3:.1f} ms")
+            raise
         except Exception as exc:
             code = error_code(exc)
             if self._metrics is not None:
@@ -383,17 +438,34 @@ class DataPlane:
                                               request.protocol)
             if not isinstance(exc, ServingError):
                 log.error("inference failed unexpectedly", exc_info=exc)
-            event(log, logging.ERROR if code == INTERNAL else logging.INFO, "request_failed",
-                  model=name[:200], version=version_label, status=code,
-                  request_id=request.id, reason=str(exc))
+            self._failures.failed(model=name[:200], version=version_label, status=code,
+                                  request_id=request.id, reason=str(exc))
             raise
         finally:
             if held:
                 self.shared_memory.release(held)
             self._in_flight.leave()
 
+    def reject(self, model_name: str, status: str, reason: str, *, protocol: str,
+               request_id: str = "", seconds: float = 0.0) -> str:
+        """Count and log an inference request that its front end refused before it could
+        become an InferRequest (a body that cannot be read or decoded, JSON that is not an
+        inference request), as ``infer`` counts and logs the others (README: every
+        request in ``onnxserve_requests_total`` under the status its client is given, and
+        a ``request_failed`` event). ``status`` is that canonical code, ``seconds`` the
+        time since the request came. Returns the request's id: ``request_id`` (the one
+        sent, if it could be read) made printable, or a generated one."""
+        request_id = _printable(request_id) or _new_request_id()
+        if self._metrics is not None:
+            model_label = model_name if self.registry.knows(model_name) else UNKNOWN_MODEL
+            self._metrics.observe_request(model_label, "", status, seconds, protocol)
+        self._failures.failed(model=model_name[:200], version="", status=status,
+                              request_id=request_id, reason=reason)
+        return request_id
+
     async def _infer(self, request: InferRequest, model: Model, version: ModelVersion,
                      held: list[Region]) -> InferResult:
+        began = time.perf_counter()
         timed = CLOCK.enabled
         if timed:
             mark = time.perf_counter_ns()
@@ -432,9 +504,12 @@ class DataPlane:
         top = classification if batched else {}
         if timed:
             mark = CLOCK.add(stages.PREPARE, mark)
+        # The caller's deadline counts the time spent here (decoding images) too.
+        remaining = (None if request.time_remaining is None
+                     else request.time_remaining - (time.perf_counter() - began))
         outputs = await version.scheduler.infer(
             inputs, [n for n in names if n not in top], batch_size,
-            time_remaining=request.time_remaining, timeout_us=timeout_us, top_k=top)
+            time_remaining=remaining, timeout_us=timeout_us, top_k=top)
         if timed:
             mark = CLOCK.add(stages.BATCH, mark)
         outputs = model.to_client_outputs(outputs)

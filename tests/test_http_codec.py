@@ -210,3 +210,39 @@ def test_binary_inputs_are_views_of_the_body() -> None:
     decoded = infer_request(header, memoryview(body), "m", "").request.inputs[0].decode()
     body[0:4] = np.float32(42).tobytes()
     assert decoded[0, 0] == 42  # no copy was made
+
+
+@pytest.mark.parametrize(("text", "datatype", "message"), [
+    ("[70000, 1e6, -1e5, 1]", "FP16", "FP16 data must be numbers from -65504 to 65504 (or "
+                                      "NaN, Infinity, -Infinity); element 0 is 70000"),
+    ("[1, -65520, 0, 0]", "FP16", "element 1 is -65520, beyond FP16's range"),
+    ("[1, 2, 3, 1e39]", "FP32", "element 3 is 1e+39, beyond FP32's range"),
+    ("[1, 2, 3, -3.5e38]", "FP32", "from -3.4028235e+38 to 3.4028235e+38"),
+    ("[1e400, 2, 3, 4]", "FP64", "element 0 is a number too large for a double"),
+    (f"[1, 2, 3, {2**200}]", "FP32", "element 3 is 16069380442589902755...(61 digits)"),
+    (f"[1, 2, 3, -{10**400}]", "FP64", "element 3 is -1000000000000000000...(402 digits)"),
+    (f"[true, 2, 3, {2**70}]", "FP32", "must be numbers; element 0 is a boolean"),
+    (f"[null, 2, 3, {2**70}]", "FP32", "must be numbers; element 0 is null"),
+])
+def test_json_floats_beyond_their_type_are_refused(text: str, datatype: str,
+                                                   message: str) -> None:
+    """Never rounded to infinity (issue 21, item 6): the range is named, as for integers."""
+    data = parse_header(f'{{"data": {text}}}'.encode())["data"]
+    with pytest.raises(TensorCodecError) as err:
+        json_tensor(data, by_name(datatype), (2, 2))
+    assert message in str(err.value)
+
+
+@pytest.mark.parametrize(("text", "datatype", "expected"), [
+    ("[65504, -65504, 0.5, 1]", "FP16", [65504, -65504, 0.5, 1]),
+    (f"[{2**70}, {-2**64}, 1, 2]", "FP32", [2.0**70, -2.0**64, 1, 2]),  # past int64
+    (f"[{2**70}, 1e308, 1, 2]", "FP64", [2.0**70, 1e308, 1, 2]),
+    ("[NaN, Infinity, -Infinity, 1]", "FP16", [np.nan, np.inf, -np.inf, 1]),
+    ("[NaN, Infinity, -Infinity, 1]", "FP64", [np.nan, np.inf, -np.inf, 1]),
+])
+def test_json_floats_within_their_type_or_spelt_infinite_are_taken(
+        text: str, datatype: str, expected: list[float]) -> None:
+    data = parse_header(f'{{"data": {text}}}'.encode())["data"]
+    array = json_tensor(data, by_name(datatype), (2, 2))
+    assert array.dtype == by_name(datatype).numpy
+    np.testing.assert_array_equal(array.ravel(), np.array(expected, array.dtype))

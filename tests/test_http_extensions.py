@@ -12,10 +12,12 @@ from collections.abc import Iterator
 from multiprocessing import shared_memory as mpshm
 
 import grpc
+import http_calls
 import numpy as np
 import pytest
 import tritonclient.utils.shared_memory as shm
 from conftest import ServerProcess, build_test_models, start_server
+from http_calls import Answer
 from onnx_models import ECHO_TYPES
 from tritonclient import http as triton
 from tritonclient.http import aio as triton_aio
@@ -231,26 +233,9 @@ def test_shared_memory_errors_over_http(client, block) -> None:
     assert z.tolist() == [[2.0] * 4] * 2
 
 
-class Answer:
-    def __init__(self, response: http.client.HTTPResponse) -> None:
-        self.status = response.status
-        self.body = response.read()
-
-    @property
-    def error(self) -> str:
-        return json.loads(self.body)["error"]
-
-
 def _call(server: ServerProcess, method: str, path: str,
           body: bytes | dict | None = None) -> Answer:
-    assert server.http_url is not None
-    host, port = server.http_url.split(":")
-    connection = http.client.HTTPConnection(host, int(port), timeout=30)
-    try:
-        connection.request(method, path, json.dumps(body) if isinstance(body, dict) else body)
-        return Answer(connection.getresponse())
-    finally:
-        connection.close()
+    return http_calls.call(server, method, path, body)
 
 
 @pytest.mark.parametrize(("body", "message"), [

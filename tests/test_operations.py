@@ -109,9 +109,15 @@ def test_bearer_token_guards_everything_but_health(tmp_path: Path) -> None:
     build_test_models(tmp_path)
     token_file = tmp_path / "token"
     token_file.write_text(TOKEN + "\n")
+    metrics_port = free_port()
     server = start_server(tmp_path, tmp_path / "server.log", "--auth-token-file",
-                          str(token_file), token=TOKEN)
+                          str(token_file), "--metrics-port", str(metrics_port), token=TOKEN)
     try:
+        # the metrics stay open and plain, and the start-up log says so
+        with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics",
+                                    timeout=10) as scraped:
+            assert b"onnxserve_requests_total" in scraped.read()
+        assert "plain HTTP, open to all: the token guards" in server.output()
         from grpc_health.v1 import health_pb2, health_pb2_grpc
 
         with grpc.insecure_channel(server.url) as channel:
@@ -280,7 +286,14 @@ def test_sigterm_under_load_answers_every_admitted_request(tmp_path: Path) -> No
     assert ok_before > 10
     # Admitted requests all succeed; the only failures are refusals of new ones.
     assert set(outcomes) <= {"OK", "UNAVAILABLE"}, outcomes
-    assert "stopping: finishing in-flight requests" in server.output()
+    output = server.output()
+    assert "stopping: finishing in-flight requests" in output
+    # The refusals of the drain are a few lines and a summary, logged before the exit.
+    refused = [line for line in output.splitlines()
+               if " request_failed " in line and "status=UNAVAILABLE" in line]
+    assert len(refused) <= 5, refused
+    if outcomes.count("UNAVAILABLE") > 5:
+        assert "requests_failed_summary status=UNAVAILABLE" in output
 
 
 def test_overload_is_refused_promptly_and_admitted_requests_succeed(tmp_path: Path) -> None:
@@ -333,6 +346,12 @@ def test_overload_is_refused_promptly_and_admitted_requests_succeed(tmp_path: Pa
     assert len(refusals) > 100
     assert refusals[int(len(refusals) * 0.99)] < 0.25  # refused at once, not after a wait
     assert after - before < 100, f"server memory grew from {before:.0f} to {after:.0f} MB"
+    # Thousands of refusals: a few lines and a summary per 10 s window, not a line each.
+    log_lines = server.output().splitlines()
+    per_request = [line for line in log_lines if " request_failed " in line]
+    summaries = [line for line in log_lines if " requests_failed_summary " in line]
+    assert len(per_request) <= 5 * 4, per_request[:10]
+    assert summaries and all("status=RESOURCE_EXHAUSTED" in line for line in summaries)
     print(f"overload: {len(results['OK'])} ok, {len(refusals)} refused (p99 "
           f"{refusals[int(len(refusals) * 0.99)] * 1e3:.1f} ms), RSS {before:.0f} -> "
           f"{after:.0f} MB, pid {os.getpid()}")

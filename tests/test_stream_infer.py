@@ -12,6 +12,7 @@ import subprocess
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import numpy as np
@@ -51,7 +52,13 @@ class GatedPlane:
     def gate(self, request_id: str) -> asyncio.Event:
         return self.gates.setdefault(request_id, asyncio.Event())
 
-    async def infer(self, request: InferRequest) -> InferResult:
+    async def infer(self, request: InferRequest,
+                    answer: Callable[[InferResult], Any] | None = None) -> Any:
+        """DataPlane.infer's contract: the result, or what ``answer`` makes of it."""
+        result = await self._result(request)
+        return result if answer is None else answer(result)
+
+    async def _result(self, request: InferRequest) -> InferResult:
         if request.model_name == "no_such_model":
             raise NotFoundError(f"unknown model {request.model_name!r}")
         if request.model_name == "broken":

@@ -3,9 +3,9 @@
 With a token configured, every gRPC call except the health service must carry metadata
 ``authorization: Bearer <token>`` (else UNAUTHENTICATED before the handler runs), and every
 HTTP request except ``/v2/health/live`` and ``/v2/health/ready`` the same ``Authorization``
-header (else 401). The comparison takes the same time whatever the token sent. Both
-servers take the same certificate and key, and with a client CA both require client
-certificates it signed.
+header (else 401); the scheme's case does not matter (RFC 7235), the token's does. The
+comparison takes the same time whatever the token sent. Both servers take the same
+certificate and key, and with a client CA both require client certificates it signed.
 """
 
 from __future__ import annotations
@@ -21,6 +21,8 @@ import grpc
 OPEN_PREFIXES = ("/grpc.health.v1.Health/",)
 #: HTTP paths open without a token, for the same reason.
 OPEN_HTTP_PATHS = frozenset(("/v2/health/live", "/v2/health/ready"))
+#: what a refusal asks for
+_EXPECTED = "send 'authorization: Bearer <token>'"
 
 
 class AuthError(ValueError):
@@ -57,12 +59,27 @@ def _refuse(handler: grpc.RpcMethodHandler, message: str) -> grpc.RpcMethodHandl
 
 
 def bearer_refusal(sent: bytes, token: bytes) -> str | None:
-    """None when ``sent`` (an authorization value) is ``Bearer <token>``, else what is
-    wrong, for the caller."""
-    if hmac.compare_digest(sent, b"Bearer " + token):
+    """None when ``sent`` (an ``authorization`` header's or metadata value) carries
+    ``token`` under the Bearer scheme, else what is wrong, for the caller (never echoing
+    what was sent: it may be a secret).
+
+    The scheme is matched without regard to case (RFC 7235 section 2.1: ``bearer`` and
+    ``BEARER`` are ``Bearer``), the token exactly and in constant time (RFC 6750 section
+    2.1). Spaces or tabs separate them (RFC 7235 asks for spaces; tabs are tolerated, as
+    most servers do), and whitespace around the value is ignored (RFC 9110 section 5.5
+    trims it from HTTP field values; gRPC metadata keeps it).
+    """
+    parts = sent.split(None, 1)  # ASCII whitespace: runs of spaces and tabs, both ends
+    if not parts:
+        return f"missing authorization: {_EXPECTED}"
+    if parts[0].lower() != b"bearer":
+        return f"the authorization does not use the Bearer scheme: {_EXPECTED}"
+    credentials = parts[1].strip() if len(parts) == 2 else b""
+    if not credentials:
+        return f"the authorization has the Bearer scheme but no token: {_EXPECTED}"
+    if hmac.compare_digest(credentials, token):
         return None
-    return ("missing authorization: send 'authorization: Bearer <token>'" if not sent
-            else "the bearer token is not valid")
+    return "the bearer token is not valid"
 
 
 class BearerTokenInterceptor(grpc.aio.ServerInterceptor):

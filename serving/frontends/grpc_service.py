@@ -19,11 +19,12 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
 import grpc
+from google.protobuf.message import Message
 
 from onnxserve.protos import inference_pb2 as pb
 from onnxserve.protos import inference_pb2_grpc
-from onnxserve.serving.dataplane import DataPlane, InferRequest
-from onnxserve.serving.errors import ServingError, error_code
+from onnxserve.serving.dataplane import DataPlane, InferRequest, InferResult
+from onnxserve.serving.errors import ResourceExhaustedError, ServingError, error_code
 from onnxserve.serving.frontends.decoding import infer_request
 from onnxserve.serving.frontends.encoding import encode_response
 from onnxserve.serving.observability import stages
@@ -118,10 +119,15 @@ def _statistics(name: str, version: int, stats: ModelStats) -> pb.ModelStatistic
 class InferenceService(inference_pb2_grpc.GRPCInferenceServiceServicer):
     """GRPCInferenceService over a data plane."""
 
-    def __init__(self, dataplane: DataPlane, stream_window: int = STREAM_WINDOW) -> None:
+    def __init__(self, dataplane: DataPlane, stream_window: int = STREAM_WINDOW,
+                 max_message_bytes: int | None = None) -> None:
         self._plane = dataplane
         #: requests of one ModelStreamInfer stream pending at most (STREAM_WINDOW)
         self.stream_window = stream_window
+        #: the largest message the server sends (its grpc.max_send_message_length): a
+        #: larger answer fails RESOURCE_EXHAUSTED here, counted and logged as such, not in
+        #: gRPC after the request was counted OK (None: not checked)
+        self.max_message_bytes = max_message_bytes
 
     async def ServerLive(self, request, context):
         return pb.ServerLiveResponse(live=self._plane.live())
@@ -215,18 +221,40 @@ class InferenceService(inference_pb2_grpc.GRPCInferenceServiceServicer):
         cuda_shared_memory_unsupported()
 
     async def _infer(self, request: pb.ModelInferRequest, plain: InferRequest, started: int,
-                     response: pb.ModelInferResponse | None = None) -> pb.ModelInferResponse:
+                     response: pb.ModelInferResponse | None = None,
+                     sent: Message | None = None) -> pb.ModelInferResponse:
         """Run ``plain`` (``_build``'s, from ``request``) and encode its answer, into
-        ``response`` when given: ModelInfer's path, and each streamed request's. Raises what
-        the data plane raises."""
-        result = await self._plane.infer(plain)
-        if not started:
-            return encode_response(result, request.id or result.id, response)
-        encoding = time.perf_counter_ns()
-        response = encode_response(result, request.id or result.id, response)
-        CLOCK.add(stages.ENCODE, encoding)
-        CLOCK.add(stages.HANDLER, started)
-        return response
+        ``response`` when given: ModelInfer's path, and each streamed request's. ``sent``
+        is the message that carries the answer (a stream's ModelStreamInferResponse; by
+        default the answer itself), whose size must be within ``max_message_bytes``.
+
+        Raises:
+            ResourceExhaustedError: the answer is larger than ``max_message_bytes``.
+            What the data plane raises.
+        """
+
+        def answer(result: InferResult) -> pb.ModelInferResponse:
+            encoding = time.perf_counter_ns() if started else 0
+            encoded = encode_response(result, request.id or result.id, response)
+            if started:
+                CLOCK.add(stages.ENCODE, encoding)
+                CLOCK.add(stages.HANDLER, started)
+            self._check_size(encoded if sent is None else sent)
+            return encoded
+
+        return await self._plane.infer(plain, answer)
+
+    def _check_size(self, message: Message) -> None:
+        """Refuse an answer gRPC would not send (its max_send_message_length)."""
+        limit = self.max_message_bytes
+        if limit is None:
+            return
+        size = message.ByteSize()
+        if size > limit:
+            raise ResourceExhaustedError(
+                f"the answer is {size} bytes, over the limit of {limit} bytes "
+                "(--max-message-bytes); ask for fewer outputs or a smaller batch, or raise "
+                "the limit on the server and the client")
 
     @_answers(logged=False)
     async def ModelInfer(self, request, context):
@@ -296,7 +324,7 @@ class InferenceService(inference_pb2_grpc.GRPCInferenceServiceServicer):
         plain: InferRequest | None = None
         try:
             plain, started = _build(request, context.time_remaining())
-            await self._infer(request, plain, started, answer.infer_response)
+            await self._infer(request, plain, started, answer.infer_response, answer)
         except Exception as exc:  # answered on the stream; the data plane logged it
             answer.Clear()
             answer.error_message = _failure_message(exc)

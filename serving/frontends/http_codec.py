@@ -10,8 +10,12 @@ order of the inputs, laid out as gRPC's raw contents (protos/codec.py: little-en
 BOOL one byte each, BYTES elements each a 4-byte little-endian length and the bytes).
 
 JSON data per datatype: BOOL true/false; UINT8..UINT64 and INT8..INT64 integers in the
-type's range; FP16, FP32, FP64 numbers; BYTES strings (sent as their UTF-8 bytes). BF16
-has no JSON form and is refused as everywhere else (protos/datatypes.py).
+type's range; FP16, FP32, FP64 numbers within the type's finite range (a larger one is
+refused, never rounded to infinity; NaN, Infinity and -Infinity when spelt so, Python's
+extension to JSON that the answers use too); BYTES strings (sent as their UTF-8 bytes).
+FP16 is accepted in JSON, where Triton refuses it ("receiving FP16 data via JSON is not
+supported"): its range is checked like any other type's. BF16 has no JSON form and is
+refused as everywhere else (protos/datatypes.py).
 
 Outputs come back as JSON ``data`` (flat, row-major; BYTES as strings) unless the request
 asks for binary: per output ``"parameters": {"binary_data": true}``, or for every output
@@ -35,6 +39,7 @@ TensorCodecError (the data plane names the input).
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
@@ -48,6 +53,7 @@ from onnxserve.protos.codec import (
     encode_raw,
 )
 from onnxserve.protos.datatypes import Datatype, by_numpy
+from onnxserve.protos.naming import plain_int
 from onnxserve.serving.dataplane import (
     CLASSIFICATION_PARAMETER,
     TIMEOUT_PARAMETER,
@@ -103,9 +109,18 @@ def _flag(parameters: dict, key: str, what: str) -> bool | None:
     return value
 
 
+class _NonFinite(float):
+    """NaN, Infinity or -Infinity as the JSON text spelt them (Python's extension to JSON,
+    which the answers use too), told apart from a number too large for a double, which
+    JSON parsers also read as infinity."""
+
+    __slots__ = ()
+
+
 def _json_type(value: object) -> str:
     names = {dict: "an object", list: "an array", str: "a string", bool: "a boolean",
-             int: "a number", float: "a number", type(None): "null"}
+             int: "a number", float: "a number", _NonFinite: "a number",
+             type(None): "null"}
     return names.get(type(value), type(value).__name__)
 
 
@@ -119,16 +134,16 @@ def header_length(value: str | None, body_length: int) -> int | None:
     if not (text.isascii() and text.isdigit()):
         raise _fail(f"{HEADER_LENGTH} must be a non-negative integer (the JSON header's "
                     f"length in bytes), got {value[:40]!r}")
-    length = int(text)
-    if length > body_length:
-        raise _fail(f"{HEADER_LENGTH} is {length} but the body is only {body_length} bytes")
+    length = plain_int(text, body_length)  # int() would raise past 4300 digits
+    if length is None:
+        raise _fail(f"{HEADER_LENGTH} is {text[:40]} but the body is only {body_length} bytes")
     return length
 
 
 def parse_header(body: bytes | memoryview, what: str = "the request body") -> dict:
     """A JSON object from ``body``; InvalidInputError for anything else."""
     try:
-        value = json.loads(bytes(body))
+        value = json.loads(bytes(body), parse_constant=_NonFinite)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise _fail(f"{what} is not valid JSON: {exc}") from None
     except RecursionError:
@@ -198,9 +213,63 @@ def json_tensor(data: object, datatype: Datatype, shape: tuple[int, ...]) -> np.
             return np.array(values, dtype=datatype.numpy).reshape(shape)
         if array.min() < info.min or array.max() > info.max:
             raise wrong
-    elif kind not in "iuf":
+        return array.astype(datatype.numpy).reshape(shape)
+    return _floats(data, array, datatype).reshape(shape)
+
+
+def _floats(data: object, array: np.ndarray, datatype: Datatype) -> np.ndarray:
+    """``array`` (numpy's reading of JSON ``data``) as FP16, FP32 or FP64 values.
+
+    A number too large for the type (one that would round to infinity) is refused, with
+    the type's range: 70000 as FP16, 1e39 as FP32, and 1e400 (which JSON parsers read as
+    infinity) as any.
+    NaN, Infinity and -Infinity spelt so (Python's JSON extension, which the answers use
+    too; parse_header marks them) stay what they say. Integers past int64, which numpy
+    keeps as Python objects, are converted one by one.
+
+    Raises:
+        TensorCodecError: an element is not a number, or is beyond the type's range.
+    """
+    name = datatype.name
+    top = float(np.finfo(datatype.numpy).max)
+    largest = repr(top) if datatype.numpy.itemsize == 8 else f"{top:.8g}"  # 65504, 3.4e38
+    values: list | None = None
+
+    def beyond(index: int) -> TensorCodecError:
+        assert values is not None
+        value = values[index]
+        if isinstance(value, float) and math.isinf(value):
+            shown = "a number too large for a double"
+        else:  # integers past int64 may have thousands of digits
+            text = repr(value)
+            shown = text if len(text) <= 40 else f"{text[:20]}...({len(text)} digits)"
+        return TensorCodecError(
+            f"{name} data must be numbers from -{largest} to {largest} (or NaN, Infinity, "
+            f"-Infinity); element {index} is {shown}, beyond {name}'s range")
+
+    if array.dtype.kind == "O":  # Python ints too large for int64 among the numbers
+        values = array.ravel().tolist()
+        floats = []
+        for index, value in enumerate(values):
+            if not isinstance(value, int | float) or isinstance(value, bool):
+                raise TensorCodecError(f"{name} data must be numbers; element {index} is "
+                                       f"{_json_type(value)}")
+            try:
+                floats.append(float(value))
+            except OverflowError:  # beyond even float64
+                raise beyond(index) from None
+        array = np.array(floats, dtype=np.float64)
+    elif array.dtype.kind not in "iuf":
         raise TensorCodecError(f"{name} data must be numbers")
-    return array.astype(datatype.numpy).reshape(shape)
+    with np.errstate(over="ignore"):
+        out = array.astype(datatype.numpy)
+    if not np.isfinite(out).all():  # rare: find infinities the client did not spell
+        if values is None:
+            values = np.array(data, dtype=object).ravel().tolist()
+        for position in np.flatnonzero(np.isinf(out.ravel())).tolist():
+            if not isinstance(values[position], _NonFinite):
+                raise beyond(position)
+    return out
 
 
 def _decoder(entry: dict, shape: tuple[int, ...],

@@ -29,7 +29,11 @@ their routes answer 501 with what to use instead.
 A request body larger than the limit (``--max-message-bytes``) is refused with 413
 before it is read when its Content-Length says so, and as soon as it passes the limit when
 it comes chunked (or compressed: gzip and deflate request bodies are accepted, counted
-after decompression). While the server drains, every answer closes its connection.
+after decompression; other content codings get 415, a body that is not what its coding says
+400). An inference request refused before the data plane runs it (a body that cannot be
+read or decoded, JSON that is not an inference request) is counted and logged as the data
+plane counts the others (DataPlane.reject). While the server drains, every answer closes
+its connection.
 
 The web server is aiohttp's (serving/frontends/http_server.py runs it on the gRPC
 server's event loop), chosen by measurement against uvicorn with httptools and with h11
@@ -43,9 +47,11 @@ shutdown that closes idle keep-alive connections while requests in flight finish
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
+import zlib
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -53,8 +59,8 @@ from aiohttp import http_exceptions, web
 from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
 
-from onnxserve.serving.dataplane import DataPlane
-from onnxserve.serving.errors import ServingError, error_code
+from onnxserve.serving.dataplane import DataPlane, InferResult
+from onnxserve.serving.errors import CANCELLED, ServingError, error_code
 from onnxserve.serving.frontends.auth import OPEN_HTTP_PATHS, bearer_refusal
 from onnxserve.serving.frontends.http_codec import (
     HEADER_LENGTH,
@@ -121,6 +127,18 @@ def failure(exc: Exception) -> web.Response:
     return _error(http_status(error_code(exc)), f"internal error: {type(exc).__name__}: {exc}")
 
 
+def front_end_failure(exc: HttpFrontEndError) -> web.Response:
+    """The answer to a request the HTTP layer refused: its status and message, with
+    ``WWW-Authenticate`` on a 401 (RFC 6750 section 3), and the connection closed after a
+    413 (the rest of the body is not read)."""
+    response = _error(exc.status, str(exc))
+    if exc.status == 401:
+        response.headers["WWW-Authenticate"] = "Bearer"
+    if exc.status == 413:
+        response.force_close()
+    return response
+
+
 def message_json(message: Message) -> dict[str, Any]:
     """A protobuf message as Triton's HTTP API writes it: field names as in the .proto,
     enums by name, 64-bit integers as JSON numbers (protobuf's own JSON mapping writes
@@ -173,12 +191,83 @@ def statistics_json(name: str, version: int, stats: ModelStats) -> dict[str, Any
 
 
 class HttpFrontEndError(Exception):
-    """A request refused by the HTTP layer itself (its status is not a canonical code's:
-    413 for a body over the limit, 401 without the token)."""
+    """A request refused by the HTTP layer itself, with an HTTP status that may be no
+    canonical code's (413 for a body over the limit, 415 for a content coding not
+    offered, 401 without the token) and the canonical code it is counted under in the
+    metrics (``code``; by default the one whose status it is, 413's RESOURCE_EXHAUSTED as
+    gRPC's for a message over the limit, any other 4xx INVALID_ARGUMENT)."""
 
-    def __init__(self, status: int, message: str) -> None:
+    def __init__(self, status: int, message: str, code: str | None = None) -> None:
         super().__init__(message)
         self.status = status
+        self.code = code or _CODE_OF_STATUS.get(
+            status, "INVALID_ARGUMENT" if 400 <= status < 500 else "INTERNAL")
+
+
+#: HTTP status -> the canonical code counted for it (the first code HTTP_STATUS maps to it)
+_CODE_OF_STATUS = {status: code for code, status in reversed(HTTP_STATUS.items())}
+_CODE_OF_STATUS[413] = "RESOURCE_EXHAUSTED"
+#: the content codings a request body may have (RFC 9110 section 8.4.1; "x-gzip" is gzip)
+CONTENT_CODINGS = ("gzip", "deflate")
+
+
+def decode_content(body: bytes, content_encoding: str, limit: int) -> bytes:
+    """``body`` decoded as its ``Content-Encoding`` header says: a list of the codings
+    applied in order (RFC 9110 section 8.4), undone in reverse. ``identity`` is no coding;
+    ``deflate`` is zlib data (RFC 9110 section 8.4.1.2), raw deflate data accepted too as
+    most servers do. The decoded body may not pass ``limit`` bytes (nor may any step of it:
+    a small compressed body cannot fill the memory).
+
+    Raises:
+        HttpFrontEndError: 415 for a coding not offered (naming it and those offered), 400
+            for a body that is not what its coding says (naming the coding), 413 when the
+            decoded body passes ``limit``.
+    """
+    codings = [c.strip().lower() for c in content_encoding.split(",")]
+    codings = [c for c in codings if c and c != "identity"]
+    if not body:  # no content: nothing was coded
+        return body
+    for coding in reversed(codings):
+        if coding not in (*CONTENT_CODINGS, "x-gzip"):
+            raise HttpFrontEndError(
+                415, f"the request body's Content-Encoding {coding[:40]!r} is not offered: "
+                     f"send it as is, or with {' or '.join(CONTENT_CODINGS)}")
+        if coding == "deflate":
+            raw = body[:1] and body[0] & 0x0F != 8  # no zlib header: raw deflate data
+            wbits = -zlib.MAX_WBITS if raw else zlib.MAX_WBITS
+        else:
+            wbits = 16 + zlib.MAX_WBITS
+        body = _inflate(body, coding, wbits, limit)
+    return body
+
+
+def _inflate(data: bytes, coding: str, wbits: int, limit: int) -> bytes:
+    """Decompress ``data`` (gzip: every member) up to ``limit`` bytes."""
+    pieces: list[bytes] = []
+    size = 0
+    while True:
+        inflater = zlib.decompressobj(wbits)
+        try:
+            piece = inflater.decompress(data, limit + 1 - size)
+        except zlib.error as exc:
+            raise HttpFrontEndError(
+                400, f"the request body is not {coding} data as its Content-Encoding says "
+                     f"({exc})") from None
+        pieces.append(piece)
+        size += len(piece)
+        if size > limit or inflater.unconsumed_tail:
+            raise HttpFrontEndError(413, f"the request body is over the limit of {limit} "
+                                         f"bytes (--max-message-bytes) once {coding} "
+                                         "decoded")
+        if not inflater.eof:
+            raise HttpFrontEndError(400, f"the request body's {coding} data is cut short "
+                                         "(its end is missing)")
+        data = inflater.unused_data
+        if not data:
+            return b"".join(pieces)
+        if wbits != 16 + zlib.MAX_WBITS:
+            raise HttpFrontEndError(400, f"the request body has {len(data)} bytes after "
+                                         f"the end of its {coding} data")
 
 
 class HttpService:
@@ -201,8 +290,12 @@ class HttpService:
         async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
             return await self._guard(request, handler)
 
-        # aiohttp's own body limit: past it, reading the body raises (_body answers 413)
-        app = web.Application(client_max_size=self._limit + 1, middlewares=[guard])
+        # aiohttp's own body limit: past it, reading the body raises (_body answers 413).
+        # Bodies are decoded by decode_content, not aiohttp: it would answer a coding it
+        # does not know with its own 400 (and a traceback in the log) before any route
+        # runs, and a body that is not what its coding says with an exception of its own.
+        app = web.Application(client_max_size=self._limit + 1, middlewares=[guard],
+                              handler_args={"auto_decompress": False})
         model = "/v2/models/{model}"
         versioned = (model, model + "/versions/{version}")
         routes = [web.get("/v2/health/live", self.live), web.get("/v2/health/ready", self.ready),
@@ -247,11 +340,7 @@ class HttpService:
                     raise HttpFrontEndError(401, refusal)
             response = await handler(request)
         except HttpFrontEndError as exc:
-            response = _error(exc.status, str(exc))
-            if exc.status == 401:
-                response.headers["WWW-Authenticate"] = "Bearer"
-            if exc.status == 413:  # the rest of the body is not read: the connection goes
-                response.force_close()
+            response = front_end_failure(exc)
         except web.HTTPException as exc:  # aiohttp's: no route, method not allowed, ...
             response = _error(exc.status, self._routing_message(request, exc))
             if "Allow" in exc.headers:
@@ -279,7 +368,14 @@ class HttpService:
         return exc.text or exc.reason
 
     async def _body(self, request: web.Request) -> bytes:
-        """The whole request body (decompressed), refused with 413 past the limit."""
+        """The whole request body, decoded as its Content-Encoding says (decode_content).
+
+        Raises:
+            HttpFrontEndError: 413 past the limit (sent or decoded), 415 for a content
+                coding not offered, 400 for a body that cannot be read (bad chunk framing,
+                shorter than its Content-Length) or decoded: every failure to read a body
+                is the client's.
+        """
         limit = self._limit
         if request.content_length is not None and request.content_length > limit:
             raise HttpFrontEndError(413, f"the request body is {request.content_length} "
@@ -291,14 +387,20 @@ class HttpService:
             body = None
         except ConnectionError:  # the client left: nobody reads the answer
             raise HttpFrontEndError(400, "the connection closed before the whole request "
-                                         "body came") from None
-        except http_exceptions.HttpProcessingError as exc:  # bad chunk framing, ...
+                                         "body came", code="CANCELLED") from None
+        except (http_exceptions.HttpProcessingError, web.RequestPayloadError) as exc:
+            # bad chunk framing, a body cut short, ...: aiohttp's parser error comes
+            # wrapped in a RequestPayloadError
+            cause = exc.__cause__ if isinstance(exc, web.RequestPayloadError) else exc
+            detail = (cause.message if isinstance(cause, http_exceptions.HttpProcessingError)
+                      else str(exc))
             raise HttpFrontEndError(400, f"the request body cannot be read: "
-                                         f"{exc.message}") from None
+                                         f"{detail}") from None
         if body is None or len(body) > limit:
             raise HttpFrontEndError(413, f"the request body is over the limit of {limit} "
                                          "bytes (--max-message-bytes)")
-        return body
+        encoding = ",".join(request.headers.getall("Content-Encoding", ()))
+        return decode_content(body, encoding, limit) if encoding else body
 
     async def _json_body(self, request: web.Request) -> dict:
         body = await self._body(request)
@@ -425,39 +527,79 @@ class HttpService:
     # --- inference -----------------------------------------------------------------------
 
     async def infer(self, request: web.Request) -> web.Response:
+        """Run an inference request. Every request is counted and logged once under the
+        status it is answered with: by the data plane, or by ``_refused`` when the body
+        cannot be read or is not an inference request."""
+        received = time.perf_counter()
         timed = CLOCK.enabled
-        if timed:
-            started = time.perf_counter_ns()
-        body = await self._body(request)
-        length = header_length(request.headers.get(HEADER_LENGTH), len(body))
-        view = memoryview(body)
-        if length is None:
-            header, binary = parse_header(body, "the inference request"), view[:0]
-        else:
-            header = parse_header(view[:length], f"the JSON header ({HEADER_LENGTH} "
-                                                 f"{length} bytes)")
-            binary = view[length:]
-        parsed = infer_request(header, binary, request.match_info["model"],
-                               request.match_info.get("version", ""))
+        started = time.perf_counter_ns() if timed else 0
+        header: dict | None = None
+        try:
+            body = await self._body(request)
+            length = header_length(request.headers.get(HEADER_LENGTH), len(body))
+            view = memoryview(body)
+            if length is None:
+                header, binary = parse_header(body, "the inference request"), view[:0]
+            else:
+                header = parse_header(view[:length], f"the JSON header ({HEADER_LENGTH} "
+                                                     f"{length} bytes)")
+                binary = view[length:]
+            parsed = infer_request(header, binary, request.match_info["model"],
+                                   request.match_info.get("version", ""))
+        except asyncio.CancelledError:
+            # The client closed the connection while the body came (http_server.py runs
+            # handlers with handler_cancellation): counted as the ConnectionError is.
+            self._refused(request, HttpFrontEndError(
+                400, "the connection closed before the whole request body came",
+                code=CANCELLED), header, received)
+            raise
+        except Exception as exc:
+            return self._refused(request, exc, header, received)
         if timed:
             CLOCK.add(stages.BUILD, started)
+
+        def answer(result: InferResult) -> web.Response:
+            encoding = time.perf_counter_ns() if timed else 0
+            json_header, chunks = infer_response(result, parsed.sent_id or result.id,
+                                                 parsed.binary)
+            if chunks:
+                response = web.Response(body=b"".join((json_header, *chunks)),
+                                        content_type=_BINARY_TYPE)
+                response.headers[HEADER_LENGTH] = str(len(json_header))
+            else:
+                response = web.Response(body=json_header, content_type=_JSON_TYPE)
+            if timed:
+                CLOCK.add(stages.ENCODE, encoding)
+                CLOCK.add(stages.HANDLER, started)
+            return response
+
         try:
-            result = await self._plane.infer(parsed.request)
-        except Exception as exc:  # the data plane logged it
+            return await self._plane.infer(parsed.request, answer)
+        except Exception as exc:  # the data plane counted and logged it
             response = failure(exc)
             response.headers[REQUEST_ID_HEADER] = parsed.request.id
             return response
-        if timed:
-            encoding = time.perf_counter_ns()
-        json_header, chunks = infer_response(result, parsed.sent_id or result.id,
-                                             parsed.binary)
-        if chunks:
-            response = web.Response(body=b"".join((json_header, *chunks)),
-                                    content_type=_BINARY_TYPE)
-            response.headers[HEADER_LENGTH] = str(len(json_header))
+
+    def _refused(self, request: web.Request, exc: Exception, header: dict | None,
+                 received: float) -> web.Response:
+        """Count, log (DataPlane.reject) and answer an inference request refused before
+        the data plane saw it; the answer carries the request's id (the one sent, when
+        the JSON header could be read, else a generated one)."""
+        if isinstance(exc, HttpFrontEndError):
+            code, reason = exc.code, str(exc)
         else:
-            response = web.Response(body=json_header, content_type=_JSON_TYPE)
-        if timed:
-            CLOCK.add(stages.ENCODE, encoding)
-            CLOCK.add(stages.HANDLER, started)
+            code = error_code(exc)
+            reason = str(exc) if isinstance(exc, ServingError) else \
+                f"internal error: {type(exc).__name__}: {exc}"
+            if not isinstance(exc, ServingError):
+                log.error("%s %s failed unexpectedly", request.method, request.path[:200],
+                          exc_info=exc)
+        sent_id = header.get("id") if header is not None else None
+        request_id = self._plane.reject(
+            request.match_info["model"], code, reason, protocol="http",
+            request_id=sent_id if isinstance(sent_id, str) else "",
+            seconds=time.perf_counter() - received)
+        response = (front_end_failure(exc) if isinstance(exc, HttpFrontEndError)
+                    else failure(exc))
+        response.headers[REQUEST_ID_HEADER] = request_id
         return response

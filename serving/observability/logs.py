@@ -15,10 +15,10 @@ import logging
 import sys
 import time
 import typing
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
-from onnxserve.serving.errors import InvalidInputError
+from onnxserve.serving.errors import INTERNAL, InvalidInputError
 from onnxserve.serving.settings import LogFormat
 
 _TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -205,3 +205,91 @@ def update_log_settings(updates: Mapping[str, object]) -> dict[str, LogSettingVa
             _configured.handler.setFormatter(_formatter(fmt, _configured.process))
             _configured.format = fmt
     return result
+
+
+#: seconds a window of failed requests lasts before its summary is logged
+FAILURE_WINDOW_S = 10.0
+#: failures of one status logged one by one at INFO per window; the rest go to DEBUG and
+#: into the window's summary (a full queue refuses thousands of requests a second)
+FAILURES_LOGGED_PER_WINDOW = 5
+
+Schedule = Callable[[float, Callable[[], None]], object]
+
+
+@dataclass
+class _FailureCount:
+    failed: int = 0
+    logged: int = 0
+    example: str = ""
+
+
+class FailureLog:
+    """``request_failed`` events, summarised when they come in floods.
+
+    Per window of ``window`` seconds (opened by the first failure), the first ``per_window``
+    failures of each status are logged one by one at INFO, the rest at DEBUG; when the
+    window ends, every (status, model) with failures not logged at INFO gets one
+    ``requests_failed_summary`` event: ``failed`` in the window, ``logged`` of them one by
+    one, and one ``example`` reason. INTERNAL failures (bugs) are always logged, at ERROR.
+    Metrics count every failure either way.
+
+    ``schedule(delay, callback)`` arranges the end of a window (``loop.call_later`` on the
+    event loop); without it a window ends at the next failure after it, or at ``flush``.
+    """
+
+    def __init__(self, logger: logging.Logger, *, window: float = FAILURE_WINDOW_S,
+                 per_window: int = FAILURES_LOGGED_PER_WINDOW,
+                 clock: Callable[[], float] = time.monotonic,
+                 schedule: Schedule | None = None) -> None:
+        self._log = logger
+        self._window = window
+        self._per_window = per_window
+        self._clock = clock
+        self._schedule = schedule
+        self._started: float | None = None
+        self._windows = 0  # windows opened so far: a scheduled end ends only its own
+        self._by_status: dict[str, int] = {}
+        self._counts: dict[tuple[str, str], _FailureCount] = {}
+
+    def failed(self, *, status: str, model: str, version: str, request_id: str,
+               reason: str) -> None:
+        """Log one failed request (``status``: the canonical code the caller was given)."""
+        fields = {"model": model, "version": version, "status": status,
+                  "request_id": request_id, "reason": reason}
+        if status == INTERNAL:
+            event(self._log, logging.ERROR, "request_failed", **fields)
+            return
+        now = self._clock()
+        if self._started is not None and now - self._started >= self._window:
+            self.flush()
+        if self._started is None:
+            self._started = now
+            self._windows += 1
+            if self._schedule is not None:
+                opened = self._windows
+                self._schedule(self._window, lambda: self._end(opened))
+        seen = self._by_status.get(status, 0) + 1
+        self._by_status[status] = seen
+        count = self._counts.setdefault((status, model), _FailureCount(example=reason))
+        count.failed += 1
+        if seen <= self._per_window:
+            count.logged += 1
+            event(self._log, logging.INFO, "request_failed", **fields)
+        else:
+            event(self._log, logging.DEBUG, "request_failed", **fields)
+
+    def _end(self, window: int) -> None:
+        if window == self._windows:
+            self.flush()
+
+    def flush(self) -> None:
+        """End the current window: log its summaries (nothing when none is due)."""
+        if self._started is None:
+            return
+        seconds = round(self._clock() - self._started, 1)
+        counts, self._counts, self._by_status, self._started = self._counts, {}, {}, None
+        for (status, model), count in counts.items():
+            if count.failed > count.logged:
+                event(self._log, logging.INFO, "requests_failed_summary", status=status,
+                      model=model, failed=count.failed, logged=count.logged,
+                      seconds=seconds, example=count.example[:300])
