@@ -113,17 +113,21 @@ class Progress:
     def __init__(self, total: int) -> None:
         self.total = total
         self.done = 0
+        self.skipped = 0
         self.started = time.monotonic()
 
     def skip(self, count: int) -> None:
-        """``count`` announced configurations will not run (the total shrinks)."""
-        self.total -= count
+        """``count`` announced configurations will not run: they count as done (the total
+        stays, so the numbers only go up) and take no time in the estimate."""
+        self.done += count
+        self.skipped += count
 
     def next(self, what: str) -> None:
         """Print the line announcing the next configuration, ``what`` it measures."""
         left = ""
-        if self.done:
-            per = (time.monotonic() - self.started) / self.done
+        ran = self.done - self.skipped
+        if ran:
+            per = (time.monotonic() - self.started) / ran
             left = f" (about {_duration(per * (self.total - self.done))} left)"
         self.done += 1
         print(f"[{self.done}/{self.total}] {what}{left}", flush=True)

@@ -19,6 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
+from onnxserve.protos.naming import check_model_name, safe_model_name
+
 from . import convert, progress, publish, variants, verify
 from .cpu import this_cpu
 
@@ -259,7 +261,7 @@ def prepare_user_model(
     if mode is not None:
         parameters["onnxserve.preprocessing"] = mode
     return Prepared(
-        name=path.stem.replace(".", "_") or "model",
+        name=safe_model_name(path.stem.replace(".", "_")),
         keras_model=model,
         samples=batches[0],
         agreement_data=batches[0],
@@ -293,11 +295,14 @@ def _input_preprocessing(model, preprocessing: str | None) -> str | None:
         detected = "in_graph", f"the input takes {np.dtype(spec.dtype)} values"
     if preprocessing is None:
         if detected is None:
+            hidden = (" (a SavedModel is one opaque graph: a Rescaling layer inside it cannot "
+                      "be seen)" if getattr(model, "name", "") == user_models.SAVEDMODEL_NAME
+                      else "")
             raise ExportError(
                 f"input {name!r} {shape} is an image, and the model does not show which pixel "
                 "scale it was trained on (no Rescaling or Normalization layer right after the "
-                "input), so the server and clients cannot know what to feed it: say it with "
-                f"--preprocessing MODE, one of {choices}"
+                f"input){hidden}, so the server and clients cannot know what to feed it: say it "
+                f"with --preprocessing MODE, one of {choices}"
             )
         mode, reason = detected
         print(f"input {name!r}: preprocessing {mode} ({reason})", flush=True)
@@ -462,6 +467,14 @@ def export(
         max_batch_size = prepared.max_batch_size
     if max_batch_size < 0:
         raise ExportError(f"max batch size {max_batch_size}: expected 0 (no batching) or more")
+    model_name = name if name is not None else (
+        prepared.name + ("" if variant == "fp32" else f"_{variant}"))
+    try:  # before the minutes of converting: publish would refuse them at the end
+        check_model_name(model_name)
+        if version is not None:
+            publish.check_version(version)
+    except ValueError as exc:
+        raise ExportError(str(exc)) from None
     started = time.perf_counter()
     with _stage("converting to ONNX"), progress.step(
             f"converting {prepared.name} to ONNX (tf2onnx, opset {opset})"):
@@ -513,8 +526,7 @@ def export(
         _speed_check(report, variant, force)
     report["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
     report["seconds"] = round(time.perf_counter() - started, 1)
-    card = _card(prepared, served, name or prepared.name + (
-        "" if variant == "fp32" else f"_{variant}"), max_batch_size, variant, str(parity))
+    card = _card(prepared, served, model_name, max_batch_size, variant, str(parity))
     with _stage("writing to the model repository"):
         path = publish.publish(repository, card, served, version, report)
     report["path"] = str(path)

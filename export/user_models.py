@@ -55,6 +55,10 @@ def _first_line(exc: Exception) -> str:
     return text[0] if text else ""
 
 
+#: the name of the Keras model a SavedModel is wrapped in
+SAVEDMODEL_NAME = "savedmodel"
+
+
 def _wrap_savedmodel(path: Path):
     """A Keras model around a SavedModel's serving signature (a graph: no Python runs)."""
     import keras
@@ -69,7 +73,7 @@ def _wrap_savedmodel(path: Path):
     outputs = keras.layers.TFSMLayer(str(path), call_endpoint="serving_default")(inputs)
     if isinstance(outputs, dict):
         outputs = [keras.layers.Identity(name=k)(v) for k, v in sorted(outputs.items())]
-    return keras.Model(inputs, outputs, name="savedmodel")
+    return keras.Model(inputs, outputs, name=SAVEDMODEL_NAME)
 
 
 #: what each --preprocessing choice (serving/models/images.py's modes) feeds an image model

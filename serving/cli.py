@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import shlex
 import sys
 
 from onnxserve.serving.settings import (
@@ -30,8 +31,10 @@ def _run_serve(args: argparse.Namespace) -> int:
         print(f"onnxserve serve: {exc}", file=sys.stderr)
         return 2
     if not settings.model_repository.is_dir():
-        print(f"onnxserve serve: model repository {settings.model_repository} is not a folder "
-              "(export a model first: onnxserve export lenet5)", file=sys.stderr)
+        print(f"onnxserve serve: model repository {settings.model_repository} is not a folder; "
+              "export a model into it first (offline: onnxserve export lenet5 --dataset "
+              f"digits --model-repository {shlex.quote(str(settings.model_repository))}), "
+              "or run `make demo`, which exports the default models", file=sys.stderr)
         return 2
     from onnxserve.serving.workers import run_server, run_workers
 

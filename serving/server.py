@@ -5,9 +5,10 @@ Both front ends run on one event loop over one data plane. A stop (SIGTERM, SIGI
 ``stop`` event) is honoured in every phase: before the ports open serve() returns; while
 models load, the loads still running are abandoned and the server never reports ready;
 while serving, new requests are refused with UNAVAILABLE (HTTP 503, and every HTTP answer
-closes its connection, idle keep-alive connections at once), admitted ones finish (up to
-``drain_seconds``), refusals go on for LINGER_SECONDS, the HTTP server closes, and the
-process ends with status 0 (see _exit_process for why it ends instead of returning).
+closes its connection; a request on a keep-alive connection idle when the stop began is
+answered too), admitted ones finish (up to ``drain_seconds``), refusals go on for
+LINGER_SECONDS, the HTTP server closes, and the process ends with status 0 (see
+_exit_process for why it ends instead of returning).
 """
 
 from __future__ import annotations
@@ -16,8 +17,10 @@ import asyncio
 import contextlib
 import logging
 import os
+import re
 import signal
 import sys
+import tempfile
 from collections.abc import Awaitable, Callable
 from typing import NoReturn
 
@@ -39,12 +42,12 @@ from onnxserve.serving.frontends.health import SERVICE_NAME, mark_live, update_h
 from onnxserve.serving.frontends.http_server import HttpServer
 from onnxserve.serving.frontends.http_server import bind as bind_http
 from onnxserve.serving.frontends.http_service import HttpService
-from onnxserve.serving.models.registry import READY, Registry
+from onnxserve.serving.models.registry import Registry
 from onnxserve.serving.observability import profiling
 from onnxserve.serving.observability.metrics import Metrics, registry_gauges
 from onnxserve.serving.observability.stages import CLOCK
 from onnxserve.serving.runtime.providers import announce
-from onnxserve.serving.settings import ServerSettings
+from onnxserve.serving.settings import ServerSettings, port_unavailable
 
 log = logging.getLogger(__name__)
 
@@ -56,15 +59,68 @@ class StartupError(RuntimeError):
     """The server cannot start: a port is taken or a file is unusable."""
 
 
+def _add_grpc_port(server: grpc.aio.Server, settings: ServerSettings) -> int:
+    """Bind the gRPC port (TLS when configured); returns the bound port.
+
+    gRPC core reports a failed bind by raising a RuntimeError that only says to set
+    GRPC_VERBOSITY, after printing the reason itself on stderr ("E... add_port.cc] ...
+    Address already in use"). Its stderr is captured for the call: the reason goes into
+    the one-line error, and anything else it printed is passed on.
+
+    Raises:
+        StartupError: the address cannot be bound (taken, not this machine's, unresolvable).
+    """
+    address = f"{settings.grpc_host}:{settings.grpc_port}"
+    with tempfile.TemporaryFile() as captured:
+        with contextlib.suppress(OSError, ValueError):
+            sys.stderr.flush()
+        saved = os.dup(2)
+        os.dup2(captured.fileno(), 2)
+        try:
+            if settings.tls_cert is not None and settings.tls_key is not None:
+                credentials = server_credentials(settings.tls_cert, settings.tls_key,
+                                                 settings.tls_client_ca)
+                port = server.add_secure_port(address, credentials)
+            else:
+                port = server.add_insecure_port(address)
+        except RuntimeError:  # grpcio >= 1.5x; older ones returned 0
+            port = 0
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+        captured.seek(0)
+        printed = captured.read().decode(errors="replace")
+    if port == 0:
+        raise StartupError(port_unavailable(settings, "grpc_port", _bind_reason(printed)))
+    if printed:
+        os.write(2, printed.encode())
+    return port
 
 
-def grpc_options(settings: ServerSettings) -> list[tuple[str, int]]:
-    """The gRPC server's channel arguments: message limits, keepalive and ping policy.
+def _bind_reason(printed: str) -> str:
+    """The reason in gRPC core's bind failure lines: ``... (Error in bind for address
+    '[::]:8001': Address already in use)`` -> ``Address already in use``."""
+    found = re.findall(r"Error in bind for address '[^']*': ([^)]+)\)", printed)
+    if found:
+        return found[-1].strip()
+    lines = [line.split("] ", 1)[-1].strip().removeprefix("Failed to add port to server: ")
+             for line in printed.splitlines() if line.strip()]
+    return lines[-1] if lines else "gRPC could not bind it"
+
+
+def grpc_options(settings: ServerSettings, *,
+                 share_port: bool = False) -> list[tuple[str, int]]:
+    """The gRPC server's channel arguments: message limits, keepalive and ping policy, and
+    whether the port may be shared.
 
     The names are gRPC core's (GRPC_ARG_KEEPALIVE_TIME_MS, ...), set from the flags Triton
     names --grpc-keepalive-time etc.; settings.py says why the defaults differ from Triton's.
+    gRPC sets SO_REUSEPORT unless told not to (GRPC_ARG_ALLOW_REUSEPORT): only the workers
+    of one ``--workers N`` supervisor (``share_port``) may share the port; any other server
+    already on it makes the start fail, as Triton's does.
     """
     return [
+        ("grpc.so_reuseport", int(share_port)),
         ("grpc.max_receive_message_length", settings.max_message_bytes),
         ("grpc.max_send_message_length", settings.max_message_bytes),
         ("grpc.keepalive_time_ms", settings.grpc_keepalive_time_ms),
@@ -123,16 +179,20 @@ def _exit_process(status: int) -> NoReturn:
 
 
 async def serve(settings: ServerSettings, stop: asyncio.Event | None = None,
-                on_ready: Callable[[], None] | None = None) -> None:
+                on_ready: Callable[[], None] | None = None, *,
+                share_ports: bool = False) -> None:
     """Serve until ``stop`` is set or the process gets SIGTERM/SIGINT, then end the process.
 
     ``on_ready`` is called once, when the models meant to load at start have loaded (or
     failed) and the server reports ready. Returns only when stopped before the port opened;
     once it is open, a stop ends the process with status 0 (see _exit_process).
+    ``share_ports``: bind the gRPC and HTTP ports with SO_REUSEPORT, for the workers of one
+    ``--workers N`` supervisor (serving/workers.py); otherwise a port another server
+    listens on fails the start.
 
     Raises:
-        StartupError: the port or the metrics port cannot be bound, or the models named to
-            load at start are not in the repository.
+        StartupError: the gRPC, HTTP or metrics port cannot be bound, or the models named
+            to load at start are not in the repository.
         AuthError: the token file is unusable.
     """
     stop = stop or asyncio.Event()
@@ -163,40 +223,36 @@ async def serve(settings: ServerSettings, stop: asyncio.Event | None = None,
     token = read_token(settings.auth_token_file) if settings.auth_token_file else None
     if token is not None:
         interceptors.append(BearerTokenInterceptor(token))
-    server = grpc.aio.server(interceptors=interceptors, options=grpc_options(settings))
-    inference_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceService(plane), server)
+    server = grpc.aio.server(interceptors=interceptors,
+                             options=grpc_options(settings, share_port=share_ports))
+    service = InferenceService(plane, max_message_bytes=settings.max_message_bytes)
+    inference_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(service, server)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
         (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
     )
-    address = f"{settings.grpc_host}:{settings.grpc_port}"
-    if settings.tls_cert is not None and settings.tls_key is not None:
-        credentials = server_credentials(settings.tls_cert, settings.tls_key,
-                                         settings.tls_client_ca)
-        port = server.add_secure_port(address, credentials)
-    else:
-        port = server.add_insecure_port(address)
-    if port == 0:
-        raise StartupError(f"cannot listen on {address}")
+    port = _add_grpc_port(server, settings)
     http = None
     if settings.http_port:
         try:
-            http_socket = bind_http(settings.grpc_host, settings.http_port)
+            http_socket = bind_http(settings.grpc_host, settings.http_port, share=share_ports)
         except OSError as exc:
-            raise StartupError(f"cannot listen for HTTP on {settings.grpc_host}:"
-                               f"{settings.http_port}: {exc} (choose another port with "
-                               "--http-port, 0 = off)") from None
+            raise StartupError(port_unavailable(settings, "http_port", exc)) from None
         tls = (ssl_context(settings.tls_cert, settings.tls_key, settings.tls_client_ca)
                if settings.tls_cert is not None and settings.tls_key is not None else None)
         http = HttpServer(HttpService(plane, settings.max_message_bytes, token), http_socket,
-                          tls)
+                          tls, grpc_port=port)
     if settings.metrics_port:
         try:
             metrics_port = metrics.serve(settings.grpc_host, settings.metrics_port)
         except OSError as exc:
-            raise StartupError(f"cannot serve metrics on port {settings.metrics_port}: "
-                               f"{exc} (choose another with --metrics-port, 0 = off)") from None
-        log.info("metrics on http://%s:%d/metrics", settings.grpc_host, metrics_port)
+            raise StartupError(port_unavailable(settings, "metrics_port", exc)) from None
+        guards = [what for what, on in (("TLS", settings.tls_cert is not None),
+                                        ("the token", token is not None)) if on]
+        log.info("metrics on http://%s:%d/metrics%s", settings.grpc_host, metrics_port,
+                 f" (plain HTTP, open to all: {' and '.join(guards)} "
+                 f"guard{'s' if len(guards) == 1 else ''} gRPC and HTTP/REST only; "
+                 "--metrics-port 0 turns it off)" if guards else "")
     await update_health(health_servicer, registry, ready=False)
     await mark_live(health_servicer)
     if stop.is_set():  # stopped while setting up: nothing was served
@@ -219,7 +275,7 @@ async def serve(settings: ServerSettings, stop: asyncio.Event | None = None,
                  settings.drain_seconds)
         plane.accepting = False
         if http is not None:
-            http.drain(settings.drain_seconds)
+            http.drain()
         await update_health(health_servicer, registry, ready=False)
         drained = await plane.drain(settings.drain_seconds)
         if not drained:
@@ -228,6 +284,11 @@ async def serve(settings: ServerSettings, stop: asyncio.Event | None = None,
         # New requests keep getting UNAVAILABLE (and health NOT_SERVING) for a moment, so
         # clients and load balancers move away before the port closes.
         await asyncio.sleep(min(LINGER_SECONDS, settings.drain_seconds))
+        if http is not None:
+            # First, while the event loop is free: a connection the kernel queues while the
+            # loop is busy (metrics.close() blocks it for up to 0.5 s) would be reset when
+            # the port closes, with the request its client already sent.
+            await http.stop()
         if CLOCK.enabled:
             log.info("stage timing, mean per request: %s", CLOCK.summary())
         profiling.write_profile()
@@ -236,8 +297,6 @@ async def serve(settings: ServerSettings, stop: asyncio.Event | None = None,
         plane.close()
         metrics.close()
         log.info("stopped")
-        if http is not None:
-            await http.stop()
         _exit_process(0)
 
     if settings.providers != "cpu" and not await _unless_stopped(
@@ -247,9 +306,11 @@ async def serve(settings: ServerSettings, stop: asyncio.Event | None = None,
         await shut_down(" while loading models (the loads not done are abandoned)")
     started = True
     await update_health(health_servicer, registry, ready=True)
-    ready = sum(e.state == READY for e in registry.entries())
-    log.info("ready: %d of %d models loaded (model control mode %s)", ready,
-             len(registry.entries()), settings.model_control_mode)
+    ready, why = registry.readiness()
+    if ready:
+        log.info("ready: %s", why)
+    else:
+        log.warning("not ready: %s (readiness answers NOT_SERVING)", why)
     profiling.start_from_environment()  # after loading: warm-up decisions stay unprofiled
     if on_ready is not None:
         on_ready()

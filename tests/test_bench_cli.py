@@ -139,3 +139,13 @@ def test_export_report_says_which_export_it_runs(tmp_path: Path, monkeypatch, ca
     out = capsys.readouterr().out
     assert "[1/2] exporting lenet5 fp32 ..." in out and "[2/2] exporting lenet5 int8 ..." in out
 
+
+
+def test_progress_numbers_only_go_up_when_configurations_are_skipped(capsys) -> None:
+    progress = bench.Progress(4)
+    progress.next("a")
+    progress.skip(1)  # e.g. perf_analyzer cannot measure one transport of this server
+    progress.next("c")
+    progress.next("d")
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in lines] == ["[1/4]", "[3/4]", "[4/4]"], lines

@@ -71,6 +71,20 @@ def test_dockerfile(name: str) -> None:
                                                       args.metrics_port))
     assert args.http_port == 8000 and args.grpc_port == 8001
     assert [s["value"] for s in runtime if s["instruction"] == "VOLUME"] == ["/models"]
+    # the `docker run` shown in the file's header publishes every exposed port
+    (run,) = [line for line in (DEPLOY / name).read_text().splitlines()
+              if line.startswith("#") and "docker run" in line]
+    published = re.findall(r"-p (\d+):(\d+)", run)
+    assert sorted(inside for _, inside in published) == sorted(exposed), run
+
+
+def test_readme_docker_run_publishes_every_port() -> None:
+    exposed = {"8000", "8001", "8002"}
+    runs = [line for line in (ROOT / "README.md").read_text().splitlines()
+            if line.startswith("docker run")]
+    assert runs
+    for run in runs:
+        assert {inside for _, inside in re.findall(r"-p (\d+):(\d+)", run)} == exposed, run
 
 
 def _documents(folder: Path) -> dict[str, dict]:

@@ -201,7 +201,23 @@ def test_savedmodel_folder_exports(tmp_path: Path) -> None:
     model.export(str(tmp_path / "saved"), format="tf_saved_model")
     result = _export(tmp_path, "--from", str(tmp_path / "saved"), "--name", "saved")
     assert result.returncode == 0, result.stderr[-2000:]
-    assert list(read_model(tmp_path / "repo", "saved").config.input[0].dims) == [6]
+    config = read_model(tmp_path / "repo", "saved").config
+    assert list(config.input[0].dims) == [6]
+    # the serving signature's output name, not the layer's (README says so)
+    assert [o.name for o in config.output] == ["output_0"]
+
+
+def test_a_savedmodel_image_model_hides_its_rescaling(tmp_path: Path) -> None:
+    import keras
+
+    inputs = keras.Input((8, 8, 3), name="image")
+    scaled = keras.layers.Rescaling(1 / 255)(inputs)
+    model = keras.Model(inputs, keras.layers.Dense(2)(keras.layers.Flatten()(scaled)))
+    model.export(str(tmp_path / "saved"), format="tf_saved_model")
+    result = _export(tmp_path, "--from", str(tmp_path / "saved"), "--name", "img")
+    assert result.returncode != 0
+    assert "a Rescaling layer inside it cannot be seen" in result.stderr, result.stderr[-2000:]
+    assert "--preprocessing" in result.stderr
 
 
 def test_models_over_two_gigabytes_use_external_data(tmp_path: Path, monkeypatch) -> None:

@@ -75,7 +75,11 @@ def test_instances_are_placed_as_the_instance_groups_say() -> None:
      "instance_group 0 asks for GPU instances but CUDA is not usable here: no CUDA"),
     ("instance_group { name: \"g\" kind: KIND_GPU }", 1, "cpu",
      "instance_group g asks for GPU instances but the server runs with --providers cpu"),
-    ("instance_group { kind: KIND_AUTO }", 0, "cuda", "CUDA is not usable here"),
+    ("instance_group { kind: KIND_AUTO }", 0, "cuda",
+     "--providers cuda asks for GPU instances but CUDA is not usable here"),
+    # no instance_group at all: the flag asked, not a group the config does not have
+    ("", 0, "cuda", "^model 'm': --providers cuda asks for GPU instances but CUDA is not "
+                    "usable here: no CUDA provider$"),
     ("instance_group { kind: KIND_GPU gpus: [0, 3] }", 2, "auto",
      r"gpus \[3\] do not exist; this machine has 2 usable GPU\(s\), ids 0 to 1"),
     ("instance_group { kind: KIND_MODEL }", 1, "auto", "KIND_MODEL is not supported"),

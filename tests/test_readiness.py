@@ -40,6 +40,23 @@ def test_an_empty_repository_is_live_but_not_ready(tmp_path: Path) -> None:
         assert _health(server.url) == "NOT_SERVING"
         assert _health(server.url, "liveness") == "SERVING"
         assert "holds no model folders" in server.output()
+        assert "not ready: no model to serve in" in server.output()
+        assert "ready: 0 of 0" not in server.output()
+    finally:
+        assert server.stop() == 0
+
+
+def test_the_start_up_line_says_why_the_server_is_not_ready(tmp_path: Path) -> None:
+    add_one_model(tmp_path / "add_one" / "1" / "model.onnx")
+    write_config(tmp_path / "broken", "max_batch_size: 4\nnot_a_field: 1\n")
+    server = start_server(tmp_path, tmp_path / "server.log")
+    try:
+        with Client(server.url) as client:
+            assert not client.is_server_ready()
+        (line,) = [x for x in server.output().splitlines() if "ready:" in x]
+        assert "WARNING" in line and "not ready: 1 of 2 models loaded" in line, line
+        assert "broken UNAVAILABLE" in line and "not_a_field" in line, line
+        assert "NOT_SERVING" in line, line
     finally:
         assert server.stop() == 0
 
@@ -51,6 +68,7 @@ def test_explicit_mode_with_nothing_asked_for_starts_ready_and_empty(tmp_path: P
     try:
         with Client(server.url) as client:
             assert client.is_server_ready()  # asked to start empty, waiting for loads
+            assert "ready: no model loaded, as asked" in server.output()
             with pytest.raises(Exception, match="not_a_field"):
                 client.load_model("broken")
             assert not client.is_server_ready()  # asked for a model that failed
@@ -142,3 +160,16 @@ def test_a_root_onnx_file_beside_model_folders_is_not_a_model(tmp_path: Path) ->
     assert list_models(folder) == ["models"] and list_models(folder, "x") == ["x"]
     (folder / "second.onnx").write_bytes(b"")
     assert list_models(folder) == []  # two files: which one is the model is not guessed
+
+
+def test_a_missing_repository_suggests_an_export_that_works_offline(tmp_path: Path) -> None:
+    missing = tmp_path / "my models"
+    result = subprocess.run(
+        onnxserve_command("serve", "--model-repository", str(missing)),
+        capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    assert "is not a folder" in result.stderr
+    # the recipe's default data set is downloaded; the bundled digits are not
+    assert (f"onnxserve export lenet5 --dataset digits --model-repository '{missing}'"
+            in result.stderr), result.stderr
+    assert "Traceback" not in result.stderr

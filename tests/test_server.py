@@ -249,7 +249,10 @@ def test_providers_cuda_without_cuda_fails_the_load_loudly(tmp_path) -> None:
     try:
         with Client(proc.url) as client:
             assert not client.is_model_ready("m")
-            assert "CUDA" in client.models()[0]["reason"]
+            reason = client.models()[0]["reason"]
+            # the flag asked for the GPU, not an instance_group the config does not have
+            assert "--providers cuda asks for GPU instances" in reason, reason
+            assert "instance_group" not in reason, reason
     finally:
         proc.stop()
     assert "no CUDA execution provider" in proc.output()

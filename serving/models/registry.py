@@ -23,6 +23,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from onnxserve.protos.naming import MODEL_NAME_RULE, model_name_problem, valid_model_name
 from onnxserve.serving.errors import (
     FailedPreconditionError,
     InvalidInputError,
@@ -32,10 +33,11 @@ from onnxserve.serving.errors import (
 )
 from onnxserve.serving.models.model import Model, ModelVersion, load_model
 from onnxserve.serving.models.repository import (
+    describe_skipped,
     fingerprint,
     list_models,
     model_folder,
-    valid_model_name,
+    scan_folders,
 )
 from onnxserve.serving.observability.logs import event
 from onnxserve.serving.observability.metrics import Metrics
@@ -78,12 +80,24 @@ class Registry:
         self._on_change = on_change
         self._metrics = metrics
         self._retired: set[asyncio.Task] = set()
+        #: the repository's folders skipped for their names, as last logged
+        self._skipped: dict[str, str] = {}
 
     @property
     def control_mode(self) -> str:
         return self._settings.model_control_mode
 
     def _names(self) -> list[str]:
+        """The repository's models; logs the folders it skips for their names whenever
+        that set changes (so once, not at every poll)."""
+        try:
+            skipped = scan_folders(self._repository)[1]
+        except (ModelLoadError, OSError):
+            skipped = {}
+        if skipped and skipped != self._skipped:
+            log.warning("model repository %s: skipped folder(s) whose names cannot be model "
+                        "names: %s", self._repository, describe_skipped(skipped))
+        self._skipped = skipped
         return list_models(self._repository, self._settings.model_name)
 
     def _folder(self, name: str) -> Path:
@@ -107,12 +121,18 @@ class Registry:
                 raise NotFoundError(
                     f"--load-model {', '.join(repr(n) for n in missing)}: no such model in "
                     f"the model repository {self._repository}; it holds "
-                    f"{', '.join(names) or 'no model folders'}")
+                    f"{', '.join(names) or 'no model folders'}" + self._skipped_note())
             return list(dict.fromkeys(requested))
         if not names:
             log.warning("model repository %s holds no model folders (nor a single .onnx "
-                        "file): the server stays not ready", self._repository)
+                        "file)%s: the server stays not ready", self._repository,
+                        self._skipped_note())
         return names
+
+    def _skipped_note(self) -> str:
+        if not self._skipped:
+            return ""
+        return f" (skipped for their names: {', '.join(map(repr, self._skipped))})"
 
     async def load_initial(self, names: list[str] | None = None) -> None:
         """Load ``names`` (default: ``initial_models()``); a model that fails is UNAVAILABLE."""
@@ -131,12 +151,18 @@ class Registry:
         if self._on_change is not None:
             await self._on_change()
 
-    def _check_name(self, name: str) -> None:
-        if not valid_model_name(name):
+    @staticmethod
+    def _refuse_invalid_name(name: str) -> None:
+        """InvalidInputError when ``name`` cannot be a model name (onnxserve.protos.naming),
+        before it comes near a path."""
+        problem = model_name_problem(name)
+        if problem is not None:
             raise InvalidInputError(
-                f"invalid model name {name[:130]!r}: expected at most 128 letters, digits, "
-                "'_', '.' or '-', not starting with '.' or '-'"
-            )
+                f"invalid model name {name[:130]!r}: it {problem}; a model name is "
+                f"{MODEL_NAME_RULE}")
+
+    def _check_name(self, name: str) -> None:
+        self._refuse_invalid_name(name)
         if not self._folder(name).is_dir():
             raise NotFoundError(f"model {name!r} has no folder in the model repository")
 
@@ -179,8 +205,7 @@ class Registry:
 
     async def unload(self, name: str) -> None:
         """Stop serving ``name``: new requests are refused, admitted ones finish."""
-        if not valid_model_name(name):
-            raise InvalidInputError(f"invalid model name {name[:130]!r}")
+        self._refuse_invalid_name(name)
         async with self._lock(name):
             entry = self._entries.get(name)
             if entry is None or not entry.wanted:
@@ -269,17 +294,35 @@ class Registry:
     @property
     def all_ready(self) -> bool:
         """Strict readiness: every model the server is meant to serve is loaded, and at least
-        one is.
+        one is (see ``readiness``)."""
+        return self.readiness()[0]
 
+    def readiness(self) -> tuple[bool, str]:
+        """Whether the models make the server ready, and the reason in words.
+
+        Ready when every model the server is meant to serve is loaded, and at least one is.
         A server holding no model answers every request NOT_FOUND; reporting it ready
         would make an orchestrator route traffic to it and retire a healthy replica. The
         one exception is explicit mode started without --load-model: it was asked to start
         empty and wait for RepositoryModelLoad.
         """
         wanted = [e for e in self._entries.values() if e.wanted]
+        mode = f"model control mode {self.control_mode}"
         if not wanted:
-            return self.control_mode == "explicit" and not self._settings.load_models
-        return all(e.state == READY for e in wanted)
+            if self.control_mode == "explicit" and not self._settings.load_models:
+                return True, (f"no model loaded, as asked ({mode} without --load-model): "
+                              "load models with RepositoryModelLoad")
+            return False, (f"no model to serve in {self._repository} ({mode}): "
+                           "put a model folder there, then restart or load it")
+        loaded = [e for e in wanted if e.state == READY]
+        if len(loaded) == len(wanted):
+            return True, f"{len(loaded)} of {len(wanted)} models loaded ({mode})"
+        pending = [e for e in wanted if e.state != READY]
+        shown = ", ".join(f"{e.name} {e.state}" + (f" ({e.reason[:200]})" if e.reason else "")
+                          for e in pending[:5])
+        more = f" and {len(pending) - 5} more" if len(pending) > 5 else ""
+        return False, (f"{len(loaded)} of {len(wanted)} models loaded ({mode}); every model "
+                       f"must load for the server to be ready; not loaded: {shown}{more}")
 
     async def close(self) -> None:
         for task in list(self._retired):

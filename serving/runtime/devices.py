@@ -95,10 +95,13 @@ def place_instances(config: ModelConfig, *, gpus_usable: int, mode: str,
             devices += [CPU_DEVICE] * count
             continue
         if not gpu_ok:
-            if kind == ModelInstanceGroup.KIND_GPU or mode == "cuda" or group.gpus:
+            asked_by_group = kind == ModelInstanceGroup.KIND_GPU or bool(group.gpus)
+            if asked_by_group or mode == "cuda":
                 why = ("the server runs with --providers cpu" if mode == "cpu"
                        else f"CUDA is not usable here: {why_not or 'no GPU'}")
-                raise ModelLoadError(f"{where} asks for GPU instances but {why}")
+                who = (where if asked_by_group and config.instance_group
+                       else f"model {config.name!r}: --providers cuda")
+                raise ModelLoadError(f"{who} asks for GPU instances but {why}")
             devices += [CPU_DEVICE] * count
             continue
         ids = list(group.gpus) or list(range(gpus_usable))
