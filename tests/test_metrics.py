@@ -29,6 +29,7 @@ def test_request_metrics_are_labelled_by_protocol() -> None:
     from onnxserve.serving.observability.metrics import Metrics
 
     metrics = Metrics()
+    metrics.for_version("m", 1)
     metrics.observe_request("m", "1", "OK", 0.001, "grpc")
     metrics.observe_request("m", "1", "OK", 0.002, "http")
     metrics.observe_request("m", "1", "OK", 0.003, "http")
@@ -46,3 +47,18 @@ def test_request_metrics_are_labelled_by_protocol() -> None:
                     (*base, ("protocol", "http"), ("version", "1")))] == 2
     assert samples[("onnxserve_request_duration_seconds_count",
                     (*base, ("protocol", "grpc"), ("version", "1")))] == 1
+
+
+def test_a_released_version_stays_released_when_its_last_callers_are_counted() -> None:
+    """Requests failed by an unload are counted after the version's series went: under
+    version "", not in a series of that version nothing would ever remove again."""
+    from onnxserve.serving.observability.metrics import Metrics
+
+    metrics = Metrics()
+    figures = metrics.for_version("m", 7)
+    metrics.observe_request("m", "7", "OK", 0.001, "grpc")
+    metrics.release_version(("m", "7"), figures)
+    metrics.observe_request("m", "7", "UNAVAILABLE", 0.001, "grpc")
+    versions = {s.labels["version"] for family in metrics.registry.collect()
+                for s in family.samples if s.name == "onnxserve_requests_total"}
+    assert versions == {""}

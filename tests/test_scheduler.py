@@ -710,3 +710,61 @@ def test_every_deadline_is_kept_whatever_the_order_and_delay_keeps_the_callers()
     for remaining, at in failed_at.items():
         assert at >= remaining  # never before the caller's deadline
     assert sorted(failed_at, key=failed_at.__getitem__) == [0.1, 0.2, 0.3, 0.4]
+
+
+def test_a_caller_cancelled_as_its_batch_becomes_due_is_not_computed() -> None:
+    """The worker may form a batch after a caller was cancelled and before that caller's
+    task ran to take its request out: the request is left out all the same."""
+    runner = FakeRunner()
+
+    async def body(scheduler):
+        first = asyncio.ensure_future(scheduler.infer({"x": np.ones((1, 2))}, ["y"], 1))
+        await asyncio.sleep(0.02)  # queued, waiting for a second request
+        second = asyncio.ensure_future(scheduler.infer({"x": np.ones((1, 2))}, ["y"], 1))
+        await asyncio.sleep(0)  # second queued: the worker is woken, the batch is full
+        first.cancel()  # before the worker's turn, whose step comes first
+        with pytest.raises(asyncio.CancelledError):
+            await first
+        return await second
+
+    result = run(_with_scheduler(runner, body, max_batch_size=2, max_queue_delay_us=200_000))
+    assert runner.batches == [1]
+    np.testing.assert_array_equal(result["y"], np.full((1, 2), 2.0))
+
+
+def test_a_close_during_a_failed_batchs_rerun_answers_every_request() -> None:
+    """A batch that failed on one request's input is rerun request by request; a close
+    (an unload whose drain timed out) that cancels the worker then still answers them."""
+    from onnxserve.serving.errors import InvalidInputError, UnavailableError
+
+    runner = FakeRunner()
+    rerun = threading.Event()
+
+    def fail_batches(x):
+        if len(x) > 1:
+            raise InvalidInputError("row 0 is out of range")
+        rerun.set()
+        runner.gate.clear()  # the rerun waits here until the close has begun
+        return False
+
+    runner.fail_when = fail_batches
+
+    async def body(scheduler):
+        requests = [asyncio.ensure_future(scheduler.infer({"x": np.ones((1, 2))}, ["y"], 1))
+                    for _ in range(2)]
+        while not rerun.is_set():
+            await asyncio.sleep(0.01)
+        # close() waits for the worker thread; the rerun's gate opens a moment later
+        threading.Timer(0.2, runner.gate.set).start()
+        await scheduler.close()
+        return await asyncio.gather(*requests, return_exceptions=True)
+
+    async def scenario():
+        scheduler = Scheduler([runner], name="t", max_batch_size=2,
+                              max_queue_delay_us=100_000)
+        scheduler.start()
+        return await body(scheduler)
+
+    outcomes = run(scenario())
+    assert len(outcomes) == 2
+    assert all(isinstance(o, UnavailableError) for o in outcomes), outcomes

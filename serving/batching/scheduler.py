@@ -523,6 +523,13 @@ class Scheduler:
             loop = asyncio.get_running_loop()
             while True:
                 batch, wait = self._form()
+                gone = [pending for pending in batch if pending.future.done()]
+                if gone:
+                    # callers cancelled a moment ago, whose tasks have not yet run to take
+                    # their requests out: take them out here, and form the batch anew
+                    for pending in gone:
+                        self._withdraw(pending)
+                    continue
                 if batch and not wait:
                     for pending in batch:
                         self._withdraw(pending)
@@ -537,52 +544,62 @@ class Scheduler:
                         timer.cancel()
 
     async def _work(self, runner: Instance) -> None:
-        loop = asyncio.get_running_loop()
         buffers = _Buffers(max(self._max_batch_size, 1), runner.host_buffer)
         while True:
             batch = await self._gather()
-            started = time.perf_counter_ns()
-            for pending in batch:
-                pending.started_ns = started
             try:
-                if self._inline:
-                    results = self._run_batch(runner, buffers, batch)
-                else:
-                    results = await loop.run_in_executor(
-                        self._executor, self._run_batch, runner, buffers, batch
-                    )
-            except InvalidInputError as exc:
-                # One request's input the model cannot compute must not fail the others
-                # batched with it: run each alone, so only the culprits fail (and not those
-                # whose callers left meanwhile).
-                if len(batch) == 1:
-                    self._settle(batch, [exc])
-                    continue
-                batch = [pending for pending in batch if not pending.future.done()]
-                if self._inline:
-                    self._settle(batch, self._run_each(runner, buffers, batch))
-                elif batch:
-                    self._settle(batch, await loop.run_in_executor(
-                        self._executor, self._run_each, runner, buffers, batch))
-                continue
-            except asyncio.CancelledError:
-                for pending in batch:
-                    if not pending.future.done():
-                        pending.future.set_exception(
-                            UnavailableError(f"model {self._name} was unloaded")
-                        )
+                await self._dispatch(runner, buffers, batch)
+            except asyncio.CancelledError:  # closed: no request taken is left unanswered
+                self._fail(batch, UnavailableError(f"model {self._name} was unloaded"))
                 raise
-            except Exception as exc:
-                if not isinstance(exc, InferenceFailedError):
-                    log.exception("batch of model %s failed", self._name)
-                    exc = InferenceFailedError(f"model {self._name} failed: {exc}")
-                for pending in batch:
-                    if not pending.future.done():
-                        pending.future.set_exception(exc)
-                continue
-            for pending, outputs in zip(batch, results, strict=True):
-                if not pending.future.done():
-                    pending.future.set_result(outputs)
+            except Exception as exc:  # a bug here, not in the run: answer, and go on
+                log.exception("batch of model %s could not be answered", self._name)
+                self._fail(batch, InferenceFailedError(f"model {self._name} failed: {exc}"))
+
+    async def _dispatch(self, runner: Instance, buffers: _Buffers,
+                        batch: list[_Pending]) -> None:
+        """Run ``batch`` and answer each of its requests with its outputs or its failure."""
+        loop = asyncio.get_running_loop()
+        started = time.perf_counter_ns()
+        for pending in batch:
+            pending.started_ns = started
+        results: Sequence[dict[str, OutputValue] | Exception]
+        try:
+            if self._inline:
+                results = self._run_batch(runner, buffers, batch)
+            else:
+                results = await loop.run_in_executor(
+                    self._executor, self._run_batch, runner, buffers, batch
+                )
+        except InvalidInputError as exc:
+            # One request's input the model cannot compute must not fail the others
+            # batched with it: run each alone, so only the culprits fail (and not those
+            # whose callers left meanwhile).
+            if len(batch) == 1:
+                self._settle(batch, [exc])
+                return
+            batch = [pending for pending in batch if not pending.future.done()]
+            if not batch:
+                return
+            if self._inline:
+                results = self._run_each(runner, buffers, batch)
+            else:
+                results = await loop.run_in_executor(
+                    self._executor, self._run_each, runner, buffers, batch)
+        except Exception as exc:
+            if not isinstance(exc, InferenceFailedError):
+                log.exception("batch of model %s failed", self._name)
+                exc = InferenceFailedError(f"model {self._name} failed: {exc}")
+            self._fail(batch, exc)
+            return
+        self._settle(batch, results)
+
+    @staticmethod
+    def _fail(batch: list[_Pending], exc: Exception) -> None:
+        """Fail every request of ``batch`` not answered yet with ``exc``."""
+        for pending in batch:
+            if not pending.future.done():
+                pending.future.set_exception(exc)
 
     def _run_each(self, runner: Instance, buffers: _Buffers,
                   batch: list[_Pending]) -> list[dict[str, OutputValue] | Exception]:

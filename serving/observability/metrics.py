@@ -138,16 +138,22 @@ class Metrics:
             if figures.users > 0 or self._versions.get(key) is not figures:
                 return
             del self._versions[key]
-        for request_key in [k for k in self._requests if k[:2] == key]:
+        # list(): one C-level copy, so the event loop's thread may add keys meanwhile (this
+        # can run in a loader thread, for a load that failed part-way)
+        for request_key in [k for k in list(self._requests) if k[:2] == key]:
             self._requests.pop(request_key, None)
-        for seconds_key in [k for k in self._request_seconds if k[:2] == key]:
+        for seconds_key in [k for k in list(self._request_seconds) if k[:2] == key]:
             self._request_seconds.pop(seconds_key, None)
 
     def observe_request(self, model: str, version: str, status: str, seconds: float,
                         protocol: str) -> None:
         """An inference request that came over ``protocol`` (grpc or http) answered with
         ``status`` (OK or the error code) after ``seconds``. Call on the event loop's
-        thread."""
+        thread. A version whose figures were released (unloaded, or replaced while this
+        request waited) is counted under version "", so that its series do not come back
+        for ever."""
+        if version and (model, version) not in self._versions:
+            version = ""
         key = (model, version, protocol, status)
         self._requests[key] = self._requests.get(key, 0) + 1
         if status == "OK":
