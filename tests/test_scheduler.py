@@ -768,3 +768,32 @@ def test_a_close_during_a_failed_batchs_rerun_answers_every_request() -> None:
     outcomes = run(scenario())
     assert len(outcomes) == 2
     assert all(isinstance(o, UnavailableError) for o in outcomes), outcomes
+
+
+def test_a_close_waits_for_a_running_batch_without_blocking_the_event_loop() -> None:
+    """An unload whose drain timed out closes a scheduler while its batch still runs in a
+    thread: the close waits for that thread, the event loop (every other model) does not."""
+    import time
+
+    runner = FakeRunner()
+
+    async def scenario():
+        scheduler = Scheduler([runner], name="t", max_batch_size=2)
+        scheduler.start()
+        runner.gate.clear()
+        running = asyncio.ensure_future(scheduler.infer({"x": np.ones((1, 2))}, ["y"], 1))
+        await asyncio.sleep(0.05)
+        while scheduler.queued:  # until the batch left the queue for its thread
+            await asyncio.sleep(0.01)
+        opens = threading.Timer(2.0, runner.gate.set)
+        opens.start()
+        closing = asyncio.ensure_future(scheduler.close())
+        started = time.monotonic()
+        await asyncio.sleep(0.05)
+        took = time.monotonic() - started
+        assert not closing.done()
+        await closing
+        await asyncio.gather(running, return_exceptions=True)
+        return took
+
+    assert run(scenario()) < 1.0  # not the 2 s the batch was held

@@ -289,7 +289,9 @@ class Scheduler:
             self._deadline_timer = None
         self._deadlines.clear()
         self._stale = 0
-        self._executor.shutdown(wait=True)
+        # the run a cancelled worker left in its thread ends there; wait for it off the
+        # event loop, which goes on serving the other models meanwhile
+        await asyncio.to_thread(self._executor.shutdown, wait=True)
         self._inline_buffers.clear()
         self.stats.close()
 
