@@ -61,7 +61,7 @@ from onnxserve.serving.shared_memory import (
     SharedMemoryParameters,
     SharedMemoryRegistry,
 )
-from onnxserve.serving.types import TensorSpec, TopK
+from onnxserve.serving.types import OutputValue, TensorSpec, TopK
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -400,12 +400,11 @@ class DataPlane:
                 model, version = self.registry.get(name, request.model_version)
                 version_label = str(version.version)
                 try:
-                    result = await self._infer(request, model, version, held)
+                    answered = await self._infer(request, model, version, held, answer)
                 except SchedulerClosedError:
                     if attempt == 2:
                         raise
                     continue
-                answered = result if answer is None else answer(result)
                 if self._metrics is not None:
                     observing = time.perf_counter_ns()
                     self._metrics.observe_request(model_label, version_label, "OK",
@@ -464,7 +463,7 @@ class DataPlane:
         return request_id
 
     async def _infer(self, request: InferRequest, model: Model, version: ModelVersion,
-                     held: list[Region]) -> InferResult:
+                     held: list[Region], answer: Callable[[InferResult], Any] | None) -> Any:
         began = time.perf_counter()
         timed = CLOCK.enabled
         if timed:
@@ -507,28 +506,35 @@ class DataPlane:
         # The caller's deadline counts the time spent here (decoding images) too.
         remaining = (None if request.time_remaining is None
                      else request.time_remaining - (time.perf_counter() - began))
-        outputs = await version.scheduler.infer(
+
+        def finish(outputs: dict[str, OutputValue]) -> Any:
+            """The answer to the outputs, made before the model's statistics count the
+            request (a failure here counts it failed, as its client sees it)."""
+            mark = CLOCK.add(stages.BATCH, batching) if timed else 0
+            outputs = model.to_client_outputs(outputs)
+            answered = []
+            for name in names:
+                value = outputs[name]
+                if isinstance(value, TopK):
+                    value = class_strings(value, model.labels.get(name), name)
+                elif name in classification:
+                    value = top_k(value, classification[name], model.labels.get(name),
+                                  batched=batched, output=name)
+                answered.append((name, value))
+            if timed:
+                CLOCK.add(stages.STRINGS, mark)
+            written = None
+            if placed:
+                written = {name: self.shared_memory.write_output(name, value, *placed[name])
+                           for name, value in answered if name in placed}
+            result = InferResult(model.name, str(version.version), request.id, answered,
+                                 written)
+            return result if answer is None else answer(result)
+
+        batching = mark if timed else 0
+        return await version.scheduler.infer(
             inputs, [n for n in names if n not in top], batch_size,
-            time_remaining=remaining, timeout_us=timeout_us, top_k=top)
-        if timed:
-            mark = CLOCK.add(stages.BATCH, mark)
-        outputs = model.to_client_outputs(outputs)
-        answered = []
-        for name in names:
-            value = outputs[name]
-            if isinstance(value, TopK):
-                value = class_strings(value, model.labels.get(name), name)
-            elif name in classification:
-                value = top_k(value, classification[name], model.labels.get(name),
-                              batched=batched, output=name)
-            answered.append((name, value))
-        if timed:
-            CLOCK.add(stages.STRINGS, mark)
-        written = None
-        if placed:
-            written = {name: self.shared_memory.write_output(name, value, *placed[name])
-                       for name, value in answered if name in placed}
-        return InferResult(model.name, str(version.version), request.id, answered, written)
+            time_remaining=remaining, timeout_us=timeout_us, top_k=top, then=finish)
 
     def _output_targets(self, outputs: Sequence[RequestedOutput],
                         held: list[Region]) -> dict[str, tuple[Region, Placement]] | None:

@@ -220,10 +220,17 @@ def test_answers_too_large_for_grpc_are_counted_as_refused(server: ServerProcess
     metadata = (("authorization", f"Bearer {TOKEN}"),)
     before = counts(server, "wide")
     big = 64 * 1024 * 1024  # the client would take it: the server's limit refuses it
+
+    def statistics(stub) -> tuple[int, int]:
+        (model,) = stub.ModelStatistics(pb.ModelStatisticsRequest(name="wide"),
+                                        metadata=metadata, timeout=10).model_stats
+        return (model.inference_stats.success.count, model.inference_stats.fail.count)
+
     with grpc.insecure_channel(server.url, options=[
             ("grpc.max_receive_message_length", big),
             ("grpc.max_send_message_length", big)]) as channel:
         stub = inference_pb2_grpc.GRPCInferenceServiceStub(channel)
+        success_before, fail_before = statistics(stub)
         with pytest.raises(grpc.RpcError) as refused:
             stub.ModelInfer(_wide_request("too-big-unary"), metadata=metadata, timeout=60)
         assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
@@ -232,6 +239,9 @@ def test_answers_too_large_for_grpc_are_counted_as_refused(server: ServerProcess
         answers = list(stub.ModelStreamInfer(
             iter([_wide_request("too-big-stream"), _wide_request("fits", rows=1)]),
             metadata=metadata, timeout=60))
+        success, fail = statistics(stub)
+    # Triton's statistics count them as what the client saw too
+    assert (success - success_before, fail - fail_before) == (1, 2)
     by_id = {a.infer_response.id: a for a in answers}
     assert "over the limit of 4194304 bytes" in by_id["too-big-stream"].error_message
     assert not by_id["fits"].error_message  # the stream goes on

@@ -37,7 +37,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import cast
+from typing import Any, cast
 
 import numpy as np
 
@@ -309,7 +309,8 @@ class Scheduler:
         time_remaining: float | None = None,
         timeout_us: int | None = None,
         top_k: dict[str, int] | None = None,
-    ) -> dict[str, OutputValue]:
+        then: Callable[[dict[str, OutputValue]], Any] | None = None,
+    ) -> Any:
         """Queue one request and wait for its outputs.
 
         ``batch_size`` is the request's own leading dimension (0 for models without batching).
@@ -320,6 +321,10 @@ class Scheduler:
         request's own queue timeout, used when the queue policy allows overriding. A caller
         that stops waiting (its task cancelled) takes its request out of the queue: it is
         never computed, and its place in a forming batch goes to another request.
+        ``then`` turns the outputs into the answer (the data plane's strings, shared memory
+        and the front end's encoding) before the request is counted in ``stats``: an answer
+        that cannot be made counts as a failure, not a success (returns what ``then``
+        returns; the outputs without it).
 
         Raises:
             SchedulerClosedError: the scheduler was closed or is draining.
@@ -328,6 +333,7 @@ class Scheduler:
             QueueTimeoutError: the queue policy's timeout (REJECT) expired first.
             UnavailableError: the model was unloaded while the request waited.
             InferenceFailedError, InvalidInputError: the run failed.
+            What ``then`` raises.
         """
         if self._closed:
             raise SchedulerClosedError(f"model {self._name} is not accepting requests")
@@ -353,7 +359,7 @@ class Scheduler:
             # worker task (two event loop turns, a third of a tiny model's time), and
             # without the queue's bookkeeping (it cannot expire: it never waits).
             return self._run_now(_Pending(inputs, tuple(outputs), batch_size, (), future,
-                                          top_k=dict(top_k or {})))
+                                          top_k=dict(top_k or {})), then)
         key = _batch_key(inputs) if self._batching else ()
         pending = _Pending(inputs, tuple(outputs), batch_size, key, future, dict(top_k or {}))
         now = time.perf_counter()
@@ -371,6 +377,8 @@ class Scheduler:
         ok = False
         try:
             result = await future
+            if then is not None:
+                result = then(result)
             ok = True
             return result
         finally:
@@ -381,18 +389,21 @@ class Scheduler:
                 pending.started_ns - pending.enqueued_ns)
             self.stats.record_request(ok, time.perf_counter_ns() - pending.enqueued_ns, queued)
 
-    def _run_now(self, pending: _Pending) -> dict[str, OutputValue]:
+    def _run_now(self, pending: _Pending,
+                 then: Callable[[dict[str, OutputValue]], Any] | None) -> Any:
         pending.started_ns = time.perf_counter_ns()
         ok = False
         try:
-            (result,) = self._run_batch(self._runners[0], self._inline_buffers, [pending])
+            try:
+                (result,) = self._run_batch(self._runners[0], self._inline_buffers, [pending])
+            except ServingError:
+                raise
+            except Exception as exc:
+                log.exception("batch of model %s failed", self._name)
+                raise InferenceFailedError(f"model {self._name} failed: {exc}") from exc
+            answer = result if then is None else then(result)
             ok = True
-            return result
-        except ServingError:
-            raise
-        except Exception as exc:
-            log.exception("batch of model %s failed", self._name)
-            raise InferenceFailedError(f"model {self._name} failed: {exc}") from exc
+            return answer
         finally:
             self.stats.record_request(ok, time.perf_counter_ns() - pending.enqueued_ns, 0)
 
