@@ -797,3 +797,24 @@ def test_a_close_waits_for_a_running_batch_without_blocking_the_event_loop() -> 
         return took
 
     assert run(scenario()) < 1.0  # not the 2 s the batch was held
+
+
+def test_a_requests_own_timeout_may_shorten_the_policys_never_lengthen_it() -> None:
+    """Triton's allow_timeout_override: "individual requests can set a timeout that is less
+    than the default timeout value but may not increase the timeout"."""
+    from onnxserve.serving.batching.scheduler import QueuePolicy
+    from onnxserve.serving.errors import QueueTimeoutError
+
+    runner = FakeRunner()
+    policy = QueuePolicy(timeout_s=0.03, allow_timeout_override=True)
+
+    async def body(scheduler):
+        longer = asyncio.ensure_future(scheduler.infer(
+            {"x": np.full((1, 2), 5.0)}, ["y"], 1, timeout_us=60_000_000))
+        await asyncio.sleep(0.1)  # past the policy's 30 ms, far from the asked 60 s
+        runner.gate.set()
+        with pytest.raises(QueueTimeoutError, match="Request timeout expired"):
+            await longer
+
+    _held(runner, {"max_batch_size": 4, "queue_policy": policy}, body)
+    assert runner.batches == [1]  # only the held first request ran

@@ -72,7 +72,8 @@ class QueuePolicy:
     #: timeout expired", as Triton), "delay" lets it run only after every queued request
     #: that has not timed out, including those that arrive later
     timeout_action: str = "reject"
-    #: whether a request's own "timeout" parameter (microseconds) may replace timeout_s
+    #: whether a request's own "timeout" parameter (microseconds) may shorten timeout_s
+    #: (never lengthen it)
     allow_timeout_override: bool = False
 
 
@@ -365,7 +366,9 @@ class Scheduler:
         now = time.perf_counter()
         timeout_s = policy.timeout_s
         if timeout_us and policy.allow_timeout_override:
-            timeout_s = timeout_us / 1e6
+            # Triton's ModelQueuePolicy: a request "can set a timeout that is less than the
+            # default timeout value but may not increase the timeout" (0: no default)
+            timeout_s = min(timeout_s, timeout_us / 1e6) if timeout_s else timeout_us / 1e6
         if timeout_s:
             pending.queue_deadline = now + timeout_s
         if time_remaining is not None:
