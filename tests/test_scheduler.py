@@ -190,7 +190,7 @@ def test_statistics_count_samples_executions_and_queue_time() -> None:
 
 
 def test_buffers_are_reused_between_batches() -> None:
-    from onnxserve.serving.batching.scheduler import _Buffers
+    from onnxserve.serving.batching.assembly import Buffers
 
     made = []
 
@@ -198,21 +198,22 @@ def test_buffers_are_reused_between_batches() -> None:
         made.append(shape)
         return np.empty(shape, dtype)
 
-    buffers = _Buffers(8, allocate)
+    buffers = Buffers(8, allocate)
     a = buffers.concatenate("x", [np.ones((2, 3)), np.zeros((1, 3))], 3)
     b = buffers.concatenate("x", [np.ones((4, 3))], 4)
     assert a.base is b.base and b.shape == (4, 3)
     assert made == [(8, 3)]  # one buffer, from the runner's allocator
     assert buffers.concatenate("x", [np.ones((9, 3))], 9).shape == (9, 3)  # over capacity
-    for width in range(4, 4 + _Buffers.KEEP):  # varying sample shapes: only the last kept
+    for width in range(4, 4 + Buffers.KEEP):  # varying sample shapes: only the last kept
         buffers.concatenate("x", [np.ones((1, width))], 1)
-    assert len(buffers._buffers) == _Buffers.KEEP and ("x", "<f8", (3,)) not in buffers._buffers
+    assert len(buffers) == Buffers.KEEP and not buffers.holds("x", np.dtype("<f8"), (3,))
+    assert buffers.holds("x", np.dtype("<f8"), (4 + Buffers.KEEP - 1,))
 
 
 def test_buffers_pad_with_zero_rows() -> None:
-    from onnxserve.serving.batching.scheduler import _Buffers
+    from onnxserve.serving.batching.assembly import Buffers
 
-    buffers = _Buffers(8, lambda shape, dtype: np.full(shape, 7, dtype))
+    buffers = Buffers(8, lambda shape, dtype: np.full(shape, 7, dtype))
     padded = buffers.concatenate("x", [np.ones((2, 3)), np.full((1, 3), 2.0)], 4)
     np.testing.assert_array_equal(padded, [[1] * 3, [1] * 3, [2] * 3, [0] * 3])
     big = buffers.concatenate("x", [np.ones((9, 3))], 12)  # over capacity: a new array
@@ -354,7 +355,7 @@ def _held(runner, scheduler_kwargs, body_after_hold):
 
 
 def test_a_full_queue_refuses_at_once() -> None:
-    from onnxserve.serving.batching.scheduler import QueuePolicy
+    from onnxserve.serving.batching.queue import QueuePolicy
     from onnxserve.serving.errors import ResourceExhaustedError
 
     runner = FakeRunner()
@@ -379,7 +380,7 @@ def test_a_full_queue_refuses_at_once() -> None:
 def test_requests_past_their_deadline_are_dropped_not_computed(source: str) -> None:
     """The caller's deadline fails a queued request DEADLINE_EXCEEDED; the queue policy's
     REJECT timeout fails it UNAVAILABLE "Request timeout expired", as Triton does."""
-    from onnxserve.serving.batching.scheduler import QueuePolicy
+    from onnxserve.serving.batching.queue import QueuePolicy
     from onnxserve.serving.errors import DeadlineExceededError, QueueTimeoutError
 
     runner = FakeRunner()
@@ -406,7 +407,7 @@ def test_requests_past_their_deadline_are_dropped_not_computed(source: str) -> N
 
 
 def test_delay_moves_an_expired_request_behind_the_others() -> None:
-    from onnxserve.serving.batching.scheduler import QueuePolicy
+    from onnxserve.serving.batching.queue import QueuePolicy
 
     runner = FakeRunner()
     order = []
@@ -434,7 +435,7 @@ def test_delay_moves_an_expired_request_behind_the_others() -> None:
 
 
 def test_queue_policy_comes_from_the_config() -> None:
-    from onnxserve.serving.batching.scheduler import QueuePolicy
+    from onnxserve.serving.batching.queue import QueuePolicy
     from onnxserve.serving.errors import ModelLoadError
     from onnxserve.serving.models.model import queue_policy
     from onnxserve.serving.models.repository import parse_config
@@ -568,7 +569,7 @@ def test_a_caller_that_leaves_a_forming_batch_is_not_computed_and_frees_its_plac
 def test_a_deadline_passing_in_a_forming_batch_fails_the_request_then(source: str) -> None:
     """Checked while the batch forms, not only when a request joins it: the request fails
     at its deadline (or REJECT timeout), long before the batch would run, uncomputed."""
-    from onnxserve.serving.batching.scheduler import QueuePolicy
+    from onnxserve.serving.batching.queue import QueuePolicy
     from onnxserve.serving.errors import DeadlineExceededError, QueueTimeoutError
 
     runner = FakeRunner()
@@ -600,7 +601,7 @@ def test_a_deadline_passing_in_a_forming_batch_fails_the_request_then(source: st
 def test_delay_runs_a_timed_out_request_after_those_that_came_later() -> None:
     """Triton's DELAY: a timed-out request waits until every request that has not timed out
     ran, including requests queued after it timed out."""
-    from onnxserve.serving.batching.scheduler import QueuePolicy
+    from onnxserve.serving.batching.queue import QueuePolicy
 
     class SteppedRunner(FakeRunner):
         """Notes each request's value as its run starts, then waits for a permit."""
@@ -683,7 +684,7 @@ def test_one_batch_forms_at_a_time_across_instances() -> None:
 def test_every_deadline_is_kept_whatever_the_order_and_delay_keeps_the_callers() -> None:
     """Deadlines that come in any order each fail their request at its time; a request the
     queue policy DELAYs still fails at its caller's deadline; none is computed."""
-    from onnxserve.serving.batching.scheduler import QueuePolicy
+    from onnxserve.serving.batching.queue import QueuePolicy
     from onnxserve.serving.errors import DeadlineExceededError
 
     runner = FakeRunner()
@@ -802,7 +803,7 @@ def test_a_close_waits_for_a_running_batch_without_blocking_the_event_loop() -> 
 def test_a_requests_own_timeout_may_shorten_the_policys_never_lengthen_it() -> None:
     """Triton's allow_timeout_override: "individual requests can set a timeout that is less
     than the default timeout value but may not increase the timeout"."""
-    from onnxserve.serving.batching.scheduler import QueuePolicy
+    from onnxserve.serving.batching.queue import QueuePolicy
     from onnxserve.serving.errors import QueueTimeoutError
 
     runner = FakeRunner()

@@ -11,7 +11,8 @@ from pathlib import Path
 import numpy as np
 
 from onnxserve.protos.naming import parse_version
-from onnxserve.serving.batching.scheduler import QueuePolicy, Scheduler
+from onnxserve.serving.batching.queue import QueuePolicy
+from onnxserve.serving.batching.scheduler import Scheduler
 from onnxserve.serving.errors import (
     InferenceFailedError,
     InvalidInputError,

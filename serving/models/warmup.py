@@ -25,7 +25,7 @@ import numpy as np
 from onnxserve.protos import model_config_pb2
 from onnxserve.protos.codec import TensorCodecError, decode_raw
 from onnxserve.protos.datatypes import Datatype, by_config_type
-from onnxserve.serving.batching.scheduler import check_output_rows
+from onnxserve.serving.batching.assembly import check_output_rows
 from onnxserve.serving.errors import InferenceFailedError, InvalidInputError, ModelLoadError
 from onnxserve.serving.models.repository import ModelConfig, model_dims
 from onnxserve.serving.runtime.runner import Runner
