@@ -33,6 +33,10 @@ _CALLER, _QUEUE = "caller", "queue"
 _STALE_KEPT = 64
 
 
+def _unchanged() -> None:
+    """``on_change`` of a closed queue."""
+
+
 @dataclass(frozen=True)
 class QueuePolicy:
     """Triton's ModelQueuePolicy (model_config.proto, and the dynamic batcher's "Queue
@@ -140,7 +144,9 @@ class RequestQueue:
         return False
 
     def close(self) -> list[QueuedRequest]:
-        """Empty the queue and stop its timer; returns the requests that were queued."""
+        """Empty the queue, stop its timer and let go of ``on_change`` (the scheduler's: kept,
+        it would hold the scheduler in a reference cycle after close); returns the requests
+        that were queued."""
         left = list(self)
         for request in left:
             self.withdraw(request)
@@ -149,6 +155,7 @@ class RequestQueue:
             self._timer = None
         self._deadlines.clear()
         self._stale = 0
+        self._on_change = _unchanged
         return left
 
     # --- deadlines -------------------------------------------------------------------------
