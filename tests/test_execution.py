@@ -16,7 +16,7 @@ from onnxserve.serving.models.execution import (
     plan_execution,
     should_run_on_event_loop,
 )
-from onnxserve.serving.models.model import load_model
+from onnxserve.serving.models.loader import load_model
 from onnxserve.serving.models.repository import parse_config
 from onnxserve.serving.models.warmup import default_samples, samples_from_config
 from onnxserve.serving.runtime.devices import CPU_DEVICE

@@ -14,7 +14,7 @@ from conftest import onnxserve_command
 from onnxserve.benchmarks.export_report import synthetic_cifar10
 from onnxserve.export import applications, cli, pipeline
 from onnxserve.export.recipes import RECIPES
-from onnxserve.serving.models.model import load_model
+from onnxserve.serving.models.loader import load_model
 from onnxserve.serving.models.repository import read_model
 from onnxserve.serving.settings import ServerSettings
 

@@ -23,7 +23,7 @@ from onnxserve.export import pipeline, publish, user_models, verify
 from onnxserve.protos import model_config_pb2 as mc
 from onnxserve.protos.images import ENCODED_IMAGE_PARAMETER, decode
 from onnxserve.serving.models.images import encoded_image_input
-from onnxserve.serving.models.model import load_model
+from onnxserve.serving.models.loader import load_model
 from onnxserve.serving.models.options import model_options
 from onnxserve.serving.models.repository import read_labels, read_model
 from onnxserve.serving.settings import ServerSettings

@@ -18,7 +18,7 @@ from onnxserve.clients.client import Client
 from onnxserve.serving.errors import ModelLoadError
 from onnxserve.serving.models.accelerators import gpu_settings, resolve_buckets
 from onnxserve.serving.models.execution import plan_execution
-from onnxserve.serving.models.model import _warmup_sizes, load_model
+from onnxserve.serving.models.loader import load_model, warmup_sizes
 from onnxserve.serving.models.repository import parse_config
 from onnxserve.serving.models.warmup import default_samples
 from onnxserve.serving.runtime.devices import CPU_DEVICE, Device, place_instances
@@ -166,9 +166,9 @@ def test_bucket_sizes() -> None:
 def test_warm_up_covers_every_shape_a_gpu_can_be_given() -> None:
     config = _config(batch=6)
     config.input.add(name="x", data_type=11, dims=[4])
-    assert _warmup_sizes(config, (1, 2, 4, 6), on_gpu=True) == [1, 2, 4, 6]
-    assert _warmup_sizes(config, (), on_gpu=True) == [1, 2, 3, 4, 5, 6]
-    assert _warmup_sizes(config, (), on_gpu=False) is None
+    assert warmup_sizes(config, (1, 2, 4, 6), on_gpu=True) == [1, 2, 4, 6]
+    assert warmup_sizes(config, (), on_gpu=True) == [1, 2, 3, 4, 5, 6]
+    assert warmup_sizes(config, (), on_gpu=False) is None
     sizes = [s.batch_size for s in default_samples(config, [1, 2, 4, 6])]
     assert sizes == [1, 2, 4, 6]
     assert [s.batch_size for s in default_samples(config)] == [1, 6]

@@ -16,7 +16,7 @@ from onnx_models import _save, add_one_model
 
 from onnxserve.serving.errors import ModelLoadError
 from onnxserve.serving.models.external_data import check_external_data, external_locations
-from onnxserve.serving.models.model import load_model
+from onnxserve.serving.models.loader import load_model
 from onnxserve.serving.models.registry import READY, Registry
 from onnxserve.serving.models.repository import fingerprint, read_model
 from onnxserve.serving.settings import ServerSettings

@@ -31,7 +31,7 @@ from prometheus_client import generate_latest
 
 from onnxserve.clients.client import Client
 from onnxserve.serving.errors import ModelLoadError, UnavailableError
-from onnxserve.serving.models.model import load_model
+from onnxserve.serving.models.loader import load_model
 from onnxserve.serving.models.registry import Registry
 from onnxserve.serving.observability.metrics import Metrics
 from onnxserve.serving.runtime.runner import Runner
@@ -254,13 +254,24 @@ def test_a_served_model_reloaded_30_times_stays_flat(tmp_path: Path, mode: str) 
                     time.sleep(0.05)
                 client.infer("m", {"x": x})
                 samples.append((_threads(server.pid), _rss_mb(server.pid)))
+            # A retired version's threads end when its drain and close have (the close
+            # waits for its run thread in a pool thread of its own): allow them that.
+            settle = time.monotonic() + 15
+            while _threads(server.pid) > threads + 4 and time.monotonic() < settle:
+                time.sleep(0.1)
+            settled = _threads(server.pid)
     finally:
         server.stop()
-    print(f"threads, RSS MB: {threads}, {rss:.0f} at first; after each reload: {samples}")
+    print(f"threads, RSS MB: {threads}, {rss:.0f} at first; after each reload: {samples}; "
+          f"settled: {settled} threads")
     # Before the fix each retired version kept its session (3 more threads, 4+ MB) until
     # Python's cyclic garbage collector ran: +120 MB and up to +24 threads over 30 reloads
     # (fixed: +0 threads, +35 MB by the second reload, then flat). Allowed: one retired
     # version's session still closing as a sample is taken, and the allocator keeping a
     # few freed sessions' worth of memory.
-    assert max(t for t, _ in samples) <= threads + 4, samples
+    # A sample may catch one retired version still closing (its session's threads); a
+    # leak grows with every reload, so the typical sample and the settled count show it.
+    counts = sorted(t for t, _ in samples)
+    assert counts[len(counts) // 2] <= threads + 4, samples
+    assert settled <= threads + 4, (settled, samples)
     assert max(r for _, r in samples) <= rss + 70, samples

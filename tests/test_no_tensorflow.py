@@ -21,7 +21,7 @@ def test_serving_runs_without_the_export_stack(tmp_path: Path) -> None:
 import numpy as np
 from onnxserve.serving import cli, server
 from onnxserve.serving.frontends import grpc_service
-from onnxserve.serving.models.model import load_model
+from onnxserve.serving.models.loader import load_model
 from onnxserve.serving.settings import ServerSettings
 from onnxserve.clients import classify, client, preprocess
 cli.build_parser().parse_args(["serve", "--providers", "cpu"])

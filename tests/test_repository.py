@@ -10,7 +10,7 @@ from onnx_models import add_one_model
 
 from onnxserve.protos import model_config_pb2 as mc
 from onnxserve.serving.errors import ModelLoadError
-from onnxserve.serving.models.model import load_model
+from onnxserve.serving.models.loader import load_model
 from onnxserve.serving.models.repository import (
     AUTO_MAX_BATCH_SIZE,
     complete_config,

@@ -437,7 +437,7 @@ def test_delay_moves_an_expired_request_behind_the_others() -> None:
 def test_queue_policy_comes_from_the_config() -> None:
     from onnxserve.serving.batching.queue import QueuePolicy
     from onnxserve.serving.errors import ModelLoadError
-    from onnxserve.serving.models.model import queue_policy
+    from onnxserve.serving.models.loader import queue_policy
     from onnxserve.serving.models.repository import parse_config
 
     config = parse_config(

@@ -15,7 +15,7 @@ from onnx_models import _save, add_one_model
 from onnxserve.clients.client import Client, InferenceServerError
 from onnxserve.serving.errors import ModelLoadError
 from onnxserve.serving.models.config_support import IGNORED, REFUSED, check_config_support
-from onnxserve.serving.models.model import load_model
+from onnxserve.serving.models.loader import load_model
 from onnxserve.serving.models.repository import parse_config
 from onnxserve.serving.settings import ServerSettings
 

@@ -31,7 +31,8 @@ from onnxserve.serving.errors import (
     NotFoundError,
     UnavailableError,
 )
-from onnxserve.serving.models.model import Model, ModelVersion, load_model
+from onnxserve.serving.models.loader import load_model
+from onnxserve.serving.models.model import Model, ModelVersion
 from onnxserve.serving.models.repository import (
     describe_skipped,
     fingerprint,
