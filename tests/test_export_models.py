@@ -203,7 +203,7 @@ def test_savedmodel_folder_exports(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr[-2000:]
     config = read_model(tmp_path / "repo", "saved").config
     assert list(config.input[0].dims) == [6]
-    # the serving signature's output name, not the layer's (README says so)
+    # the serving signature's output name, not the layer's (docs/export.md says so)
     assert [o.name for o in config.output] == ["output_0"]
 
 

@@ -1,4 +1,5 @@
-"""README.md's code blocks run as written (against this session's server and samples)."""
+"""README.md's and the docs/ pages' code blocks run as written (against this session's server
+and samples), their commands name what exists, and their links lead somewhere."""
 
 from __future__ import annotations
 
@@ -8,29 +9,43 @@ import re
 from pathlib import Path
 
 from conftest import ROOT, ServerProcess
+from doc_pages import docs_pages
 
 
-def python_blocks() -> list[str]:
-    return re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
+def test_the_manual_has_its_pages() -> None:
+    names = {page.name for page in docs_pages()}
+    assert {"README.md", "serving.md", "http.md", "streaming-and-shared-memory.md",
+            "model-repository.md", "export.md", "clients.md", "benchmarks.md",
+            "operating.md", "gpu.md", "deploying.md", "layout.md"} <= names
+    # the entry page leads to every page of the manual
+    readme = (ROOT / "README.md").read_text()
+    for page in docs_pages()[1:]:
+        assert f"](docs/{page.name})" in readme, page.name
+
+
+def python_blocks() -> list[tuple[Path, str]]:
+    return [(page, block) for page in docs_pages()
+            for block in re.findall(r"```python\n(.*?)```", page.read_text(), re.S)]
 
 
 def test_every_python_block_runs(server: ServerProcess, samples: Path) -> None:
     blocks = python_blocks()
     assert blocks
-    for block in blocks:
-        # The README's own server addresses and sample folder, as `make demo` leaves them.
+    for page, block in blocks:
+        # The pages' own server addresses and sample folder, as `make demo` leaves them.
         code = (block.replace("localhost:8001", server.url)
                 .replace("localhost:8000", str(server.http_url))
                 .replace("samples/", f"{samples}/"))
         printed = io.StringIO()
         with contextlib.redirect_stdout(printed):
-            exec(compile(code, "README.md", "exec"), {})
-        assert printed.getvalue().strip(), block
+            exec(compile(code, str(page.relative_to(ROOT)), "exec"), {})
+        assert printed.getvalue().strip(), (page.name, block)
 
 
 def shell_lines() -> list[str]:
-    """Every command in README's sh blocks, without its comment."""
-    blocks = re.findall(r"```sh\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
+    """Every command in the pages' sh blocks, without its comment."""
+    blocks = [block for page in docs_pages()
+              for block in re.findall(r"```sh\n(.*?)```", page.read_text(), re.S)]
     return [line.split("  #", 1)[0].strip() for block in blocks for line in block.splitlines()
             if line.strip()]
 
@@ -63,13 +78,19 @@ def test_every_shell_command_names_what_exists() -> None:
                 if flag in words:
                     assert (ROOT / words[words.index(flag) + 1]).exists(), line
         else:
-            raise AssertionError(f"README command of no known kind: {line}")
+            raise AssertionError(f"command of no known kind in the docs: {line}")
         checked += 1
     assert checked >= 20
 
 
+def test_the_entry_page_keeps_the_two_commands() -> None:
+    lines = re.findall(r"```sh\n(.*?)```", (ROOT / "README.md").read_text(), re.S)[0]
+    assert [line.split()[:2] for line in lines.splitlines()] == [["make", "demo"],
+                                                                 ["make", "test"]]
+
+
 def test_every_curl_command_answers(server: ServerProcess) -> None:
-    """README's curl commands, run against this session's server (HTTP/REST)."""
+    """The pages' curl commands, run against this session's server (HTTP/REST)."""
     import shlex
     import subprocess
 
@@ -80,3 +101,37 @@ def test_every_curl_command_answers(server: ServerProcess) -> None:
         result = subprocess.run(words, capture_output=True, text=True, timeout=30)
         assert result.returncode == 0 and result.stdout.strip(), (line, result.stderr)
         assert result.stdout == "200" or '"error"' not in result.stdout, (line, result.stdout)
+
+
+def _anchors(page: Path) -> set[str]:
+    """The anchors a Markdown renderer gives the page's headings (GitHub's rule: lower case,
+    punctuation but '-' and '_' dropped, spaces made '-')."""
+    return {re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+            for heading in re.findall(r"^#+ (.*)$", page.read_text(), re.M)}
+
+
+def test_every_relative_link_leads_to_a_file_and_heading() -> None:
+    """A page moved or a heading renamed must not leave a link pointing at nothing."""
+    checked = 0
+    for page in [*docs_pages(), ROOT / "benchmarks" / "README.md"]:
+        for target in re.findall(r"\]\(([^)\s]+)\)", page.read_text()):
+            if re.match(r"[a-z]+:", target):
+                continue
+            path, _, anchor = target.partition("#")
+            linked = (page.parent / path).resolve() if path else page
+            assert linked.exists(), (page.name, target)
+            if anchor:
+                assert anchor in _anchors(linked), (page.name, target)
+            checked += 1
+    assert checked >= 15
+
+
+def test_the_layout_names_every_module() -> None:
+    """docs/layout.md's table and list name each module of serving/ and benchmarks/, so a
+    module added or renamed shows up there too."""
+    layout = (ROOT / "docs" / "layout.md").read_text()
+    named = set(re.findall(r"`([a-z_]+)(?:\.py|/)?`", layout))
+    for folder in ("serving", "benchmarks"):
+        modules = {path.stem for path in (ROOT / folder).rglob("*.py")
+                   if path.stem not in ("__init__", "__main__")}
+        assert modules <= named, (folder, sorted(modules - named))

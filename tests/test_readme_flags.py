@@ -1,4 +1,4 @@
-"""README.md's flag table of `onnxserve serve` lists exactly the flags the command takes,
+"""The flag table of `onnxserve serve` (docs/serving.md) lists exactly the flags the command takes,
 with the environment variable each one reads."""
 
 from __future__ import annotations
@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import re
 
-from conftest import ROOT
+from doc_pages import docs_pages
 
 from onnxserve.serving.cli import build_parser
 
@@ -17,10 +17,15 @@ def _serve_parser() -> argparse.ArgumentParser:
     return subparsers.choices["serve"]
 
 
+HEADER = "| flag | environment | default | meaning |"
+
+
 def _table() -> dict[str, str]:
-    """Each flag in the table -> its row's environment cell."""
-    text = (ROOT / "README.md").read_text()
-    table = text.split("| flag | environment | default | meaning |", 1)[1].split("\n\n", 1)[0]
+    """Each flag in the table -> its row's environment cell. The table lives on one page of
+    README.md and docs/ (docs/serving.md): two would drift apart."""
+    pages = [page for page in docs_pages() if HEADER in page.read_text()]
+    assert [page.name for page in pages] == ["serving.md"], pages
+    table = pages[0].read_text().split(HEADER, 1)[1].split("\n\n", 1)[0]
     rows = {}
     for line in table.splitlines()[2:]:
         flag_cell, env_cell = line.split("|")[1:3]

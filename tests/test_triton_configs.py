@@ -176,11 +176,12 @@ def test_reshape_mistakes_are_named(tmp_path: Path, tensor: str, message: str) -
         load_model(tmp_path, "fixed", SETTINGS)
 
 
-def test_the_readme_lists_every_ignored_and_refused_field() -> None:
+def test_the_docs_list_every_ignored_and_refused_field() -> None:
     from conftest import ROOT
 
     rows = {line.split("|")[1].strip(): line for line in
-            (ROOT / "README.md").read_text().splitlines() if line.startswith("| ")}
+            (ROOT / "docs" / "model-repository.md").read_text().splitlines()
+            if line.startswith("| ")}
     for table, row in ((REFUSED, rows["refused"]), (IGNORED, rows["ignored, with a note"])):
         for path in table:
             assert f"{path.split('.')[-1]}`" in row, path
