@@ -24,7 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
-from onnxserve.benchmarks.load import INFER_METHOD, MAX_MESSAGE, build_request
+from onnxserve.benchmarks.load import INFER_METHOD, build_request
+from onnxserve.protos.limits import MAX_MESSAGE_BYTES
 from onnxserve.protos.naming import version_folder
 from onnxserve.serving.process import ServerProcess
 
@@ -198,8 +199,8 @@ def _load_worker(url: str, payload: bytes, concurrency: int, window_start: float
     import grpc
 
     async def main() -> tuple[list[float], int, float]:
-        options = [("grpc.max_send_message_length", MAX_MESSAGE),
-                   ("grpc.max_receive_message_length", MAX_MESSAGE),
+        options = [("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+                   ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                    ("grpc.use_local_subchannel_pool", 1)]
         channels = [grpc.aio.insecure_channel(url, options=options)
                     for _ in range(max(1, min(concurrency, 2)))]

@@ -22,9 +22,9 @@ import numpy as np
 from onnxserve.protos import inference_pb2 as pb
 from onnxserve.protos.codec import encode_raw
 from onnxserve.protos.datatypes import by_numpy
+from onnxserve.protos.limits import MAX_MESSAGE_BYTES
 
 INFER_METHOD = "/inference.GRPCInferenceService/ModelInfer"
-MAX_MESSAGE = 256 * 1024 * 1024
 
 
 def build_request(model: str, inputs: dict[str, np.ndarray]) -> bytes:
@@ -51,6 +51,9 @@ class Window:
 
 @dataclass
 class LoadResult:
+    """One load's figures, whichever load generator measured them (perf_analyzer's
+    PerfAnalyzerResult adds its own after these), so that their rows sit side by side."""
+
     mode: str
     concurrency: int
     rate: float | None
@@ -58,7 +61,8 @@ class LoadResult:
     windows: int
     stable: bool
     seconds: float
-    requests: int
+    #: requests completed in the measured windows (None: the load generator reported none)
+    requests: int | None
     errors: int
     #: inferences (samples) per second
     throughput: float
@@ -143,8 +147,8 @@ async def run_load(
     load, so that several server processes behind one port all receive work.
     """
     connections = connections or max(1, min(concurrency, 4))
-    options = [("grpc.max_send_message_length", MAX_MESSAGE),
-               ("grpc.max_receive_message_length", MAX_MESSAGE),
+    options = [("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+               ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                ("grpc.use_local_subchannel_pool", 1)]  # one TCP connection per channel
     channels = [grpc.aio.insecure_channel(url, options=options) for _ in range(connections)]
     try:

@@ -31,6 +31,7 @@ from google.protobuf.message import Message
 
 from onnxserve.protos import inference_pb2 as pb
 from onnxserve.protos.datatypes import by_config_type
+from onnxserve.protos.limits import MAX_MESSAGE_BYTES
 from onnxserve.protos.model_config_pb2 import ModelConfig
 from onnxserve.serving.process import die_with_parent_if_asked
 
@@ -146,8 +147,8 @@ async def serve(port: int, config: ModelConfig, parse: bool) -> None:
     model = NullModel(config, parse)
     # no SO_REUSEPORT (gRPC's default): on a port another server holds, fail instead of
     # silently sharing its connections and measuring both
-    server = grpc.aio.server(options=[("grpc.max_receive_message_length", 256 << 20),
-                                      ("grpc.max_send_message_length", 256 << 20),
+    server = grpc.aio.server(options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+                                      ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
                                       ("grpc.so_reuseport", 0)])
     server.add_generic_rpc_handlers(
         (grpc.method_handlers_generic_handler(_SERVICE, handlers(model)),))

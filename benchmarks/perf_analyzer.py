@@ -44,10 +44,12 @@ import tempfile
 import time
 import zipfile
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from .load import LoadResult
 
 #: The wheel that ships perf_analyzer (as tritonclient-2.41.0.data/data/bin/perf_analyzer).
 TRITONCLIENT_REQUIREMENT = "tritonclient==2.41.0"
@@ -506,9 +508,9 @@ def build_command(binary: Path | str, url: str, model: str, *, csv_path: Path,
 
 
 @dataclass
-class PerfAnalyzerResult:
-    """One load measured by perf_analyzer. The first keys are those of load.LoadResult, so
-    that its rows sit next to the Python client's; times in ms, throughput in inferences/s;
+class PerfAnalyzerResult(LoadResult):
+    """One load measured by perf_analyzer: load.LoadResult's figures, so that its rows sit
+    next to the Python client's, then its own; times in ms, throughput in inferences/s;
     ``pa_protocol`` and ``pa_mode`` are the Transport's.
 
     ``seconds`` covers the reported windows; ``run_seconds`` the whole run (start-up, every
@@ -517,21 +519,6 @@ class PerfAnalyzerResult:
     a failure raises PerfAnalyzerFailed instead.
     """
 
-    mode: str
-    concurrency: int
-    rate: float | None
-    samples_per_request: int
-    windows: int
-    stable: bool
-    seconds: float
-    requests: int | None
-    errors: int
-    throughput: float
-    p50_ms: float
-    p90_ms: float
-    p95_ms: float
-    p99_ms: float
-    client_cpu_percent: float
     avg_latency_ms: float | None
     run_seconds: float
     #: perf_analyzer's own breakdown of the mean request (ModelStatistics deltas, ms)
@@ -542,9 +529,6 @@ class PerfAnalyzerResult:
     client_recv_ms: float
     pa_protocol: str = "grpc"
     pa_mode: str = "plain"
-
-    def as_dict(self) -> dict:
-        return asdict(self)
 
 
 def _children_cpu_seconds() -> float:

@@ -34,6 +34,7 @@ import numpy as np
 from onnxserve.protos import inference_pb2 as pb
 from onnxserve.protos import inference_pb2_grpc
 from onnxserve.protos.datatypes import by_config_type
+from onnxserve.protos.limits import MAX_MESSAGE_BYTES
 from onnxserve.serving.models.repository import read_model
 from onnxserve.serving.process import ServerProcess
 
@@ -111,8 +112,8 @@ def main(argv: list[str] | None = None) -> None:
     try:
         server.wait_ready(300)
         with grpc.insecure_channel(server.url, options=[
-                ("grpc.max_receive_message_length", 1 << 28),
-                ("grpc.max_send_message_length", 1 << 28)]) as channel:
+                ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+                ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)]) as channel:
             stub = inference_pb2_grpc.GRPCInferenceServiceStub(channel)
             for name, block in regions.items():
                 stub.SystemSharedMemoryRegister(pb.SystemSharedMemoryRegisterRequest(

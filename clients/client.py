@@ -16,11 +16,11 @@ from onnxserve.protos import inference_pb2 as pb
 from onnxserve.protos import inference_pb2_grpc, model_config_pb2
 from onnxserve.protos.codec import decode_contents, decode_raw, encode_contents, encode_raw
 from onnxserve.protos.datatypes import TensorSpec, by_name, by_numpy
+from onnxserve.protos.limits import MAX_MESSAGE_BYTES
 
 from .connection import DEFAULT_URL, clean_token, normalize_url, pem_bytes
 
 __all__ = ["DEFAULT_URL", "Client", "InferenceServerError", "ModelMetadata", "TensorInfo"]
-MAX_MESSAGE_BYTES = 256 * 1024 * 1024
 #: Retries of calls that failed with UNAVAILABLE (server gone or draining), with gRPC's
 #: jittered exponential backoff. Every inference call is idempotent, so all are retried.
 RETRY_ATTEMPTS = 5

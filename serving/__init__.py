@@ -12,7 +12,8 @@ imports none; tests/test_layers.py checks this):
                             tensors), http_server (bind, serve, drain, stop),
                             wrong_protocol (gRPC or TLS clients at the HTTP port)
     dataplane.py            live/ready/metadata/config/statistics/repository/infer on plain
-                            values; classification.py formats top-k results;
+                            values, declared in contract.py (no onnxruntime, no models/);
+                            classification.py formats top-k results;
                             shared_memory.py: Triton's system shared memory regions
     models/                 repository, config_support, options, validation, images,
                             external_data, execution and accelerators (plans), warmup, model

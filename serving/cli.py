@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import shlex
 import sys
 
@@ -73,11 +72,12 @@ def main(argv: list[str] | None = None) -> int:
         from onnxserve.serving.workers import exit_on_stop_signals
 
         exit_on_stop_signals()
-    logging.basicConfig(
-        level=logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    else:
+        # serve sets logging up from its settings (--log-level, --log-format) once it has
+        # them (workers.run_server, run_workers); the other commands log as its default.
+        from onnxserve.serving.observability.logs import configure
+
+        configure()
     args = build_parser().parse_args(argv)
     return args.func(args)
 

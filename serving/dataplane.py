@@ -1,8 +1,9 @@
 """The transport-neutral operations of the KServe V2 protocol, on plain values and arrays.
 
-Each front end (gRPC today) turns its messages into these calls and their results back into
-messages, and maps the ``ServingError`` they raise to its status codes; nothing here knows
-a transport. ``infer`` is the path every request takes:
+Each front end (gRPC, HTTP) turns its messages into these calls and their results back
+into messages, and maps the ``ServingError`` they raise to its status codes; nothing here
+knows a transport. The values they take and return live in serving/contract.py, which the
+codecs import without the model lifecycle. ``infer`` is the path every request takes:
 
     look the model up (registry) -> check the declared inputs against the model's rules
     -> decode each payload (the front end's decoder: zero-copy views) -> decode encoded
@@ -22,7 +23,6 @@ import os
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError
 from importlib.metadata import version as package_version
 from typing import Any, NoReturn, TypeVar, overload
@@ -34,6 +34,16 @@ from onnxserve.protos.datatypes import by_config_type, by_name
 from onnxserve.protos.model_config_pb2 import ModelConfig
 from onnxserve.serving.batching.inflight import InFlight
 from onnxserve.serving.classification import class_strings, top_k
+from onnxserve.serving.contract import (
+    CLASSIFICATION_PARAMETER,
+    TIMEOUT_PARAMETER,
+    IndexEntry,
+    InferRequest,
+    InferResult,
+    ModelMetadata,
+    RequestedOutput,
+    ServerMetadata,
+)
 from onnxserve.serving.errors import (
     CANCELLED,
     DeadlineExceededError,
@@ -53,12 +63,11 @@ from onnxserve.serving.observability import logs, stages
 from onnxserve.serving.observability.logs import FailureLog, LogSettingValue, event
 from onnxserve.serving.observability.metrics import UNKNOWN_MODEL, Metrics
 from onnxserve.serving.observability.stages import CLOCK
+from onnxserve.serving.observability.statistics import VersionStatistics
 from onnxserve.serving.shared_memory import (
     REGION_PARAMETER,
     Placement,
     Region,
-    SharedMemoryOutput,
-    SharedMemoryParameters,
     SharedMemoryRegistry,
 )
 from onnxserve.serving.types import OutputValue, TensorSpec, TopK
@@ -73,96 +82,6 @@ SERVER_NAME = "onnxserve"
 #: answers UNIMPLEMENTED), "sequence", "cuda_shared_memory".
 EXTENSIONS = ("classification", "model_configuration", "model_repository", "statistics",
               "logging", "system_shared_memory")
-CLASSIFICATION_PARAMETER = "classification"
-TIMEOUT_PARAMETER = "timeout"
-
-
-@dataclass(slots=True)
-class RequestInput:
-    """One input as a request declares it; ``decode()`` returns its array (the front end's
-    decoder, called only after the declaration passed the model's checks; it raises
-    TensorCodecError for a payload that does not match). An input with ``shared_memory``
-    parameters (serving/shared_memory.py's ``shared_memory_parameters``) is read from that
-    region instead, and ``decode`` is not called."""
-
-    name: str
-    datatype: str
-    shape: tuple[int, ...]
-    decode: Callable[[], np.ndarray]
-    shared_memory: SharedMemoryParameters | None = None
-
-
-@dataclass(slots=True)
-class RequestedOutput:
-    """An output a request asks for, with its ``classification`` parameter (any type, as
-    sent; None when absent) and its shared memory parameters (written into that region
-    when given)."""
-
-    name: str
-    classification: object = None
-    shared_memory: SharedMemoryParameters | None = None
-
-
-@dataclass(slots=True)
-class InferRequest:
-    """One inference request in plain values. ``id`` is replaced by a generated one when
-    empty (the front end reads it back for its error answers)."""
-
-    model_name: str
-    model_version: str
-    inputs: Sequence[RequestInput]
-    outputs: Sequence[RequestedOutput] = ()
-    id: str = ""
-    #: the request's own queue timeout parameter, as sent (microseconds)
-    timeout: object = None
-    #: seconds until the caller's deadline (None: no deadline)
-    time_remaining: float | None = None
-    #: the front end's transport, the metrics' ``protocol`` label (grpc or http)
-    protocol: str = "grpc"
-
-
-@dataclass(slots=True)
-class InferResult:
-    """The answer: each output's array in the order asked for (BYTES as object arrays);
-    ``shared_memory`` names the outputs written into shared memory (None: none), which
-    the answer reports by serving/shared_memory.py's ``output_parameters`` instead of
-    their data."""
-
-    model_name: str
-    model_version: str
-    id: str
-    outputs: list[tuple[str, np.ndarray]]
-    shared_memory: dict[str, SharedMemoryOutput] | None = None
-
-
-@dataclass(frozen=True)
-class ModelMetadata:
-    """A model as clients see it: tensors with the shapes they send (-1: any size, a leading
-    -1 for the batch), and the parameters of serving/models/model.py's ``parameters``."""
-
-    name: str
-    versions: list[str]
-    platform: str
-    inputs: list[TensorSpec]
-    outputs: list[TensorSpec]
-    parameters: dict[str, str] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class ServerMetadata:
-    name: str
-    version: str
-    extensions: tuple[str, ...]
-
-
-@dataclass(frozen=True)
-class IndexEntry:
-    """A row of the repository index: one model version, or a model never loaded."""
-
-    name: str
-    version: str
-    state: str
-    reason: str
 
 
 def _printable(text: str, limit: int = 128) -> str:
@@ -243,6 +162,12 @@ class DataPlane:
     def ready(self) -> bool:
         return self.accepting and self.registry.all_ready
 
+    def models_ready(self) -> dict[str, bool]:
+        """Every model the repository knows, by name: whether it is ready (loaded, and the
+        server accepting), as the health service reports each."""
+        return {entry.name: self.accepting and entry.state == READY
+                for entry in self.registry.index()}
+
     def model_ready(self, name: str, version: str = "") -> bool:
         try:
             self.registry.get(name, version)
@@ -270,16 +195,18 @@ class DataPlane:
     def model_config(self, name: str, version: str = "") -> ModelConfig:
         return self.registry.get(name, version)[0].config
 
-    def statistics(self, name: str = "", version: str = "") -> list[tuple[str, ModelVersion]]:
-        """(model name, version) of every version asked for: all loaded ones when ``name``
-        is empty, all of the model's when ``version`` is."""
+    def statistics(self, name: str = "", version: str = "") -> list[VersionStatistics]:
+        """The statistics of every version asked for: all loaded ones when ``name`` is
+        empty, all of the model's when ``version`` is."""
         if not name:
-            return [(e.model.name, v) for e in self.registry.entries() if e.model
-                    for v in e.model.versions.values()]
-        model, chosen = self.registry.get(name, version)
-        if version:
-            return [(model.name, chosen)]
-        return [(model.name, v) for v in model.versions.values()]
+            chosen = [(e.model.name, v) for e in self.registry.entries() if e.model
+                      for v in e.model.versions.values()]
+        else:
+            model, one = self.registry.get(name, version)
+            chosen = ([(model.name, one)] if version
+                      else [(model.name, v) for v in model.versions.values()])
+        return [v.scheduler.stats.snapshot(model_name, str(v.version))
+                for model_name, v in chosen]
 
     # --- the model repository ------------------------------------------------------------
 
@@ -441,16 +368,18 @@ class DataPlane:
                                   request_id=request.id, reason=str(exc))
             raise
         finally:
-            if held:
-                self.shared_memory.release(held)
+            if held and self.shared_memory.release(held):
+                # an unregistered region this request's own frames still view: unmap it
+                # once this handler has answered and its frames are garbage
+                asyncio.get_running_loop().call_soon(self.shared_memory.collect)
             self._in_flight.leave()
 
     def reject(self, model_name: str, status: str, reason: str, *, protocol: str,
                request_id: str = "", seconds: float = 0.0) -> str:
         """Count and log an inference request that its front end refused before it could
         become an InferRequest (a body that cannot be read or decoded, JSON that is not an
-        inference request), as ``infer`` counts and logs the others (README: every
-        request in ``onnxserve_requests_total`` under the status its client is given, and
+        inference request), as ``infer`` counts and logs the others (docs/operating.md:
+        every request in ``onnxserve_requests_total`` under the status its client is given, and
         a ``request_failed`` event). ``status`` is that canonical code, ``seconds`` the
         time since the request came. Returns the request's id: ``request_id`` (the one
         sent, if it could be read) made printable, or a generated one."""

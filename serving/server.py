@@ -205,7 +205,7 @@ async def serve(settings: ServerSettings, stop: asyncio.Event | None = None,
 
     async def models_changed() -> None:
         if started:
-            await update_health(health_servicer, registry, ready=plane.accepting)
+            await update_health(health_servicer, plane, ready=plane.accepting)
 
     metrics = Metrics()
     registry = Registry(settings.model_repository, settings, on_change=models_changed,
@@ -253,7 +253,7 @@ async def serve(settings: ServerSettings, stop: asyncio.Event | None = None,
                  f" (plain HTTP, open to all: {' and '.join(guards)} "
                  f"guard{'s' if len(guards) == 1 else ''} gRPC and HTTP/REST only; "
                  "--metrics-port 0 turns it off)" if guards else "")
-    await update_health(health_servicer, registry, ready=False)
+    await update_health(health_servicer, plane, ready=False)
     await mark_live(health_servicer)
     if stop.is_set():  # stopped while setting up: nothing was served
         metrics.close()
@@ -276,7 +276,7 @@ async def serve(settings: ServerSettings, stop: asyncio.Event | None = None,
         plane.accepting = False
         if http is not None:
             http.drain()
-        await update_health(health_servicer, registry, ready=False)
+        await update_health(health_servicer, plane, ready=False)
         drained = await plane.drain(settings.drain_seconds)
         if not drained:
             log.warning("requests still running after %.0fs fail UNAVAILABLE when the "
@@ -305,7 +305,7 @@ async def serve(settings: ServerSettings, stop: asyncio.Event | None = None,
     if not await _unless_stopped(stop, registry.load_initial(initial_models)):
         await shut_down(" while loading models (the loads not done are abandoned)")
     started = True
-    await update_health(health_servicer, registry, ready=True)
+    await update_health(health_servicer, plane, ready=True)
     ready, why = registry.readiness()
     if ready:
         log.info("ready: %s", why)

@@ -5,8 +5,8 @@ and to worker processes). Each field carries its help in its metadata; the flag
 (``--field-name`` unless the metadata names Triton's), the ``ONNXSERVE_FLAG_NAME``
 environment variable, the choices (from a ``Literal`` type) and the parsing are derived
 from it by ``add_setting_arguments``. Flags win over environment variables, which win over
-the defaults. README's flag table is checked against the parser this module builds
-(tests/test_readme_flags.py).
+the defaults. The flag table in docs/serving.md is checked against the parser this module
+builds (tests/test_readme_flags.py).
 """
 
 from __future__ import annotations
@@ -23,6 +23,8 @@ from functools import cache
 from pathlib import Path
 from typing import Any, Literal
 
+from onnxserve.protos.limits import MAX_MESSAGE_BYTES
+
 Providers = Literal["auto", "cpu", "cuda"]
 Spinning = Literal["off", "run", "always"]
 ControlMode = Literal["none", "poll", "explicit"]
@@ -30,16 +32,11 @@ LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR"]
 LogFormat = Literal["text", "json"]
 EventLoop = Literal["asyncio", "uvloop"]
 
-PROVIDER_MODES: tuple[str, ...] = typing.get_args(Providers)
 SPINNING_MODES: tuple[str, ...] = typing.get_args(Spinning)
-CONTROL_MODES: tuple[str, ...] = typing.get_args(ControlMode)
 
 ENV_PREFIX = "ONNXSERVE_"
 DEFAULT_GRPC_PORT = 8001
 DEFAULT_HTTP_PORT = 8000
-# A batch of 64 float 331x331x3 images (the largest seed input) is 84 MB; gRPC's
-# default of 4 MB does not take even one 224x224x3 float batch of 8.
-DEFAULT_MAX_MESSAGE_BYTES = 256 * 1024 * 1024
 # Enough work to keep the instances busy, little enough that a refused client learns at once
 # instead of timing out (benchmarks/results/defaults.md has the measurement).
 DEFAULT_MAX_QUEUE_SIZE = 256
@@ -76,7 +73,7 @@ class ServerSettings:
         "auto", "execution provider: auto (CUDA when it really works, else the CPU, and a "
         "warning), cpu, or cuda (a model whose session does not run on CUDA fails to load)")
     max_message_bytes: int = setting(
-        DEFAULT_MAX_MESSAGE_BYTES, "largest gRPC message accepted or sent, and largest HTTP "
+        MAX_MESSAGE_BYTES, "largest gRPC message accepted or sent, and largest HTTP "
         "request body accepted (413 beyond it); gRPC's own default is 4 MB")
     intra_op_threads: int = setting(
         0, "onnxruntime threads per session, 0 = the cores split between a model's instances")

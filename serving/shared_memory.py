@@ -47,6 +47,7 @@ as with Triton.
 from __future__ import annotations
 
 import errno
+import gc
 import logging
 import mmap
 import os
@@ -221,14 +222,24 @@ class Region:
     def close(self) -> bool:
         """Unmap now (True), or leave the unmapping to the release of the last view of
         the mapping, which then holds the last reference to it (False). The region is
-        unusable after either."""
+        unusable after either.
+
+        Views of a finished request can outlive it in a reference cycle (a failed request's
+        exception holds the frames that hold its inputs): those are collected first, so
+        that the unmapping does not wait for Python's cyclic collector to run by chance
+        (in an idle server, never)."""
         mapping = self._map
         del self._map
-        try:
-            mapping.close()
-        except BufferError:  # views of it still exist
-            return False
-        return True
+        for attempt in (1, 2):
+            try:
+                mapping.close()
+            except BufferError:  # views of it still exist
+                if attempt == 2:
+                    return False
+                gc.collect()
+            else:
+                return True
+        return False
 
 
 class SharedMemoryRegistry:
@@ -401,14 +412,24 @@ class SharedMemoryRegistry:
         region.write(position, data)
         return SharedMemoryOutput(placement.region, placement.offset, len(data))
 
-    def release(self, held: Iterable[Region]) -> None:
+    def release(self, held: Iterable[Region]) -> bool:
         """Let go of regions a request held; unmap those unregistered meanwhile once no
-        request holds them."""
+        request holds them. Returns whether such a region is still mapped because views
+        of it live on (the caller's own frames, while its failure propagates): once they
+        are gone, ``collect`` unmaps it."""
+        pending = False
         with self._lock:
             for region in held:
                 region.users -= 1
                 if region.retired and region.users == 0:
-                    region.close()
+                    pending = not region.close() or pending
+        return pending
+
+    @staticmethod
+    def collect() -> None:
+        """Free the views of finished requests that only reference cycles still hold, so
+        that the regions they map are unmapped (see Region.close)."""
+        gc.collect()
 
     def _hold(self, name: str, held: list[Region]) -> Region:
         with self._lock:

@@ -437,7 +437,7 @@ class _GatedPlane:
         return True
 
     async def infer(self, request, answer=None):
-        from onnxserve.serving.dataplane import InferResult
+        from onnxserve.serving.contract import InferResult
         from onnxserve.serving.errors import UnavailableError
 
         if not self.accepting:

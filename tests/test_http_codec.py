@@ -10,7 +10,7 @@ import pytest
 
 from onnxserve.protos.codec import TensorCodecError, encode_raw
 from onnxserve.protos.datatypes import DATATYPES, by_name
-from onnxserve.serving.dataplane import InferResult
+from onnxserve.serving.contract import InferResult
 from onnxserve.serving.errors import InvalidInputError
 from onnxserve.serving.frontends.http_codec import (
     header_length,

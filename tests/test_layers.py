@@ -1,12 +1,13 @@
 """The layers' dependency rules (ARCHITECTURE.md), on every import, inside functions too.
 
 serving/ is layered: cli > commands | workers > process > server > frontends > data plane
-(dataplane > classification | shared_memory) > models > batching | runtime (siblings:
-batching depends on serving/types.py's Instance protocol, never on the runtime); errors,
-settings and types are shared by all, and observability is used by all and uses only
-those. The runtime imports neither asyncio nor gRPC nor the protocol's service messages;
-clients/ and export/ never import the server; and no module imports itself back through
-others (no cycles).
+(dataplane > contract, its plain values > classification | shared_memory) > models >
+batching | runtime (siblings: batching depends on serving/types.py's Instance protocol,
+never on the runtime); errors, settings and types are shared by all, and observability
+is used by all and uses only those. The runtime imports neither asyncio nor gRPC nor the
+protocol's service messages; front ends never reach around the data plane into models/,
+batching/ or runtime/; clients/ and export/ never import the server; and no module imports
+itself back through others (no cycles).
 """
 
 from __future__ import annotations
@@ -23,9 +24,12 @@ SHARED = ("errors", "settings", "types")
 #: serving layer -> rank; a module may import layers of lower rank, the shared modules and
 #: observability, and modules of its own layer
 RANKS = {"cli": 9, "commands": 8, "workers": 8, "process": 7, "server": 6, "frontends": 5,
-         "dataplane": 4.5, "classification": 4, "shared_memory": 4, "models": 3, "batching": 1,
-         "runtime": 1,
+         "dataplane": 4.5, "contract": 4.25, "classification": 4, "shared_memory": 4,
+         "models": 3, "batching": 1, "runtime": 1,
          "observability": 0}
+#: layer -> the lower layers it may not reach around its neighbour to import
+#: (ARCHITECTURE.md: front ends know only the data plane, never the model lifecycle below)
+NEVER_AROUND = {"frontends": ("models", "batching", "runtime")}
 
 
 def _modules() -> dict[str, Path]:
@@ -109,6 +113,31 @@ def test_serving_layers_import_only_downwards() -> None:
             elif RANKS[other] >= RANKS[layer]:
                 wrong.append(f"{module} -> {target} ({layer} may not import {other})")
     assert not wrong, "\n".join(sorted(wrong))
+
+
+def _reaching_around(graph: dict[str, set[str]]) -> list[str]:
+    """The imports in ``graph`` that go downwards but skip a layer NEVER_AROUND forbids."""
+    return sorted(f"{module} -> {target} ({_layer(module)} may not reach around to "
+                  f"{_layer(target)})"
+                  for module, imported in graph.items()
+                  for target in imported
+                  if _layer(target) in NEVER_AROUND.get(_layer(module) or "", ()))
+
+
+def test_no_layer_reaches_around_another() -> None:
+    wrong = _reaching_around(GRAPH)
+    assert not wrong, "\n".join(wrong)
+
+
+def test_reaching_around_is_seen() -> None:
+    """The rule reads layers, not names: a front end importing the runtime, batching or a
+    model module fails it; the data plane and the shared modules do not."""
+    frontend = "onnxserve.serving.frontends.grpc_service"
+    below = {"onnxserve.serving.runtime.runner", "onnxserve.serving.batching.scheduler",
+             "onnxserve.serving.models.registry"}
+    allowed = {"onnxserve.serving.dataplane", "onnxserve.serving.errors",
+               "onnxserve.serving.observability.statistics", "onnxserve.protos.codec"}
+    assert len(_reaching_around({frontend: below | allowed})) == len(below)
 
 
 def test_the_runtime_knows_no_asyncio_grpc_or_service_messages() -> None:

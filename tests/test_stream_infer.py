@@ -22,7 +22,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from onnxserve.protos import inference_pb2 as pb
 from onnxserve.protos import inference_pb2_grpc
-from onnxserve.serving.dataplane import InferRequest, InferResult
+from onnxserve.serving.contract import InferRequest, InferResult
 from onnxserve.serving.errors import NotFoundError
 from onnxserve.serving.frontends.grpc_service import (
     FINAL_RESPONSE_FLAG,

@@ -1,2 +1,2 @@
-"""Front ends: one adapter per transport (gRPC), messages in, data-plane calls, messages
-out, one error-mapping decorator each; no batching and no onnxruntime here."""
+"""Front ends: one adapter per transport (gRPC, HTTP), messages in, data-plane calls,
+messages out, one error-mapping decorator each; no batching and no onnxruntime here."""

@@ -11,7 +11,7 @@ import numpy as np
 
 from onnxserve.protos import inference_pb2 as pb
 from onnxserve.protos.codec import TensorCodecError, datatype_of, decode_contents, decode_raw
-from onnxserve.serving.dataplane import (
+from onnxserve.serving.contract import (
     CLASSIFICATION_PARAMETER,
     TIMEOUT_PARAMETER,
     InferRequest,

@@ -8,7 +8,7 @@ from __future__ import annotations
 from onnxserve.protos import inference_pb2 as pb
 from onnxserve.protos.codec import encode_raw
 from onnxserve.protos.datatypes import by_numpy
-from onnxserve.serving.dataplane import InferResult
+from onnxserve.serving.contract import InferResult
 from onnxserve.serving.shared_memory import output_parameters
 
 

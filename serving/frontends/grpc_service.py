@@ -23,13 +23,14 @@ from google.protobuf.message import Message
 
 from onnxserve.protos import inference_pb2 as pb
 from onnxserve.protos import inference_pb2_grpc
-from onnxserve.serving.dataplane import DataPlane, InferRequest, InferResult
+from onnxserve.serving.contract import InferRequest, InferResult
+from onnxserve.serving.dataplane import DataPlane
 from onnxserve.serving.errors import ResourceExhaustedError, ServingError, error_code
 from onnxserve.serving.frontends.decoding import infer_request
 from onnxserve.serving.frontends.encoding import encode_response
 from onnxserve.serving.observability import stages
 from onnxserve.serving.observability.stages import CLOCK
-from onnxserve.serving.observability.statistics import ModelStats
+from onnxserve.serving.observability.statistics import StatisticDuration, VersionStatistics
 from onnxserve.serving.shared_memory import cuda_shared_memory_unsupported
 
 log = logging.getLogger(__name__)
@@ -96,21 +97,21 @@ def _build(request: pb.ModelInferRequest,
     return plain, started
 
 
-def _duration(target: pb.StatisticDuration, source) -> None:
+def _duration(target: pb.StatisticDuration, source: StatisticDuration) -> None:
     target.count, target.ns = source.count, source.ns
 
 
-def _statistics(name: str, version: int, stats: ModelStats) -> pb.ModelStatistics:
+def _statistics(stats: VersionStatistics) -> pb.ModelStatistics:
     out = pb.ModelStatistics(
-        name=name, version=str(version), last_inference=stats.last_inference_ms,
+        name=stats.name, version=stats.version, last_inference=stats.last_inference_ms,
         inference_count=stats.inference_count, execution_count=stats.execution_count,
     )
     infer = out.inference_stats
     for field_name in ("success", "fail", "queue", "compute_input", "compute_infer",
                        "compute_output"):
         _duration(getattr(infer, field_name), getattr(stats, field_name))
-    for size, batch in sorted(stats.batches.items()):
-        entry = out.batch_stats.add(batch_size=size)
+    for batch in stats.batches:
+        entry = out.batch_stats.add(batch_size=batch.batch_size)
         for field_name in ("compute_input", "compute_infer", "compute_output"):
             _duration(getattr(entry, field_name), getattr(batch, field_name))
     return out
@@ -165,9 +166,8 @@ class InferenceService(inference_pb2_grpc.GRPCInferenceServiceServicer):
     @_answers
     async def ModelStatistics(self, request, context):
         response = pb.ModelStatisticsResponse()
-        for name, version in self._plane.statistics(request.name, request.version):
-            response.model_stats.append(
-                _statistics(name, version.version, version.scheduler.stats))
+        for stats in self._plane.statistics(request.name, request.version):
+            response.model_stats.append(_statistics(stats))
         return response
 
     @_answers

@@ -12,7 +12,7 @@ from __future__ import annotations
 from grpc_health.v1 import health, health_pb2
 
 from onnxserve.protos import inference_pb2
-from onnxserve.serving.models.registry import READY, Registry
+from onnxserve.serving.dataplane import DataPlane
 
 #: Health entry that is SERVING while the process runs (for liveness probes).
 LIVENESS_SERVICE = "liveness"
@@ -26,13 +26,13 @@ async def mark_live(servicer: health.aio.HealthServicer) -> None:
     await servicer.set(LIVENESS_SERVICE, _SERVING)
 
 
-async def update_health(servicer: health.aio.HealthServicer, registry: Registry,
+async def update_health(servicer: health.aio.HealthServicer, plane: DataPlane,
                         ready: bool) -> None:
-    """Set the server's and each model's entry; ``ready`` false marks all NOT_SERVING
-    (starting or stopping)."""
-    overall = _SERVING if ready and registry.all_ready else _NOT_SERVING
+    """Set the server's and each model's entry from the data plane's readiness, which the
+    other front ends read too; ``ready`` false marks all NOT_SERVING (starting or
+    stopping)."""
+    overall = _SERVING if ready and plane.ready() else _NOT_SERVING
     for name in ("", SERVICE_NAME):
         await servicer.set(name, overall)
-    for entry in registry.index():
-        await servicer.set(entry.name, _SERVING if ready and entry.state == READY
-                           else _NOT_SERVING)
+    for name, model_ready in plane.models_ready().items():
+        await servicer.set(name, _SERVING if ready and model_ready else _NOT_SERVING)

@@ -54,7 +54,7 @@ from onnxserve.protos.codec import (
 )
 from onnxserve.protos.datatypes import Datatype, by_numpy
 from onnxserve.protos.naming import plain_int
-from onnxserve.serving.dataplane import (
+from onnxserve.serving.contract import (
     CLASSIFICATION_PARAMETER,
     TIMEOUT_PARAMETER,
     InferRequest,

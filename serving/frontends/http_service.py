@@ -59,7 +59,8 @@ from aiohttp import http_exceptions, web
 from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
 
-from onnxserve.serving.dataplane import DataPlane, InferResult
+from onnxserve.serving.contract import InferResult
+from onnxserve.serving.dataplane import DataPlane
 from onnxserve.serving.errors import CANCELLED, ServingError, error_code
 from onnxserve.serving.frontends.auth import OPEN_HTTP_PATHS, bearer_refusal
 from onnxserve.serving.frontends.http_codec import (
@@ -71,7 +72,7 @@ from onnxserve.serving.frontends.http_codec import (
 )
 from onnxserve.serving.observability import stages
 from onnxserve.serving.observability.stages import CLOCK
-from onnxserve.serving.observability.statistics import Duration, ModelStats
+from onnxserve.serving.observability.statistics import StatisticDuration, VersionStatistics
 from onnxserve.serving.shared_memory import cuda_shared_memory_unsupported
 
 log = logging.getLogger(__name__)
@@ -169,24 +170,24 @@ def _field_json(field: FieldDescriptor, value: Any) -> Any:
     return value
 
 
-def _duration(duration: Duration) -> dict[str, int]:
+def _duration(duration: StatisticDuration) -> dict[str, int]:
     return {"count": duration.count, "ns": duration.ns}
 
 
-def statistics_json(name: str, version: int, stats: ModelStats) -> dict[str, Any]:
+def statistics_json(stats: VersionStatistics) -> dict[str, Any]:
     """One model version's statistics as Triton's HTTP statistics extension lists them."""
     return {
-        "name": name, "version": str(version), "last_inference": stats.last_inference_ms,
+        "name": stats.name, "version": stats.version, "last_inference": stats.last_inference_ms,
         "inference_count": stats.inference_count, "execution_count": stats.execution_count,
         "inference_stats": {
             key: _duration(getattr(stats, key))
             for key in ("success", "fail", "queue", "compute_input", "compute_infer",
                         "compute_output")},
         "batch_stats": [
-            {"batch_size": size, **{key: _duration(getattr(batch, key))
-                                    for key in ("compute_input", "compute_infer",
-                                                "compute_output")}}
-            for size, batch in sorted(stats.batches.items())],
+            {"batch_size": batch.batch_size, **{key: _duration(getattr(batch, key))
+                                                for key in ("compute_input", "compute_infer",
+                                                            "compute_output")}}
+            for batch in stats.batches],
     }
 
 
@@ -446,9 +447,7 @@ class HttpService:
     async def statistics(self, request: web.Request) -> web.Response:
         chosen = self._plane.statistics(request.match_info.get("model", ""),
                                         request.match_info.get("version", ""))
-        return _json({"model_stats": [statistics_json(name, version.version,
-                                                      version.scheduler.stats)
-                                      for name, version in chosen]})
+        return _json({"model_stats": [statistics_json(stats) for stats in chosen]})
 
     # --- the model repository ------------------------------------------------------------
 

@@ -50,9 +50,11 @@ class WarmupSample:
 
 @dataclass(frozen=True)
 class WarmupResult:
+    """A sample's run times on the first instance: logged at load, and what decides
+    whether a model runs on the event loop (``smallest_and_largest``)."""
+
     name: str
     batch_size: int
-    runs: int
     first_s: float
     #: median of the runs after the first (the first when there is only one)
     typical_s: float
@@ -207,8 +209,8 @@ def warm_up(runners: Sequence[Runner], samples: Sequence[WarmupSample],
                 raise ModelLoadError(f"{where}: warm-up {sample.name!r} failed: {exc}") from None
             if number == 0:
                 later = timings[1:] or timings
-                results.append(WarmupResult(sample.name, sample.batch_size, len(timings),
-                                            timings[0], statistics.median(later)))
+                results.append(WarmupResult(sample.name, sample.batch_size, timings[0],
+                                            statistics.median(later)))
     return results
 
 

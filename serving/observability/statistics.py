@@ -30,6 +30,49 @@ class BatchStats:
     compute_output: Duration = field(default_factory=Duration)
 
 
+@dataclass(frozen=True, slots=True)
+class StatisticDuration:
+    """``count`` events that took ``ns`` nanoseconds in all (Triton's StatisticDuration)."""
+
+    count: int
+    ns: int
+
+
+@dataclass(frozen=True, slots=True)
+class BatchStatistics:
+    """The model runs of one batch size (as run: padded rows included)."""
+
+    batch_size: int
+    compute_input: StatisticDuration
+    compute_infer: StatisticDuration
+    compute_output: StatisticDuration
+
+
+@dataclass(frozen=True, slots=True)
+class VersionStatistics:
+    """One model version's statistics read at one moment, as plain values: what the data
+    plane hands the front ends, which encode them (gRPC's ModelStatistics, HTTP's
+    statistics extension) without touching the live counters a scheduler updates."""
+
+    name: str
+    version: str
+    last_inference_ms: int
+    inference_count: int
+    execution_count: int
+    success: StatisticDuration
+    fail: StatisticDuration
+    queue: StatisticDuration
+    compute_input: StatisticDuration
+    compute_infer: StatisticDuration
+    compute_output: StatisticDuration
+    #: by batch size, smallest first
+    batches: tuple[BatchStatistics, ...]
+
+
+def _value(duration: Duration) -> StatisticDuration:
+    return StatisticDuration(duration.count, duration.ns)
+
+
 class StatsObserver(Protocol):
     def batch(self, samples: int, compute_s: float) -> None: ...
 
@@ -73,6 +116,19 @@ class ModelStats:
             batch.compute_output.add(output_ns)
             if self.observer is not None:
                 self.observer.batch(samples, (input_ns + infer_ns + output_ns) / 1e9)
+
+    def snapshot(self, name: str, version: str) -> VersionStatistics:
+        """The counters now, as values (read under the lock: one batch's updates are all
+        in or all out)."""
+        with self._lock:
+            return VersionStatistics(
+                name, version, self.last_inference_ms, self.inference_count,
+                self.execution_count, _value(self.success), _value(self.fail),
+                _value(self.queue), _value(self.compute_input), _value(self.compute_infer),
+                _value(self.compute_output),
+                tuple(BatchStatistics(size, _value(batch.compute_input),
+                                      _value(batch.compute_infer), _value(batch.compute_output))
+                      for size, batch in sorted(self.batches.items())))
 
     def close(self) -> None:
         """The model version is gone: tell the observer once (its metrics may go) and stop
