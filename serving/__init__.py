@@ -18,7 +18,8 @@ imports none; tests/test_layers.py checks this):
     models/                 repository, config_support, options, validation, images,
                             external_data, execution and accelerators (plans), warmup, model
                             (load_model), registry
-    batching/               scheduler (queue, batches, padding, splitting), inflight
+    batching/               scheduler (admission, dispatch), queue (deadlines, policy),
+                            assembly (batches, buffers, padding, splitting), inflight
     runtime/                runner (an instance's onnxruntime session), sessions, providers,
                             devices, pinned, topk, kernels/
     observability/          metrics, statistics, logs
@@ -27,15 +28,16 @@ imports none; tests/test_layers.py checks this):
 The request path: frontends/grpc_service.ModelInfer (or each request of ModelStreamInfer)
 -> frontends/decoding.infer_request -> dataplane.DataPlane.infer (models/registry lookup,
 models/validation, decode, models/images off the loop, models/model reshape)
--> batching/scheduler.Scheduler.infer -> runtime/runner
+-> batching/scheduler.Scheduler.infer (batching/queue, batching/assembly) -> runtime/runner
 .Runner.run (in a worker thread) -> split back per request -> dataplane (classification
 strings) -> frontends/encoding.encode_response. Over HTTP: frontends/http_service.infer ->
 frontends/http_codec.infer_request -> the same data plane -> http_codec.infer_response.
 
-The lifecycle path: cli -> workers.run_server -> server.serve: bind ports (gRPC, HTTP,
-metrics) -> models/registry.load_initial (models/model.load_model in a thread: repository,
-options, plan, instances, warm-up, scheduler) -> ready -> serve -> stop: drain, linger,
-exit.
+The lifecycle path: cli -> workers.run_server -> server.Server.serve, in three phases:
+startup (bind the gRPC, HTTP and metrics ports, listen) -> main_loop
+(models/registry.load_initial: models/loader.load_model in a thread, in named steps: read,
+choose versions, plan, then per version instances, config, warm-up, scheduler; then ready,
+serve, and wait for the stop) -> shutdown (drain, linger, close, exit).
 
 Threads: the asyncio event loop runs both front ends (grpc.aio and aiohttp), the data
 plane, the registry and the schedulers' batch forming (and, for models chosen to run on the

@@ -140,9 +140,14 @@ class DataPlane:
 
     # --- lifecycle -----------------------------------------------------------------------
 
+    def stop_accepting(self) -> None:
+        """From now on inference is refused UNAVAILABLE and readiness answers false (the
+        one place a stop turns both)."""
+        self.accepting = False
+
     async def drain(self, timeout: float) -> bool:
         """Refuse new inference requests and wait up to ``timeout`` s for the admitted ones."""
-        self.accepting = False
+        self.stop_accepting()
         return await self._in_flight.wait_idle(timeout)
 
     def close(self) -> None:

@@ -178,105 +178,177 @@ def _exit_process(status: int) -> NoReturn:
     os._exit(status)
 
 
-async def serve(settings: ServerSettings, stop: asyncio.Event | None = None,
-                on_ready: Callable[[], None] | None = None, *,
-                share_ports: bool = False) -> None:
-    """Serve until ``stop`` is set or the process gets SIGTERM/SIGINT, then end the process.
+class Server:
+    """One server process's lifecycle, in named phases (as uvicorn's ``Server``):
 
-    ``on_ready`` is called once, when the models meant to load at start have loaded (or
-    failed) and the server reports ready. Returns only when stopped before the port opened;
-    once it is open, a stop ends the process with status 0 (see _exit_process).
+    - ``startup``: build the metrics, the model registry and the data plane, bind the
+      gRPC, HTTP and metrics ports (a port in use stops the start before anything is
+      served), then listen;
+    - ``main_loop``: probe the GPUs, load the models meant to load at start, report
+      readiness, watch the repository in poll mode, and wait for the stop;
+    - ``shutdown``: refuse new requests, drain the admitted ones, linger, close, exit.
+
     ``share_ports``: bind the gRPC and HTTP ports with SO_REUSEPORT, for the workers of one
     ``--workers N`` supervisor (serving/workers.py); otherwise a port another server
     listens on fails the start.
-
-    Raises:
-        StartupError: the gRPC, HTTP or metrics port cannot be bound, or the models named
-            to load at start are not in the repository.
-        AuthError: the token file is unusable.
     """
-    stop = stop or asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
 
-    health_servicer = health.aio.HealthServicer()
-    started = False
+    def __init__(self, settings: ServerSettings, *, share_ports: bool = False) -> None:
+        self.settings = settings
+        self.share_ports = share_ports
+        self.stop = asyncio.Event()
+        self.health = health.aio.HealthServicer()
+        self.metrics = Metrics()
+        self.registry = Registry(settings.model_repository, settings,
+                                 on_change=self._models_changed, metrics=self.metrics)
+        self.plane = DataPlane(self.registry, self.metrics)
+        self.grpc: grpc.aio.Server | None = None
+        self.grpc_port = 0
+        self.http: HttpServer | None = None
+        #: whether the start-up loads ended and readiness was reported
+        self._serving = False
 
-    async def models_changed() -> None:
-        if started:
-            await update_health(health_servicer, plane, ready=plane.accepting)
+    async def serve(self, stop: asyncio.Event | None = None,
+                    on_ready: Callable[[], None] | None = None) -> None:
+        """Serve until ``stop`` is set or the process gets SIGTERM/SIGINT, then end the
+        process (see ``serve`` below)."""
+        if stop is not None:
+            self.stop = stop
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.stop.set)
+        if not await self.startup():
+            return
+        await self.main_loop(on_ready)
+        await self.shutdown("")
 
-    metrics = Metrics()
-    registry = Registry(settings.model_repository, settings, on_change=models_changed,
-                        metrics=metrics)
-    metrics.watch(registry_gauges(registry.index))
-    CLOCK.enabled = settings.stage_timing
-    if settings.stage_timing:
-        metrics.watch(CLOCK.metric_families)
-    try:
-        initial_models = registry.initial_models()
-    except (NotFoundError, ModelLoadError) as exc:  # before any port opens
-        raise StartupError(str(exc)) from None
-    plane = DataPlane(registry, metrics)
-    interceptors = []
-    token = read_token(settings.auth_token_file) if settings.auth_token_file else None
-    if token is not None:
-        interceptors.append(BearerTokenInterceptor(token))
-    server = grpc.aio.server(interceptors=interceptors,
-                             options=grpc_options(settings, share_port=share_ports))
-    service = InferenceService(plane, max_message_bytes=settings.max_message_bytes)
-    inference_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(service, server)
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection(
-        (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
-    )
-    port = _add_grpc_port(server, settings)
-    http = None
-    if settings.http_port:
+    # --- start-up ------------------------------------------------------------------------
+
+    async def startup(self) -> bool:
+        """Bind every port and start listening; False when stopped before the ports opened
+        (then nothing was served and everything is closed).
+
+        Raises:
+            StartupError: a port cannot be bound, or the models named to load at start are
+                not in the repository.
+            AuthError: the token file is unusable.
+        """
+        settings = self.settings
+        self.metrics.watch(registry_gauges(self.registry.index))
+        CLOCK.enabled = settings.stage_timing
+        if settings.stage_timing:
+            self.metrics.watch(CLOCK.metric_families)
         try:
-            http_socket = bind_http(settings.grpc_host, settings.http_port, share=share_ports)
-        except OSError as exc:
-            raise StartupError(port_unavailable(settings, "http_port", exc)) from None
-        tls = (ssl_context(settings.tls_cert, settings.tls_key, settings.tls_client_ca)
-               if settings.tls_cert is not None and settings.tls_key is not None else None)
-        http = HttpServer(HttpService(plane, settings.max_message_bytes, token), http_socket,
-                          tls, grpc_port=port)
-    if settings.metrics_port:
-        try:
-            metrics_port = metrics.serve(settings.grpc_host, settings.metrics_port)
-        except OSError as exc:
-            raise StartupError(port_unavailable(settings, "metrics_port", exc)) from None
-        guards = [what for what, on in (("TLS", settings.tls_cert is not None),
-                                        ("the token", token is not None)) if on]
-        log.info("metrics on http://%s:%d/metrics%s", settings.grpc_host, metrics_port,
-                 f" (plain HTTP, open to all: {' and '.join(guards)} "
-                 f"guard{'s' if len(guards) == 1 else ''} gRPC and HTTP/REST only; "
-                 "--metrics-port 0 turns it off)" if guards else "")
-    await update_health(health_servicer, plane, ready=False)
-    await mark_live(health_servicer)
-    if stop.is_set():  # stopped while setting up: nothing was served
-        metrics.close()
-        if http is not None:
-            await http.stop()
-        log.info("stopped before the port opened")
-        return
-    await server.start()
-    log.info("gRPC server listening on %s:%d%s%s", settings.grpc_host, port,
-             " with TLS" if settings.tls_cert else "",
-             " (mutual)" if settings.tls_client_ca else "")
-    if http is not None:
-        await http.start()
-        log.info("HTTP server listening on %s:%d%s", settings.grpc_host, http.port,
-                 " with TLS" if settings.tls_cert else "")
+            self._initial_models = self.registry.initial_models()
+        except (NotFoundError, ModelLoadError) as exc:  # before any port opens
+            raise StartupError(str(exc)) from None
+        token = read_token(settings.auth_token_file) if settings.auth_token_file else None
+        self._bind(token)
+        await update_health(self.health, self.plane, ready=False)
+        await mark_live(self.health)
+        if self.stop.is_set():  # stopped while setting up: nothing was served
+            self.metrics.close()
+            if self.http is not None:
+                await self.http.stop()
+            log.info("stopped before the port opened")
+            return False
+        await self._listen()
+        return True
 
-    async def shut_down(during: str) -> NoReturn:
+    def _bind(self, token: bytes | None) -> None:
+        """Build the gRPC server and bind its port, then the HTTP and metrics ports."""
+        settings, plane = self.settings, self.plane
+        interceptors = [BearerTokenInterceptor(token)] if token is not None else []
+        server = grpc.aio.server(interceptors=interceptors,
+                                 options=grpc_options(settings, share_port=self.share_ports))
+        service = InferenceService(plane, max_message_bytes=settings.max_message_bytes)
+        inference_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(service, server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+        )
+        self.grpc, self.grpc_port = server, _add_grpc_port(server, settings)
+        if settings.http_port:
+            try:
+                http_socket = bind_http(settings.grpc_host, settings.http_port,
+                                        share=self.share_ports)
+            except OSError as exc:
+                raise StartupError(port_unavailable(settings, "http_port", exc)) from None
+            tls = (ssl_context(settings.tls_cert, settings.tls_key, settings.tls_client_ca)
+                   if settings.tls_cert is not None and settings.tls_key is not None else None)
+            self.http = HttpServer(HttpService(plane, settings.max_message_bytes, token),
+                                   http_socket, tls, grpc_port=self.grpc_port)
+        if settings.metrics_port:
+            try:
+                metrics_port = self.metrics.serve(settings.grpc_host, settings.metrics_port)
+            except OSError as exc:
+                raise StartupError(port_unavailable(settings, "metrics_port", exc)) from None
+            guards = [what for what, on in (("TLS", settings.tls_cert is not None),
+                                            ("the token", token is not None)) if on]
+            log.info("metrics on http://%s:%d/metrics%s", settings.grpc_host, metrics_port,
+                     f" (plain HTTP, open to all: {' and '.join(guards)} "
+                     f"guard{'s' if len(guards) == 1 else ''} gRPC and HTTP/REST only; "
+                     "--metrics-port 0 turns it off)" if guards else "")
+
+    async def _listen(self) -> None:
+        settings = self.settings
+        assert self.grpc is not None
+        await self.grpc.start()
+        log.info("gRPC server listening on %s:%d%s%s", settings.grpc_host, self.grpc_port,
+                 " with TLS" if settings.tls_cert else "",
+                 " (mutual)" if settings.tls_client_ca else "")
+        if self.http is not None:
+            await self.http.start()
+            log.info("HTTP server listening on %s:%d%s", settings.grpc_host, self.http.port,
+                     " with TLS" if settings.tls_cert else "")
+
+    # --- serving -------------------------------------------------------------------------
+
+    async def main_loop(self, on_ready: Callable[[], None] | None = None) -> None:
+        """Load the start-up models, report readiness (``on_ready`` then), serve until the
+        stop; a stop during the GPU probe or the loads shuts down at once."""
+        settings = self.settings
+        if settings.providers != "cpu" and not await _unless_stopped(
+                self.stop, asyncio.to_thread(announce, settings.providers)):
+            await self.shutdown(" while probing the GPUs")
+        if not await _unless_stopped(self.stop,
+                                     self.registry.load_initial(self._initial_models)):
+            await self.shutdown(" while loading models (the loads not done are abandoned)")
+        self._serving = True
+        await update_health(self.health, self.plane, ready=True)
+        ready, why = self.registry.readiness()
+        if ready:
+            log.info("ready: %s", why)
+        else:
+            log.warning("not ready: %s (readiness answers NOT_SERVING)", why)
+        profiling.start_from_environment()  # after loading: warm-up decisions stay unprofiled
+        if on_ready is not None:
+            on_ready()
+        watcher = (asyncio.create_task(self.registry.watch(self.stop))
+                   if settings.model_control_mode == "poll" else None)
+        await self.stop.wait()
+        if watcher is not None:
+            watcher.cancel()  # a reload in progress is abandoned; the loaded model serves on
+            with contextlib.suppress(asyncio.CancelledError):
+                await watcher
+
+    async def _models_changed(self) -> None:
+        """The registry's models changed: the health service follows once serving."""
+        if self._serving:
+            await update_health(self.health, self.plane, ready=self.plane.accepting)
+
+    # --- shutdown ------------------------------------------------------------------------
+
+    async def shutdown(self, during: str) -> NoReturn:
+        """Refuse new requests, let the admitted ones finish, linger, close and end the
+        process with status 0 (see _exit_process)."""
+        settings, plane, http = self.settings, self.plane, self.http
         log.info("stopping%s: finishing in-flight requests (up to %.0fs)", during,
                  settings.drain_seconds)
-        plane.accepting = False
+        plane.stop_accepting()
         if http is not None:
             http.drain()
-        await update_health(health_servicer, plane, ready=False)
+        await update_health(self.health, plane, ready=False)
         drained = await plane.drain(settings.drain_seconds)
         if not drained:
             log.warning("requests still running after %.0fs fail UNAVAILABLE when the "
@@ -293,33 +365,26 @@ async def serve(settings: ServerSettings, stop: asyncio.Event | None = None,
             log.info("stage timing, mean per request: %s", CLOCK.summary())
         profiling.write_profile()
         if drained:  # else closing would wait for the runs still going; the exit ends them
-            await registry.close()
+            await self.registry.close()
         plane.close()
-        metrics.close()
+        self.metrics.close()
         log.info("stopped")
         _exit_process(0)
 
-    if settings.providers != "cpu" and not await _unless_stopped(
-            stop, asyncio.to_thread(announce, settings.providers)):
-        await shut_down(" while probing the GPUs")
-    if not await _unless_stopped(stop, registry.load_initial(initial_models)):
-        await shut_down(" while loading models (the loads not done are abandoned)")
-    started = True
-    await update_health(health_servicer, plane, ready=True)
-    ready, why = registry.readiness()
-    if ready:
-        log.info("ready: %s", why)
-    else:
-        log.warning("not ready: %s (readiness answers NOT_SERVING)", why)
-    profiling.start_from_environment()  # after loading: warm-up decisions stay unprofiled
-    if on_ready is not None:
-        on_ready()
-    watcher = (asyncio.create_task(registry.watch(stop))
-               if settings.model_control_mode == "poll" else None)
 
-    await stop.wait()
-    if watcher is not None:
-        watcher.cancel()  # a reload in progress is abandoned; the loaded model serves on
-        with contextlib.suppress(asyncio.CancelledError):
-            await watcher
-    await shut_down("")
+async def serve(settings: ServerSettings, stop: asyncio.Event | None = None,
+                on_ready: Callable[[], None] | None = None, *,
+                share_ports: bool = False) -> None:
+    """Serve until ``stop`` is set or the process gets SIGTERM/SIGINT, then end the process.
+
+    ``on_ready`` is called once, when the models meant to load at start have loaded (or
+    failed) and the server reports ready. Returns only when stopped before the port opened;
+    once it is open, a stop ends the process with status 0 (see _exit_process).
+    ``share_ports``: see Server.
+
+    Raises:
+        StartupError: the gRPC, HTTP or metrics port cannot be bound, or the models named
+            to load at start are not in the repository.
+        AuthError: the token file is unusable.
+    """
+    await Server(settings, share_ports=share_ports).serve(stop, on_ready)
