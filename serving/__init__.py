@@ -13,11 +13,12 @@ imports none; tests/test_layers.py checks this):
                             wrong_protocol (gRPC or TLS clients at the HTTP port)
     dataplane.py            live/ready/metadata/config/statistics/repository/infer on plain
                             values, declared in contract.py (no onnxruntime, no models/);
-                            classification.py formats top-k results;
+                            handlers.py: the repository, logging and trace extensions
+                            beside it; classification.py formats top-k results;
                             shared_memory.py: Triton's system shared memory regions
     models/                 repository, config_support, options, validation, images,
-                            external_data, execution and accelerators (plans), warmup, model
-                            (load_model), registry
+                            external_data, execution and accelerators (plans), warmup,
+                            model (Model, ModelVersion), loader (load_model), registry
     batching/               scheduler (admission, dispatch), queue (deadlines, policy),
                             assembly (batches, buffers, padding, splitting), inflight
     runtime/                runner (an instance's onnxruntime session), sessions, providers,

@@ -21,11 +21,11 @@ import itertools
 import logging
 import os
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from importlib.metadata import PackageNotFoundError
 from importlib.metadata import version as package_version
-from typing import Any, NoReturn, TypeVar, overload
+from typing import Any, TypeVar, overload
 
 import numpy as np
 
@@ -37,7 +37,6 @@ from onnxserve.serving.classification import class_strings, top_k
 from onnxserve.serving.contract import (
     CLASSIFICATION_PARAMETER,
     TIMEOUT_PARAMETER,
-    IndexEntry,
     InferRequest,
     InferResult,
     ModelMetadata,
@@ -48,19 +47,18 @@ from onnxserve.serving.errors import (
     CANCELLED,
     DeadlineExceededError,
     InvalidInputError,
-    ModelLoadError,
     SchedulerClosedError,
     ServingError,
     UnavailableError,
-    UnimplementedError,
     error_code,
 )
+from onnxserve.serving.handlers import LogHandlers, RepositoryHandlers
 from onnxserve.serving.models.images import EncodedImageInput, decode_batch
 from onnxserve.serving.models.model import Model, ModelVersion
-from onnxserve.serving.models.registry import READY, ModelEntry, Registry
+from onnxserve.serving.models.registry import READY, Registry
 from onnxserve.serving.models.validation import expected_shape
-from onnxserve.serving.observability import logs, stages
-from onnxserve.serving.observability.logs import FailureLog, LogSettingValue, event
+from onnxserve.serving.observability import stages
+from onnxserve.serving.observability.logs import FailureLog
 from onnxserve.serving.observability.metrics import UNKNOWN_MODEL, Metrics
 from onnxserve.serving.observability.stages import CLOCK
 from onnxserve.serving.observability.statistics import VersionStatistics
@@ -133,8 +131,10 @@ class DataPlane:
         # Pillow releases the GIL while decoding: one thread per core decodes in parallel.
         self._image_pool = ThreadPoolExecutor(max_workers=os.cpu_count() or 1,
                                               thread_name_prefix="decode")
-        #: repository changes (load, unload) running, kept to their end
-        self._changes: set[asyncio.Future] = set()
+        #: the model repository extension (index, load, unload)
+        self.repository = RepositoryHandlers(registry)
+        #: the logging and trace extensions
+        self.logging = LogHandlers()
         #: request_failed events, summarised under overload and during a drain
         self._failures = FailureLog(log, schedule=_call_later)
 
@@ -212,91 +212,6 @@ class DataPlane:
                       else [(model.name, v) for v in model.versions.values()])
         return [v.scheduler.stats.snapshot(model_name, str(v.version))
                 for model_name, v in chosen]
-
-    # --- the model repository ------------------------------------------------------------
-
-    def repository_index(self, ready_only: bool = False) -> list[IndexEntry]:
-        rows: list[IndexEntry] = []
-        for entry in self.registry.index():
-            if ready_only and entry.state != READY:
-                continue
-            versions = sorted(entry.model.versions) if entry.model else [None]
-            rows.extend(IndexEntry(entry.name, "" if v is None else str(v), entry.state,
-                                   entry.reason) for v in versions)
-        return rows
-
-    async def load(self, name: str, parameters: Sequence[str] = ()) -> ModelEntry:
-        """Load or reload ``name`` (explicit mode only).
-
-        Raises:
-            FailedPreconditionError: model control is off.
-            InvalidInputError: load parameters were given, or the load failed (its reason).
-        """
-        self.registry.check_control()
-        if parameters:
-            raise InvalidInputError(
-                f"load parameters are not supported (got {', '.join(parameters)}); change the "
-                "model's files in the repository instead")
-        entry = await self._to_the_end(self.registry.load(name))
-        if entry.reason:  # failed, or a failed reload that left the old model serving
-            raise ModelLoadError(f"model {name!r}: {entry.reason}")
-        return entry
-
-    async def unload(self, name: str) -> None:
-        self.registry.check_control()
-        await self._to_the_end(self.registry.unload(name))
-
-    async def _to_the_end(self, change: Awaitable[T]) -> T:
-        """Await a repository change that runs to its end even if the caller leaves (a
-        cancelled gRPC call, a closed HTTP connection): cancelled halfway, a load would
-        leave its model LOADING for good (the registry logs how a load ended)."""
-        task = asyncio.ensure_future(change)
-        self._changes.add(task)
-        task.add_done_callback(self._change_done)
-        return await asyncio.shield(task)
-
-    def _change_done(self, task: asyncio.Future) -> None:
-        self._changes.discard(task)
-        if not task.cancelled():
-            task.exception()  # retrieved: a caller that left is not there to see it
-
-    # --- logging and tracing -------------------------------------------------------------
-
-    def log_settings(
-        self, updates: Mapping[str, object] | None = None
-    ) -> dict[str, LogSettingValue]:
-        """The logging extension: this process's log settings under Triton's keys
-        (log_file, log_info, log_warning, log_error, log_verbose_level, log_format), after
-        applying ``updates`` (plain bool / int / str values; None or empty: only read).
-
-        A change applies to this process's loggers at once and is logged. With
-        ``--workers N`` that is the worker whose connection carried the call (each worker is
-        its own process; the others keep theirs). observability/logs.update_log_settings
-        says how the keys map onto onnxserve's level threshold and formats.
-
-        Raises:
-            InvalidInputError: an unknown key, a wrong value, or contradicting settings.
-        """
-        if not updates:
-            return logs.log_settings()
-        before = logs.log_settings()
-        after = logs.update_log_settings(updates)
-        changed = {key: value for key, value in after.items() if before[key] != value}
-        if changed:  # at WARNING: still shown when info logs were just turned off
-            event(log, logging.WARNING, "log_settings_changed", **changed)
-        return after
-
-    def trace_settings(self) -> NoReturn:
-        """Triton's trace extension, which onnxserve does not build.
-
-        Raises:
-            UnimplementedError: always, naming what to use instead.
-        """
-        raise UnimplementedError(
-            "request tracing is not built into onnxserve; to see where a request's time "
-            "goes, run with --stage-timing (per-stage totals at /metrics as "
-            "onnxserve_stage_seconds_total, and a summary logged at exit) and read the "
-            "onnxserve_request/queue/compute_duration_seconds histograms")
 
     # --- inference -----------------------------------------------------------------------
 

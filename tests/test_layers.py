@@ -24,7 +24,8 @@ SHARED = ("errors", "settings", "types")
 #: serving layer -> rank; a module may import layers of lower rank, the shared modules and
 #: observability, and modules of its own layer
 RANKS = {"cli": 9, "commands": 8, "workers": 8, "process": 7, "server": 6, "frontends": 5,
-         "dataplane": 4.5, "contract": 4.25, "classification": 4, "shared_memory": 4,
+         "dataplane": 4.5, "handlers": 4.4, "contract": 4.25, "classification": 4,
+         "shared_memory": 4,
          "models": 3, "batching": 1, "runtime": 1,
          "observability": 0}
 #: layer -> the lower layers it may not reach around its neighbour to import

@@ -173,19 +173,19 @@ class InferenceService(inference_pb2_grpc.GRPCInferenceServiceServicer):
     @_answers
     async def RepositoryIndex(self, request, context):
         response = pb.RepositoryIndexResponse()
-        for row in self._plane.repository_index(request.ready):
+        for row in self._plane.repository.index(request.ready):
             response.models.add(name=row.name, version=row.version, state=row.state,
                                 reason=row.reason)
         return response
 
     @_answers
     async def RepositoryModelLoad(self, request, context):
-        await self._plane.load(request.model_name, list(request.parameters))
+        await self._plane.repository.load(request.model_name, list(request.parameters))
         return pb.RepositoryModelLoadResponse()
 
     @_answers
     async def RepositoryModelUnload(self, request, context):
-        await self._plane.unload(request.model_name)
+        await self._plane.repository.unload(request.model_name)
         return pb.RepositoryModelUnloadResponse()
 
     @_answers
@@ -340,7 +340,7 @@ class InferenceService(inference_pb2_grpc.GRPCInferenceServiceServicer):
         DataPlane.log_settings)."""
         updates = {key: _setting_value(value) for key, value in request.settings.items()}
         response = pb.LogSettingsResponse()
-        for key, value in self._plane.log_settings(updates).items():
+        for key, value in self._plane.logging.settings(updates).items():
             entry = response.settings[key]
             if isinstance(value, bool):
                 entry.bool_param = value
@@ -353,7 +353,7 @@ class InferenceService(inference_pb2_grpc.GRPCInferenceServiceServicer):
     @_answers
     async def TraceSetting(self, request, context):
         """UNIMPLEMENTED: tracing is not built (the message says what to use instead)."""
-        self._plane.trace_settings()
+        self._plane.logging.trace_settings()
 
 
 def _setting_value(value: pb.LogSettingsRequest.SettingValue) -> object:

@@ -457,18 +457,18 @@ class HttpService:
             raise HttpFrontEndError(400, f"'ready' must be true or false, got {ready!r}")
         return _json([{"name": row.name, "version": row.version, "state": row.state,
                        "reason": row.reason}
-                      for row in self._plane.repository_index(ready)])
+                      for row in self._plane.repository.index(ready)])
 
     async def load(self, request: web.Request) -> web.Response:
         parameters = (await self._json_body(request)).get("parameters") or {}
         if not isinstance(parameters, dict):
             raise HttpFrontEndError(400, "'parameters' must be a JSON object")
-        await self._plane.load(request.match_info["model"], list(parameters))
+        await self._plane.repository.load(request.match_info["model"], list(parameters))
         return web.Response(status=200)
 
     async def unload(self, request: web.Request) -> web.Response:
         await self._json_body(request)  # its parameters (unload_dependents) change nothing
-        await self._plane.unload(request.match_info["model"])
+        await self._plane.repository.unload(request.match_info["model"])
         return web.Response(status=200)
 
     # --- logging and tracing -------------------------------------------------------------
@@ -477,11 +477,11 @@ class HttpService:
         """GET: the log settings; POST: apply the body's changes (a JSON object of Triton's
         keys; empty: none) and answer the settings now in force (DataPlane.log_settings)."""
         updates = await self._json_body(request) if request.method == "POST" else None
-        return _json(self._plane.log_settings(updates))
+        return _json(self._plane.logging.settings(updates))
 
     async def trace_settings(self, request: web.Request) -> web.Response:
         """501: tracing is not built (the message says what to use instead)."""
-        self._plane.trace_settings()
+        self._plane.logging.trace_settings()
 
     # --- system shared memory ------------------------------------------------------------
 
