@@ -88,10 +88,10 @@ def environment() -> dict:
 
 def parity(repository: Path, names: list[str], providers: str = "cuda",
            budget: Budget | None = None) -> list[dict]:
-    """Each model on GPU 0 and on the CPU through onnxserve's runner, same inputs
+    """Each model on GPU 0 and on the CPU through onnxserve's instance, same inputs
     (``providers`` cpu: a dry run, both on the CPU, the first with I/O binding)."""
     from onnxserve.serving.runtime.devices import Device
-    from onnxserve.serving.runtime.runner import Runner
+    from onnxserve.serving.runtime.instance import SessionInstance
     from onnxserve.serving.runtime.sessions import GpuSettings
     from onnxserve.serving.runtime.topk import best_k
 
@@ -103,11 +103,12 @@ def parity(repository: Path, names: list[str], providers: str = "cuda",
         path = _model_file(repository, name)
         try:
             if providers == "cuda":
-                gpu = Runner(path, model_name=name, providers="cuda", device=Device("gpu", 0))
+                gpu = SessionInstance(path, model_name=name, providers="cuda",
+                                      device=Device("gpu", 0))
             else:
-                gpu = Runner(path, model_name=name, providers="cpu",
-                             gpu=GpuSettings(io_binding=True))
-            cpu = Runner(path, model_name=name, providers="cpu")
+                gpu = SessionInstance(path, model_name=name, providers="cpu",
+                                      gpu=GpuSettings(io_binding=True))
+            cpu = SessionInstance(path, model_name=name, providers="cpu")
             inputs = _sample(gpu._session, 4)
             output = gpu.signature.outputs[0].name
             on_gpu = gpu.run(inputs, [output])

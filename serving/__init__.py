@@ -21,7 +21,7 @@ imports none; tests/test_layers.py checks this):
                             model (Model, ModelVersion), loader (load_model), registry
     batching/               scheduler (admission, dispatch), queue (deadlines, policy),
                             assembly (batches, buffers, padding, splitting), inflight
-    runtime/                runner (an instance's onnxruntime session), sessions, providers,
+    runtime/                instance (an instance's onnxruntime session), sessions, providers,
                             devices, pinned, topk, kernels/
     observability/          metrics, statistics, logs
     errors.py settings.py types.py process.py
@@ -29,8 +29,8 @@ imports none; tests/test_layers.py checks this):
 The request path: frontends/grpc_service.ModelInfer (or each request of ModelStreamInfer)
 -> frontends/decoding.infer_request -> dataplane.DataPlane.infer (models/registry lookup,
 models/validation, decode, models/images off the loop, models/model reshape)
--> batching/scheduler.Scheduler.infer (batching/queue, batching/assembly) -> runtime/runner
-.Runner.run (in a worker thread) -> split back per request -> dataplane (classification
+-> batching/scheduler.Scheduler.infer (batching/queue, batching/assembly) -> runtime/instance
+.SessionInstance.run (in a worker thread) -> split back per request -> dataplane (classification
 strings) -> frontends/encoding.encode_response. Over HTTP: frontends/http_service.infer ->
 frontends/http_codec.infer_request -> the same data plane -> http_codec.infer_response.
 

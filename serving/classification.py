@@ -1,7 +1,7 @@
 """The classification extension: an output's top-k classes as "score:index[:label]" strings.
 
 The numbers (``TopK``) are found where the batch runs, on the model's device when it can
-(serving/runtime/runner.py, serving/runtime/topk.py); the strings are made here, per
+(serving/runtime/instance.py, serving/runtime/topk.py); the strings are made here, per
 request, by the data plane.
 """
 

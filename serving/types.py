@@ -3,7 +3,7 @@
 ``TensorSpec`` / ``Signature``: a model's tensors as its ONNX file declares them (the runtime
 reads them, the model repository completes configs from them). ``TopK``: a classification
 result (found where a batch runs, split per request by the batcher, formatted by the data
-plane). ``Instance``: what the batcher needs of a model instance (serving/runtime/runner.py
+plane). ``Instance``: what the batcher needs of a model instance (serving/runtime/instance.py
 is one), so that batching does not depend on the runtime.
 """
 
@@ -46,7 +46,7 @@ OutputValue = np.ndarray | TopK
 
 
 class Instance(Protocol):
-    """One model instance as the batcher uses it (serving/runtime/runner.py's Runner)."""
+    """One model instance as the batcher uses it (serving/runtime/instance.py's SessionInstance)."""
 
     provider: str
 

@@ -20,7 +20,7 @@ from onnxserve.serving.models.loader import load_model
 from onnxserve.serving.models.repository import parse_config
 from onnxserve.serving.models.warmup import default_samples, samples_from_config
 from onnxserve.serving.runtime.devices import CPU_DEVICE
-from onnxserve.serving.runtime.runner import session_options
+from onnxserve.serving.runtime.instance import session_options
 from onnxserve.serving.settings import ServerSettings
 
 
@@ -124,7 +124,7 @@ def test_serve_flags_reach_the_plan(tmp_path: Path) -> None:
     assert (defaults.spinning, defaults.cores, defaults.warmup) == (None, 0, True)
     add_one_model(tmp_path / "m" / "1" / "model.onnx")
     model = load_model(tmp_path, "m", ServerSettings(spinning="always", intra_op_threads=3))
-    assert model.versions[1].runners[0].settings == SessionSettings(3, 1, "always")
+    assert model.versions[1].instances[0].settings == SessionSettings(3, 1, "always")
     assert not model.plan.run_on_event_loop
 
 
@@ -133,12 +133,12 @@ def test_a_tiny_model_moves_onto_the_event_loop_after_warm_up(tmp_path: Path) ->
     model = load_model(tmp_path, "m", ServerSettings(cores=2))
     version = model.versions[1]
     assert model.plan.run_on_event_loop and version.scheduler._inline
-    assert version.runners[0].settings == SessionSettings(2, 1, "run")
+    assert version.instances[0].settings == SessionSettings(2, 1, "run")
     assert [r.batch_size for r in version.warmup] == [1, 32]
     assert "on the event loop" in model.parameters()["execution"]
     write_config(tmp_path / "m", _param("onnxserve.run_on_event_loop", "false"))
     kept = load_model(tmp_path, "m", ServerSettings(cores=2))
-    assert not kept.plan.run_on_event_loop and kept.versions[1].runners[0].settings.intra_op == 2
+    assert not kept.plan.run_on_event_loop and kept.versions[1].instances[0].settings.intra_op == 2
 
 
 def test_without_warm_up_nothing_runs_and_nothing_moves(tmp_path: Path) -> None:

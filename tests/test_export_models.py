@@ -85,8 +85,8 @@ def _serves(repository: Path, name: str, classes: int) -> None:
     (tensor,) = model.config.input
     dtype = np.uint8 if tensor.data_type == 2 else np.float32
     x = np.zeros((2, *tensor.dims), dtype)
-    runner = model.versions[max(model.versions)].runners[0]
-    (out,) = runner.run({tensor.name: x}).values()
+    instance = model.versions[max(model.versions)].instances[0]
+    (out,) = instance.run({tensor.name: x}).values()
     assert out.shape == (2, classes)
     np.testing.assert_allclose(out.sum(axis=1), 1.0, rtol=1e-4)
 

@@ -62,8 +62,8 @@ def _served(exported: Exported):
 
 
 def _run(model, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    runner = model.versions[max(model.versions)].runners[0]
-    return runner.run(inputs)
+    instance = model.versions[max(model.versions)].instances[0]
+    return instance.run(inputs)
 
 
 def _parameters(config) -> dict[str, str]:

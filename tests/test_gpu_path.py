@@ -22,6 +22,7 @@ from onnxserve.serving.models.loader import load_model, warmup_sizes
 from onnxserve.serving.models.repository import parse_config
 from onnxserve.serving.models.warmup import default_samples
 from onnxserve.serving.runtime.devices import CPU_DEVICE, Device, place_instances
+from onnxserve.serving.runtime.instance import SessionInstance
 from onnxserve.serving.runtime.pinned import host_buffer
 from onnxserve.serving.runtime.providers import (
     CPU,
@@ -31,7 +32,6 @@ from onnxserve.serving.runtime.providers import (
     provider_chain,
     usable_gpus,
 )
-from onnxserve.serving.runtime.runner import Runner
 from onnxserve.serving.runtime.sessions import GpuSettings
 from onnxserve.serving.runtime.topk import best_k
 from onnxserve.serving.settings import ServerSettings
@@ -212,13 +212,13 @@ def test_cuda_mode_fails_the_load_with_the_reason(tmp_path: Path) -> None:
 
 # --- I/O binding and top-k where the batch runs -----------------------------------------
 
-def _binding_runner(path: Path, device: Device = CPU_DEVICE) -> Runner:
-    return Runner(path, model_name="m", device=device, gpu=GpuSettings(io_binding=True))
+def _binding_instance(path: Path, device: Device = CPU_DEVICE) -> SessionInstance:
+    return SessionInstance(path, model_name="m", device=device, gpu=GpuSettings(io_binding=True))
 
 
 def test_io_binding_gives_the_same_outputs_and_only_those_asked_for(tmp_path: Path) -> None:
     path = add_one_model(tmp_path / "m.onnx")
-    bound, plain = _binding_runner(path), Runner(path, model_name="m")
+    bound, plain = _binding_instance(path), SessionInstance(path, model_name="m")
     assert bound.io_binding and not plain.io_binding
     assert "I/O binding" in bound.describe()
     x = np.random.default_rng(0).random((5, 4), dtype=np.float32)
@@ -235,9 +235,9 @@ def test_top_k_runs_on_the_model_device_and_matches_numpy(tmp_path: Path, dtype)
     y = helper.make_tensor_value_info("y", element, ["batch", 50])
     path = _save(helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "id", [x], [y]),
                  tmp_path / "m.onnx")
-    runner = _binding_runner(path)
+    instance = _binding_instance(path)
     scores = np.random.default_rng(1).permutation(50 * 3).reshape(3, 50).astype(dtype)
-    outputs, best = runner.run_with_top_k({"x": scores}, [], {"y": 5})
+    outputs, best = instance.run_with_top_k({"x": scores}, [], {"y": 5})
     assert outputs == {}
     expected = best_k(scores, 5)
     np.testing.assert_array_equal(best["y"].indices, expected.indices)
@@ -245,9 +245,9 @@ def test_top_k_runs_on_the_model_device_and_matches_numpy(tmp_path: Path, dtype)
     assert best["y"].values.dtype == dtype
     element_names = {np.float32: "tensor(float)", np.float16: "tensor(float16)",
                      np.float64: "tensor(double)"}
-    assert set(runner._topk) == {element_names[dtype]}  # the top-k graph ran
+    assert set(instance._topk) == {element_names[dtype]}  # the top-k graph ran
     # k larger than the classes gives all of them, best first
-    _, every = runner.run_with_top_k({"x": scores}, ["y"], {"y": 80})
+    _, every = instance.run_with_top_k({"x": scores}, ["y"], {"y": 80})
     assert every["y"].indices.shape == (3, 50)
 
 
@@ -257,10 +257,10 @@ def test_top_k_of_outputs_that_are_not_two_dimensional_is_found_on_the_host(
     y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 2, 3])
     path = _save(helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "id", [x], [y]),
                  tmp_path / "m.onnx")
-    runner = _binding_runner(path)
+    instance = _binding_instance(path)
     scores = np.arange(12, dtype=np.float32).reshape(2, 2, 3)
-    _, best = runner.run_with_top_k({"x": scores}, [], {"y": 2})
-    assert best["y"].indices.tolist() == [[5, 4], [5, 4]] and not runner._topk
+    _, best = instance.run_with_top_k({"x": scores}, [], {"y": 2})
+    assert best["y"].indices.tolist() == [[5, 4], [5, 4]] and not instance._topk
 
 
 def test_host_buffers_fall_back_to_pageable_memory_without_cuda() -> None:
@@ -309,8 +309,8 @@ def test_a_gpu_instance_runs_on_cuda_with_pinned_buffers_and_matches_the_cpu(
     from onnxserve.serving.runtime.pinned import pinned_empty
 
     path = add_one_model(tmp_path / "m.onnx", size=64)
-    gpu = Runner(path, model_name="m", providers="cuda", device=GPU0)
-    cpu = Runner(path, model_name="m", providers="cpu")
+    gpu = SessionInstance(path, model_name="m", providers="cuda", device=GPU0)
+    cpu = SessionInstance(path, model_name="m", providers="cpu")
     assert gpu.provider == CUDA and gpu.io_binding
     assert pinned_empty((8, 64), np.dtype(np.float32)) is not None
     buffer = gpu.host_buffer((8, 64), np.dtype(np.float32))
@@ -412,15 +412,15 @@ def test_string_outputs_come_back_through_io_binding(tmp_path: Path) -> None:
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 2])
     y = helper.make_tensor_value_info("y", TensorProto.STRING, ["batch", 2])
     cast = helper.make_node("Cast", ["x"], ["y"], to=TensorProto.STRING)
-    runner = _binding_runner(_save(helper.make_graph([cast], "cast", [x], [y]),
+    instance = _binding_instance(_save(helper.make_graph([cast], "cast", [x], [y]),
                                    tmp_path / "m.onnx"))
-    assert runner._host_outputs == {"y"}
-    out = runner.run({"x": np.array([[1.5, 2.0]], np.float32)})
+    assert instance._host_outputs == {"y"}
+    out = instance.run({"x": np.array([[1.5, 2.0]], np.float32)})
     assert out["y"].tolist() == [["1.5", "2"]]
 
 
 def test_a_gpu_session_on_another_device_than_its_instance_is_refused() -> None:
-    from onnxserve.serving.runtime.runner import _check_device
+    from onnxserve.serving.runtime.instance import _check_device
 
     class Session:
         def get_provider_options(self):
@@ -439,4 +439,4 @@ def test_a_model_with_string_outputs_loads_with_io_binding(tmp_path: Path) -> No
     _save(helper.make_graph([cast], "cast", [x], [y]), tmp_path / "m" / "1" / "model.onnx")
     write_config(tmp_path / "m", "max_batch_size: 4\n" + _param("onnxserve.io_binding", "true"))
     model = load_model(tmp_path, "m", ServerSettings())  # warm-up ranks no string output
-    assert model.versions[1].runners[0].io_binding
+    assert model.versions[1].instances[0].io_binding

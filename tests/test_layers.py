@@ -134,7 +134,7 @@ def test_reaching_around_is_seen() -> None:
     """The rule reads layers, not names: a front end importing the runtime, batching or a
     model module fails it; the data plane and the shared modules do not."""
     frontend = "onnxserve.serving.frontends.grpc_service"
-    below = {"onnxserve.serving.runtime.runner", "onnxserve.serving.batching.scheduler",
+    below = {"onnxserve.serving.runtime.instance", "onnxserve.serving.batching.scheduler",
              "onnxserve.serving.models.registry"}
     allowed = {"onnxserve.serving.dataplane", "onnxserve.serving.errors",
                "onnxserve.serving.observability.statistics", "onnxserve.protos.codec"}

@@ -88,7 +88,7 @@ def test_external_data_beside_the_model_loads(tmp_path: Path) -> None:
     (model.parent / "weights").mkdir()
     (model.parent / "weights" / "b.bin").write_bytes(SECRET.tobytes())
     loaded = load_model(tmp_path, "m", SETTINGS)
-    out = loaded.versions[1].runners[0].run({"x": np.zeros((1, 4), np.float32)})
+    out = loaded.versions[1].instances[0].run({"x": np.zeros((1, 4), np.float32)})
     np.testing.assert_array_equal(out["y"], [SECRET])
 
 

@@ -34,7 +34,7 @@ from onnxserve.serving.errors import ModelLoadError, UnavailableError
 from onnxserve.serving.models.loader import load_model
 from onnxserve.serving.models.registry import Registry
 from onnxserve.serving.observability.metrics import Metrics
-from onnxserve.serving.runtime.runner import Runner
+from onnxserve.serving.runtime.instance import SessionInstance
 from onnxserve.serving.settings import ServerSettings
 
 pytestmark = pytest.mark.skipif(not Path("/proc/self/task").is_dir(),
@@ -94,8 +94,8 @@ def _watch(registry: Registry, kept: list[tuple[str, weakref.ref]]) -> None:
     kept.extend([(f"model version {version.version}", weakref.ref(model)),
                  (f"ModelVersion {version.version}", weakref.ref(version)),
                  (f"scheduler of version {version.version}", weakref.ref(version.scheduler)),
-                 *((f"runner of version {version.version}", weakref.ref(r))
-                   for r in version.runners)])
+                 *((f"instance of version {version.version}", weakref.ref(r))
+                   for r in version.instances)])
 
 
 async def _all_released(kept: list[tuple[str, weakref.ref]]) -> list[str]:
@@ -111,7 +111,7 @@ async def _all_released(kept: list[tuple[str, weakref.ref]]) -> list[str]:
 
 def test_poll_reloads_release_each_retired_version(tmp_path: Path) -> None:
     """Twenty poll-mode reloads, each a new version folder (same file, new number) with
-    the old one removed: no retired model, scheduler, runner, session, thread or metric
+    the old one removed: no retired model, scheduler, instance, session, thread or metric
     series stays."""
     add_one_model(tmp_path / "m" / "1" / "model.onnx")
     metrics = Metrics()
@@ -215,15 +215,15 @@ def test_a_load_that_fails_part_way_releases_what_it_built(tmp_path: Path) -> No
 
 def test_a_closed_runner_refuses_to_run(tmp_path: Path) -> None:
     path = add_one_model(tmp_path / "m.onnx")
-    runner = Runner(path, model_name="m")
-    session = weakref.ref(runner._session)
-    runner.close()
-    runner.close()  # a second close does nothing
+    instance = SessionInstance(path, model_name="m")
+    session = weakref.ref(instance._session)
+    instance.close()
+    instance.close()  # a second close does nothing
     assert session() is None
     with pytest.raises(UnavailableError, match=r"'m'.*closed"):
-        runner.run({"x": X})
+        instance.run({"x": X})
     with pytest.raises(UnavailableError, match="closed"):
-        runner.run_with_top_k({"x": X}, ["y"], {"z": 1})
+        instance.run_with_top_k({"x": X}, ["y"], {"z": 1})
 
 
 @pytest.mark.parametrize("mode", ["poll", "explicit"])

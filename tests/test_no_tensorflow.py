@@ -26,7 +26,7 @@ from onnxserve.serving.settings import ServerSettings
 from onnxserve.clients import classify, client, preprocess
 cli.build_parser().parse_args(["serve", "--providers", "cpu"])
 model = load_model(__import__("pathlib").Path({str(tmp_path)!r}), "m", ServerSettings())
-print(model.versions[1].runners[0].run({{"x": np.zeros((1, 4), np.float32)}})["y"].tolist())
+print(model.versions[1].instances[0].run({{"x": np.zeros((1, 4), np.float32)}})["y"].tolist())
 """
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                             timeout=120)

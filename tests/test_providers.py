@@ -9,13 +9,13 @@ import pytest
 from onnx_models import add_one_model
 
 from onnxserve.serving.errors import ModelLoadError
+from onnxserve.serving.runtime.instance import SessionInstance
 from onnxserve.serving.runtime.providers import (
     CPU,
     CUDA,
     check_active,
     usable_gpus,
 )
-from onnxserve.serving.runtime.runner import Runner
 
 
 def test_cuda_mode_fails_when_session_fell_back() -> None:
@@ -37,15 +37,15 @@ def test_a_gpu_instance_fails_its_load_where_cuda_cannot_run(tmp_path: Path) -> 
 
     path = add_one_model(tmp_path / "m.onnx")
     if usable_gpus()[0]:
-        assert Runner(path, model_name="m", providers="cuda",
-                      device=Device("gpu", 0)).provider == CUDA
+        assert SessionInstance(path, model_name="m", providers="cuda",
+                               device=Device("gpu", 0)).provider == CUDA
         return
     if CUDA not in ort.get_available_providers():
         with pytest.raises(ModelLoadError, match="needs onnxruntime's CUDA execution provider"):
-            Runner(path, model_name="m", providers="cuda", device=Device("gpu", 0))
+            SessionInstance(path, model_name="m", providers="cuda", device=Device("gpu", 0))
     else:  # the provider is there but CUDA is not usable: the session check catches it
         with pytest.raises(ModelLoadError, match="CUDA"):
-            Runner(path, model_name="m", providers="cuda", device=Device("gpu", 0))
+            SessionInstance(path, model_name="m", providers="cuda", device=Device("gpu", 0))
 
 
 def test_the_cuda_probe_gives_a_reason_when_there_is_no_gpu() -> None:

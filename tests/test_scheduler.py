@@ -42,20 +42,20 @@ def run(coro):
     return asyncio.run(asyncio.wait_for(coro, 30))
 
 
-async def _behind_a_held_batch(scheduler, runner, first_x, requests):
-    """Run ``first_x`` while holding the runner, queue ``requests`` (coroutine factories)
+async def _behind_a_held_batch(scheduler, instance, first_x, requests):
+    """Run ``first_x`` while holding the instance, queue ``requests`` (coroutine factories)
     behind it, then let everything go; returns the first result and the others'."""
-    runner.gate.clear()
+    instance.gate.clear()
     first = asyncio.ensure_future(scheduler.infer({"x": first_x}, ["y"], len(first_x)))
     await asyncio.sleep(0.05)
     others = [asyncio.ensure_future(make()) for make in requests]
     await asyncio.sleep(0.05)
-    runner.gate.set()
+    instance.gate.set()
     return await first, await asyncio.gather(*others)
 
 
-async def _with_scheduler(runner, body, **kwargs):
-    scheduler = Scheduler([runner], name="t", **kwargs)
+async def _with_scheduler(instance, body, **kwargs):
+    scheduler = Scheduler([instance], name="t", **kwargs)
     scheduler.start()
     try:
         return await body(scheduler)
@@ -64,43 +64,43 @@ async def _with_scheduler(runner, body, **kwargs):
 
 
 def test_queued_requests_batch_together_and_split_exactly() -> None:
-    runner = FakeRunner()
+    instance = FakeRunner()
 
     async def body(scheduler):
-        _, others = await _behind_a_held_batch(scheduler, runner, np.zeros((1, 2)), [
+        _, others = await _behind_a_held_batch(scheduler, instance, np.zeros((1, 2)), [
             lambda i=i: scheduler.infer({"x": np.full((i, 2), float(i))}, ["y", "n"], i)
             for i in (1, 2, 3)])
         return others
 
-    results = run(_with_scheduler(runner, body, max_batch_size=8))
-    assert runner.batches == [1, 6]
+    results = run(_with_scheduler(instance, body, max_batch_size=8))
+    assert instance.batches == [1, 6]
     for i, result in zip((1, 2, 3), results, strict=True):
         np.testing.assert_array_equal(result["y"], np.full((i, 2), 2.0 * i))
         assert result["n"].ravel().tolist() == [6] * i
 
 
 def test_batches_respect_max_batch_size_and_shapes() -> None:
-    runner = FakeRunner()
+    instance = FakeRunner()
 
     async def body(scheduler):
-        runner.gate.clear()
+        instance.gate.clear()
         first = asyncio.ensure_future(scheduler.infer({"x": np.zeros((1, 2))}, ["y"], 1))
         await asyncio.sleep(0.05)
         reqs = [scheduler.infer({"x": np.zeros((3, 2))}, ["y"], 3) for _ in range(2)]
         reqs.append(scheduler.infer({"x": np.zeros((1, 5))}, ["y"], 1))  # other shape
         futures = [asyncio.ensure_future(r) for r in reqs]
         await asyncio.sleep(0.05)
-        runner.gate.set()
+        instance.gate.set()
         await first
         return await asyncio.gather(*futures)
 
-    results = run(_with_scheduler(runner, body, max_batch_size=4))
-    assert runner.batches == [1, 3, 3, 1]
+    results = run(_with_scheduler(instance, body, max_batch_size=4))
+    assert instance.batches == [1, 3, 3, 1]
     assert results[2]["y"].shape == (1, 5)
 
 
 def test_max_queue_delay_waits_for_more() -> None:
-    runner = FakeRunner()
+    instance = FakeRunner()
 
     async def body(scheduler):
         a = asyncio.ensure_future(scheduler.infer({"x": np.ones((1, 2))}, ["y"], 1))
@@ -108,33 +108,33 @@ def test_max_queue_delay_waits_for_more() -> None:
         b = asyncio.ensure_future(scheduler.infer({"x": np.ones((1, 2))}, ["y"], 1))
         return await asyncio.gather(a, b)
 
-    run(_with_scheduler(runner, body, max_batch_size=8, max_queue_delay_us=300_000))
-    assert runner.batches == [2]
+    run(_with_scheduler(instance, body, max_batch_size=8, max_queue_delay_us=300_000))
+    assert instance.batches == [2]
 
 
 def test_cancelled_requests_are_not_computed() -> None:
-    runner = FakeRunner()
+    instance = FakeRunner()
 
     async def body(scheduler):
-        runner.gate.clear()
+        instance.gate.clear()
         first = asyncio.ensure_future(scheduler.infer({"x": np.zeros((1, 2))}, ["y"], 1))
         await asyncio.sleep(0.05)
         gone = asyncio.ensure_future(scheduler.infer({"x": np.zeros((5, 2))}, ["y"], 5))
         kept = asyncio.ensure_future(scheduler.infer({"x": np.zeros((2, 2))}, ["y"], 2))
         await asyncio.sleep(0.01)
         gone.cancel()
-        runner.gate.set()
+        instance.gate.set()
         await first
         return await kept
 
-    result = run(_with_scheduler(runner, body, max_batch_size=8))
-    assert runner.batches == [1, 2]
+    result = run(_with_scheduler(instance, body, max_batch_size=8))
+    assert instance.batches == [1, 2]
     assert result["y"].shape == (2, 2)
 
 
 def test_a_failing_batch_fails_only_its_requests() -> None:
-    runner = FakeRunner()
-    runner.fail_when = lambda x: bool((x < 0).any())
+    instance = FakeRunner()
+    instance.fail_when = lambda x: bool((x < 0).any())
 
     async def body(scheduler):
         bad = scheduler.infer({"x": -np.ones((1, 2))}, ["y"], 1)
@@ -142,15 +142,15 @@ def test_a_failing_batch_fails_only_its_requests() -> None:
             await bad
         return await scheduler.infer({"x": np.ones((1, 2))}, ["y"], 1)
 
-    result = run(_with_scheduler(runner, body, max_batch_size=0))
+    result = run(_with_scheduler(instance, body, max_batch_size=0))
     np.testing.assert_array_equal(result["y"], [[2.0, 2.0]])
 
 
-def _queued_then_released(runner, scheduler_kwargs, sizes):
-    """Hold the runner, queue requests of ``sizes`` samples behind a first one, release."""
+def _queued_then_released(instance, scheduler_kwargs, sizes):
+    """Hold the instance, queue requests of ``sizes`` samples behind a first one, release."""
 
     async def body(scheduler):
-        runner.gate.clear()
+        instance.gate.clear()
         first = asyncio.ensure_future(scheduler.infer({"x": np.zeros((1, 2))}, ["y"], 1))
         await asyncio.sleep(0.05)
         futures = [
@@ -158,31 +158,31 @@ def _queued_then_released(runner, scheduler_kwargs, sizes):
             for i, n in enumerate(sizes)
         ]
         await asyncio.sleep(0.05)
-        runner.gate.set()
+        instance.gate.set()
         await first
         return await asyncio.gather(*futures), scheduler.stats
 
-    return run(_with_scheduler(runner, body, **scheduler_kwargs))
+    return run(_with_scheduler(instance, body, **scheduler_kwargs))
 
 
 def test_preferred_batch_size_caps_batches() -> None:
-    runner = FakeRunner()
+    instance = FakeRunner()
     results, _ = _queued_then_released(
-        runner, {"max_batch_size": 16, "preferred_batch_sizes": [4]}, [1] * 10
+        instance, {"max_batch_size": 16, "preferred_batch_sizes": [4]}, [1] * 10
     )
-    assert runner.batches == [1, 4, 4, 2]
+    assert instance.batches == [1, 4, 4, 2]
     assert [r["y"][0, 0] for r in results] == [2.0 * i for i in range(10)]
 
 
 def test_batching_off_runs_each_request_alone() -> None:
-    runner = FakeRunner()
-    _queued_then_released(runner, {"max_batch_size": 16, "batching": False}, [2, 3, 1])
-    assert runner.batches == [1, 2, 3, 1]
+    instance = FakeRunner()
+    _queued_then_released(instance, {"max_batch_size": 16, "batching": False}, [2, 3, 1])
+    assert instance.batches == [1, 2, 3, 1]
 
 
 def test_statistics_count_samples_executions_and_queue_time() -> None:
-    runner = FakeRunner()
-    _, stats = _queued_then_released(runner, {"max_batch_size": 16}, [2, 3])
+    instance = FakeRunner()
+    _, stats = _queued_then_released(instance, {"max_batch_size": 16}, [2, 3])
     assert stats.execution_count == 2 and stats.inference_count == 6
     assert stats.success.count == 3 and stats.fail.count == 0
     assert stats.queue.count == 3 and stats.queue.ns > 40_000_000  # held ~50 ms
@@ -202,7 +202,7 @@ def test_buffers_are_reused_between_batches() -> None:
     a = buffers.concatenate("x", [np.ones((2, 3)), np.zeros((1, 3))], 3)
     b = buffers.concatenate("x", [np.ones((4, 3))], 4)
     assert a.base is b.base and b.shape == (4, 3)
-    assert made == [(8, 3)]  # one buffer, from the runner's allocator
+    assert made == [(8, 3)]  # one buffer, from the instance's allocator
     assert buffers.concatenate("x", [np.ones((9, 3))], 9).shape == (9, 3)  # over capacity
     for width in range(4, 4 + Buffers.KEEP):  # varying sample shapes: only the last kept
         buffers.concatenate("x", [np.ones((1, width))], 1)
@@ -223,18 +223,18 @@ def test_buffers_pad_with_zero_rows() -> None:
 
 
 def test_batches_are_padded_up_to_the_next_bucket() -> None:
-    runner = FakeRunner()
+    instance = FakeRunner()
 
     async def body(scheduler):
-        return await _behind_a_held_batch(scheduler, runner, np.ones((1, 2)), [
+        return await _behind_a_held_batch(scheduler, instance, np.ones((1, 2)), [
             lambda i=i, n=n: scheduler.infer({"x": np.full((n, 2), float(i + 1))},
                                              ["y", "n"], n)
             for i, n in enumerate((2, 1, 2))])
 
-    first, results = run(_with_scheduler(runner, body, max_batch_size=16,
+    first, results = run(_with_scheduler(instance, body, max_batch_size=16,
                                          batch_buckets=(1, 4, 8, 16)))
     # 1 runs alone (a bucket of its own); 2 + 1 + 2 = 5 samples run as a bucket of 8
-    assert runner.batches == [1, 8]
+    assert instance.batches == [1, 8]
     np.testing.assert_array_equal(first["y"], [[2.0, 2.0]])
     for i, (n, result) in enumerate(zip((2, 1, 2), results, strict=True)):
         np.testing.assert_array_equal(result["y"], np.full((n, 2), 2.0 * (i + 1)))
@@ -242,38 +242,38 @@ def test_batches_are_padded_up_to_the_next_bucket() -> None:
 
 
 def test_a_single_request_is_padded_too() -> None:
-    runner = FakeRunner()
+    instance = FakeRunner()
 
     async def body(scheduler):
         return await scheduler.infer({"x": np.ones((3, 2))}, ["y"], 3)
 
-    result = run(_with_scheduler(runner, body, max_batch_size=8, batch_buckets=(4, 8)))
-    assert runner.batches == [4] and result["y"].shape == (3, 2)
+    result = run(_with_scheduler(instance, body, max_batch_size=8, batch_buckets=(4, 8)))
+    assert instance.batches == [4] and result["y"].shape == (3, 2)
 
 
 def test_top_k_is_asked_of_the_runner_once_per_batch_and_split_per_request() -> None:
     from onnxserve.serving.runtime.topk import best_k
 
-    runner = FakeRunner()
+    instance = FakeRunner()
     calls = []
 
     def run_with_top_k(inputs, output_names, top_k):
         calls.append((len(inputs["x"]), list(output_names), dict(top_k)))
-        outputs = runner.run(inputs, output_names)
+        outputs = instance.run(inputs, output_names)
         return outputs, {name: best_k(outputs[name], k) for name, k in top_k.items()}
 
-    runner.run_with_top_k = run_with_top_k
+    instance.run_with_top_k = run_with_top_k
     rng = np.random.default_rng(3)
     xs = [rng.random((n, 6)) for n in (1, 2, 1)]
 
     async def body(scheduler):
-        _, others = await _behind_a_held_batch(scheduler, runner, np.zeros((1, 6)), [
+        _, others = await _behind_a_held_batch(scheduler, instance, np.zeros((1, 6)), [
             lambda: scheduler.infer({"x": xs[0]}, [], 1, top_k={"y": 2}),
             lambda: scheduler.infer({"x": xs[1]}, ["y"], 2),
             lambda: scheduler.infer({"x": xs[2]}, [], 1, top_k={"y": 4})])
         return others
 
-    a, b, c = run(_with_scheduler(runner, body, max_batch_size=8))
+    a, b, c = run(_with_scheduler(instance, body, max_batch_size=8))
     assert calls == [(4, ["y"], {"y": 4})]  # one run, the largest k
     for result, x, k in ((a, xs[0], 2), (c, xs[2], 4)):
         expected = np.argsort(-(x * 2), axis=1)[:, :k]
@@ -291,15 +291,15 @@ def test_top_k_needs_a_batch_dimension() -> None:
 
 
 def test_inline_scheduler_runs_on_the_event_loop_thread() -> None:
-    runner = FakeRunner()
+    instance = FakeRunner()
     threads = []
-    real_run = runner.run
+    real_run = instance.run
 
     def run_and_note(inputs, output_names=None):
         threads.append(threading.current_thread())
         return real_run(inputs, output_names)
 
-    runner.run = run_and_note
+    instance.run = run_and_note
 
     async def body(scheduler):
         futures = [asyncio.ensure_future(scheduler.infer({"x": np.full((1, 2), float(i))},
@@ -307,58 +307,58 @@ def test_inline_scheduler_runs_on_the_event_loop_thread() -> None:
         return await asyncio.gather(*futures), scheduler.stats
 
     # Nothing queued when each arrives: each runs at once, without the worker's round trip.
-    results, stats = run(_with_scheduler(runner, body, max_batch_size=8, run_on_event_loop=True))
+    results, stats = run(_with_scheduler(instance, body, max_batch_size=8, run_on_event_loop=True))
     assert threads and all(t is threading.main_thread() for t in threads)
-    assert runner.batches == [1] * 5 and stats.success.count == 5
+    assert instance.batches == [1] * 5 and stats.success.count == 5
     assert [r["y"][0, 0] for r in results] == [2.0 * i for i in range(5)]
     # With a queue delay, inline requests wait for each other and batch.
-    runner.batches.clear()
-    results, _ = run(_with_scheduler(runner, body, max_batch_size=8, run_on_event_loop=True,
+    instance.batches.clear()
+    results, _ = run(_with_scheduler(instance, body, max_batch_size=8, run_on_event_loop=True,
                                      max_queue_delay_us=50_000))
-    assert runner.batches == [5]
+    assert instance.batches == [5]
     assert [r["y"][0, 0] for r in results] == [2.0 * i for i in range(5)]
 
 
 def test_inline_failures_fail_only_that_request() -> None:
-    runner = FakeRunner()
-    runner.fail_when = lambda x: bool((x < 0).any())
+    instance = FakeRunner()
+    instance.fail_when = lambda x: bool((x < 0).any())
 
     async def body(scheduler):
         with pytest.raises(InferenceFailedError, match="boom"):
             await scheduler.infer({"x": -np.ones((1, 2))}, ["y"], 1)
         return await scheduler.infer({"x": np.ones((1, 2))}, ["y"], 1), scheduler.stats
 
-    result, stats = run(_with_scheduler(runner, body, max_batch_size=4, run_on_event_loop=True))
+    result, stats = run(_with_scheduler(instance, body, max_batch_size=4, run_on_event_loop=True))
     assert result["y"].tolist() == [[2.0, 2.0]]
     assert (stats.success.count, stats.fail.count) == (1, 1)
 
 
 def test_inline_scheduler_takes_one_runner() -> None:
-    with pytest.raises(ValueError, match="exactly one runner"):
+    with pytest.raises(ValueError, match="exactly one instance"):
         Scheduler([FakeRunner(), FakeRunner()], max_batch_size=4, run_on_event_loop=True)
 
 
-def _held(runner, scheduler_kwargs, body_after_hold):
-    """Hold the runner on a first request, run ``body_after_hold``, then release."""
+def _held(instance, scheduler_kwargs, body_after_hold):
+    """Hold the instance on a first request, run ``body_after_hold``, then release."""
 
     async def body(scheduler):
-        runner.gate.clear()
+        instance.gate.clear()
         first = asyncio.ensure_future(scheduler.infer({"x": np.zeros((1, 2))}, ["y"], 1))
         await asyncio.sleep(0.05)
         try:
             return await body_after_hold(scheduler)
         finally:
-            runner.gate.set()
+            instance.gate.set()
             await first
 
-    return run(_with_scheduler(runner, body, **scheduler_kwargs))
+    return run(_with_scheduler(instance, body, **scheduler_kwargs))
 
 
 def test_a_full_queue_refuses_at_once() -> None:
     from onnxserve.serving.batching.queue import QueuePolicy
     from onnxserve.serving.errors import ResourceExhaustedError
 
-    runner = FakeRunner()
+    instance = FakeRunner()
 
     async def body(scheduler):
         queued = [asyncio.ensure_future(scheduler.infer({"x": np.ones((1, 2))}, ["y"], 1))
@@ -368,10 +368,10 @@ def test_a_full_queue_refuses_at_once() -> None:
         with pytest.raises(ResourceExhaustedError, match="queue is full"):
             await scheduler.infer({"x": np.ones((1, 2))}, ["y"], 1)
         assert asyncio.get_running_loop().time() - started < 0.01
-        runner.gate.set()
+        instance.gate.set()
         return await asyncio.gather(*queued)
 
-    results = _held(runner, {"max_batch_size": 0, "queue_policy": QueuePolicy(max_queue_size=2)},
+    results = _held(instance, {"max_batch_size": 0, "queue_policy": QueuePolicy(max_queue_size=2)},
                     body)
     assert len(results) == 2
 
@@ -383,7 +383,7 @@ def test_requests_past_their_deadline_are_dropped_not_computed(source: str) -> N
     from onnxserve.serving.batching.queue import QueuePolicy
     from onnxserve.serving.errors import DeadlineExceededError, QueueTimeoutError
 
-    runner = FakeRunner()
+    instance = FakeRunner()
     policy = {"policy": QueuePolicy(timeout_s=0.03),
               "override": QueuePolicy(timeout_s=60, allow_timeout_override=True),
               "caller": QueuePolicy()}[source]
@@ -394,7 +394,7 @@ def test_requests_past_their_deadline_are_dropped_not_computed(source: str) -> N
         late = asyncio.ensure_future(
             scheduler.infer({"x": np.full((1, 2), 5.0)}, ["y"], 1, **kwargs))
         await asyncio.sleep(0.1)
-        runner.gate.set()
+        instance.gate.set()
         if source == "caller":
             with pytest.raises(DeadlineExceededError, match="dropped after"):
                 await late
@@ -402,33 +402,33 @@ def test_requests_past_their_deadline_are_dropped_not_computed(source: str) -> N
             with pytest.raises(QueueTimeoutError, match="Request timeout expired"):
                 await late
 
-    _held(runner, {"max_batch_size": 4, "queue_policy": policy}, body)
-    assert runner.batches == [1]  # only the first request ran
+    _held(instance, {"max_batch_size": 4, "queue_policy": policy}, body)
+    assert instance.batches == [1]  # only the first request ran
 
 
 def test_delay_moves_an_expired_request_behind_the_others() -> None:
     from onnxserve.serving.batching.queue import QueuePolicy
 
-    runner = FakeRunner()
+    instance = FakeRunner()
     order = []
-    real_run = runner.run
+    real_run = instance.run
 
     def note(inputs, output_names=None):
         order.append(float(inputs["x"][0, 0]))
         return real_run(inputs, output_names)
 
-    runner.run = note
+    instance.run = note
 
     async def body(scheduler):
         expired = asyncio.ensure_future(scheduler.infer({"x": np.full((1, 2), 1.0)}, ["y"], 1))
         await asyncio.sleep(0.06)
         fresh = asyncio.ensure_future(scheduler.infer({"x": np.full((1, 2), 2.0)}, ["y"], 1))
         await asyncio.sleep(0)
-        runner.gate.set()
+        instance.gate.set()
         return await asyncio.gather(expired, fresh)
 
     policy = QueuePolicy(timeout_s=0.03, timeout_action="delay")
-    results = _held(runner, {"max_batch_size": 4, "batching": False, "queue_policy": policy},
+    results = _held(instance, {"max_batch_size": 4, "batching": False, "queue_policy": policy},
                     body)
     assert order == [0.0, 2.0, 1.0]
     assert [r["y"][0, 0] for r in results] == [2.0, 4.0]
@@ -464,7 +464,7 @@ class OneRowRunner(FakeRunner):
 
 @pytest.mark.parametrize("inline", [False, True])
 def test_outputs_without_a_row_per_sample_fail_the_whole_batch(inline: bool) -> None:
-    runner = OneRowRunner()
+    instance = OneRowRunner()
 
     async def body(scheduler):
         # Three requests within the queue delay: one batch of 1 + 2 + 3 rows.
@@ -473,9 +473,9 @@ def test_outputs_without_a_row_per_sample_fail_the_whole_batch(inline: bool) -> 
             for x in (np.ones((1, 2)), np.full((2, 2), 2.0), np.zeros((3, 2)))),
             return_exceptions=True)
 
-    results = run(_with_scheduler(runner, body, max_batch_size=8, run_on_event_loop=inline,
+    results = run(_with_scheduler(instance, body, max_batch_size=8, run_on_event_loop=inline,
                                   max_queue_delay_us=100_000))
-    assert runner.batches == [6]  # the three requests ran as one batch, and failed together
+    assert instance.batches == [6]  # the three requests ran as one batch, and failed together
     for result in results:
         assert isinstance(result, InferenceFailedError)
         assert "failed to split the output tensor 's'" in str(result)
@@ -483,7 +483,7 @@ def test_outputs_without_a_row_per_sample_fail_the_whole_batch(inline: bool) -> 
 
 
 def test_a_lone_request_with_too_few_output_rows_fails() -> None:
-    runner = OneRowRunner()
+    instance = OneRowRunner()
 
     async def body(scheduler):
         with pytest.raises(InferenceFailedError, match=r"'s'.*3 row\(s\).*returned 1 row"):
@@ -491,12 +491,12 @@ def test_a_lone_request_with_too_few_output_rows_fails() -> None:
         # One row in, one row out: that answer is right.
         return await scheduler.infer({"x": np.ones((1, 2))}, ["s"], 1)
 
-    result = run(_with_scheduler(runner, body, max_batch_size=8))
+    result = run(_with_scheduler(instance, body, max_batch_size=8))
     np.testing.assert_array_equal(result["s"], [[1.0, 1.0]])
 
 
 def test_padding_and_top_k_are_checked_too() -> None:
-    runner = OneRowRunner()
+    instance = OneRowRunner()
 
     async def body(scheduler):
         # One row padded to a bucket of 4: the model's single row is not one per row.
@@ -507,7 +507,7 @@ def test_padding_and_top_k_are_checked_too() -> None:
             await scheduler.infer({"x": np.ones((2, 2))}, [], 2, top_k={"s": 1})
         return await scheduler.infer({"x": np.ones((3, 2))}, ["y"], 3)
 
-    result = run(_with_scheduler(runner, body, max_batch_size=8, batch_buckets=(4, 8)))
+    result = run(_with_scheduler(instance, body, max_batch_size=8, batch_buckets=(4, 8)))
     np.testing.assert_array_equal(result["y"], np.full((3, 2), 2.0))
 
 
@@ -515,14 +515,14 @@ def test_padding_and_top_k_are_checked_too() -> None:
 def test_an_input_the_model_cannot_compute_fails_only_its_request(inline: bool) -> None:
     from onnxserve.serving.errors import InvalidInputError
 
-    runner = FakeRunner()
+    instance = FakeRunner()
 
     def run_checked(inputs, output_names=None):
         if (inputs["x"] < 0).any():  # as onnxruntime's INVALID_ARGUMENT for one bad sample
             raise InvalidInputError("the model cannot compute this input: index out of range")
-        return FakeRunner.run(runner, inputs, output_names)
+        return FakeRunner.run(instance, inputs, output_names)
 
-    runner.run = run_checked
+    instance.run = run_checked
 
     async def body(scheduler):
         return await asyncio.gather(*(
@@ -530,7 +530,7 @@ def test_an_input_the_model_cannot_compute_fails_only_its_request(inline: bool) 
             for n, v in ((1, 1.0), (2, -1.0), (1, 3.0))), return_exceptions=True)
 
     good, bad, other = run(_with_scheduler(
-        runner, body, max_batch_size=8, run_on_event_loop=inline, max_queue_delay_us=100_000))
+        instance, body, max_batch_size=8, run_on_event_loop=inline, max_queue_delay_us=100_000))
     assert isinstance(bad, InvalidInputError) and "index out of range" in str(bad)
     np.testing.assert_array_equal(good["y"], [[2.0, 2.0]])
     np.testing.assert_array_equal(other["y"], [[6.0, 6.0]])
@@ -543,7 +543,7 @@ LONG_DELAY_US = 60_000_000
 
 
 def test_a_caller_that_leaves_a_forming_batch_is_not_computed_and_frees_its_place() -> None:
-    runner = FakeRunner()
+    instance = FakeRunner()
 
     async def body(scheduler):
         gone = asyncio.ensure_future(scheduler.infer({"x": np.full((1, 2), 9.0)}, ["y"], 1))
@@ -559,8 +559,8 @@ def test_a_caller_that_leaves_a_forming_batch_is_not_computed_and_frees_its_plac
         return results, scheduler.stats
 
     (first, second), stats = run(_with_scheduler(
-        runner, body, max_batch_size=2, max_queue_delay_us=LONG_DELAY_US))
-    assert runner.batches == [2]
+        instance, body, max_batch_size=2, max_queue_delay_us=LONG_DELAY_US))
+    assert instance.batches == [2]
     assert first["y"].tolist() == [[2.0, 2.0]] and second["y"].tolist() == [[4.0, 4.0]]
     assert (stats.inference_count, stats.success.count, stats.fail.count) == (2, 2, 1)
 
@@ -572,7 +572,7 @@ def test_a_deadline_passing_in_a_forming_batch_fails_the_request_then(source: st
     from onnxserve.serving.batching.queue import QueuePolicy
     from onnxserve.serving.errors import DeadlineExceededError, QueueTimeoutError
 
-    runner = FakeRunner()
+    instance = FakeRunner()
     policy = QueuePolicy(timeout_s=0.05) if source == "reject" else QueuePolicy()
     kwargs = {"time_remaining": 0.05} if source == "caller" else {}
     expected = DeadlineExceededError if source == "caller" else QueueTimeoutError
@@ -591,9 +591,9 @@ def test_a_deadline_passing_in_a_forming_batch_fails_the_request_then(source: st
             kept.cancel()
         return queued, scheduler.stats
 
-    queued, stats = run(_with_scheduler(runner, body, max_batch_size=8,
+    queued, stats = run(_with_scheduler(instance, body, max_batch_size=8,
                                         max_queue_delay_us=LONG_DELAY_US, queue_policy=policy))
-    assert runner.batches == []
+    assert instance.batches == []
     assert queued == (1 if source == "caller" else 0)
     assert stats.inference_count == 0 and stats.fail.count == 2
 
@@ -616,10 +616,10 @@ def test_delay_runs_a_timed_out_request_after_those_that_came_later() -> None:
             assert self.permits.acquire(timeout=10)
             return super().run(inputs, output_names)
 
-    runner = SteppedRunner()
+    instance = SteppedRunner()
 
     async def until_seen(values):
-        while runner.seen != values:
+        while instance.seen != values:
             await asyncio.sleep(0.005)
 
     def infer(scheduler, value):
@@ -631,44 +631,44 @@ def test_delay_runs_a_timed_out_request_after_those_that_came_later() -> None:
         requests.append(infer(scheduler, 1.0))  # times out (30 ms) while 0.0 runs
         await asyncio.sleep(0.1)
         requests.append(infer(scheduler, 2.0))
-        runner.permits.release()
+        instance.permits.release()
         await until_seen([0.0, 2.0])
         requests.append(infer(scheduler, 3.0))  # queued after 1.0 timed out: goes first
-        runner.permits.release(3)
+        instance.permits.release(3)
         return await asyncio.gather(*requests)
 
     policy = QueuePolicy(timeout_s=0.03, timeout_action="delay")
-    results = run(_with_scheduler(runner, body, max_batch_size=4, batching=False,
+    results = run(_with_scheduler(instance, body, max_batch_size=4, batching=False,
                                   queue_policy=policy))
-    assert runner.seen == [0.0, 2.0, 3.0, 1.0]
+    assert instance.seen == [0.0, 2.0, 3.0, 1.0]
     assert [r["y"][0, 0] for r in results] == [0.0, 2.0, 4.0, 6.0]
 
 
 def test_a_request_whose_deadline_passed_is_refused_even_when_it_could_run_at_once() -> None:
     from onnxserve.serving.errors import DeadlineExceededError
 
-    runner = FakeRunner()
+    instance = FakeRunner()
 
     async def body(scheduler):
         with pytest.raises(DeadlineExceededError, match="not computed"):
             await scheduler.infer({"x": np.ones((1, 2))}, ["y"], 1, time_remaining=0.0)
         return scheduler.stats
 
-    stats = run(_with_scheduler(runner, body, max_batch_size=4, run_on_event_loop=True))
-    assert runner.batches == [] and stats.fail.count == 1
+    stats = run(_with_scheduler(instance, body, max_batch_size=4, run_on_event_loop=True))
+    assert instance.batches == [] and stats.fail.count == 1
 
 
 def test_one_batch_forms_at_a_time_across_instances() -> None:
     """Two instances do not split the queue into two half batches that each wait for
     more: one batch forms at a time (Triton's one batcher thread feeds every instance)."""
-    runners = [FakeRunner(), FakeRunner()]
+    instances = [FakeRunner(), FakeRunner()]
 
     async def body(scheduler):
         return await asyncio.wait_for(asyncio.gather(*(
             scheduler.infer({"x": np.full((1, 2), float(i))}, ["y"], 1) for i in range(4))), 10)
 
     async def with_two():
-        scheduler = Scheduler(runners, name="t", max_batch_size=4,
+        scheduler = Scheduler(instances, name="t", max_batch_size=4,
                               max_queue_delay_us=LONG_DELAY_US)
         scheduler.start()
         try:
@@ -677,7 +677,7 @@ def test_one_batch_forms_at_a_time_across_instances() -> None:
             await scheduler.close()
 
     results = run(with_two())
-    assert sorted(runners[0].batches + runners[1].batches) == [4]
+    assert sorted(instances[0].batches + instances[1].batches) == [4]
     assert [r["y"][0, 0] for r in results] == [0.0, 2.0, 4.0, 6.0]
 
 
@@ -687,7 +687,7 @@ def test_every_deadline_is_kept_whatever_the_order_and_delay_keeps_the_callers()
     from onnxserve.serving.batching.queue import QueuePolicy
     from onnxserve.serving.errors import DeadlineExceededError
 
-    runner = FakeRunner()
+    instance = FakeRunner()
 
     async def body(scheduler):
         loop = asyncio.get_running_loop()
@@ -705,9 +705,9 @@ def test_every_deadline_is_kept_whatever_the_order_and_delay_keeps_the_callers()
         return failed_at
 
     policy = QueuePolicy(timeout_s=0.05, timeout_action="delay")
-    failed_at = run(_with_scheduler(runner, body, max_batch_size=8, queue_policy=policy,
+    failed_at = run(_with_scheduler(instance, body, max_batch_size=8, queue_policy=policy,
                                     max_queue_delay_us=LONG_DELAY_US))
-    assert runner.batches == []
+    assert instance.batches == []
     for remaining, at in failed_at.items():
         assert at >= remaining  # never before the caller's deadline
     assert sorted(failed_at, key=failed_at.__getitem__) == [0.1, 0.2, 0.3, 0.4]
@@ -716,7 +716,7 @@ def test_every_deadline_is_kept_whatever_the_order_and_delay_keeps_the_callers()
 def test_a_caller_cancelled_as_its_batch_becomes_due_is_not_computed() -> None:
     """The worker may form a batch after a caller was cancelled and before that caller's
     task ran to take its request out: the request is left out all the same."""
-    runner = FakeRunner()
+    instance = FakeRunner()
 
     async def body(scheduler):
         first = asyncio.ensure_future(scheduler.infer({"x": np.ones((1, 2))}, ["y"], 1))
@@ -728,8 +728,8 @@ def test_a_caller_cancelled_as_its_batch_becomes_due_is_not_computed() -> None:
             await first
         return await second
 
-    result = run(_with_scheduler(runner, body, max_batch_size=2, max_queue_delay_us=200_000))
-    assert runner.batches == [1]
+    result = run(_with_scheduler(instance, body, max_batch_size=2, max_queue_delay_us=200_000))
+    assert instance.batches == [1]
     np.testing.assert_array_equal(result["y"], np.full((1, 2), 2.0))
 
 
@@ -738,17 +738,17 @@ def test_a_close_during_a_failed_batchs_rerun_answers_every_request() -> None:
     (an unload whose drain timed out) that cancels the worker then still answers them."""
     from onnxserve.serving.errors import InvalidInputError, UnavailableError
 
-    runner = FakeRunner()
+    instance = FakeRunner()
     rerun = threading.Event()
 
     def fail_batches(x):
         if len(x) > 1:
             raise InvalidInputError("row 0 is out of range")
         rerun.set()
-        runner.gate.clear()  # the rerun waits here until the close has begun
+        instance.gate.clear()  # the rerun waits here until the close has begun
         return False
 
-    runner.fail_when = fail_batches
+    instance.fail_when = fail_batches
 
     async def body(scheduler):
         requests = [asyncio.ensure_future(scheduler.infer({"x": np.ones((1, 2))}, ["y"], 1))
@@ -756,12 +756,12 @@ def test_a_close_during_a_failed_batchs_rerun_answers_every_request() -> None:
         while not rerun.is_set():
             await asyncio.sleep(0.01)
         # close() waits for the worker thread; the rerun's gate opens a moment later
-        threading.Timer(0.2, runner.gate.set).start()
+        threading.Timer(0.2, instance.gate.set).start()
         await scheduler.close()
         return await asyncio.gather(*requests, return_exceptions=True)
 
     async def scenario():
-        scheduler = Scheduler([runner], name="t", max_batch_size=2,
+        scheduler = Scheduler([instance], name="t", max_batch_size=2,
                               max_queue_delay_us=100_000)
         scheduler.start()
         return await body(scheduler)
@@ -776,17 +776,17 @@ def test_a_close_waits_for_a_running_batch_without_blocking_the_event_loop() -> 
     thread: the close waits for that thread, the event loop (every other model) does not."""
     import time
 
-    runner = FakeRunner()
+    instance = FakeRunner()
 
     async def scenario():
-        scheduler = Scheduler([runner], name="t", max_batch_size=2)
+        scheduler = Scheduler([instance], name="t", max_batch_size=2)
         scheduler.start()
-        runner.gate.clear()
+        instance.gate.clear()
         running = asyncio.ensure_future(scheduler.infer({"x": np.ones((1, 2))}, ["y"], 1))
         await asyncio.sleep(0.05)
         while scheduler.queued:  # until the batch left the queue for its thread
             await asyncio.sleep(0.01)
-        opens = threading.Timer(2.0, runner.gate.set)
+        opens = threading.Timer(2.0, instance.gate.set)
         opens.start()
         closing = asyncio.ensure_future(scheduler.close())
         started = time.monotonic()
@@ -806,16 +806,16 @@ def test_a_requests_own_timeout_may_shorten_the_policys_never_lengthen_it() -> N
     from onnxserve.serving.batching.queue import QueuePolicy
     from onnxserve.serving.errors import QueueTimeoutError
 
-    runner = FakeRunner()
+    instance = FakeRunner()
     policy = QueuePolicy(timeout_s=0.03, allow_timeout_override=True)
 
     async def body(scheduler):
         longer = asyncio.ensure_future(scheduler.infer(
             {"x": np.full((1, 2), 5.0)}, ["y"], 1, timeout_us=60_000_000))
         await asyncio.sleep(0.1)  # past the policy's 30 ms, far from the asked 60 s
-        runner.gate.set()
+        instance.gate.set()
         with pytest.raises(QueueTimeoutError, match="Request timeout expired"):
             await longer
 
-    _held(runner, {"max_batch_size": 4, "queue_policy": policy}, body)
-    assert runner.batches == [1]  # only the held first request ran
+    _held(instance, {"max_batch_size": 4, "queue_policy": policy}, body)
+    assert instance.batches == [1]  # only the held first request ran

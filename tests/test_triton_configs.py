@@ -63,7 +63,7 @@ def test_reshape_serves_a_fixed_batch_model_without_a_batch_dimension(tmp_path: 
     image = np.random.default_rng(0).random((3, 32, 32), np.float32)
     inputs = model.to_model_inputs({"x": image}, 0)
     assert inputs["x"].shape == (1, 3, 32, 32)
-    out = model.to_client_outputs(model.versions[1].runners[0].run(inputs))
+    out = model.to_client_outputs(model.versions[1].instances[0].run(inputs))
     np.testing.assert_allclose(out["y"], image.mean(axis=(1, 2)), rtol=1e-5)
 
 

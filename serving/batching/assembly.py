@@ -72,7 +72,7 @@ def check_output_rows(
 class Buffers:
     """Reusable input buffers of one instance, one per (input, dtype, sample shape).
 
-    ``allocate`` makes them (the runner's: pinned host memory for a GPU instance). Only
+    ``allocate`` makes them (the instance's: pinned host memory for a GPU instance). Only
     the most recently used ``KEEP`` are kept, for models whose sample shapes vary.
     """
 
@@ -179,7 +179,7 @@ class BatchPlan:
         return self.buckets[index] if index < len(self.buckets) else rows
 
 
-def run_batch(plan: BatchPlan, runner: Instance, buffers: Buffers,
+def run_batch(plan: BatchPlan, instance: Instance, buffers: Buffers,
               batch: list[QueuedRequest], stats: ModelStats,
               where: str) -> list[dict[str, OutputValue]]:
     """Concatenate, run and split one batch (in a worker thread, or on the event loop for
@@ -188,7 +188,7 @@ def run_batch(plan: BatchPlan, runner: Instance, buffers: Buffers,
 
     Raises:
         InferenceFailedError: an output without one row per batch row (check_output_rows).
-        What the runner raises.
+        What the instance raises.
     """
     t0 = time.perf_counter_ns()
     wanted = list(dict.fromkeys(name for p in batch for name in p.outputs))
@@ -205,9 +205,9 @@ def run_batch(plan: BatchPlan, runner: Instance, buffers: Buffers,
                   for name in batch[0].inputs}
     t1 = time.perf_counter_ns()
     if top:
-        outputs, best = runner.run_with_top_k(inputs, wanted, top)
+        outputs, best = instance.run_with_top_k(inputs, wanted, top)
     else:
-        outputs, best = runner.run(inputs, wanted), {}
+        outputs, best = instance.run(inputs, wanted), {}
     t2 = time.perf_counter_ns()
     if plan.max_batch_size > 0:
         check_output_rows(where, rows, len(batch), outputs, best)

@@ -4,7 +4,7 @@ The scheduler admits a request (queue bound, deadline already passed, closed) in
 queue (batching/queue.py: deadlines, the queue policy, callers that leave), and one worker
 per model instance runs batches: one forms a batch at a time, as Triton's one batcher
 thread feeds every instance (batching/assembly.py says which queued requests make it and
-how long it may wait for more), takes its requests out of the queue, runs it on its runner
+how long it may wait for more), takes its requests out of the queue, runs it on its instance
 in a thread, and answers each request with its own rows of the outputs, or its failure.
 Without batching, each request runs alone. A batch that fails on one request's input is
 rerun request by request, so only the culprits fail.
@@ -49,7 +49,7 @@ class Scheduler:
 
     def __init__(
         self,
-        runners: Sequence[Instance],
+        instances: Sequence[Instance],
         *,
         max_batch_size: int,
         batching: bool = True,
@@ -61,13 +61,13 @@ class Scheduler:
         queue_policy: QueuePolicy | None = None,
         batch_buckets: Sequence[int] = (),
     ) -> None:
-        if not runners:
-            raise ValueError("a scheduler needs at least one runner")
-        self._runners = list(runners)
-        if run_on_event_loop and len(self._runners) != 1:
-            raise ValueError("a scheduler that runs on the event loop takes exactly one runner")
+        if not instances:
+            raise ValueError("a scheduler needs at least one instance")
+        self._instances = list(instances)
+        if run_on_event_loop and len(self._instances) != 1:
+            raise ValueError("a scheduler that runs on the event loop takes exactly one instance")
         self._inline = run_on_event_loop
-        self._inline_buffers = Buffers(max(max_batch_size, 1), self._runners[0].host_buffer)
+        self._inline_buffers = Buffers(max(max_batch_size, 1), self._instances[0].host_buffer)
         self._policy = queue_policy or QueuePolicy()
         self._plan = BatchPlan.of(max_batch_size, batching=batching,
                                   max_queue_delay_us=max_queue_delay_us,
@@ -80,7 +80,7 @@ class Scheduler:
         self._forming = asyncio.Lock()
         self._wakeup: asyncio.Future[None] | None = None
         self._executor = ThreadPoolExecutor(
-            max_workers=len(self._runners), thread_name_prefix=f"run-{name}"
+            max_workers=len(self._instances), thread_name_prefix=f"run-{name}"
         )
         self._workers: list[asyncio.Task] = []
         self._closed = False
@@ -104,11 +104,11 @@ class Scheduler:
     # --- lifecycle -------------------------------------------------------------------------
 
     def start(self) -> None:
-        """Start one worker task per runner on the running event loop."""
+        """Start one worker task per instance on the running event loop."""
         loop = asyncio.get_running_loop()
         self._workers = [
             loop.create_task(self._work(r), name=f"batcher-{self._name}-{i}")
-            for i, r in enumerate(self._runners)
+            for i, r in enumerate(self._instances)
         ]
 
     async def drain(self, timeout: float) -> bool:
@@ -125,7 +125,7 @@ class Scheduler:
 
         Afterwards no batch runs and nothing of the scheduler refers back to it: a worker
         task ended by ``cancel`` keeps its CancelledError, whose traceback holds the
-        worker's frames and so this scheduler, its runners and their sessions; kept in
+        worker's frames and so this scheduler, its instances and their sessions; kept in
         ``_workers`` that was a reference cycle, freed only by Python's cyclic garbage
         collector (every reload kept a retired version alive until it ran).
         """
@@ -194,7 +194,7 @@ class Scheduler:
             raise DeadlineExceededError(
                 f"model {self._name}: the request's deadline passed before it was queued "
                 f"({-time_remaining * 1e3:.1f} ms ago); it was not computed")
-        inputs = self._runners[0].prepare(inputs)
+        inputs = self._instances[0].prepare(inputs)
         future = asyncio.get_running_loop().create_future()
         if self._inline and not self._plan.max_delay_s and not len(self._queue):
             # Nothing waits to join it: run it now, without the round trip through the
@@ -234,7 +234,7 @@ class Scheduler:
         ok = False
         try:
             try:
-                (result,) = self._run_batch(self._runners[0], self._inline_buffers, [request])
+                (result,) = self._run_batch(self._instances[0], self._inline_buffers, [request])
             except ServingError:
                 raise
             except Exception as exc:
@@ -280,19 +280,19 @@ class Scheduler:
 
     # --- dispatch and failures -------------------------------------------------------------
 
-    async def _work(self, runner: Instance) -> None:
-        buffers = Buffers(max(self._plan.max_batch_size, 1), runner.host_buffer)
+    async def _work(self, instance: Instance) -> None:
+        buffers = Buffers(max(self._plan.max_batch_size, 1), instance.host_buffer)
         while True:
             batch = await self._gather()
             try:
-                await self._dispatch(runner, buffers, batch)
+                await self._dispatch(instance, buffers, batch)
             except asyncio.CancelledError:  # closed: no request taken is left unanswered
                 self._fail(batch, self._unloaded())
                 raise
             except Exception as exc:  # a bug here, not in the run: answer, and go on
                 self._fail(batch, self._failure(exc))
 
-    async def _dispatch(self, runner: Instance, buffers: Buffers,
+    async def _dispatch(self, instance: Instance, buffers: Buffers,
                         batch: list[QueuedRequest]) -> None:
         """Run ``batch`` and answer each of its requests with its outputs or its failure."""
         loop = asyncio.get_running_loop()
@@ -302,10 +302,10 @@ class Scheduler:
         results: Sequence[Outcome]
         try:
             if self._inline:
-                results = self._run_batch(runner, buffers, batch)
+                results = self._run_batch(instance, buffers, batch)
             else:
                 results = await loop.run_in_executor(
-                    self._executor, self._run_batch, runner, buffers, batch
+                    self._executor, self._run_batch, instance, buffers, batch
                 )
         except InvalidInputError as exc:
             # One request's input the model cannot compute must not fail the others
@@ -318,26 +318,26 @@ class Scheduler:
             if not batch:
                 return
             if self._inline:
-                results = self._run_each(runner, buffers, batch)
+                results = self._run_each(instance, buffers, batch)
             else:
                 results = await loop.run_in_executor(
-                    self._executor, self._run_each, runner, buffers, batch)
+                    self._executor, self._run_each, instance, buffers, batch)
         except Exception as exc:
             self._fail(batch, self._failure(exc))
             return
         self._settle(batch, results)
 
-    def _run_batch(self, runner: Instance, buffers: Buffers,
+    def _run_batch(self, instance: Instance, buffers: Buffers,
                    batch: list[QueuedRequest]) -> list[dict[str, OutputValue]]:
-        return run_batch(self._plan, runner, buffers, batch, self.stats, f"model {self._name}")
+        return run_batch(self._plan, instance, buffers, batch, self.stats, f"model {self._name}")
 
-    def _run_each(self, runner: Instance, buffers: Buffers,
+    def _run_each(self, instance: Instance, buffers: Buffers,
                   batch: list[QueuedRequest]) -> list[Outcome]:
         """Run each request of a failed batch alone: its outputs, or its own failure."""
         results: list[Outcome] = []
         for request in batch:
             try:
-                results.extend(self._run_batch(runner, buffers, [request]))
+                results.extend(self._run_batch(instance, buffers, [request]))
             except Exception as exc:
                 results.append(self._failure(exc))
         return results

@@ -47,8 +47,8 @@ from onnxserve.serving.observability.logs import event
 from onnxserve.serving.observability.metrics import Metrics
 from onnxserve.serving.observability.statistics import ModelStats
 from onnxserve.serving.runtime.devices import place_instances
+from onnxserve.serving.runtime.instance import SessionInstance
 from onnxserve.serving.runtime.providers import usable_gpus
-from onnxserve.serving.runtime.runner import Runner
 from onnxserve.serving.settings import ServerSettings
 
 log = logging.getLogger(__name__)
@@ -126,33 +126,33 @@ def _load_version(source: ModelSource, name: str, number: int, plan: ExecutionPl
     run-on-event-loop choice made (on the first version)."""
     path = source.versions[number]
     check_external_data(path, source.path)
-    runners = _build_runners(path, name, plan, settings)
+    instances = _build_instances(path, name, plan, settings)
     try:
-        version_config = complete_config(source, runners[0].signature)
+        version_config = complete_config(source, instances[0].signature)
         if config is not None and version_config.input != config.input:
             raise ModelLoadError(
                 f"model {name!r}: version {number} has different inputs than the other versions"
             )
-        on_gpu = any(r.provider != "CPUExecutionProvider" for r in runners)
+        on_gpu = any(r.provider != "CPUExecutionProvider" for r in instances)
         buckets = resolve_buckets(plan.gpu.buckets, version_config.max_batch_size, on_gpu)
-        timings = _warm_up(source, version_config, runners, name, number, buckets, on_gpu,
+        timings = _warm_up(source, version_config, instances, name, number, buckets, on_gpu,
                            settings)
         if plan.run_on_event_loop is None:
             # Decided once per model, on its first version. Moving onto the event loop keeps
             # the sessions as they are (one instance, same threads): nothing to rebuild.
             smallest, largest = smallest_and_largest(timings)
-            on_loop = should_run_on_event_loop(plan, smallest, largest, runners[0].provider)
+            on_loop = should_run_on_event_loop(plan, smallest, largest, instances[0].provider)
             plan = replace(plan, run_on_event_loop=on_loop)
-        scheduler = _scheduler(version_config, runners, name, number, plan, buckets, settings,
+        scheduler = _scheduler(version_config, instances, name, number, plan, buckets, settings,
                                metrics)
     except BaseException:
-        for runner in runners:
-            runner.close()
+        for instance in instances:
+            instance.close()
         raise
-    return ModelVersion(number, runners, scheduler, timings), version_config, plan
+    return ModelVersion(number, instances, scheduler, timings), version_config, plan
 
 
-def _warm_up(source: ModelSource, config: ModelConfig, runners: list[Runner], name: str,
+def _warm_up(source: ModelSource, config: ModelConfig, instances: list[SessionInstance], name: str,
              number: int, buckets: tuple[int, ...], on_gpu: bool,
              settings: ServerSettings) -> list[WarmupResult]:
     """The config's model_warmup samples, else (unless --no-warmup) the default ones; each
@@ -160,20 +160,20 @@ def _warm_up(source: ModelSource, config: ModelConfig, runners: list[Runner], na
     samples = (samples_from_config(config, source.path) if config.model_warmup
                else default_samples(config, warmup_sizes(config, buckets, on_gpu))
                if settings.warmup else [])
-    timings = warm_up(runners, samples, f"model {name!r} version {number}")
+    timings = warm_up(instances, samples, f"model {name!r} version {number}")
     for result in timings:
         log.info("warm-up of %s version %d: %s, first run %.2f ms, then %.3f ms",
                  name, number, result.name, result.first_s * 1e3, result.typical_s * 1e3)
     return timings
 
 
-def _scheduler(config: ModelConfig, runners: list[Runner], name: str, number: int,
+def _scheduler(config: ModelConfig, instances: list[SessionInstance], name: str, number: int,
                plan: ExecutionPlan, buckets: tuple[int, ...], settings: ServerSettings,
                metrics: Metrics | None) -> Scheduler:
     """The version's dynamic batcher, as its config's dynamic_batching says."""
     batching = config.dynamic_batching
     return Scheduler(
-        runners,
+        instances,
         max_batch_size=config.max_batch_size,
         batching=config.HasField("dynamic_batching"),
         max_queue_delay_us=batching.max_queue_delay_microseconds,
@@ -206,20 +206,20 @@ def queue_policy(config: ModelConfig, default_max_queue_size: int = 0) -> QueueP
     )
 
 
-def _build_runners(path: Path, name: str, plan: ExecutionPlan,
-                   settings: ServerSettings) -> list[Runner]:
-    """One runner per planned device; when one fails, those already built are closed."""
-    runners: list[Runner] = []
+def _build_instances(path: Path, name: str, plan: ExecutionPlan,
+                   settings: ServerSettings) -> list[SessionInstance]:
+    """One instance per planned device; when one fails, those already built are closed."""
+    instances: list[SessionInstance] = []
     try:
         for device in plan.devices:
-            runners.append(Runner(path, model_name=name, providers=settings.providers,
-                                  settings=plan.session_for(device), device=device,
-                                  gpu=plan.gpu))
+            instances.append(SessionInstance(
+                path, model_name=name, providers=settings.providers,
+                settings=plan.session_for(device), device=device, gpu=plan.gpu))
     except BaseException:
-        for runner in runners:
-            runner.close()
+        for instance in instances:
+            instance.close()
         raise
-    return runners
+    return instances
 
 
 def warmup_sizes(config: ModelConfig, buckets: tuple[int, ...],

@@ -1,4 +1,4 @@
-"""A loaded model: its completed config, labels, and one runner + scheduler per version
+"""A loaded model: its completed config, labels, and one instance + scheduler per version
 (models/loader.py builds it)."""
 
 from __future__ import annotations
@@ -17,20 +17,20 @@ from onnxserve.serving.models.options import ModelOptions, model_options
 from onnxserve.serving.models.repository import ModelConfig
 from onnxserve.serving.models.validation import InputRules
 from onnxserve.serving.models.warmup import WarmupResult
-from onnxserve.serving.runtime.runner import Runner
+from onnxserve.serving.runtime.instance import SessionInstance
 from onnxserve.serving.types import OutputValue
 
 
 @dataclass
 class ModelVersion:
     version: int
-    runners: list[Runner]
+    instances: list[SessionInstance]
     scheduler: Scheduler
     warmup: list[WarmupResult] = field(default_factory=list)
 
     @property
     def provider(self) -> str:
-        return self.runners[0].provider
+        return self.instances[0].provider
 
     async def close(self) -> None:
         """Release the version: its scheduler stops (failing what is still queued, joining
@@ -39,21 +39,21 @@ class ModelVersion:
         retired version (a traceback, a finished task, a caller) would otherwise keep all
         of that until Python's cyclic garbage collector runs."""
         await self.scheduler.close()
-        for runner in self.runners:
-            runner.close()
+        for instance in self.instances:
+            instance.close()
 
     def discard(self) -> None:
         """Release a version whose scheduler never started (a load that failed later on):
         its instances' sessions and its metrics."""
         self.scheduler.stats.close()
-        for runner in self.runners:
-            runner.close()
+        for instance in self.instances:
+            instance.close()
 
-    def instances(self) -> str:
+    def describe_instances(self) -> str:
         """Each instance's device, provider and I/O path, counted."""
         counts: dict[str, int] = {}
-        for runner in self.runners:
-            counts[runner.describe()] = counts.get(runner.describe(), 0) + 1
+        for instance in self.instances:
+            counts[instance.describe()] = counts.get(instance.describe(), 0) + 1
         return ", ".join(f"{n} x {what}" for what, n in counts.items())
 
 
@@ -155,7 +155,7 @@ class Model:
         params = {k: v.string_value for k, v in self.config.parameters.items()}
         newest = self.versions[max(self.versions)]
         params["execution_provider"] = self.provider
-        params["instances"] = newest.instances()
+        params["instances"] = newest.describe_instances()
         if newest.scheduler.buckets:
             params["batch_buckets"] = ",".join(str(b) for b in newest.scheduler.buckets)
         if self.plan is not None:

@@ -28,7 +28,7 @@ from onnxserve.protos.datatypes import Datatype, by_config_type
 from onnxserve.serving.batching.assembly import check_output_rows
 from onnxserve.serving.errors import InferenceFailedError, InvalidInputError, ModelLoadError
 from onnxserve.serving.models.repository import ModelConfig, model_dims
-from onnxserve.serving.runtime.runner import Runner
+from onnxserve.serving.runtime.instance import SessionInstance
 
 log = logging.getLogger(__name__)
 
@@ -178,32 +178,32 @@ def default_samples(config: ModelConfig,
     return samples
 
 
-def warm_up(runners: Sequence[Runner], samples: Sequence[WarmupSample],
+def warm_up(instances: Sequence[SessionInstance], samples: Sequence[WarmupSample],
             where: str) -> list[WarmupResult]:
-    """Run every sample on every runner; return the timings of the first runner.
+    """Run every sample on every instance; return the timings of the first instance.
 
     A sample the model cannot run is a load error naming the sample.
     """
     results = []
     for sample in samples:
-        for number, runner in enumerate(runners):
+        for number, instance in enumerate(instances):
             timings = []
             try:
-                prepared = runner.prepare(sample.inputs)
+                prepared = instance.prepare(sample.inputs)
                 for _ in range(sample.count):
                     started = time.perf_counter()
-                    outputs = runner.run(prepared)
+                    outputs = instance.run(prepared)
                     timings.append(time.perf_counter() - started)
                     if sample.batch_size:
                         # A model that returns other row counts than it is given cannot
                         # batch: refuse it now rather than at its first batched request.
                         check_output_rows("", sample.batch_size, 1, outputs)
-                if runner.io_binding and sample.batch_size:
+                if instance.io_binding and sample.batch_size:
                     # the classification extension's top-k graph, at this batch shape too
-                    classes = {o.name: 1 for o in runner.signature.outputs
+                    classes = {o.name: 1 for o in instance.signature.outputs
                                if len(o.shape) == 2 and o.datatype in _SCORE_TYPES}
                     if classes:
-                        _, best = runner.run_with_top_k(prepared, [], classes)
+                        _, best = instance.run_with_top_k(prepared, [], classes)
                         check_output_rows("", sample.batch_size, 1, {}, best)
             except (InferenceFailedError, InvalidInputError) as exc:
                 raise ModelLoadError(f"{where}: warm-up {sample.name!r} failed: {exc}") from None

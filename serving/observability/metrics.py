@@ -247,8 +247,8 @@ def registry_gauges(entries: Callable[[], Iterable]) -> Callable[[], list[GaugeM
                 in_flight.add_metric((entry.name, str(number)), version.scheduler.in_flight)
                 queued.add_metric((entry.name, str(number)), version.scheduler.queued)
                 placed: dict[tuple[str, str], int] = {}
-                for runner in version.runners:
-                    key = (runner.device.describe(), runner.provider)
+                for instance in version.instances:
+                    key = (instance.device.describe(), instance.provider)
                     placed[key] = placed.get(key, 0) + 1
                 for (device, provider), count in placed.items():
                     instances.add_metric((entry.name, str(number), device, provider), count)

@@ -1,7 +1,7 @@
 """How one onnxruntime session runs: threads, spinning, graph optimisation, GPU options.
 
 Values only: the model's plan (serving/models/execution.py, serving/models/accelerators.py)
-decides them from its config; the runner makes sessions from them.
+decides them from its config; the instance makes sessions from them.
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """The k best classes of each sample: numpy on the host (the device's TopK graphs for GPU
-instances are serving/runtime/kernels/, run by the runner)."""
+instances are serving/runtime/kernels/, run by the instance)."""
 
 from __future__ import annotations
 

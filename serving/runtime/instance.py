@@ -1,6 +1,6 @@
 """Run ONNX models with onnxruntime: session creation, the I/O signature, and execution.
 
-The runner knows nothing of protobuf or gRPC: it takes and returns numpy arrays.
+The instance knows nothing of protobuf or gRPC: it takes and returns numpy arrays.
 ``run`` is synchronous and called from worker threads (onnxruntime releases the GIL).
 
 With I/O binding (the default on a GPU) a batch goes to the device in one copy from its
@@ -93,7 +93,7 @@ def session_options(settings: SessionSettings) -> ort.SessionOptions:
     return options
 
 
-class Runner:
+class SessionInstance:
     """One onnxruntime session for one model version, on one device."""
 
     def __init__(
@@ -148,7 +148,7 @@ class Runner:
     def close(self) -> None:
         """Release the onnxruntime sessions (this instance's and its top-k graphs'): their
         weights, memory arena and thread pools go now, not when the last reference to the
-        runner goes (a traceback or a finished task's frame can hold one until Python's
+        instance goes (a traceback or a finished task's frame can hold one until Python's
         cyclic garbage collector runs, and a server reloading a model every few seconds
         kept every retired version's threads and memory until then). Call it once no batch
         runs on the instance (its scheduler closed); calling it again does nothing.
@@ -284,7 +284,7 @@ class Runner:
 
 
 class _ClosedSession:
-    """Stands for the session of a closed runner: any use is refused, naming the model."""
+    """Stands for the session of a closed instance: any use is refused, naming the model."""
 
     def __init__(self, model_name: str) -> None:
         self._model_name = model_name
