@@ -17,11 +17,12 @@ imports none; tests/test_layers.py checks this):
                             beside it; classification.py formats top-k results;
                             shared_memory.py: Triton's system shared memory regions
     models/                 repository, config_support, options, validation, images,
-                            external_data, execution and accelerators (plans), warmup,
-                            model (Model, ModelVersion), loader (load_model), registry
+                            external_data, warmup, model (Model, ModelVersion), loader
+                            (load_model), registry
     batching/               scheduler (admission, dispatch), queue (deadlines, policy),
                             assembly (batches, buffers, padding, splitting), inflight
-    runtime/                instance (an instance's onnxruntime session), sessions, providers,
+    runtime/                instance (an instance's onnxruntime session), plan and
+                            accelerators (how a model's instances run), sessions, providers,
                             devices, pinned, topk, kernels/
     observability/          metrics, statistics, logs
     errors.py settings.py types.py process.py

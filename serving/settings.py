@@ -83,7 +83,7 @@ class ServerSettings:
     spinning: Spinning | None = setting(
         None, "when onnxruntime's threads spin waiting for work: off, run (only while a batch "
         "runs), always", default_text="run, or off when a model's instances have more "
-        "threads than there are cores (serving/models/execution.py)")
+        "threads than there are cores (serving/runtime/plan.py)")
     warmup: bool = setting(True, "run warm-up batches on every instance before a model "
                            "reports ready")
     workers: int = setting(

@@ -10,14 +10,20 @@ is one), so that batching does not depend on the runtime.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import NamedTuple, Protocol
 
 import numpy as np
 
 from onnxserve.protos.datatypes import TensorSpec
+from onnxserve.protos.images import BACKGROUNDS, DEFAULT_BACKGROUND
 
-__all__ = ["Instance", "OutputValue", "Signature", "TensorSpec", "TopK"]
+__all__ = ["RUN_ON_EVENT_LOOP_KEY", "Instance", "ModelOptions", "OutputValue", "Signature",
+           "TensorSpec", "TopK"]
+
+#: the config parameter that runs a model's batches on the event loop (models/options.py
+#: parses it; the runtime's plan names it in its errors)
+RUN_ON_EVENT_LOOP_KEY = "onnxserve.run_on_event_loop"
 
 
 @dataclass(frozen=True)
@@ -67,3 +73,32 @@ class Instance(Protocol):
                        top_k: dict[str, int]) -> tuple[dict[str, np.ndarray], dict[str, TopK]]:
         """One batch: the named outputs whole, and the ``top_k`` outputs' k best classes."""
         ...
+
+
+@dataclass(frozen=True)
+class ModelOptions:
+    """A model's ``parameters``, typed (parsed by serving/models/options.py, read by the
+    runtime's plan and the image decoding). None means "not set: decide by default"."""
+
+    #: onnxruntime intra-op threads per instance
+    intra_op_threads: int | None = None
+    #: threads for independent branches (with execution_mode 1)
+    inter_op_threads: int | None = None
+    #: run independent branches in parallel (execution_mode 1) or not (0)
+    parallel_execution: bool | None = None
+    #: when onnxruntime's pool threads spin: off, run, always
+    spinning: str | None = None
+    #: run batches on the event loop's thread (None: by the warm-up measurement)
+    run_on_event_loop: bool | None = None
+    #: bind inputs and outputs explicitly (None: on for GPU instances)
+    io_binding: bool | None = None
+    #: batch sizes batches are padded up to; () none; None: decided by the device
+    batch_buckets: tuple[int, ...] | None = None
+    #: Triton's top-level CUDA keys, as written
+    legacy_cuda: dict[str, str] = field(default_factory=dict)
+    #: the BYTES input under which the model also takes encoded image files
+    encoded_image_input: str | None = None
+    #: how pixels 0-255 are scaled before they reach the model
+    preprocessing: str = "in_graph"
+    #: grey level transparent pixels are composited onto
+    image_background: int = BACKGROUNDS[DEFAULT_BACKGROUND]

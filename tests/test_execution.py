@@ -10,18 +10,24 @@ from conftest import write_config
 from onnx_models import add_one_model
 
 from onnxserve.serving.errors import ModelLoadError
-from onnxserve.serving.models.execution import (
+from onnxserve.serving.models.loader import load_model
+from onnxserve.serving.models.options import model_options
+from onnxserve.serving.models.repository import parse_config
+from onnxserve.serving.models.warmup import default_samples, samples_from_config
+from onnxserve.serving.runtime.devices import CPU_DEVICE
+from onnxserve.serving.runtime.instance import session_options
+from onnxserve.serving.runtime.plan import (
     ExecutionPlan,
     SessionSettings,
     plan_execution,
     should_run_on_event_loop,
 )
-from onnxserve.serving.models.loader import load_model
-from onnxserve.serving.models.repository import parse_config
-from onnxserve.serving.models.warmup import default_samples, samples_from_config
-from onnxserve.serving.runtime.devices import CPU_DEVICE
-from onnxserve.serving.runtime.instance import session_options
 from onnxserve.serving.settings import ServerSettings
+
+
+def _plan(config, **kwargs) -> ExecutionPlan:
+    """The plan of ``config`` with the options its parameters give."""
+    return plan_execution(config, model_options(config), **kwargs)
 
 
 def _config(text: str = ""):
@@ -33,39 +39,39 @@ def _param(key: str, value: str) -> str:
 
 
 def test_default_plan_gives_one_instance_every_core_and_spinning_during_runs() -> None:
-    plan = plan_execution(_config(), cores=2)
+    plan = _plan(_config(), cores=2)
     assert plan == ExecutionPlan((CPU_DEVICE,), SessionSettings(2, 1, "run"), None, False)
 
 
 def test_instances_split_the_cores_and_oversubscribed_pools_do_not_spin() -> None:
     two = _config("instance_group { count: 2 kind: KIND_CPU }\n")
-    assert plan_execution(two, cores=2).session == SessionSettings(1, 1, "run")
-    crowded = plan_execution(two, cores=2, server_intra_op_threads=2)
+    assert _plan(two, cores=2).session == SessionSettings(1, 1, "run")
+    crowded = _plan(two, cores=2, server_intra_op_threads=2)
     assert crowded.session.spinning == "off" and crowded.threads_fixed
 
 
 def test_model_parameters_override_the_server() -> None:
     config = _config(_param("intra_op_thread_count", "3") + _param("onnxserve.spinning", "always")
                      + _param("inter_op_thread_count", "2"))
-    plan = plan_execution(config, cores=2, server_intra_op_threads=1, server_spinning="off")
+    plan = _plan(config, cores=2, server_intra_op_threads=1, server_spinning="off")
     assert plan.session == SessionSettings(3, 2, "always", parallel=True)
 
 
 def test_graph_level_and_execution_mode_follow_triton() -> None:
-    assert plan_execution(_config()).session.optimization == "all"
+    assert _plan(_config()).session.optimization == "all"
     for level, name in ((-1, "basic"), (1, "extended"), (2, "none")):
         config = _config(f"optimization {{ graph {{ level: {level} }} }}\n")
-        assert plan_execution(config).session.optimization == name
-        assert session_options(plan_execution(config).session).graph_optimization_level.name \
+        assert _plan(config).session.optimization == name
+        assert session_options(_plan(config).session).graph_optimization_level.name \
             == {"basic": "ORT_ENABLE_BASIC", "extended": "ORT_ENABLE_EXTENDED",
                 "none": "ORT_DISABLE_ALL"}[name]
     with pytest.raises(ModelLoadError, match=r"graph\.level"):
-        plan_execution(_config("optimization { graph { level: 7 } }\n"))
-    parallel = plan_execution(_config(_param("execution_mode", "1")))
+        _plan(_config("optimization { graph { level: 7 } }\n"))
+    parallel = _plan(_config(_param("execution_mode", "1")))
     assert parallel.session.parallel
     assert session_options(parallel.session).execution_mode.name == "ORT_PARALLEL"
     with pytest.raises(ModelLoadError, match="openvino"):
-        plan_execution(_config('optimization { execution_accelerators { '
+        _plan(_config('optimization { execution_accelerators { '
                                'cpu_execution_accelerator { name: "openvino" } } }\n'))
 
 
@@ -76,28 +82,28 @@ def test_graph_level_and_execution_mode_follow_triton() -> None:
 ])
 def test_bad_parameter_values_name_the_parameter(key: str, value: str, message: str) -> None:
     with pytest.raises(ModelLoadError, match=f"{key}.*{message}"):
-        plan_execution(_config(_param(key, value)))
+        _plan(_config(_param(key, value)))
 
 
 def test_inline_on_request_keeps_the_threads_and_needs_one_instance() -> None:
-    plan = plan_execution(_config(_param("onnxserve.run_on_event_loop", "true")), cores=4)
+    plan = _plan(_config(_param("onnxserve.run_on_event_loop", "true")), cores=4)
     assert plan.run_on_event_loop and plan.session == SessionSettings(4, 1, "run")
     with pytest.raises(ModelLoadError, match="count: 1"):
-        plan_execution(_config(_param("onnxserve.run_on_event_loop", "true")
+        _plan(_config(_param("onnxserve.run_on_event_loop", "true")
                                + "instance_group { count: 2 }\n"))
 
 
 def test_only_fast_automatic_cpu_models_run_inline() -> None:
-    auto = plan_execution(_config(), cores=2)
+    auto = _plan(_config(), cores=2)
     cpu = "CPUExecutionProvider"
     assert should_run_on_event_loop(auto, 50e-6, 2e-3, cpu)
     assert not should_run_on_event_loop(auto, 1e-3, 2e-3, cpu)  # batch of 1 too slow
     assert not should_run_on_event_loop(auto, 50e-6, 20e-3, cpu)  # largest batch stalls the loop
     assert not should_run_on_event_loop(auto, 50e-6, 2e-3, "CUDAExecutionProvider")
     assert not should_run_on_event_loop(auto, None, None, cpu)  # not warmed up: unknown
-    fixed = plan_execution(_config(), cores=2, server_intra_op_threads=2)
+    fixed = _plan(_config(), cores=2, server_intra_op_threads=2)
     assert not should_run_on_event_loop(fixed, 50e-6, 2e-3, cpu)
-    refused = plan_execution(_config(_param("onnxserve.run_on_event_loop", "false")))
+    refused = _plan(_config(_param("onnxserve.run_on_event_loop", "false")))
     assert not should_run_on_event_loop(refused, 50e-6, 2e-3, cpu)
 
 

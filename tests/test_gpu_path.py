@@ -16,14 +16,15 @@ from onnx_models import _save, add_one_model, scores_model
 
 from onnxserve.clients.client import Client
 from onnxserve.serving.errors import ModelLoadError
-from onnxserve.serving.models.accelerators import gpu_settings, resolve_buckets
-from onnxserve.serving.models.execution import plan_execution
 from onnxserve.serving.models.loader import load_model, warmup_sizes
+from onnxserve.serving.models.options import model_options
 from onnxserve.serving.models.repository import parse_config
 from onnxserve.serving.models.warmup import default_samples
+from onnxserve.serving.runtime.accelerators import gpu_settings, resolve_buckets
 from onnxserve.serving.runtime.devices import CPU_DEVICE, Device, place_instances
 from onnxserve.serving.runtime.instance import SessionInstance
 from onnxserve.serving.runtime.pinned import host_buffer
+from onnxserve.serving.runtime.plan import plan_execution
 from onnxserve.serving.runtime.providers import (
     CPU,
     CUDA,
@@ -38,6 +39,16 @@ from onnxserve.serving.settings import ServerSettings
 
 GPUS, WHY_NO_GPU = usable_gpus()
 needs_gpu = pytest.mark.skipif(GPUS == 0, reason=f"no usable CUDA device: {WHY_NO_GPU}")
+
+
+def _plan(config, **kwargs):
+    """The plan of ``config`` with the options its parameters give."""
+    return plan_execution(config, model_options(config), **kwargs)
+
+
+def _gpu(config):
+    """The GPU settings of ``config`` with the options its parameters give."""
+    return gpu_settings(config, model_options(config))
 
 
 def _config(text: str = "", batch: int = 8):
@@ -95,14 +106,14 @@ def test_impossible_placements_are_load_errors(text: str, gpus: int, mode: str,
 def test_plans_give_cpu_cores_to_cpu_instances_and_one_thread_to_gpu_instances() -> None:
     config = _config("instance_group { count: 1 kind: KIND_GPU }\n"
                      "instance_group { count: 2 kind: KIND_CPU }\n")
-    plan = plan_execution(config, cores=8, devices=(GPU0, CPU_DEVICE, CPU_DEVICE))
+    plan = _plan(config, cores=8, devices=(GPU0, CPU_DEVICE, CPU_DEVICE))
     assert plan.instances == 3 and plan.on_gpu
     assert plan.session_for(CPU_DEVICE).intra_op == 4  # 8 cores, 2 CPU instances
     gpu_session = plan.session_for(GPU0)
     assert gpu_session.intra_op == 1 and gpu_session.spinning == "off"
     assert "1 on GPU 0, 2 on CPU" in plan.describe()
     with pytest.raises(ModelLoadError, match="kind: KIND_CPU"):
-        plan_execution(_config(_param("onnxserve.run_on_event_loop", "true")), devices=(GPU0,))
+        _plan(_config(_param("onnxserve.run_on_event_loop", "true")), devices=(GPU0,))
 
 
 # --- GPU options ----------------------------------------------------------------------
@@ -116,7 +127,7 @@ def test_gpu_options_come_from_the_accelerators_and_the_older_parameters() -> No
           '  parameters { key: "cudnn_conv_algo_search" value: "DEFAULT" } },\n'
           '  { name: "tensorrt" parameters { key: "precision_mode" value: "FP16" }\n'
           '    parameters { key: "max_workspace_size_bytes" value: "2147483648" } } ] } }\n')
-    settings = gpu_settings(config)
+    settings = _gpu(config)
     assert settings.cuda == {"cudnn_conv_algo_search": "DEFAULT", "gpu_mem_limit": "1073741824",
                              "arena_extend_strategy": "kSameAsRequested", "prefer_nhwc": "1"}
     trt = settings.tensorrt
@@ -125,7 +136,7 @@ def test_gpu_options_come_from_the_accelerators_and_the_older_parameters() -> No
     assert trt["trt_engine_cache_enable"] == "1"
     assert trt["trt_engine_cache_path"].endswith("onnxserve/tensorrt/m")
     assert settings.io_binding is None and settings.buckets is None
-    assert gpu_settings(_config()) == GpuSettings()
+    assert _gpu(_config()) == GpuSettings()
 
 
 @pytest.mark.parametrize(("text", "message"), [
@@ -149,7 +160,7 @@ def test_gpu_options_come_from_the_accelerators_and_the_older_parameters() -> No
 ])
 def test_bad_gpu_options_are_load_errors_naming_the_option(text: str, message: str) -> None:
     with pytest.raises(ModelLoadError, match=message):
-        gpu_settings(_config(text + "\n"))
+        _gpu(_config(text + "\n"))
 
 
 def test_bucket_sizes() -> None:
@@ -159,8 +170,8 @@ def test_bucket_sizes() -> None:
     assert resolve_buckets((), 64, on_gpu=True) == ()
     assert resolve_buckets((4, 16, 128), 32, on_gpu=False) == (4, 16, 32)
     assert resolve_buckets(None, 0, on_gpu=True) == ()
-    assert gpu_settings(_config(_param("onnxserve.batch_buckets", "16, 4"))).buckets == (4, 16)
-    assert gpu_settings(_config(_param("onnxserve.batch_buckets", "none"))).buckets == ()
+    assert _gpu(_config(_param("onnxserve.batch_buckets", "16, 4"))).buckets == (4, 16)
+    assert _gpu(_config(_param("onnxserve.batch_buckets", "none"))).buckets == ()
 
 
 def test_warm_up_covers_every_shape_a_gpu_can_be_given() -> None:

@@ -178,12 +178,13 @@ def test_cpu_features_come_from_cpuinfo() -> None:
 
 
 def test_latencies_are_timed_with_the_servers_default_session_options() -> None:
-    from onnxserve.serving.models.execution import plan_execution
+    from onnxserve.serving.models.options import model_options
     from onnxserve.serving.models.repository import parse_config
     from onnxserve.serving.runtime.instance import session_options
+    from onnxserve.serving.runtime.plan import plan_execution
 
     config = parse_config('name: "m"\nmax_batch_size: 32\n', "test")
-    server = session_options(plan_execution(config).session)
+    server = session_options(plan_execution(config, model_options(config)).session)
     ours = verify.timing_options()
     for attribute in ("intra_op_num_threads", "inter_op_num_threads", "execution_mode",
                       "graph_optimization_level"):

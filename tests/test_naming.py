@@ -44,10 +44,11 @@ from onnxserve.protos.naming import (
 )
 from onnxserve.serving.errors import InvalidInputError, ModelLoadError
 from onnxserve.serving.frontends.http_codec import header_length
-from onnxserve.serving.models.accelerators import gpu_settings
+from onnxserve.serving.models.options import model_options
 from onnxserve.serving.models.registry import Registry
 from onnxserve.serving.models.repository import parse_config, read_model, scan_folders
 from onnxserve.serving.process import onnxserve_command
+from onnxserve.serving.runtime.accelerators import gpu_settings
 from onnxserve.serving.settings import ServerSettings
 
 #: names the server will not serve, each for a different reason
@@ -189,7 +190,7 @@ def test_gpu_mem_limit_is_a_plain_number(value: str) -> None:
     config = parse_config(f'name: "m"\nparameters {{ key: "gpu_mem_limit" value {{ '
                           f'string_value: "{value}" }} }}\n', "test")
     with pytest.raises(ModelLoadError, match="'gpu_mem_limit' must be a number of bytes"):
-        gpu_settings(config)
+        gpu_settings(config, model_options(config))
 
 
 def test_the_gpu_check_takes_the_newest_version_folder(tmp_path: Path) -> None:

@@ -6,7 +6,7 @@ A batch starts with the oldest queued request and takes the requests after it wi
 same per-sample shapes and datatypes, counting samples (a request may carry its own batch),
 until they reach the largest preferred batch size (or ``max_batch_size``), or until the
 oldest of them has waited ``max_queue_delay`` (0: take what is queued when the instance
-frees). With ``batch_buckets`` (GPU instances by default, see serving/models/accelerators.py)
+frees). With ``batch_buckets`` (GPU instances by default, see serving/runtime/accelerators.py)
 a batch is padded with zero rows up to the smallest bucket that holds it, so the model only
 ever sees the few batch shapes that were warmed up; the padding rows' outputs are dropped.
 """

@@ -17,7 +17,7 @@ from onnxserve.protos.datatypes import by_config_type
 from onnxserve.protos.images import ENCODED_IMAGE_PARAMETER, ImageError, ImageSpec, decode
 from onnxserve.protos.model_config_pb2 import ModelConfig
 from onnxserve.serving.errors import InvalidInputError, ModelLoadError
-from onnxserve.serving.models.options import ModelOptions
+from onnxserve.serving.types import ModelOptions
 
 _IMAGE_DTYPES = {"UINT8", "FP16", "FP32", "FP64"}
 

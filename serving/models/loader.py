@@ -18,16 +18,10 @@ from pathlib import Path
 from onnxserve.serving.batching.queue import QueuePolicy
 from onnxserve.serving.batching.scheduler import Scheduler
 from onnxserve.serving.errors import ModelLoadError
-from onnxserve.serving.models.accelerators import resolve_buckets
 from onnxserve.serving.models.config_support import check_config_support
-from onnxserve.serving.models.execution import (
-    ExecutionPlan,
-    plan_execution,
-    should_run_on_event_loop,
-)
 from onnxserve.serving.models.external_data import check_external_data
 from onnxserve.serving.models.model import Model, ModelVersion
-from onnxserve.serving.models.options import ModelOptions, model_options
+from onnxserve.serving.models.options import model_options
 from onnxserve.serving.models.repository import (
     ModelConfig,
     ModelSource,
@@ -46,10 +40,17 @@ from onnxserve.serving.models.warmup import (
 from onnxserve.serving.observability.logs import event
 from onnxserve.serving.observability.metrics import Metrics
 from onnxserve.serving.observability.statistics import ModelStats
+from onnxserve.serving.runtime.accelerators import resolve_buckets
 from onnxserve.serving.runtime.devices import place_instances
 from onnxserve.serving.runtime.instance import SessionInstance
+from onnxserve.serving.runtime.plan import (
+    ExecutionPlan,
+    plan_execution,
+    should_run_on_event_loop,
+)
 from onnxserve.serving.runtime.providers import usable_gpus
 from onnxserve.serving.settings import ServerSettings
+from onnxserve.serving.types import ModelOptions
 
 log = logging.getLogger(__name__)
 

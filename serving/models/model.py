@@ -11,14 +11,14 @@ import numpy as np
 from onnxserve.protos.naming import parse_version
 from onnxserve.serving.batching.scheduler import Scheduler
 from onnxserve.serving.errors import InferenceFailedError, InvalidInputError, NotFoundError
-from onnxserve.serving.models.execution import ExecutionPlan
 from onnxserve.serving.models.images import EncodedImageInput, encoded_image_input
-from onnxserve.serving.models.options import ModelOptions, model_options
+from onnxserve.serving.models.options import model_options
 from onnxserve.serving.models.repository import ModelConfig
 from onnxserve.serving.models.validation import InputRules
 from onnxserve.serving.models.warmup import WarmupResult
 from onnxserve.serving.runtime.instance import SessionInstance
-from onnxserve.serving.types import OutputValue
+from onnxserve.serving.runtime.plan import ExecutionPlan
+from onnxserve.serving.types import ModelOptions, OutputValue
 
 
 @dataclass

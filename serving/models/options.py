@@ -12,7 +12,6 @@ model metadata and are not read here.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import TypeVar
 
 from onnxserve.protos.images import (
@@ -27,16 +26,16 @@ from onnxserve.protos.model_config_pb2 import ModelConfig
 from onnxserve.protos.naming import plain_int
 from onnxserve.serving.errors import ModelLoadError
 from onnxserve.serving.settings import SPINNING_MODES
+from onnxserve.serving.types import RUN_ON_EVENT_LOOP_KEY, ModelOptions
 
 INTRA_OP_KEY = "intra_op_thread_count"
 INTER_OP_KEY = "inter_op_thread_count"
 EXECUTION_MODE_KEY = "execution_mode"
 SPINNING_KEY = "onnxserve.spinning"
-RUN_ON_EVENT_LOOP_KEY = "onnxserve.run_on_event_loop"
 IO_BINDING_KEY = "onnxserve.io_binding"
 BUCKETS_KEY = "onnxserve.batch_buckets"
 #: Triton's older top-level CUDA parameters (values as Triton writes them, checked where
-#: the CUDA options are assembled: serving/models/accelerators.py)
+#: the CUDA options are assembled: serving/runtime/accelerators.py)
 LEGACY_CUDA_KEYS = ("cudnn_conv_algo_search", "gpu_mem_limit", "arena_extend_strategy",
                     "do_copy_in_default_stream")
 
@@ -44,34 +43,6 @@ LEGACY_CUDA_KEYS = ("cudnn_conv_algo_search", "gpu_mem_limit", "arena_extend_str
 MAX_COUNT = 2**31 - 1
 
 T = TypeVar("T")
-
-
-@dataclass(frozen=True)
-class ModelOptions:
-    """A model's ``parameters``, typed. None means "not set: decide by default"."""
-
-    #: onnxruntime intra-op threads per instance
-    intra_op_threads: int | None = None
-    #: threads for independent branches (with execution_mode 1)
-    inter_op_threads: int | None = None
-    #: run independent branches in parallel (execution_mode 1) or not (0)
-    parallel_execution: bool | None = None
-    #: when onnxruntime's pool threads spin: off, run, always
-    spinning: str | None = None
-    #: run batches on the event loop's thread (None: by the warm-up measurement)
-    run_on_event_loop: bool | None = None
-    #: bind inputs and outputs explicitly (None: on for GPU instances)
-    io_binding: bool | None = None
-    #: batch sizes batches are padded up to; () none; None: decided by the device
-    batch_buckets: tuple[int, ...] | None = None
-    #: Triton's top-level CUDA keys, as written
-    legacy_cuda: dict[str, str] = field(default_factory=dict)
-    #: the BYTES input under which the model also takes encoded image files
-    encoded_image_input: str | None = None
-    #: how pixels 0-255 are scaled before they reach the model
-    preprocessing: str = "in_graph"
-    #: grey level transparent pixels are composited onto
-    image_background: int = BACKGROUNDS[DEFAULT_BACKGROUND]
 
 
 class _Reader:

@@ -1,6 +1,6 @@
 """How one onnxruntime session runs: threads, spinning, graph optimisation, GPU options.
 
-Values only: the model's plan (serving/models/execution.py, serving/models/accelerators.py)
+Values only: the model's plan (serving/runtime/plan.py, serving/runtime/accelerators.py)
 decides them from its config; the instance makes sessions from them.
 """
 

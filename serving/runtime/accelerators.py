@@ -21,8 +21,8 @@ from pathlib import Path
 from onnxserve.protos.model_config_pb2 import ModelConfig
 from onnxserve.protos.naming import plain_int
 from onnxserve.serving.errors import ModelLoadError
-from onnxserve.serving.models.options import ModelOptions, model_options
 from onnxserve.serving.runtime.sessions import GpuSettings
+from onnxserve.serving.types import ModelOptions
 
 #: CUDA execution provider options a model may set (device_id comes from instance_group)
 CUDA_OPTIONS = frozenset({
@@ -90,10 +90,9 @@ def default_cache_dir(model: str) -> Path:
     return Path(base) / "onnxserve" / "tensorrt" / model
 
 
-def gpu_settings(config: ModelConfig, options: ModelOptions | None = None) -> GpuSettings:
-    """The model's GPU options (``options`` read from the config when not given), checked;
-    errors name the setting and what it takes."""
-    options = options if options is not None else model_options(config)
+def gpu_settings(config: ModelConfig, options: ModelOptions) -> GpuSettings:
+    """The model's GPU options (``options``: its parameters, serving/models/options.py),
+    checked; errors name the setting and what it takes."""
     where = f"model {config.name!r}"
     if config.optimization.cuda.graphs:
         raise ModelLoadError(f"{where}: optimization.cuda.graphs is not supported; remove it "

@@ -27,10 +27,10 @@ from dataclasses import dataclass, field, replace
 
 from onnxserve.protos.model_config_pb2 import ModelConfig
 from onnxserve.serving.errors import ModelLoadError
-from onnxserve.serving.models.accelerators import gpu_settings
-from onnxserve.serving.models.options import RUN_ON_EVENT_LOOP_KEY, ModelOptions, model_options
+from onnxserve.serving.runtime.accelerators import gpu_settings
 from onnxserve.serving.runtime.devices import CPU_DEVICE, Device
 from onnxserve.serving.runtime.sessions import GpuSettings, SessionSettings
+from onnxserve.serving.types import RUN_ON_EVENT_LOOP_KEY, ModelOptions
 
 #: A model runs inline when its batch of 1 runs faster than this at warm-up...
 INLINE_LIMIT_S = 0.25e-3
@@ -87,17 +87,16 @@ def instance_count(config: ModelConfig) -> int:
 
 def plan_execution(
     config: ModelConfig,
-    options: ModelOptions | None = None,
+    options: ModelOptions,
     *,
     server_intra_op_threads: int = 0,
     server_spinning: str | None = None,
     cores: int | None = None,
     devices: tuple[Device, ...] | None = None,
 ) -> ExecutionPlan:
-    """The execution plan for one model from its config and options (serving/models/options.py;
-    read from the config when not given), the server's settings and the instances' devices
+    """The execution plan for one model from its config and options (parsed by
+    serving/models/options.py), the server's settings and the instances' devices
     (serving/runtime/devices.py; all on the CPU when not given)."""
-    options = options if options is not None else model_options(config)
     cores = cores or os.cpu_count() or 1
     if devices is None:
         devices = (CPU_DEVICE,) * instance_count(config)
