@@ -186,14 +186,14 @@ def test_tls_and_token_servers(samples: Path, tmp_path: Path) -> None:
     import os
 
     from conftest import build_test_models
-    from test_operations import _certificates, _stop, _tls_server
+    from served_helpers import certificates, tls_server
 
     build_test_models(tmp_path)
     digit = str(sorted(samples.glob("digit_*.png"))[0])
-    files = _certificates(tmp_path)
+    files = certificates(tmp_path)
     token = tmp_path / "token"
     token.write_text("a-long-enough-bearer-token\n")
-    process, url = _tls_server(tmp_path, files, "--auth-token-file", str(token))
+    process, url = tls_server(tmp_path, files, "--auth-token-file", str(token))
     try:
         plain = classify(digit, "--url", url, "--model", "scores")
         assert plain.returncode == 1 and "if it serves TLS, add --ssl" in plain.stderr
@@ -208,4 +208,4 @@ def test_tls_and_token_servers(samples: Path, tmp_path: Path) -> None:
         assert through.returncode == 2, through.stderr
         assert "expected [batch, height, width, 1 or 3]" in through.stderr, through.stderr
     finally:
-        _stop(process)
+        process.stop()

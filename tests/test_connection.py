@@ -7,7 +7,7 @@ import argparse
 from pathlib import Path
 
 import pytest
-from test_operations import _certificates, _stop, _tls_server
+from served_helpers import certificates, tls_server
 
 from onnxserve.clients.client import Client, InferenceServerError, channel_target
 from onnxserve.clients.connection import (
@@ -117,13 +117,13 @@ def test_unavailable_is_explained(details: str, tls: bool, explained: str) -> No
 
 
 def test_client_with_a_token_file_and_certificate_paths(tmp_path: Path) -> None:
-    files = _certificates(tmp_path)
+    files = certificates(tmp_path)
     token = tmp_path / "token"
     token.write_text("a-long-enough-bearer-token\n")
     from conftest import build_test_models
 
     build_test_models(tmp_path)
-    process, url = _tls_server(tmp_path, files, "--auth-token-file", str(token),
+    process, url = tls_server(tmp_path, files, "--auth-token-file", str(token),
                                "--tls-client-ca", str(files["ca"]))
     try:
         # Paths, as tritonclient takes them, and the token as a file holds it.
@@ -136,4 +136,4 @@ def test_client_with_a_token_file_and_certificate_paths(tmp_path: Path) -> None:
                 pytest.raises(InferenceServerError, match="UNAUTHENTICATED"):
             client.models()
     finally:
-        _stop(process)
+        process.stop()

@@ -7,7 +7,7 @@ import subprocess
 from pathlib import Path
 
 from conftest import build_test_models, onnxserve_command, start_server
-from test_operations import _certificates, _stop, _tls_server
+from served_helpers import certificates, tls_server
 
 from onnxserve.serving.process import free_port
 
@@ -50,8 +50,8 @@ def test_not_serving_says_which(tmp_path: Path) -> None:
 
 def test_tls_and_mutual_tls_servers_from_the_environment(tmp_path: Path) -> None:
     build_test_models(tmp_path)
-    files = _certificates(tmp_path)
-    process, url = _tls_server(tmp_path, files)
+    files = certificates(tmp_path)
+    process, url = tls_server(tmp_path, files)
     try:
         plain = health("--url", url)
         assert plain.returncode == 1 and "add --ssl" in plain.stderr
@@ -65,8 +65,8 @@ def test_tls_and_mutual_tls_servers_from_the_environment(tmp_path: Path) -> None
                        str(files["ca"]), "--ssl-target-name", "localhost")
         assert named.returncode == 0, named.stderr
     finally:
-        _stop(process)
-    process, url = _tls_server(tmp_path, files, "--tls-client-ca", str(files["ca"]))
+        process.stop()
+    process, url = tls_server(tmp_path, files, "--tls-client-ca", str(files["ca"]))
     try:
         anonymous = health("--url", url, "--root-certificates", str(files["ca"]))
         assert anonymous.returncode == 1 and "client certificate" in anonymous.stderr
@@ -76,7 +76,7 @@ def test_tls_and_mutual_tls_servers_from_the_environment(tmp_path: Path) -> None
             "ONNXSERVE_CERTIFICATE_CHAIN": str(files["client_cert"])})
         assert mutual.returncode == 0, mutual.stderr
     finally:
-        _stop(process)
+        process.stop()
 
 
 def test_the_images_healthcheck_reads_the_servers_environment(tmp_path: Path) -> None:
@@ -88,8 +88,8 @@ def test_the_images_healthcheck_reads_the_servers_environment(tmp_path: Path) ->
         assert health(env={"ONNXSERVE_GRPC_PORT": port}).returncode == 0
     finally:
         server.stop()
-    files = _certificates(tmp_path)
-    process, url = _tls_server(tmp_path, files)
+    files = certificates(tmp_path)
+    process, url = tls_server(tmp_path, files)
     try:
         server_env = {"ONNXSERVE_GRPC_PORT": url.rsplit(":", 1)[1],
                       "ONNXSERVE_TLS_CERT": str(files["server_cert"]),
@@ -98,4 +98,4 @@ def test_the_images_healthcheck_reads_the_servers_environment(tmp_path: Path) ->
         trusted = health(env={**server_env, "ONNXSERVE_ROOT_CERTIFICATES": str(files["ca"])})
         assert trusted.returncode == 0, trusted.stderr
     finally:
-        _stop(process)
+        process.stop()

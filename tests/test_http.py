@@ -357,10 +357,10 @@ TOKEN = "s3cret-token-0123456789"
 
 
 def test_bearer_token_and_mutual_tls_over_http(tmp_path: Path) -> None:
-    from test_operations import _certificates
+    from served_helpers import certificates
 
     build_test_models(tmp_path)
-    files = _certificates(tmp_path)
+    files = certificates(tmp_path)
     (tmp_path / "token").write_text(TOKEN + "\n")
     server = ServerProcess.serve(
         tmp_path, "--tls-cert", str(files["server_cert"]), "--tls-key",
@@ -523,11 +523,11 @@ def test_sigterm_under_http_load_answers_every_request(tmp_path: Path) -> None:
     import threading
     import time
 
-    from test_operations import _slow_repository
+    from served_helpers import slow_repository
     from tritonclient import http as triton
     from tritonclient.utils import InferenceServerException
 
-    _slow_repository(tmp_path)
+    slow_repository(tmp_path)
     server = start_server(tmp_path, tmp_path / "server.log", "--drain-seconds", "20")
     assert server.http_url is not None
     outcomes: list[list[str]] = []

@@ -192,3 +192,15 @@ def test_serving_type_checks() -> None:
 
     result = typecheck()
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_no_test_module_imports_another():
+    """Helpers shared by test modules live in helper modules (conftest, onnx_models,
+    served_helpers, http_calls, ...), never in another test module."""
+    offenders = []
+    for path in sorted((ROOT / "tests").glob("test_*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            offenders += [f"{path.name} imports {n}" for n in names if n.startswith("test_")]
+    assert offenders == []

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import datetime
 import json
 import signal
 import threading
@@ -14,13 +13,13 @@ import grpc
 import numpy as np
 import pytest
 from conftest import build_test_models, onnxserve_command, start_server, write_config
-from onnx_models import slow_model
 from prometheus_client.parser import text_string_to_metric_families
+from served_helpers import certificates, slow_repository, slow_request, tls_server
 
 from onnxserve.clients.client import Client, InferenceServerError
 from onnxserve.protos import inference_pb2 as pb
 from onnxserve.protos import inference_pb2_grpc
-from onnxserve.serving.process import ServerProcess, free_port
+from onnxserve.serving.process import free_port
 
 
 def _add_one_request(request_id: str = "", shape=(1, 4)) -> pb.ModelInferRequest:
@@ -157,75 +156,19 @@ def test_a_short_token_stops_the_server_at_start(tmp_path: Path) -> None:
     assert result.returncode == 2 and "at least 16 characters" in result.stderr
 
 
-def _certificates(folder: Path) -> dict[str, Path]:
-    """A CA, a server certificate for 127.0.0.1 and a client certificate, as PEM files."""
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    now = datetime.datetime.now(datetime.UTC)
-
-    def name(text: str) -> x509.Name:
-        return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, text)])
-
-    def issue(subject: str, key, issuer_name, issuer_key, ca: bool, san=None):
-        builder = (x509.CertificateBuilder().subject_name(name(subject))
-                   .issuer_name(issuer_name).public_key(key.public_key())
-                   .serial_number(x509.random_serial_number())
-                   .not_valid_before(now - datetime.timedelta(minutes=5))
-                   .not_valid_after(now + datetime.timedelta(days=1))
-                   .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
-        if san:
-            builder = builder.add_extension(x509.SubjectAlternativeName(san), critical=False)
-        return builder.sign(issuer_key, hashes.SHA256())
-
-    import ipaddress
-
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca = issue("test CA", ca_key, name("test CA"), ca_key, True)
-    files = {}
-    for role, san in (("server", [x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
-                                  x509.DNSName("localhost")]), ("client", None)):
-        key = ec.generate_private_key(ec.SECP256R1())
-        cert = issue(role, key, ca.subject, ca_key, False, san)
-        files[f"{role}_key"] = folder / f"{role}.key"
-        files[f"{role}_key"].write_bytes(key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption()))
-        files[f"{role}_cert"] = folder / f"{role}.crt"
-        files[f"{role}_cert"].write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    files["ca"] = folder / "ca.crt"
-    files["ca"].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
-    return files
-
-
-def _tls_server(tmp_path: Path, files: dict[str, Path], *extra: str) -> tuple[ServerProcess, str]:
-    """Start a TLS server; start_server's readiness probe speaks plaintext, so wait here."""
-    server = ServerProcess.serve(tmp_path, "--tls-cert", str(files["server_cert"]),
-                                 "--tls-key", str(files["server_key"]), *extra,
-                                 log_path=tmp_path / "server.log")
-    server.wait_started(60)
-    return server, server.url
-
-
-def _stop(server: ServerProcess) -> None:
-    server.stop()
-
-
 def test_tls_and_mutual_tls(tmp_path: Path) -> None:
     build_test_models(tmp_path)
-    files = _certificates(tmp_path)
+    files = certificates(tmp_path)
     ca = files["ca"].read_bytes()
-    process, url = _tls_server(tmp_path, files)
+    process, url = tls_server(tmp_path, files)
     try:
         with Client(url, root_certificates=ca, timeout=10) as client:
             assert client.is_server_ready()
         with Client(url, timeout=3) as plain, pytest.raises(InferenceServerError):
             plain.is_server_live()
     finally:
-        _stop(process)
-    process, url = _tls_server(tmp_path, files, "--tls-client-ca", str(files["ca"]))
+        process.stop()
+    process, url = tls_server(tmp_path, files, "--tls-client-ca", str(files["ca"]))
     try:
         with Client(url, root_certificates=ca, timeout=5) as anonymous, pytest.raises(
                 InferenceServerError):
@@ -234,24 +177,11 @@ def test_tls_and_mutual_tls(tmp_path: Path) -> None:
                     certificate_chain=files["client_cert"].read_bytes(), timeout=10) as client:
             assert client.is_server_ready()
     finally:
-        _stop(process)
-
-
-def _slow_repository(folder: Path, queue: int = 0) -> None:
-    slow_model(folder / "slow" / "1" / "model.onnx")
-    policy = f"default_queue_policy {{ max_queue_size: {queue} }}" if queue else ""
-    write_config(folder / "slow", f"max_batch_size: 8\ndynamic_batching {{ {policy} }}\n")
-
-
-def _slow_request() -> pb.ModelInferRequest:
-    request = pb.ModelInferRequest(model_name="slow")
-    request.inputs.add(name="x", datatype="FP32", shape=[1, 1024])
-    request.raw_input_contents.append(np.ones((1, 1024), np.float32).tobytes())
-    return request
+        process.stop()
 
 
 def test_sigterm_under_load_answers_every_admitted_request(tmp_path: Path) -> None:
-    _slow_repository(tmp_path)
+    slow_repository(tmp_path)
     server = start_server(tmp_path, tmp_path / "server.log", "--drain-seconds", "20")
     outcomes: list[str] = []
     lock = threading.Lock()
@@ -262,7 +192,7 @@ def test_sigterm_under_load_answers_every_admitted_request(tmp_path: Path) -> No
             stub = inference_pb2_grpc.GRPCInferenceServiceStub(channel)
             while time.monotonic() < stop_at:
                 try:
-                    stub.ModelInfer(_slow_request(), timeout=30)
+                    stub.ModelInfer(slow_request(), timeout=30)
                     result = "OK"
                 except grpc.RpcError as exc:
                     result = exc.code().name
@@ -301,9 +231,9 @@ def test_overload_is_refused_promptly_and_admitted_requests_succeed(tmp_path: Pa
     import asyncio
     import os
 
-    _slow_repository(tmp_path, queue=16)
+    slow_repository(tmp_path, queue=16)
     server = start_server(tmp_path, tmp_path / "server.log")
-    payload = _slow_request().SerializeToString()
+    payload = slow_request().SerializeToString()
     results: dict[str, list[float]] = {}
 
     def rss_mb() -> float:
