@@ -105,6 +105,22 @@ def samples(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
+@pytest.fixture(scope="module")
+def test_models_server(request: pytest.FixtureRequest,
+                       tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    """A server of the small test models (build_test_models), one per test module (a module
+    may change its state: log settings, shared memory regions, loads), started with the
+    module's ``SERVER_FLAGS`` (a tuple of serve flags, if it has one); its log must hold no
+    traceback when the module is done."""
+    repository = tmp_path_factory.mktemp("test_models")
+    build_test_models(repository)
+    flags = getattr(request.module, "SERVER_FLAGS", ())
+    server = start_server(repository, repository / "server.log", *flags)
+    yield server
+    server.stop()
+    assert "Traceback" not in server.output()
+
+
 @pytest.fixture(scope="session")
 def server(repository: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     proc = start_server(repository, tmp_path_factory.mktemp("logs") / "server.log")

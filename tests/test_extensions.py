@@ -6,13 +6,11 @@ from __future__ import annotations
 
 import http.client
 import json
-from collections.abc import Callable, Iterator
-from pathlib import Path
+from collections.abc import Callable
 
 import grpc
 import numpy as np
 import pytest
-from conftest import build_test_models, start_server
 
 from onnxserve.protos import inference_pb2 as pb
 from onnxserve.protos import inference_pb2_grpc
@@ -53,12 +51,8 @@ OTHER_TRANSPORTS = {"binary_tensor_data"}
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    repository: Path = tmp_path_factory.mktemp("repository")
-    build_test_models(repository)
-    server = start_server(repository, repository / "server.log")
-    yield server
-    server.stop()
+def server(test_models_server: ServerProcess) -> ServerProcess:
+    return test_models_server
 
 
 def _http(server: ServerProcess, method: str, path: str, body: bytes = b"",

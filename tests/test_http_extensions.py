@@ -16,7 +16,7 @@ import http_calls
 import numpy as np
 import pytest
 import tritonclient.utils.shared_memory as shm
-from conftest import ServerProcess, build_test_models, start_server
+from conftest import ServerProcess
 from http_calls import Answer
 from onnx_models import ECHO_TYPES
 from tritonclient import http as triton
@@ -32,13 +32,8 @@ TRACE_MESSAGE = "request tracing is not built into onnxserve"
 
 
 @pytest.fixture(scope="module")
-def http_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    repository = tmp_path_factory.mktemp("http_extensions")
-    build_test_models(repository)
-    server = start_server(repository, repository / "server.log")
-    yield server
-    server.stop()
-    assert "Traceback" not in server.output()
+def http_server(test_models_server: ServerProcess) -> ServerProcess:
+    return test_models_server
 
 
 @pytest.fixture

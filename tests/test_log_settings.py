@@ -13,12 +13,12 @@ from pathlib import Path
 
 import grpc
 import pytest
-from conftest import build_test_models, start_server
 
 from onnxserve.protos import inference_pb2 as pb
 from onnxserve.protos import inference_pb2_grpc
 from onnxserve.serving.errors import InvalidInputError
 from onnxserve.serving.observability import logs
+from onnxserve.serving.process import ServerProcess
 
 
 @pytest.fixture
@@ -112,12 +112,8 @@ def test_bad_updates_are_refused_and_change_nothing(configured: None, updates: d
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory):
-    repository = tmp_path_factory.mktemp("repository")
-    build_test_models(repository)
-    server = start_server(repository, repository / "server.log")
-    yield server
-    server.stop()
+def server(test_models_server: ServerProcess) -> ServerProcess:
+    return test_models_server
 
 
 def test_log_settings_rpc_changes_the_server_and_says_so(server, tmp_path: Path) -> None:

@@ -10,7 +10,6 @@ import json
 import os
 import re
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
@@ -398,13 +397,8 @@ def test_real_perf_analyzer_measures_onnxserve(analyzer: pa.PerfAnalyzer, tmp_pa
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    """One server (gRPC and HTTP) for the transports' measurements."""
-    repository = tmp_path_factory.mktemp("transports")
-    build_test_models(repository)
-    server = start_server(repository, repository / "server.log")
-    yield server
-    server.stop()
+def served(test_models_server: ServerProcess) -> ServerProcess:
+    return test_models_server
 
 
 def _success_counts(server: ServerProcess, model: str) -> tuple[int, int, int]:
