@@ -4,10 +4,10 @@ The scheduler admits a request (queue bound, deadline already passed, closed) in
 queue (batching/queue.py: deadlines, the queue policy, callers that leave), and one worker
 per model instance runs batches: one forms a batch at a time, as Triton's one batcher
 thread feeds every instance (batching/assembly.py says which queued requests make it and
-how long it may wait for more), takes its requests out of the queue, runs it on its instance
-in a thread, and answers each request with its own rows of the outputs, or its failure.
-Without batching, each request runs alone. A batch that fails on one request's input is
-rerun request by request, so only the culprits fail.
+how long it may wait for more), takes its requests out of the queue, and hands it to the
+dispatcher (batching/dispatch.py), which runs it on the instance in a thread and answers
+each request with its own rows of the outputs, or its failure. Without batching, each
+request runs alone.
 
 A scheduler made with ``run_on_event_loop=True`` runs its batches on the event loop's own
 thread instead: for models so small that the hand-off to a thread costs more than the run.
@@ -16,32 +16,23 @@ thread instead: for models so small that the hand-off to a thread costs more tha
 from __future__ import annotations
 
 import asyncio
-import logging
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
 
-from onnxserve.serving.batching.assembly import BatchPlan, Buffers, batch_key, run_batch
+from onnxserve.serving.batching.assembly import BatchPlan, Buffers, batch_key
+from onnxserve.serving.batching.dispatch import Dispatcher, fail
 from onnxserve.serving.batching.inflight import InFlight
 from onnxserve.serving.batching.queue import QueuedRequest, QueuePolicy, RequestQueue
 from onnxserve.serving.errors import (
     DeadlineExceededError,
-    InferenceFailedError,
-    InvalidInputError,
     ResourceExhaustedError,
     SchedulerClosedError,
-    ServingError,
-    UnavailableError,
 )
 from onnxserve.serving.observability.statistics import ModelStats
 from onnxserve.serving.types import Instance, OutputValue
-
-log = logging.getLogger(__name__)
-
-Outcome = dict[str, OutputValue] | Exception
 
 
 class Scheduler:
@@ -79,9 +70,8 @@ class Scheduler:
         #: one batch forms at a time; the worker forming it waits on ``_wakeup``
         self._forming = asyncio.Lock()
         self._wakeup: asyncio.Future[None] | None = None
-        self._executor = ThreadPoolExecutor(
-            max_workers=len(self._instances), thread_name_prefix=f"run-{name}"
-        )
+        self._dispatcher = Dispatcher(self._plan, self.stats, name,
+                                      threads=0 if run_on_event_loop else len(self._instances))
         self._workers: list[asyncio.Task] = []
         self._closed = False
         self._in_flight = InFlight()
@@ -134,10 +124,10 @@ class Scheduler:
             task.cancel()
         await asyncio.gather(*self._workers, return_exceptions=True)
         self._workers = []
-        self._fail(self._queue.close(), self._unloaded())
+        fail(self._queue.close(), self._dispatcher.unloaded())
         # the run a cancelled worker left in its thread ends there; wait for it off the
         # event loop, which goes on serving the other models meanwhile
-        await asyncio.to_thread(self._executor.shutdown, wait=True)
+        await self._dispatcher.close()
         self._inline_buffers.clear()
         self.stats.close()
 
@@ -178,22 +168,7 @@ class Scheduler:
             InferenceFailedError, InvalidInputError: the run failed.
             What ``then`` raises.
         """
-        if self._closed:
-            raise SchedulerClosedError(f"model {self._name} is not accepting requests")
-        policy = self._policy
-        if policy.max_queue_size and len(self._queue) >= policy.max_queue_size:
-            self.stats.record_request(False, 0, None)
-            raise ResourceExhaustedError(
-                f"model {self._name}: the queue is full ({policy.max_queue_size} requests "
-                "waiting, max_queue_size); retry later"
-            )
-        if top_k and self._plan.max_batch_size <= 0:
-            raise ValueError("top_k needs a model with a batch dimension")
-        if time_remaining is not None and time_remaining <= 0:
-            self.stats.record_request(False, 0, None)
-            raise DeadlineExceededError(
-                f"model {self._name}: the request's deadline passed before it was queued "
-                f"({-time_remaining * 1e3:.1f} ms ago); it was not computed")
+        self._admit(time_remaining, top_k)
         inputs = self._instances[0].prepare(inputs)
         future = asyncio.get_running_loop().create_future()
         if self._inline and not self._plan.max_delay_s and not len(self._queue):
@@ -202,15 +177,10 @@ class Scheduler:
             # without the queue's bookkeeping (it cannot expire: it never waits).
             return self._run_now(QueuedRequest(inputs, tuple(outputs), batch_size, (), future,
                                                top_k=dict(top_k or {})), then)
-        key = batch_key(inputs) if self._plan.batching else ()
-        request = QueuedRequest(inputs, tuple(outputs), batch_size, key, future,
+        request = QueuedRequest(inputs, tuple(outputs), batch_size,
+                                batch_key(inputs) if self._plan.batching else (), future,
                                 dict(top_k or {}))
-        now = time.perf_counter()
-        timeout_s = policy.timeout_for(timeout_us)
-        if timeout_s:
-            request.queue_deadline = now + timeout_s
-        if time_remaining is not None:
-            request.caller_deadline = now + time_remaining
+        self._set_deadlines(request, time_remaining, timeout_us)
         self._queue.add(request)
         self._in_flight.enter()
         ok = False
@@ -228,17 +198,40 @@ class Scheduler:
                 request.started_ns - request.enqueued_ns)
             self.stats.record_request(ok, time.perf_counter_ns() - request.enqueued_ns, queued)
 
+    def _admit(self, time_remaining: float | None, top_k: dict[str, int] | None) -> None:
+        """Refuse a request the scheduler cannot take now (see ``infer``'s Raises)."""
+        if self._closed:
+            raise SchedulerClosedError(f"model {self._name} is not accepting requests")
+        max_queue_size = self._policy.max_queue_size
+        if max_queue_size and len(self._queue) >= max_queue_size:
+            self.stats.record_request(False, 0, None)
+            raise ResourceExhaustedError(
+                f"model {self._name}: the queue is full ({max_queue_size} requests "
+                "waiting, max_queue_size); retry later"
+            )
+        if top_k and self._plan.max_batch_size <= 0:
+            raise ValueError("top_k needs a model with a batch dimension")
+        if time_remaining is not None and time_remaining <= 0:
+            self.stats.record_request(False, 0, None)
+            raise DeadlineExceededError(
+                f"model {self._name}: the request's deadline passed before it was queued "
+                f"({-time_remaining * 1e3:.1f} ms ago); it was not computed")
+
+    def _set_deadlines(self, request: QueuedRequest, time_remaining: float | None,
+                       timeout_us: int | None) -> None:
+        """Arm the request's queue timeout (the policy's) and its caller's deadline."""
+        now = time.perf_counter()
+        timeout_s = self._policy.timeout_for(timeout_us)
+        if timeout_s:
+            request.queue_deadline = now + timeout_s
+        if time_remaining is not None:
+            request.caller_deadline = now + time_remaining
+
     def _run_now(self, request: QueuedRequest,
                  then: Callable[[dict[str, OutputValue]], Any] | None) -> Any:
-        request.started_ns = time.perf_counter_ns()
         ok = False
         try:
-            try:
-                (result,) = self._run_batch(self._instances[0], self._inline_buffers, [request])
-            except ServingError:
-                raise
-            except Exception as exc:
-                raise self._failure(exc) from exc
+            result = self._dispatcher.run_now(self._instances[0], self._inline_buffers, request)
             answer = result if then is None else then(result)
             ok = True
             return answer
@@ -278,96 +271,16 @@ class Scheduler:
                     if timer is not None:
                         timer.cancel()
 
-    # --- dispatch and failures -------------------------------------------------------------
+    # --- running batches -------------------------------------------------------------------
 
     async def _work(self, instance: Instance) -> None:
         buffers = Buffers(max(self._plan.max_batch_size, 1), instance.host_buffer)
         while True:
             batch = await self._gather()
             try:
-                await self._dispatch(instance, buffers, batch)
+                await self._dispatcher.dispatch(instance, buffers, batch)
             except asyncio.CancelledError:  # closed: no request taken is left unanswered
-                self._fail(batch, self._unloaded())
+                fail(batch, self._dispatcher.unloaded())
                 raise
             except Exception as exc:  # a bug here, not in the run: answer, and go on
-                self._fail(batch, self._failure(exc))
-
-    async def _dispatch(self, instance: Instance, buffers: Buffers,
-                        batch: list[QueuedRequest]) -> None:
-        """Run ``batch`` and answer each of its requests with its outputs or its failure."""
-        loop = asyncio.get_running_loop()
-        started = time.perf_counter_ns()
-        for request in batch:
-            request.started_ns = started
-        results: Sequence[Outcome]
-        try:
-            if self._inline:
-                results = self._run_batch(instance, buffers, batch)
-            else:
-                results = await loop.run_in_executor(
-                    self._executor, self._run_batch, instance, buffers, batch
-                )
-        except InvalidInputError as exc:
-            # One request's input the model cannot compute must not fail the others
-            # batched with it: run each alone, so only the culprits fail (and not those
-            # whose callers left meanwhile).
-            if len(batch) == 1:
-                self._settle(batch, [exc])
-                return
-            batch = [request for request in batch if not request.future.done()]
-            if not batch:
-                return
-            if self._inline:
-                results = self._run_each(instance, buffers, batch)
-            else:
-                results = await loop.run_in_executor(
-                    self._executor, self._run_each, instance, buffers, batch)
-        except Exception as exc:
-            self._fail(batch, self._failure(exc))
-            return
-        self._settle(batch, results)
-
-    def _run_batch(self, instance: Instance, buffers: Buffers,
-                   batch: list[QueuedRequest]) -> list[dict[str, OutputValue]]:
-        return run_batch(self._plan, instance, buffers, batch, self.stats, f"model {self._name}")
-
-    def _run_each(self, instance: Instance, buffers: Buffers,
-                  batch: list[QueuedRequest]) -> list[Outcome]:
-        """Run each request of a failed batch alone: its outputs, or its own failure."""
-        results: list[Outcome] = []
-        for request in batch:
-            try:
-                results.extend(self._run_batch(instance, buffers, [request]))
-            except Exception as exc:
-                results.append(self._failure(exc))
-        return results
-
-    def _failure(self, exc: Exception) -> ServingError:
-        """What a request is failed with when its run raised ``exc``: a ServingError as it
-        is; anything else (a bug, or the runtime's own error) logged with its traceback and
-        answered as InferenceFailedError naming the model."""
-        if isinstance(exc, ServingError):
-            return exc
-        log.error("batch of model %s failed", self._name, exc_info=exc)
-        return InferenceFailedError(f"model {self._name} failed: {exc}")
-
-    def _unloaded(self) -> UnavailableError:
-        return UnavailableError(f"model {self._name} was unloaded")
-
-    @staticmethod
-    def _fail(batch: Sequence[QueuedRequest], exc: Exception) -> None:
-        """Fail every request of ``batch`` not answered yet with ``exc``."""
-        for request in batch:
-            if not request.future.done():
-                request.future.set_exception(exc)
-
-    @staticmethod
-    def _settle(batch: Sequence[QueuedRequest], results: Sequence[Outcome]) -> None:
-        """Answer each request not answered yet with its result (outputs or failure)."""
-        for request, result in zip(batch, results, strict=True):
-            if request.future.done():
-                continue
-            if isinstance(result, Exception):
-                request.future.set_exception(result)
-            else:
-                request.future.set_result(result)
+                fail(batch, self._dispatcher.failure(exc))
