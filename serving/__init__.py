@@ -8,7 +8,9 @@ imports none; tests/test_layers.py checks this):
     commands/               client commands: demo, health
     server.py               composition root: start-up, serve, shut down as named phases
     frontends/              grpc_service (the RPCs), decoding, encoding, auth, health;
-                            http_service (the REST routes), http_codec (JSON and binary
+                            http_service (the REST routes), http_extensions (the
+                            extensions' routes), http_answers (JSON, error statuses),
+                            http_body (body limit, codings), http_codec (JSON and binary
                             tensors), http_server (bind, serve, drain, stop),
                             wrong_protocol (gRPC or TLS clients at the HTTP port)
     dataplane.py            live/ready/metadata/config/statistics/repository/infer on plain
@@ -19,8 +21,9 @@ imports none; tests/test_layers.py checks this):
     models/                 repository, config_support, options, validation, images,
                             external_data, warmup, model (Model, ModelVersion), loader
                             (load_model), registry
-    batching/               scheduler (admission, dispatch), queue (deadlines, policy),
-                            assembly (batches, buffers, padding, splitting), inflight
+    batching/               scheduler (admission, forming batches), queue (deadlines,
+                            policy), assembly (batches, buffers, padding, splitting),
+                            dispatch (running a batch, answering each request), inflight
     runtime/                instance (an instance's onnxruntime session), plan and
                             accelerators (how a model's instances run), sessions, providers,
                             devices, pinned, topk, kernels/
@@ -30,10 +33,11 @@ imports none; tests/test_layers.py checks this):
 The request path: frontends/grpc_service.ModelInfer (or each request of ModelStreamInfer)
 -> frontends/decoding.infer_request -> dataplane.DataPlane.infer (models/registry lookup,
 models/validation, decode, models/images off the loop, models/model reshape)
--> batching/scheduler.Scheduler.infer (batching/queue, batching/assembly) -> runtime/instance
-.SessionInstance.run (in a worker thread) -> split back per request -> dataplane (classification
-strings) -> frontends/encoding.encode_response. Over HTTP: frontends/http_service.infer ->
-frontends/http_codec.infer_request -> the same data plane -> http_codec.infer_response.
+-> batching/scheduler.Scheduler.infer (batching/queue, batching/assembly)
+-> batching/dispatch -> runtime/instance.SessionInstance.run (in a worker thread) -> split
+back per request -> dataplane (classification strings) -> frontends/encoding
+.encode_response. Over HTTP: frontends/http_service.infer -> frontends/http_body.read_body
+-> frontends/http_codec.infer_request -> the same data plane -> http_codec.infer_response.
 
 The lifecycle path: cli -> workers.run_server -> server.Server.serve, in three phases:
 startup (bind the gRPC, HTTP and metrics ports, listen) -> main_loop

@@ -27,7 +27,8 @@ from onnxserve.protos import inference_pb2 as pb
 from onnxserve.protos import inference_pb2_grpc
 from onnxserve.protos.datatypes import by_name
 from onnxserve.serving.frontends.auth import bearer_refusal
-from onnxserve.serving.frontends.http_service import HttpFrontEndError, decode_content
+from onnxserve.serving.frontends.http_answers import HttpFrontEndError
+from onnxserve.serving.frontends.http_body import decode_content
 from onnxserve.serving.process import free_port
 
 LIMIT = 4 * 1024 * 1024  # --max-message-bytes (its smallest)
