@@ -27,7 +27,7 @@ imports none; tests/test_layers.py checks this):
     runtime/                instance (an instance's onnxruntime session), plan and
                             accelerators (how a model's instances run), sessions, providers,
                             devices, pinned, topk, kernels/
-    observability/          metrics, statistics, logs
+    observability/          metrics, statistics, logs, accounting
     errors.py settings.py types.py process.py
 
 The request path: frontends/grpc_service.ModelInfer (or each request of ModelStreamInfer)

@@ -22,12 +22,9 @@ import logging
 import os
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from importlib.metadata import PackageNotFoundError
 from importlib.metadata import version as package_version
 from typing import Any, TypeVar, overload
-
-import numpy as np
 
 from onnxserve.protos.codec import TensorCodecError
 from onnxserve.protos.datatypes import by_config_type, by_name
@@ -53,12 +50,12 @@ from onnxserve.serving.errors import (
     error_code,
 )
 from onnxserve.serving.handlers import LogHandlers, RepositoryHandlers
-from onnxserve.serving.models.images import EncodedImageInput, decode_batch
+from onnxserve.serving.models.images import ImageDecoder
 from onnxserve.serving.models.model import Model, ModelVersion
 from onnxserve.serving.models.registry import READY, Registry
 from onnxserve.serving.models.validation import expected_shape
 from onnxserve.serving.observability import stages
-from onnxserve.serving.observability.logs import FailureLog
+from onnxserve.serving.observability.accounting import RequestAccounting
 from onnxserve.serving.observability.metrics import UNKNOWN_MODEL, Metrics
 from onnxserve.serving.observability.stages import CLOCK
 from onnxserve.serving.observability.statistics import VersionStatistics
@@ -113,30 +110,23 @@ def _whole_number(value: object, what: str, least: int) -> int:
     return value
 
 
-def _call_later(delay: float, callback: Callable[[], None]) -> None:
-    asyncio.get_running_loop().call_later(delay, callback)
-
-
 class DataPlane:
     """The V2 protocol's operations over a model registry."""
 
     def __init__(self, registry: Registry, metrics: Metrics | None = None) -> None:
         self.registry = registry
-        self._metrics = metrics
         #: False from the moment a stop begins: new requests are refused
         self.accepting = True
         self._in_flight = InFlight()
         #: Triton's system shared memory regions (serving/shared_memory.py)
         self.shared_memory = SharedMemoryRegistry()
-        # Pillow releases the GIL while decoding: one thread per core decodes in parallel.
-        self._image_pool = ThreadPoolExecutor(max_workers=os.cpu_count() or 1,
-                                              thread_name_prefix="decode")
+        self._images = ImageDecoder()
         #: the model repository extension (index, load, unload)
         self.repository = RepositoryHandlers(registry)
         #: the logging and trace extensions
         self.logging = LogHandlers()
-        #: request_failed events, summarised under overload and during a drain
-        self._failures = FailureLog(log, schedule=_call_later)
+        #: every request counted under its status, its failures logged
+        self._accounting = RequestAccounting(metrics, log)
 
     # --- lifecycle -----------------------------------------------------------------------
 
@@ -153,8 +143,8 @@ class DataPlane:
     def close(self) -> None:
         """Release what the data plane holds: the image decoders and every shared memory
         region (unmapped now, or when the last request using one ends)."""
-        self._image_pool.shutdown(wait=False, cancel_futures=True)
-        self._failures.flush()
+        self._images.close()
+        self._accounting.flush()
         regions = self.shared_memory.close()
         if regions:
             log.info("unregistered %d shared memory region(s) at exit", regions)
@@ -252,13 +242,11 @@ class DataPlane:
                     if attempt == 2:
                         raise
                     continue
-                if self._metrics is not None:
-                    observing = time.perf_counter_ns()
-                    self._metrics.observe_request(model_label, version_label, "OK",
-                                                  time.perf_counter() - started,
-                                                  request.protocol)
-                    if CLOCK.enabled:
-                        CLOCK.add(stages.OBSERVE, observing)
+                observing = time.perf_counter_ns() if CLOCK.enabled else 0
+                self._accounting.succeeded(model_label, version_label,
+                                           time.perf_counter() - started, request.protocol)
+                if observing:
+                    CLOCK.add(stages.OBSERVE, observing)
                 return answered
             raise AssertionError("unreachable")
         except asyncio.CancelledError:
@@ -269,23 +257,16 @@ class DataPlane:
             waited = time.perf_counter() - started
             code = (DeadlineExceededError.code if request.time_remaining is not None
                     and waited >= request.time_remaining else CANCELLED)
-            if self._metrics is not None:
-                self._metrics.observe_request(model_label, version_label, code, waited,
-                                              request.protocol)
-            self._failures.failed(model=name[:200], version=version_label, status=code,
-                                  request_id=request.id,
-                                  reason=f"the caller left after {waited * 1e3:.1f} ms")
+            self._accounting.failed(name, model_label, version_label, code, waited,
+                                    protocol=request.protocol, request_id=request.id,
+                                    reason=f"the caller left after {waited * 1e3:.1f} ms")
             raise
         except Exception as exc:
-            code = error_code(exc)
-            if self._metrics is not None:
-                self._metrics.observe_request(model_label, version_label, code,
-                                              time.perf_counter() - started,
-                                              request.protocol)
             if not isinstance(exc, ServingError):
                 log.error("inference failed unexpectedly", exc_info=exc)
-            self._failures.failed(model=name[:200], version=version_label, status=code,
-                                  request_id=request.id, reason=str(exc))
+            self._accounting.failed(name, model_label, version_label, error_code(exc),
+                                    time.perf_counter() - started, protocol=request.protocol,
+                                    request_id=request.id, reason=str(exc))
             raise
         finally:
             if held and self.shared_memory.release(held):
@@ -304,11 +285,9 @@ class DataPlane:
         time since the request came. Returns the request's id: ``request_id`` (the one
         sent, if it could be read) made printable, or a generated one."""
         request_id = _printable(request_id) or _new_request_id()
-        if self._metrics is not None:
-            model_label = model_name if self.registry.knows(model_name) else UNKNOWN_MODEL
-            self._metrics.observe_request(model_label, "", status, seconds, protocol)
-        self._failures.failed(model=model_name[:200], version="", status=status,
-                              request_id=request_id, reason=reason)
+        model_label = model_name if self.registry.knows(model_name) else UNKNOWN_MODEL
+        self._accounting.failed(model_name, model_label, "", status, seconds,
+                                protocol=protocol, request_id=request_id, reason=reason)
         return request_id
 
     async def _infer(self, request: InferRequest, model: Model, version: ModelVersion,
@@ -334,7 +313,7 @@ class DataPlane:
         if timed:
             mark = CLOCK.add(stages.DECODE, mark)
         if model.images is not None and model.images.name in inputs:
-            inputs = await self._decode_images(inputs, model.images)
+            inputs = await self._images.decode(inputs, model.images)
             if timed:
                 mark = CLOCK.add(stages.IMAGES, mark)
         inputs = model.to_model_inputs(inputs, batch_size)
@@ -401,14 +380,3 @@ class DataPlane:
             placed[output.name] = self.shared_memory.output_target(
                 output.name, output.shared_memory, held)
         return placed
-
-    async def _decode_images(
-        self, inputs: dict[str, np.ndarray], images: EncodedImageInput
-    ) -> dict[str, np.ndarray]:
-        """Replace the encoded-image input by the decoded batch (off the event loop)."""
-        loop = asyncio.get_running_loop()
-        encoded = inputs.pop(images.name)
-        inputs[images.target] = await loop.run_in_executor(
-            self._image_pool, decode_batch, encoded, images
-        )
-        return inputs

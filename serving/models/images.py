@@ -9,6 +9,9 @@ requests that send pixels.
 
 from __future__ import annotations
 
+import asyncio
+import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -47,6 +50,32 @@ def decode_batch(items: np.ndarray, target: EncodedImageInput) -> np.ndarray:
         except ImageError as exc:
             raise InvalidInputError(f"input {target.name!r}: image {index}: {exc}") from None
     return np.stack(samples)
+
+
+class ImageDecoder:
+    """Decodes encoded-image inputs off the event loop, on one thread per core (Pillow
+    releases the GIL while decoding, so they decode in parallel)."""
+
+    def __init__(self) -> None:
+        self._pool = ThreadPoolExecutor(max_workers=os.cpu_count() or 1,
+                                        thread_name_prefix="decode")
+
+    async def decode(self, inputs: dict[str, np.ndarray],
+                     images: EncodedImageInput) -> dict[str, np.ndarray]:
+        """``inputs`` with the encoded-image input replaced by its decoded batch (the
+        input it feeds).
+
+        Raises:
+            InvalidInputError: an image cannot be decoded (naming it).
+        """
+        encoded = inputs.pop(images.name)
+        inputs[images.target] = await asyncio.get_running_loop().run_in_executor(
+            self._pool, decode_batch, encoded, images)
+        return inputs
+
+    def close(self) -> None:
+        """Stop the decoders; images still queued are dropped."""
+        self._pool.shutdown(wait=False, cancel_futures=True)
 
 
 def encoded_image_input(config: ModelConfig, options: ModelOptions) -> EncodedImageInput | None:
