@@ -18,7 +18,7 @@ imports none; tests/test_layers.py checks this):
                             handlers.py: the repository, logging and trace extensions
                             beside it; classification.py formats top-k results;
                             shared_memory.py: Triton's system shared memory regions
-    models/                 repository, config_support, options, validation, images,
+    models/                 repository, listing, config_support, options, validation, images,
                             external_data, warmup, model (Model, ModelVersion), loader
                             (load_model), registry
     batching/               scheduler (admission, forming batches), queue (deadlines,

@@ -239,7 +239,7 @@ class Server:
         if settings.stage_timing:
             self.metrics.watch(CLOCK.metric_families)
         try:
-            self._initial_models = self.registry.initial_models()
+            self._initial_models = self.registry.listing.initial_models()
         except (NotFoundError, ModelLoadError) as exc:  # before any port opens
             raise StartupError(str(exc)) from None
         token = read_token(settings.auth_token_file) if settings.auth_token_file else None

@@ -173,7 +173,7 @@ def test_the_registry_names_skipped_folders_once_per_change(
         return [r.getMessage() for r in caplog.records if "skipped" in r.getMessage()]
 
     with caplog.at_level(logging.WARNING):
-        assert registry.initial_models() == []
+        assert registry.listing.initial_models() == []
         first = notes()
         assert any("holds no model folders" in n and "'my model'" in n for n in first)
         listing = next(n for n in first if "skipped folder(s)" in n)

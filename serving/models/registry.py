@@ -23,7 +23,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from onnxserve.protos.naming import MODEL_NAME_RULE, model_name_problem, valid_model_name
+from onnxserve.protos.naming import valid_model_name
 from onnxserve.serving.errors import (
     FailedPreconditionError,
     InvalidInputError,
@@ -31,15 +31,10 @@ from onnxserve.serving.errors import (
     NotFoundError,
     UnavailableError,
 )
+from onnxserve.serving.models.listing import RepositoryListing, check_model_name
 from onnxserve.serving.models.loader import load_model
 from onnxserve.serving.models.model import Model, ModelVersion
-from onnxserve.serving.models.repository import (
-    describe_skipped,
-    fingerprint,
-    list_models,
-    model_folder,
-    scan_folders,
-)
+from onnxserve.serving.models.repository import fingerprint
 from onnxserve.serving.observability.logs import event
 from onnxserve.serving.observability.metrics import Metrics
 from onnxserve.serving.settings import ServerSettings
@@ -81,64 +76,17 @@ class Registry:
         self._on_change = on_change
         self._metrics = metrics
         self._retired: set[asyncio.Task] = set()
-        #: the repository's folders skipped for their names, as last logged
-        self._skipped: dict[str, str] = {}
+        #: the repository's models: names, folders, the ones loaded at start
+        self.listing = RepositoryListing(repository, settings)
 
     @property
     def control_mode(self) -> str:
         return self._settings.model_control_mode
 
-    def _names(self) -> list[str]:
-        """The repository's models; logs the folders it skips for their names whenever
-        that set changes (so once, not at every poll)."""
-        try:
-            skipped = scan_folders(self._repository)[1]
-        except (ModelLoadError, OSError):
-            skipped = {}
-        if skipped and skipped != self._skipped:
-            log.warning("model repository %s: skipped folder(s) whose names cannot be model "
-                        "names: %s", self._repository, describe_skipped(skipped))
-        self._skipped = skipped
-        return list_models(self._repository, self._settings.model_name)
-
-    def _folder(self, name: str) -> Path:
-        return model_folder(self._repository, name, self._settings.model_name)
-
-    def initial_models(self) -> list[str]:
-        """The models the control mode loads at start, checked before anything loads.
-
-        Raises:
-            NotFoundError: a ``--load-model`` name has no folder in the repository (a typo
-                would otherwise leave a server that starts, serves nothing and says why only
-                in its log).
-        """
-        names = self._names()
-        if self.control_mode == "explicit":
-            requested = self._settings.load_models
-            if "*" in requested:
-                return names
-            missing = [n for n in dict.fromkeys(requested) if n not in names]
-            if missing:
-                raise NotFoundError(
-                    f"--load-model {', '.join(repr(n) for n in missing)}: no such model in "
-                    f"the model repository {self._repository}; it holds "
-                    f"{', '.join(names) or 'no model folders'}" + self._skipped_note())
-            return list(dict.fromkeys(requested))
-        if not names:
-            log.warning("model repository %s holds no model folders (nor a single .onnx "
-                        "file)%s: the server stays not ready", self._repository,
-                        self._skipped_note())
-        return names
-
-    def _skipped_note(self) -> str:
-        if not self._skipped:
-            return ""
-        return f" (skipped for their names: {', '.join(map(repr, self._skipped))})"
-
     async def load_initial(self, names: list[str] | None = None) -> None:
         """Load ``names`` (default: ``initial_models()``); a model that fails is UNAVAILABLE."""
         if names is None:
-            names = self.initial_models()
+            names = self.listing.initial_models()
         for name in names:
             try:
                 await self.load(name)
@@ -152,31 +100,16 @@ class Registry:
         if self._on_change is not None:
             await self._on_change()
 
-    @staticmethod
-    def _refuse_invalid_name(name: str) -> None:
-        """InvalidInputError when ``name`` cannot be a model name (onnxserve.protos.naming),
-        before it comes near a path."""
-        problem = model_name_problem(name)
-        if problem is not None:
-            raise InvalidInputError(
-                f"invalid model name {name[:130]!r}: it {problem}; a model name is "
-                f"{MODEL_NAME_RULE}")
-
-    def _check_name(self, name: str) -> None:
-        self._refuse_invalid_name(name)
-        if not self._folder(name).is_dir():
-            raise NotFoundError(f"model {name!r} has no folder in the model repository")
-
     async def load(self, name: str) -> ModelEntry:
         """Load ``name``, or reload it when it is loaded; returns its entry afterwards."""
-        self._check_name(name)
+        self.listing.check_folder(name)
         async with self._lock(name):
             old = self._entries.get(name)
             serving = old.model if old is not None else None
             if serving is None:
                 self._entries[name] = ModelEntry(name, LOADING)
                 await self._changed()
-            seen = fingerprint(self._folder(name))
+            seen = fingerprint(self.listing.folder(name))
             try:
                 model = await asyncio.to_thread(
                     load_model, self._repository, name, self._settings, self._metrics
@@ -206,7 +139,7 @@ class Registry:
 
     async def unload(self, name: str) -> None:
         """Stop serving ``name``: new requests are refused, admitted ones finish."""
-        self._refuse_invalid_name(name)
+        check_model_name(name)
         async with self._lock(name):
             entry = self._entries.get(name)
             if entry is None or not entry.wanted:
@@ -233,14 +166,14 @@ class Registry:
     async def poll(self) -> None:
         """Bring the loaded models in line with the repository (poll mode's rescan)."""
         try:
-            present = set(self._names())
+            present = set(self.listing.names())
         except ModelLoadError as exc:
             log.error("cannot poll the model repository: %s", exc)
             return
         for name in sorted(present):
             entry = self._entries.get(name)
             if entry is None or not entry.wanted or (
-                    fingerprint(self._folder(name)) != entry.fingerprint):
+                    fingerprint(self.listing.folder(name)) != entry.fingerprint):
                 await self.load(name)
         for name in sorted(set(self._entries) - present):
             if self._entries[name].wanted:
@@ -266,7 +199,7 @@ class Registry:
         """The ready model and version a request names; NotFound / Unavailable otherwise."""
         entry = self._entries.get(name)
         if entry is None:
-            if valid_model_name(name) and self._folder(name).is_dir():
+            if valid_model_name(name) and self.listing.folder(name).is_dir():
                 raise UnavailableError(
                     f"model {name!r} is not loaded (model control mode {self.control_mode})")
             known = ", ".join(sorted(self._entries)) or "none"
@@ -286,7 +219,7 @@ class Registry:
     def index(self) -> list[ModelEntry]:
         """Every model in the repository or held, with its state ("" if never loaded)."""
         try:
-            names = set(self._names())
+            names = set(self.listing.names())
         except ModelLoadError:
             names = set()
         names |= set(self._entries)
