@@ -28,7 +28,7 @@ serve: $(VENV)/.export-installed
 	$(BIN)/onnxserve serve --model-repository $(MODEL_REPOSITORY)
 
 test: $(VENV)/.test-installed
-	bash tests/system_packages.sh
+	bash tests/support/system_packages.sh
 	$(BIN)/python -m pytest -m "not slow"
 
 test-slow: $(VENV)/.test-installed
@@ -69,10 +69,10 @@ bench: $(VENV)/.export-installed
 	$(BIN)/python -m onnxserve.benchmarks.shared_memory --model-repository $(MODEL_REPOSITORY) \
 		--model mobilenet_v2 --out benchmarks/results/shared_memory.md
 
-# ruff on everything; mypy on serving/ (tests/typecheck.py).
+# ruff on everything; mypy on serving/ (tests/support/typecheck.py).
 lint: $(VENV)/.test-installed
 	$(BIN)/ruff check .
-	$(BIN)/python tests/typecheck.py
+	$(BIN)/python tests/support/typecheck.py
 
 protos: $(VENV)/.test-installed
 	$(BIN)/python -m onnxserve.protos.generate

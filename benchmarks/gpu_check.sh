@@ -45,7 +45,7 @@ rm -rf "$REPOSITORY"
 
 echo "== GPU tests"
 set +e
-"$PYTHON" -m pytest -q -p no:cacheprovider -rs tests/test_gpu_path.py \
+"$PYTHON" -m pytest -q -p no:cacheprovider -rs tests/unit/runtime/test_gpu_path.py \
     -k "gpu_instance or gpu_model or cuda_mode" 2>&1 | tee /tmp/onnxserve-gpu/tests.log
 set -e
 export GPU_TESTS_RESULT="$(tail -n 1 /tmp/onnxserve-gpu/tests.log)"

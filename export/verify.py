@@ -295,7 +295,8 @@ def timing_options(threads: int | None = None):
     ``threads`` intra-op threads (default: every core, os.cpu_count()), one inter-op
     thread, sequential execution, every graph optimisation, threads spinning while a run
     lasts and stopping when it ends. Written out here because the export never imports the
-    server (tests/test_layers.py); tests/test_int8.py checks that both stay the same."""
+    server (tests/unit/project/test_layers.py); tests/unit/export/test_int8.py checks that
+    both stay the same."""
     import os
 
     import onnxruntime as ort

@@ -2,7 +2,7 @@
 
 Package map, by layer (each may import the layers below it, never those above; errors,
 settings, types and onnxserve.protos are shared by all, observability is used by all and
-imports none; tests/test_layers.py checks this):
+imports none; tests/unit/project/test_layers.py checks this):
 
     cli.py, workers.py      the `onnxserve` command; `serve --workers N`'s supervisor
     commands/               client commands: demo, health

@@ -5,7 +5,7 @@ They live apart from dataplane.py, which imports the model lifecycle (models/, b
 runtime/ and so onnxruntime), so that the front ends' codecs (frontends/decoding.py,
 encoding.py, http_codec.py) and any new transport import them cheaply: this module imports
 only numpy, the shared types and shared_memory.py's parameter values
-(tests/test_wire_imports.py imports the codecs with onnxruntime blocked).
+(tests/unit/wire/test_wire_imports.py imports the codecs with onnxruntime blocked).
 """
 
 from __future__ import annotations

@@ -72,7 +72,7 @@ T = TypeVar("T")
 
 SERVER_NAME = "onnxserve"
 #: Triton's names of the protocol extensions every front end implements, as ServerMetadata
-#: lists them (tests/test_extensions.py ties the list to the RPCs that answer); a front
+#: lists them (tests/served/test_extensions.py ties the list to the RPCs that answer); a front
 #: end adds its own ("binary_tensor_data" is HTTP's). Not built: "trace" (TraceSetting
 #: answers UNIMPLEMENTED), "sequence", "cuda_shared_memory".
 EXTENSIONS = ("classification", "model_configuration", "model_repository", "statistics",

@@ -6,7 +6,7 @@ and to worker processes). Each field carries its help in its metadata; the flag
 environment variable, the choices (from a ``Literal`` type) and the parsing are derived
 from it by ``add_setting_arguments``. Flags win over environment variables, which win over
 the defaults. The flag table in docs/serving.md is checked against the parser this module
-builds (tests/test_readme_flags.py).
+builds (tests/unit/project/test_readme_flags.py).
 """
 
 from __future__ import annotations

@@ -1,4 +1,9 @@
-"""Shared fixtures: test model repositories and a real server started as a subprocess."""
+"""Shared fixtures: test model repositories and a real server started as a subprocess.
+
+The helpers behind them live in support/ (``from support.served import start_server``, ...):
+test modules import those, never this file. tests/unit/conftest.py adds the guard that keeps
+unit tests from starting a server.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +11,6 @@ import os
 import subprocess
 import sys
 from collections.abc import Iterator
-from dataclasses import dataclass
 from multiprocessing import shared_memory as mpshm
 from pathlib import Path
 
@@ -14,67 +18,11 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from onnx_models import add_one_model, echo_model, scores_model
+from support.repositories import ExportedLenet5, build_test_models
+from support.served import start_server
 
-from onnxserve.clients.client import Client, InferenceServerError
-from onnxserve.serving.process import ServerProcess, free_port, onnxserve_command
-
-__all__ = ["ROOT", "ServerProcess", "free_port", "onnxserve_command", "start_server"]
-
-ROOT = Path(__file__).resolve().parent.parent
-SCORES_LABELS = ["cat", "dog", "bird", "fish", "horse"]
-
-
-def start_server(
-    repository: Path, log_path: Path, *extra: str, timeout: float = 60.0,
-    token: str | None = None,
-) -> ServerProcess:
-    """Start `onnxserve serve` on a free localhost port and wait until loading is done
-    (every model loaded or failed: tests look at both)."""
-    server = ServerProcess.serve(repository, *extra, log_path=log_path)
-
-    def loaded() -> bool:
-        try:
-            with Client(server.url, timeout=2.0, token=token) as client:
-                return all(m["state"] != "LOADING" for m in client.models())
-        except InferenceServerError:
-            return False
-
-    server.wait_started(timeout, loaded)
-    return server
-
-
-def write_config(folder: Path, text: str) -> None:
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "config.pbtxt").write_text(text)
-
-
-def build_test_models(repository: Path) -> None:
-    """echo (full config), add_one (no config: auto-completed), scores (labels)."""
-    echo_model(repository / "echo" / "1" / "model.onnx")
-    inputs = "".join(
-        f'input {{ name: "in_{t}" data_type: TYPE_{"STRING" if t == "BYTES" else t} dims: [2] }}\n'
-        for t in ("BOOL", "UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16", "INT32",
-                  "INT64", "FP16", "FP32", "FP64", "BYTES")
-    )
-    write_config(repository / "echo", f'name: "echo"\nbackend: "onnxruntime"\n'
-                 f"max_batch_size: 8\n{inputs}")
-    add_one_model(repository / "add_one" / "1" / "model.onnx")
-    add_one_model(repository / "add_one" / "2" / "model.onnx")
-    scores_model(repository / "scores" / "1" / "model.onnx", classes=len(SCORES_LABELS))
-    write_config(repository / "scores", (
-        'platform: "onnxruntime_onnx"\nmax_batch_size: 4\n'
-        'input { name: "scores_in" data_type: TYPE_FP32 dims: [5] }\n'
-        'output { name: "scores" data_type: TYPE_FP32 dims: [5] label_filename: "labels.txt" }\n'
-        'parameters { key: "onnxserve.note" value { string_value: "test model" } }\n'
-    ))
-    (repository / "scores" / "labels.txt").write_text("\n".join(SCORES_LABELS) + "\n")
-
-
-@dataclass
-class ExportedLenet5:
-    repository: Path
-    output: str
+from onnxserve.clients.client import Client
+from onnxserve.serving.process import ServerProcess, onnxserve_command
 
 
 @pytest.fixture(scope="session")

@@ -4,7 +4,7 @@
 sample's ``k`` best ``values`` and their flat ``indices``, best first. Run on a model's own
 device against its output, it sends k numbers per sample back to the host instead of the
 whole score vector. The files are committed (the server does not depend on the onnx
-package); tests/test_gpu_path.py regenerates them and compares.
+package); tests/unit/runtime/test_gpu_path.py regenerates them and compares.
 """
 
 from __future__ import annotations
