@@ -6,18 +6,26 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 MODEL_REPOSITORY ?= model_repository
 
-.PHONY: demo serve test test-slow export-report seed-accuracy bench lint protos clean
+.PHONY: demo serve test test-native-asan test-slow export-report seed-accuracy bench lint \
+	protos clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 
-# Stamp files: reinstall when pyproject.toml changes.
-$(VENV)/.export-installed: pyproject.toml | $(BIN)/python
+# gRPC C++, from which `pip install` builds the native gRPC transport (setup.py), installed
+# first when apt-get can; without it onnxserve installs and serves gRPC with grpcio.
+NATIVE_PACKAGES := bash serving/frontends/native/build_packages.sh
+NATIVE_SOURCES := setup.py serving/frontends/native/transport.cc
+
+# Stamp files: reinstall when pyproject.toml or the native transport's sources change.
+$(VENV)/.export-installed: pyproject.toml $(NATIVE_SOURCES) | $(BIN)/python
+	$(NATIVE_PACKAGES)
 	$(BIN)/python -m pip install --quiet -e ".[export]"
 	touch $@
 
-$(VENV)/.test-installed: pyproject.toml | $(BIN)/python
+$(VENV)/.test-installed: pyproject.toml $(NATIVE_SOURCES) | $(BIN)/python
+	$(NATIVE_PACKAGES)
 	$(BIN)/python -m pip install --quiet -e ".[export,test]"
 	touch $@ $(VENV)/.export-installed
 
@@ -27,9 +35,27 @@ demo: $(VENV)/.export-installed
 serve: $(VENV)/.export-installed
 	$(BIN)/onnxserve serve --model-repository $(MODEL_REPOSITORY)
 
+# The gRPC tests run twice: over the native transport (the default when built), then over
+# grpcio's (docs/serving.md#grpc-transports).
 test: $(VENV)/.test-installed
 	bash tests/support/system_packages.sh
 	$(BIN)/python -m pytest -m "not slow"
+	if $(BIN)/python -c "from onnxserve.serving.frontends import native; assert native.transport"; \
+	then ONNXSERVE_GRPC_TRANSPORT=python $(BIN)/python -m pytest -m "grpc and not slow"; fi
+
+# The native transport built with AddressSanitizer and UndefinedBehaviorSanitizer into
+# $(ASAN_VENV) (a regular install: .venv's editable one stays as it is), and the gRPC tests
+# over it, servers included (they inherit the preloaded sanitizer runtimes).
+ASAN_VENV ?= .venv-asan
+test-native-asan:
+	$(NATIVE_PACKAGES)
+	test -x $(ASAN_VENV)/bin/python || $(PYTHON) -m venv $(ASAN_VENV)
+	$(ASAN_VENV)/bin/python -m pip install --quiet ".[export,test]"
+	ONNXSERVE_NATIVE=on ONNXSERVE_NATIVE_SANITIZE=1 $(ASAN_VENV)/bin/python -m pip install \
+		--quiet --force-reinstall --no-deps .
+	LD_PRELOAD="$$(g++ -print-file-name=libasan.so) $$(g++ -print-file-name=libubsan.so)" \
+		ASAN_OPTIONS=detect_leaks=0 ONNXSERVE_GRPC_TRANSPORT=native \
+		$(ASAN_VENV)/bin/python -m pytest -p no:cacheprovider -m "grpc and not slow"
 
 test-slow: $(VENV)/.test-installed
 	$(BIN)/python -m pytest -m slow || [ $$? -eq 5 ]  # 5: no test is marked slow
@@ -78,4 +104,4 @@ protos: $(VENV)/.test-installed
 	$(BIN)/python -m onnxserve.protos.generate
 
 clean:
-	rm -rf $(VENV) $(MODEL_REPOSITORY) samples .pytest_cache .hypothesis
+	rm -rf $(VENV) $(ASAN_VENV) build $(MODEL_REPOSITORY) samples .pytest_cache .hypothesis

@@ -12,7 +12,9 @@ imports none; tests/unit/project/test_layers.py checks this):
                             extensions' routes), http_answers (JSON, error statuses),
                             http_body (body limit, codings), http_codec (JSON and binary
                             tensors), http_server (bind, serve, drain, stop),
-                            wrong_protocol (gRPC or TLS clients at the HTTP port)
+                            wrong_protocol (gRPC or TLS clients at the HTTP port);
+                            native/: transport.cc (gRPC C++ carries the calls and
+                            bytes) and server (NativeServer: the same servicers over it)
     dataplane.py            live/ready/metadata/config/statistics/repository/infer on plain
                             values, declared in contract.py (no onnxruntime, no models/);
                             handlers.py: the repository, logging and trace extensions
@@ -50,4 +52,13 @@ plane, the registry and the schedulers' batch forming (and, for models chosen to
 event loop, their runs); one thread per model instance runs onnxruntime (which releases the
 GIL); a pool decodes encoded images; model loads run in a thread (asyncio.to_thread);
 gRPC's own poller thread and the Prometheus HTTP server's thread serve their sockets.
+With the native gRPC transport, gRPC C++'s threads receive and send the calls: they never
+run Python or take the GIL; they queue each call's events under a mutex and wake the event
+loop through an eventfd, and the loop's thread takes the events and answers (write, finish:
+non-blocking, the GIL released). A call object lives until gRPC is done with it and no
+Python operation is using it (transport.cc's Transport::Use), so a late answer to a call
+that ended is dropped, never a use after free. The server ends by exiting the process
+(server._exit_process), and stopping the transport never waits for Python, so no transport
+thread can run into a finalising interpreter. The transport starts after the process's
+last fork (--workers N spawns workers; each starts its own).
 """

@@ -31,6 +31,7 @@ from grpc_reflection.v1alpha import reflection
 from onnxserve.protos import inference_pb2_grpc
 from onnxserve.serving.dataplane import DataPlane
 from onnxserve.serving.errors import ModelLoadError, NotFoundError
+from onnxserve.serving.frontends import native
 from onnxserve.serving.frontends.auth import (
     BearerTokenInterceptor,
     read_token,
@@ -42,6 +43,7 @@ from onnxserve.serving.frontends.health import SERVICE_NAME, mark_live, update_h
 from onnxserve.serving.frontends.http_server import HttpServer
 from onnxserve.serving.frontends.http_server import bind as bind_http
 from onnxserve.serving.frontends.http_service import HttpService
+from onnxserve.serving.frontends.native.server import NativeServer
 from onnxserve.serving.models.registry import Registry
 from onnxserve.serving.observability import profiling
 from onnxserve.serving.observability.metrics import Metrics, registry_gauges
@@ -59,7 +61,7 @@ class StartupError(RuntimeError):
     """The server cannot start: a port is taken or a file is unusable."""
 
 
-def _add_grpc_port(server: grpc.aio.Server, settings: ServerSettings) -> int:
+def _add_grpc_port(server: grpc.aio.Server | NativeServer, settings: ServerSettings) -> int:
     """Bind the gRPC port (TLS when configured); returns the bound port.
 
     gRPC core reports a failed bind by raising a RuntimeError that only says to set
@@ -77,7 +79,11 @@ def _add_grpc_port(server: grpc.aio.Server, settings: ServerSettings) -> int:
         saved = os.dup(2)
         os.dup2(captured.fileno(), 2)
         try:
-            if settings.tls_cert is not None and settings.tls_key is not None:
+            if isinstance(server, NativeServer):
+                port = server.add_port(address, tls_cert=settings.tls_cert,
+                                       tls_key=settings.tls_key,
+                                       tls_client_ca=settings.tls_client_ca)
+            elif settings.tls_cert is not None and settings.tls_key is not None:
                 credentials = server_credentials(settings.tls_cert, settings.tls_key,
                                                  settings.tls_client_ca)
                 port = server.add_secure_port(address, credentials)
@@ -99,8 +105,12 @@ def _add_grpc_port(server: grpc.aio.Server, settings: ServerSettings) -> int:
 
 def _bind_reason(printed: str) -> str:
     """The reason in gRPC core's bind failure lines: ``... (Error in bind for address
-    '[::]:8001': Address already in use)`` -> ``Address already in use``."""
+    '[::]:8001': Address already in use)`` (grpcio), or ``... os_error:"Address already in
+    use" ...`` (the native transport's gRPC C++) -> ``Address already in use``."""
     found = re.findall(r"Error in bind for address '[^']*': ([^)]+)\)", printed)
+    if found:
+        return found[-1].strip()
+    found = re.findall(r'os_error:"([^"]+)"', printed)  # gRPC C++ 1.51's error tree
     if found:
         return found[-1].strip()
     lines = [line.split("] ", 1)[-1].strip().removeprefix("Failed to add port to server: ")
@@ -133,6 +143,28 @@ def grpc_options(settings: ServerSettings, *,
          settings.grpc_http2_min_recv_ping_interval_without_data_ms),
         ("grpc.http2.max_ping_strikes", settings.grpc_http2_max_ping_strikes),
     ]
+
+
+def grpc_transport(choice: str) -> str:
+    """The transport that carries gRPC calls for ``--grpc-transport choice``: ``native``
+    when asked for or (``auto``) when built, else ``python``; ``auto`` without it logs one
+    warning line.
+
+    Raises:
+        StartupError: ``native`` asked for but not built, naming what to install.
+    """
+    if choice == "python":
+        return "python"
+    if native.transport is not None:
+        return "native"
+    missing = (f"the native gRPC transport is not built ({native.BUILD_PROBLEM}): install "
+               "gRPC C++ (Debian/Ubuntu: apt-get install libgrpc++-dev pkg-config) and "
+               "reinstall onnxserve (docs/serving.md)")
+    if choice == "native":
+        raise StartupError(f"--grpc-transport native: {missing}; or use --grpc-transport "
+                           "python")
+    log.warning("%s; grpcio serves gRPC meanwhile", missing)
+    return "python"
 
 
 async def _unless_stopped(stop: asyncio.Event, work: Awaitable[object]) -> bool:
@@ -202,7 +234,9 @@ class Server:
         self.registry = Registry(settings.model_repository, settings,
                                  on_change=self._models_changed, metrics=self.metrics)
         self.plane = DataPlane(self.registry, self.metrics)
-        self.grpc: grpc.aio.Server | None = None
+        self.grpc: grpc.aio.Server | NativeServer | None = None
+        #: what carries gRPC calls: "native" or "python" (--grpc-transport)
+        self.grpc_transport = ""
         self.grpc_port = 0
         self.http: HttpServer | None = None
         #: whether the start-up loads ended and readiness was reported
@@ -247,6 +281,8 @@ class Server:
         await update_health(self.health, self.plane, ready=False)
         await mark_live(self.health)
         if self.stop.is_set():  # stopped while setting up: nothing was served
+            if isinstance(self.grpc, NativeServer):  # it takes calls from the bind on
+                await self.grpc.stop(0)
             self.metrics.close()
             if self.http is not None:
                 await self.http.stop()
@@ -259,8 +295,11 @@ class Server:
         """Build the gRPC server and bind its port, then the HTTP and metrics ports."""
         settings, plane = self.settings, self.plane
         interceptors = [BearerTokenInterceptor(token)] if token is not None else []
-        server = grpc.aio.server(interceptors=interceptors,
-                                 options=grpc_options(settings, share_port=self.share_ports))
+        options = grpc_options(settings, share_port=self.share_ports)
+        self.grpc_transport = grpc_transport(settings.grpc_transport)
+        server: grpc.aio.Server | NativeServer = (
+            NativeServer(interceptors, options) if self.grpc_transport == "native"
+            else grpc.aio.server(interceptors=interceptors, options=options))
         service = InferenceService(plane, max_message_bytes=settings.max_message_bytes)
         inference_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(service, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
@@ -294,9 +333,9 @@ class Server:
         settings = self.settings
         assert self.grpc is not None
         await self.grpc.start()
-        log.info("gRPC server listening on %s:%d%s%s", settings.grpc_host, self.grpc_port,
-                 " with TLS" if settings.tls_cert else "",
-                 " (mutual)" if settings.tls_client_ca else "")
+        log.info("gRPC server listening on %s:%d%s%s (%s transport)", settings.grpc_host,
+                 self.grpc_port, " with TLS" if settings.tls_cert else "",
+                 " (mutual)" if settings.tls_client_ca else "", self.grpc_transport)
         if self.http is not None:
             await self.http.start()
             log.info("HTTP server listening on %s:%d%s", settings.grpc_host, self.http.port,

@@ -31,6 +31,7 @@ ControlMode = Literal["none", "poll", "explicit"]
 LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR"]
 LogFormat = Literal["text", "json"]
 EventLoop = Literal["asyncio", "uvloop"]
+GrpcTransport = Literal["auto", "native", "python"]
 
 SPINNING_MODES: tuple[str, ...] = typing.get_args(Spinning)
 
@@ -67,6 +68,10 @@ class ServerSettings:
     model_repository: Path = setting(Path("model_repository"), "model repository folder")
     grpc_host: str = setting("0.0.0.0", "address to listen on")
     grpc_port: int = setting(DEFAULT_GRPC_PORT, "gRPC port (Triton's)")
+    grpc_transport: GrpcTransport = setting(
+        "auto", "what carries gRPC calls: native (gRPC C++ in this process, built at install "
+        "when libgrpc++-dev is found), python (grpcio), auto (native when built); the same "
+        "Python code answers every call either way")
     http_port: int = setting(
         DEFAULT_HTTP_PORT, "HTTP/REST port (Triton's), on the same address, 0 = off")
     providers: Providers = setting(

@@ -30,6 +30,8 @@ from onnxserve.protos import inference_pb2 as pb
 from onnxserve.protos import inference_pb2_grpc
 from onnxserve.serving.process import ServerProcess, free_port
 
+pytestmark = pytest.mark.grpc  # run over both gRPC transports (make test)
+
 #: seconds any single wait in these tests may take before the test fails
 WAIT_S = 30.0
 #: the batches' max_queue_delay: a request still in a forming batch then is computed

@@ -17,6 +17,8 @@ from onnxserve.protos import inference_pb2_grpc
 from onnxserve.serving.dataplane import EXTENSIONS
 from onnxserve.serving.process import ServerProcess
 
+pytestmark = pytest.mark.grpc  # run over both gRPC transports (make test)
+
 Stub = inference_pb2_grpc.GRPCInferenceServiceStub
 
 

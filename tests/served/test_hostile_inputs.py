@@ -23,6 +23,8 @@ from onnxserve.protos import inference_pb2 as pb
 from onnxserve.protos import inference_pb2_grpc
 from onnxserve.serving.process import ServerProcess
 
+pytestmark = pytest.mark.grpc  # run over both gRPC transports (make test)
+
 #: What a malformed request may get: a clear refusal, or an answer if it happens to be valid.
 ALLOWED = {grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND,
            grpc.StatusCode.RESOURCE_EXHAUSTED}

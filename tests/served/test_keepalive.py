@@ -20,6 +20,8 @@ from support.onnx_models import add_one_model
 from support.repositories import write_config
 from support.served import start_server
 
+pytestmark = pytest.mark.grpc  # run over both gRPC transports (make test)
+
 CLIENT = SUPPORT / "keepalive_client.py"
 #: how long the model holds a request: its batcher waits this long for a batch of 8. Under
 #: gRPC's default policy a client pinging every second is cut off 4-5 s into such a call

@@ -352,6 +352,8 @@ def test_spawned_children_die_with_their_parent(tmp_path: Path, held: str) -> No
 _FORK_HANDLERS = """
 import os, sys
 from onnxserve.serving.process import ServerProcess, spawn
+
+pytestmark = pytest.mark.grpc  # run over both gRPC transports (make test)
 marker = sys.argv[1]
 os.register_at_fork(after_in_child=lambda: open(marker, "a").write("forked "))
 spawn([sys.executable, "-c", "pass"], hold_signals=True).wait()

@@ -21,6 +21,8 @@ from onnxserve.serving.errors import InvalidInputError
 from onnxserve.serving.observability import logs
 from onnxserve.serving.process import ServerProcess
 
+pytestmark = pytest.mark.grpc  # run over both gRPC transports (make test)
+
 
 @pytest.fixture
 def configured() -> Iterator[None]:

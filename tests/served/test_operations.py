@@ -21,6 +21,8 @@ from onnxserve.protos import inference_pb2 as pb
 from onnxserve.protos import inference_pb2_grpc
 from onnxserve.serving.process import free_port, onnxserve_command
 
+pytestmark = pytest.mark.grpc  # run over both gRPC transports (make test)
+
 
 def _add_one_request(request_id: str = "", shape=(1, 4)) -> pb.ModelInferRequest:
     request = pb.ModelInferRequest(model_name="add_one", id=request_id)

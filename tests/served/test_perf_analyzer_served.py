@@ -22,6 +22,8 @@ from onnxserve.protos import inference_pb2 as pb
 from onnxserve.protos import inference_pb2_grpc
 from onnxserve.serving.process import ServerProcess, onnxserve_command
 
+pytestmark = pytest.mark.grpc  # run over both gRPC transports (make test)
+
 
 @pytest.fixture(scope="module")
 def analyzer() -> pa.PerfAnalyzer:

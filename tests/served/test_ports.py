@@ -23,6 +23,8 @@ from onnxserve.protos import inference_pb2 as pb
 from onnxserve.protos import inference_pb2_grpc
 from onnxserve.serving.process import ServerProcess, free_port, onnxserve_command
 
+pytestmark = pytest.mark.grpc  # run over both gRPC transports (make test)
+
 #: gRPC core's own log line format ("E1206 06:20:39.792990 7023 add_port.cc:83] ...")
 C_CORE_LINE = re.compile(r"^[EWIF]\d{4} \d\d:\d\d:\d\d", re.MULTILINE)
 

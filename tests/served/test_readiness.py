@@ -24,6 +24,8 @@ from onnxserve.clients.client import Client
 from onnxserve.serving.models.repository import list_models
 from onnxserve.serving.process import free_port, onnxserve_command
 
+pytestmark = pytest.mark.grpc  # run over both gRPC transports (make test)
+
 
 def _health(url: str, service: str = "") -> str:
     with grpc.insecure_channel(url) as channel:

@@ -32,6 +32,8 @@ from onnxserve.serving.frontends.http_answers import HttpFrontEndError
 from onnxserve.serving.frontends.http_body import decode_content
 from onnxserve.serving.process import ServerProcess, free_port
 
+pytestmark = pytest.mark.grpc  # run over both gRPC transports (make test)
+
 LIMIT = 4 * 1024 * 1024  # --max-message-bytes (its smallest)
 TOKEN = "accounting-token-0123456789"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}

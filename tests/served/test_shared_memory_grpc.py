@@ -23,6 +23,8 @@ from onnxserve.protos import inference_pb2 as pb
 from onnxserve.protos import inference_pb2_grpc
 from onnxserve.serving.process import ServerProcess
 
+pytestmark = pytest.mark.grpc  # run over both gRPC transports (make test)
+
 #: the extension's gRPC side is tested here: no HTTP port
 GRPC_ONLY = ("--http-port", "0")
 

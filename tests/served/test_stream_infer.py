@@ -33,6 +33,8 @@ from onnxserve.serving.frontends.grpc_service import (
 )
 from onnxserve.serving.process import ServerProcess, free_port
 
+pytestmark = pytest.mark.grpc  # run over both gRPC transports (make test)
+
 #: seconds any single wait in these tests may take before the test fails
 WAIT_S = 30.0
 

@@ -8,9 +8,12 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 from support import SUPPORT
 
 from onnxserve.serving.process import ServerProcess
+
+pytestmark = pytest.mark.grpc  # run over both gRPC transports (make test)
 
 
 def test_tritonclient_drives_onnxserve(server: ServerProcess, tmp_path: Path) -> None:

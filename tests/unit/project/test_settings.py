@@ -21,7 +21,8 @@ from onnxserve.serving.settings import (
 #: a valid non-default value for each field, as text and as ServerSettings holds it
 SAMPLES = {
     "model_repository": ("/models", Path("/models")), "grpc_host": ("127.0.0.1", "127.0.0.1"),
-    "grpc_port": ("9001", 9001), "http_port": ("9000", 9000), "providers": ("cpu", "cpu"),
+    "grpc_port": ("9001", 9001), "grpc_transport": ("python", "python"),
+    "http_port": ("9000", 9000), "providers": ("cpu", "cpu"),
     "max_message_bytes": ("8388608", 8388608), "intra_op_threads": ("3", 3),
     "cores": ("2", 2), "spinning": ("off", "off"), "warmup": ("false", False),
     "stage_timing": ("true", True), "event_loop": ("uvloop", "uvloop"),

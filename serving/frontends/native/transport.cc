@@ -1,0 +1,551 @@
+// The native gRPC transport: a grpc++ server that carries calls and bytes, and nothing else.
+//
+// Every call, whatever its method, is taken by one generic callback service as a
+// bidirectional stream of serialized messages. C++ receives (the call's method, metadata,
+// deadline and peer, then its messages one at a time), sends (messages in order, then the
+// status and trailing metadata) and notices cancellation; Python decides everything else
+// (serving/frontends/native/server.py looks the method up among the servicers' handlers
+// and runs them).
+//
+// Threads: gRPC's own threads run the reactors below and never touch Python: they queue
+// events and wake the event loop through an eventfd. Python takes the queued events, all of
+// them at once (one wake-up per group of calls that arrived while Python was busy), with
+// Transport::take, on its own thread with the GIL held, and answers with write/finish,
+// which only start gRPC operations and return. So no Python code ever runs on a gRPC
+// thread, and nothing here runs Python after the interpreter finalises.
+//
+// Flow control: a call's first message is read with the call; each next one only when
+// Python asks (Transport::read), so a stream's client is held back by HTTP/2 flow control,
+// not buffered here. Writes queue here; once WRITE_WINDOW are queued, write() tells Python
+// to wait for a kWritable event, so a client that does not read holds the writer back.
+
+#include <grpcpp/generic/async_generic_service.h>
+#include <grpcpp/grpcpp.h>
+#include <grpcpp/security/server_credentials.h>
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+#include <sys/eventfd.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <cerrno>
+#include <chrono>
+#include <cstdint>
+#include <cstring>
+#include <deque>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <stdexcept>
+#include <string>
+#include <unordered_map>
+#include <utility>
+#include <variant>
+#include <vector>
+
+namespace py = pybind11;
+
+namespace {
+
+// What happened to a call, in the order Python takes them.
+enum EventKind : int {
+  kStart = 0,      // a new call: method, metadata, deadline, peer; first message if any
+  kMessage = 1,    // the call's next message
+  kHalfClose = 2,  // the client sends no more messages
+  kCancelled = 3,  // the client cancelled, its deadline passed, or the server shut down
+  kWritable = 4,   // the writes a write() said to wait for went out
+};
+
+// Messages a call may have queued for sending before write() asks Python to wait.
+constexpr std::size_t kWriteWindow = 2;
+
+struct Event {
+  std::uint64_t call = 0;
+  EventKind kind = kStart;
+  grpc::ByteBuffer message;  // kStart (may be empty: has_message false), kMessage
+  bool has_message = false;
+  // kStart only
+  std::string method;
+  std::vector<std::pair<std::string, std::string>> metadata;
+  double time_remaining = -1.0;  // seconds; < 0: no deadline
+  std::string peer;
+};
+
+py::bytes ToBytes(grpc::ByteBuffer& buffer) {
+  std::vector<grpc::Slice> slices;
+  if (!buffer.Dump(&slices).ok()) {
+    throw std::runtime_error("cannot read a received gRPC message");
+  }
+  std::size_t size = 0;
+  for (const auto& slice : slices) size += slice.size();
+  PyObject* bytes = PyBytes_FromStringAndSize(nullptr, static_cast<Py_ssize_t>(size));
+  if (bytes == nullptr) throw py::error_already_set();
+  char* out = PyBytes_AS_STRING(bytes);
+  for (const auto& slice : slices) {
+    if (slice.size() != 0) std::memcpy(out, slice.begin(), slice.size());
+    out += slice.size();
+  }
+  return py::reinterpret_steal<py::bytes>(bytes);
+}
+
+grpc::ByteBuffer FromBytes(const py::bytes& data) {
+  char* pointer = nullptr;
+  Py_ssize_t size = 0;
+  if (PyBytes_AsStringAndSize(data.ptr(), &pointer, &size) != 0) {
+    throw py::error_already_set();
+  }
+  grpc::Slice slice(pointer, static_cast<std::size_t>(size));
+  return grpc::ByteBuffer(&slice, 1);
+}
+
+class Transport;
+
+// One call. Lives until gRPC calls OnDone and no Python operation is using it (Transport
+// counts those in `users`).
+class Call final : public grpc::ServerGenericBidiReactor {
+ public:
+  Call(Transport* transport, std::uint64_t id, grpc::GenericCallbackServerContext* context)
+      : transport_(transport), id_(id), context_(context) {
+    StartRead(&read_);
+  }
+
+  // Python's side (any thread, no lock held by the caller).
+  bool Write(grpc::ByteBuffer message);
+  void Finish(grpc::Status status, std::vector<std::pair<std::string, std::string>> trailing,
+              std::optional<grpc::ByteBuffer> last);
+  void ReadNext();
+
+  // bookkeeping for Transport, under its mutex
+  int users = 0;
+  bool done = false;
+
+ private:
+  void OnReadDone(bool ok) override;
+  void OnWriteDone(bool ok) override;
+  void OnCancel() override;
+  void OnDone() override;
+  void FinishNow();  // with mutex_ not held
+
+  Transport* transport_;
+  const std::uint64_t id_;
+  grpc::GenericCallbackServerContext* context_;
+  grpc::ByteBuffer read_;
+  bool started_ = false;  // the kStart event was queued
+
+  std::mutex mutex_;
+  std::deque<grpc::ByteBuffer> writes_;  // front: the write in flight
+  bool writing_ = false;
+  bool finish_requested_ = false;
+  bool finish_started_ = false;
+  bool cancelled_ = false;
+  bool writable_wanted_ = false;  // Python waits for kWritable
+  grpc::Status status_;
+  std::vector<std::pair<std::string, std::string>> trailing_;
+};
+
+class Transport final : public grpc::CallbackGenericService {
+ public:
+  Transport() : wake_fd_(eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK)) {
+    if (wake_fd_ < 0) {
+      throw std::runtime_error(std::string("eventfd: ") + std::strerror(errno));
+    }
+  }
+
+  ~Transport() override {
+    Stop(0.0);
+    close(wake_fd_);
+  }
+
+  Transport(const Transport&) = delete;
+  Transport& operator=(const Transport&) = delete;
+
+  // Listen on `address` (host:port) with the channel arguments `options` (gRPC's names,
+  // integer or string values) and, when `certificate` is set, TLS; returns the port bound
+  // (0: the address could not be bound).
+  int Start(const std::string& address,
+            const std::vector<std::pair<std::string, std::variant<long long, std::string>>>&
+                options,
+            const std::string& private_key, const std::string& certificate,
+            const std::string& root_certificates, bool require_client_certificate) {
+    if (server_) throw std::runtime_error("the native transport is already started");
+    grpc::ServerBuilder builder;
+    std::shared_ptr<grpc::ServerCredentials> credentials;
+    if (certificate.empty()) {
+      credentials = grpc::InsecureServerCredentials();
+    } else {
+      grpc::SslServerCredentialsOptions tls(
+          root_certificates.empty()
+              ? GRPC_SSL_DONT_REQUEST_CLIENT_CERTIFICATE
+              : (require_client_certificate
+                     ? GRPC_SSL_REQUEST_AND_REQUIRE_CLIENT_CERTIFICATE_AND_VERIFY
+                     : GRPC_SSL_REQUEST_CLIENT_CERTIFICATE_AND_VERIFY));
+      tls.pem_root_certs = root_certificates;
+      tls.pem_key_cert_pairs.push_back({private_key, certificate});
+      credentials = grpc::SslServerCredentials(tls);
+    }
+    int port = 0;
+    builder.AddListeningPort(address, credentials, &port);
+    for (const auto& [name, value] : options) {
+      if (std::holds_alternative<long long>(value)) {
+        builder.AddChannelArgument(name, static_cast<int>(std::get<long long>(value)));
+      } else {
+        builder.AddChannelArgument(name, std::get<std::string>(value));
+      }
+    }
+    builder.RegisterCallbackGenericService(this);
+    {
+      py::gil_scoped_release release;
+      server_ = builder.BuildAndStart();
+    }
+    if (!server_ || port == 0) {
+      server_.reset();
+      return 0;
+    }
+    return port;
+  }
+
+  // Stop taking calls; wait up to `grace` seconds for the calls in progress (Python must
+  // go on answering meanwhile: call from another thread than the event loop's), then
+  // cancel the rest. Idempotent.
+  void Stop(double grace) {
+    std::unique_ptr<grpc::Server> server;
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      server = std::move(server_);
+    }
+    if (!server) return;
+    auto deadline = std::chrono::system_clock::now() +
+                    std::chrono::microseconds(static_cast<long long>(grace * 1e6));
+    if (PyGILState_Check()) {
+      py::gil_scoped_release release;
+      server->Shutdown(deadline);
+      server->Wait();
+      server.reset();
+    } else {
+      server->Shutdown(deadline);
+      server->Wait();
+      server.reset();
+    }
+  }
+
+  int fd() const { return wake_fd_; }
+
+  // Every event queued since the last call, as (call, kind, payload) tuples: kStart's
+  // payload is (method, metadata, time_remaining or None, peer, first message or None),
+  // kMessage's the message, the others None.
+  py::list Take() {
+    std::deque<Event> events;
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      events.swap(events_);
+      signalled_ = false;
+      std::uint64_t count = 0;
+      while (read(wake_fd_, &count, sizeof count) > 0) {
+      }
+    }
+    py::list out;
+    for (auto& event : events) {
+      py::object payload = py::none();
+      if (event.kind == kStart) {
+        py::list metadata;
+        for (auto& [key, value] : event.metadata) {
+          bool binary = key.size() > 4 && key.compare(key.size() - 4, 4, "-bin") == 0;
+          if (binary) {
+            metadata.append(py::make_tuple(key, py::bytes(value)));
+          } else {
+            metadata.append(py::make_tuple(key, py::str(value)));
+          }
+        }
+        payload = py::make_tuple(
+            event.method, metadata,
+            event.time_remaining < 0 ? py::object(py::none())
+                                     : py::object(py::float_(event.time_remaining)),
+            event.peer,
+            event.has_message ? py::object(ToBytes(event.message)) : py::object(py::none()));
+      } else if (event.kind == kMessage) {
+        payload = ToBytes(event.message);
+      }
+      out.append(py::make_tuple(event.call, static_cast<int>(event.kind), payload));
+    }
+    return out;
+  }
+
+  // Read call `id`'s next message (a kMessage or kHalfClose event follows).
+  void Read(std::uint64_t id) {
+    py::gil_scoped_release release;
+    Use(id, [](Call& call) { call.ReadNext(); });
+  }
+
+  // Queue `message` on call `id`; true when Python should wait for kWritable before the
+  // next write (WRITE_WINDOW messages queued). A call that ended takes nothing.
+  bool Write(std::uint64_t id, const py::bytes& message) {
+    grpc::ByteBuffer buffer = FromBytes(message);
+    py::gil_scoped_release release;
+    bool wait = false;
+    Use(id, [&](Call& call) { wait = call.Write(std::move(buffer)); });
+    return wait;
+  }
+
+  void Finish(std::uint64_t id, int code, const std::string& details,
+              std::vector<std::pair<std::string, std::string>> trailing,
+              const std::optional<py::bytes>& last) {
+    std::optional<grpc::ByteBuffer> buffer;
+    if (last) buffer = FromBytes(*last);
+    if (code < 0 || code > 16) throw std::invalid_argument("a gRPC status code is 0 to 16");
+    grpc::Status status(static_cast<grpc::StatusCode>(code), details);
+    py::gil_scoped_release release;
+    Use(id, [&](Call& call) {
+      call.Finish(std::move(status), std::move(trailing), std::move(buffer));
+    });
+  }
+
+  std::size_t calls() {
+    std::lock_guard<std::mutex> lock(mutex_);
+    return calls_.size();
+  }
+
+  // --- gRPC's side ---------------------------------------------------------------------
+
+  grpc::ServerGenericBidiReactor* CreateReactor(
+      grpc::GenericCallbackServerContext* context) override {
+    std::lock_guard<std::mutex> lock(mutex_);
+    std::uint64_t id = next_id_++;
+    auto* call = new Call(this, id, context);
+    calls_.emplace(id, call);
+    return call;
+  }
+
+  void Push(Event event) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    events_.push_back(std::move(event));
+    if (!signalled_) {
+      signalled_ = true;
+      std::uint64_t one = 1;
+      ssize_t written = write(wake_fd_, &one, sizeof one);
+      (void)written;  // a full counter already wakes the reader
+    }
+  }
+
+  void Done(Call* call, std::uint64_t id) {
+    bool free = false;
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      calls_.erase(id);
+      call->done = true;
+      free = call->users == 0;
+    }
+    if (free) delete call;
+  }
+
+ private:
+  // Run `operation` on call `id` if it still exists, keeping it alive meanwhile without
+  // holding the mutex (gRPC may run the call's reactions inline, on this thread).
+  template <typename Operation>
+  void Use(std::uint64_t id, Operation&& operation) {
+    Call* call = nullptr;
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      auto found = calls_.find(id);
+      if (found == calls_.end()) return;
+      call = found->second;
+      ++call->users;
+    }
+    operation(*call);
+    bool free = false;
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      free = --call->users == 0 && call->done;
+    }
+    if (free) delete call;
+  }
+
+  std::mutex mutex_;
+  std::unique_ptr<grpc::Server> server_;
+  std::unordered_map<std::uint64_t, Call*> calls_;
+  std::uint64_t next_id_ = 1;
+  std::deque<Event> events_;
+  bool signalled_ = false;
+  const int wake_fd_;
+};
+
+void Call::OnReadDone(bool ok) {
+  Event event;
+  event.call = id_;
+  if (!started_) {
+    started_ = true;
+    event.kind = kStart;
+    event.method = context_->method();
+    for (const auto& [key, value] : context_->client_metadata()) {
+      event.metadata.emplace_back(std::string(key.data(), key.size()),
+                                  std::string(value.data(), value.size()));
+    }
+    auto deadline = context_->deadline();
+    if (deadline != std::chrono::system_clock::time_point::max()) {
+      event.time_remaining =
+          std::max(0.0, std::chrono::duration<double>(deadline - std::chrono::system_clock::now())
+                            .count());
+    }
+    event.peer = context_->peer();
+    if (ok) {
+      event.message = std::move(read_);
+      event.has_message = true;
+    }
+    transport_->Push(std::move(event));
+    if (!ok) {
+      Event closed;
+      closed.call = id_;
+      closed.kind = kHalfClose;
+      transport_->Push(std::move(closed));
+    }
+    return;
+  }
+  if (ok) {
+    event.kind = kMessage;
+    event.message = std::move(read_);
+    event.has_message = true;
+  } else {
+    event.kind = kHalfClose;
+  }
+  transport_->Push(std::move(event));
+}
+
+void Call::ReadNext() {
+  // Under the mutex: a finish cannot start before the read is started, so gRPC waits for
+  // the read before it calls OnDone (OnReadDone takes no lock of this call).
+  std::lock_guard<std::mutex> lock(mutex_);
+  if (!finish_started_) StartRead(&read_);
+}
+
+bool Call::Write(grpc::ByteBuffer message) {
+  grpc::ByteBuffer* next = nullptr;
+  bool wait = false;
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    if (finish_requested_ || cancelled_) return false;
+    writes_.push_back(std::move(message));
+    if (!writing_) {
+      writing_ = true;
+      next = &writes_.front();
+    }
+    wait = writable_wanted_ = writes_.size() >= kWriteWindow;
+  }
+  if (next != nullptr) StartWrite(next);
+  return wait;
+}
+
+void Call::Finish(grpc::Status status, std::vector<std::pair<std::string, std::string>> trailing,
+                  std::optional<grpc::ByteBuffer> last) {
+  grpc::ByteBuffer* only = nullptr;
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    if (finish_requested_ || finish_started_) return;  // finished as cancelled already
+    finish_requested_ = true;
+    status_ = std::move(status);
+    trailing_ = std::move(trailing);
+    if (last && !cancelled_) {
+      writes_.push_back(std::move(*last));
+      if (!writing_ && writes_.size() == 1) {
+        // the usual unary answer: message, status and trailers in one operation
+        writing_ = true;
+        finish_started_ = true;
+        only = &writes_.front();
+      }
+    }
+    if (only == nullptr && (writing_ || finish_started_)) return;  // OnWriteDone finishes
+    if (only == nullptr) finish_started_ = true;
+  }
+  for (const auto& [key, value] : trailing_) context_->AddTrailingMetadata(key, value);
+  if (only != nullptr) {
+    StartWriteAndFinish(only, grpc::WriteOptions(), status_);
+  } else {
+    grpc::ServerGenericBidiReactor::Finish(status_);
+  }
+}
+
+void Call::OnWriteDone(bool ok) {
+  grpc::ByteBuffer* next = nullptr;
+  bool finish = false;
+  bool writable = false;
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    if (finish_started_) return;  // StartWriteAndFinish's write: OnDone follows
+    writes_.pop_front();
+    if (writable_wanted_ && (writes_.size() < kWriteWindow || !ok || cancelled_)) {
+      writable_wanted_ = false;
+      writable = true;
+    }
+    if (ok && !cancelled_ && !writes_.empty()) {
+      next = &writes_.front();
+    } else {
+      writing_ = false;
+      writes_.clear();
+      if ((finish_requested_ || cancelled_ || !ok) && !finish_started_) {
+        finish_started_ = true;
+        finish = true;
+        if (!finish_requested_) status_ = grpc::Status(grpc::StatusCode::CANCELLED, "");
+      }
+    }
+  }
+  if (writable) {
+    Event event;
+    event.call = id_;
+    event.kind = kWritable;
+    transport_->Push(std::move(event));
+  }
+  if (next != nullptr) {
+    StartWrite(next);
+  } else if (finish) {
+    FinishNow();
+  }
+}
+
+void Call::OnCancel() {
+  bool finish = false;
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    cancelled_ = true;
+    if (!writing_ && !finish_started_) {
+      finish_started_ = true;
+      finish = true;
+      if (!finish_requested_) status_ = grpc::Status(grpc::StatusCode::CANCELLED, "");
+    }
+  }
+  Event event;
+  event.call = id_;
+  event.kind = kCancelled;
+  transport_->Push(std::move(event));
+  if (finish) FinishNow();
+}
+
+void Call::FinishNow() {
+  for (const auto& [key, value] : trailing_) context_->AddTrailingMetadata(key, value);
+  grpc::ServerGenericBidiReactor::Finish(status_);
+}
+
+void Call::OnDone() { transport_->Done(this, id_); }
+
+}  // namespace
+
+PYBIND11_MODULE(_transport, module) {
+  module.doc() = "The native gRPC transport (serving/frontends/native/transport.cc).";
+  module.attr("START") = static_cast<int>(kStart);
+  module.attr("MESSAGE") = static_cast<int>(kMessage);
+  module.attr("HALF_CLOSE") = static_cast<int>(kHalfClose);
+  module.attr("CANCELLED") = static_cast<int>(kCancelled);
+  module.attr("WRITABLE") = static_cast<int>(kWritable);
+  module.attr("WRITE_WINDOW") = kWriteWindow;
+  module.attr("GRPC_VERSION") = grpc::Version();
+  py::class_<Transport>(module, "Transport")
+      .def(py::init<>())
+      .def("start", &Transport::Start, py::arg("address"), py::arg("options"),
+           py::arg("private_key") = "", py::arg("certificate") = "",
+           py::arg("root_certificates") = "", py::arg("require_client_certificate") = false)
+      .def("stop", &Transport::Stop, py::arg("grace"))
+      .def("fd", &Transport::fd)
+      .def("take", &Transport::Take)
+      .def("read", &Transport::Read, py::arg("call"))
+      .def("write", &Transport::Write, py::arg("call"), py::arg("message"))
+      .def("finish", &Transport::Finish, py::arg("call"), py::arg("code"), py::arg("details"),
+           py::arg("trailing"), py::arg("message") = py::none())
+      .def("calls", &Transport::calls);
+}
