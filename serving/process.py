@@ -123,6 +123,8 @@ class ServerProcess:
         self.url = url
         #: ``host:port`` of its HTTP/REST front end (None: off)
         self.http_url = http_url
+        #: its Prometheus metrics port on 127.0.0.1 (0: off or not known)
+        self.metrics_port = 0
         self.log_path = log_path
         self._log: IO[bytes] | None = None
         if capture:
@@ -147,8 +149,10 @@ class ServerProcess:
             "serve", "--model-repository", str(repository), "--grpc-host", "127.0.0.1",
             "--grpc-port", str(port), "--http-port", str(http_port),
             "--metrics-port", str(metrics_port), *flags)
-        return cls(command, f"127.0.0.1:{port}", log_path, env=env, capture=capture,
-                   http_url=f"127.0.0.1:{http_port}" if http_port else None)
+        server = cls(command, f"127.0.0.1:{port}", log_path, env=env, capture=capture,
+                     http_url=f"127.0.0.1:{http_port}" if http_port else None)
+        server.metrics_port = metrics_port
+        return server
 
     @property
     def pid(self) -> int:

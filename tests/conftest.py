@@ -58,12 +58,14 @@ def test_models_server(request: pytest.FixtureRequest,
                        tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     """A server of the small test models (build_test_models), one per test module (a module
     may change its state: log settings, shared memory regions, loads), started with the
-    module's ``SERVER_FLAGS`` (a tuple of serve flags, if it has one); its log must hold no
-    traceback when the module is done."""
+    module's ``SERVER_FLAGS`` (a tuple of serve flags, if it has one) and, when the module
+    sets ``SERVER_METRICS = True``, its metrics endpoint (``server.metrics_port``); its log
+    must hold no traceback when the module is done."""
     repository = tmp_path_factory.mktemp("test_models")
     build_test_models(repository)
     flags = getattr(request.module, "SERVER_FLAGS", ())
-    server = start_server(repository, repository / "server.log", *flags)
+    server = start_server(repository, repository / "server.log", *flags,
+                          metrics=getattr(request.module, "SERVER_METRICS", False))
     yield server
     server.stop()
     assert "Traceback" not in server.output()

@@ -18,8 +18,6 @@ import numpy as np
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from support import SUPPORT
-from support.repositories import build_test_models
-from support.served import start_server
 
 from onnxserve.protos import inference_pb2 as pb
 from onnxserve.protos import inference_pb2_grpc
@@ -31,7 +29,7 @@ from onnxserve.serving.frontends.grpc_service import (
     STREAM_TASK_NAME,
     InferenceService,
 )
-from onnxserve.serving.process import ServerProcess, free_port
+from onnxserve.serving.process import ServerProcess
 
 pytestmark = pytest.mark.grpc  # run over both gRPC transports (make test)
 
@@ -301,15 +299,13 @@ def test_the_final_response_flag_is_set_when_asked_for() -> None:
 # --- a real server -------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ServerProcess, int]]:
-    repository = tmp_path_factory.mktemp("repository")
-    build_test_models(repository)
-    metrics_port = free_port()
-    server = start_server(repository, repository / "server.log", "--metrics-port",
-                          str(metrics_port))
-    yield server, metrics_port
-    server.stop()
+#: the tests count requests in the metrics of conftest's test_models_server
+SERVER_METRICS = True
+
+
+@pytest.fixture
+def served(test_models_server: ServerProcess) -> tuple[ServerProcess, int]:
+    return test_models_server, test_models_server.metrics_port
 
 
 def _add_one(request_id: str, value: float, rows: int = 1) -> pb.ModelInferRequest:

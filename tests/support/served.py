@@ -10,18 +10,20 @@ import numpy as np
 
 from onnxserve.clients.client import Client, InferenceServerError
 from onnxserve.protos import inference_pb2 as pb
-from onnxserve.serving.process import ServerProcess
+from onnxserve.serving.process import ServerProcess, free_port
 from support.onnx_models import slow_model
 from support.repositories import write_config
 
 
 def start_server(
     repository: Path, log_path: Path, *extra: str, timeout: float = 60.0,
-    token: str | None = None,
+    token: str | None = None, metrics: bool = False,
 ) -> ServerProcess:
     """Start `onnxserve serve` on a free localhost port and wait until loading is done
-    (every model loaded or failed: tests look at both)."""
-    server = ServerProcess.serve(repository, *extra, log_path=log_path)
+    (every model loaded or failed: tests look at both); with ``metrics`` its Prometheus
+    endpoint on another free port (``server.metrics_port``)."""
+    server = ServerProcess.serve(repository, *extra, log_path=log_path,
+                                 metrics_port=free_port() if metrics else 0)
 
     def loaded() -> bool:
         try:
