@@ -375,7 +375,11 @@ class NativeServer:
         context = NativeContext(call)
         answer: bytes | None = None
         try:
-            handler = call.handler = await self._handler(call)
+            # the usual call: a registered method, no interceptor (no coroutine to await)
+            handler = None if self._interceptors else self._methods.get(call.method)
+            if handler is None:
+                handler = await self._handler(call)
+            call.handler = handler
             if handler is None:
                 context.set_code(grpc.StatusCode.UNIMPLEMENTED)
                 context.set_details(METHOD_NOT_FOUND)
