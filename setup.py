@@ -15,6 +15,7 @@ import subprocess
 import sys
 
 from setuptools import setup
+from setuptools.command.build_ext import build_ext
 
 SOURCE = "serving/frontends/native/transport.cc"
 MODULE = "onnxserve.serving.frontends.native._transport"
@@ -61,4 +62,13 @@ def native_extensions() -> list:
                               extra_link_args=link_args)]
 
 
-setup(ext_modules=native_extensions())
+class BuildAlways(build_ext):
+    """Compile even when build/ holds an object newer than the source: it may come from a
+    build with other flags (ONNXSERVE_NATIVE_SANITIZE), which setuptools does not compare."""
+
+    def finalize_options(self) -> None:
+        super().finalize_options()
+        self.force = True
+
+
+setup(ext_modules=native_extensions(), cmdclass={"build_ext": BuildAlways})
