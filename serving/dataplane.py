@@ -71,6 +71,11 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 SERVER_NAME = "onnxserve"
+#: A call cancelled this close to its deadline was cancelled by it: gRPC's deadline timers
+#: may fire up to a millisecond early, and the request's time_remaining was read a little
+#: after the call arrived. (A client that cancels itself in the last 5 ms of its deadline
+#: is counted DEADLINE_EXCEEDED.)
+DEADLINE_SLACK_S = 0.005
 #: Triton's names of the protocol extensions every front end implements, as ServerMetadata
 #: lists them (tests/served/test_extensions.py ties the list to the RPCs that answer); a front
 #: end adds its own ("binary_tensor_data" is HTTP's). Not built: "trace" (TraceSetting
@@ -256,7 +261,7 @@ class DataPlane:
             # was, though no one gets the answer.
             waited = time.perf_counter() - started
             code = (DeadlineExceededError.code if request.time_remaining is not None
-                    and waited >= request.time_remaining else CANCELLED)
+                    and waited >= request.time_remaining - DEADLINE_SLACK_S else CANCELLED)
             self._accounting.failed(name, model_label, version_label, code, waited,
                                     protocol=request.protocol, request_id=request.id,
                                     reason=f"the caller left after {waited * 1e3:.1f} ms")

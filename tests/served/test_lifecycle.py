@@ -31,6 +31,8 @@ from onnxserve.clients.client import Client
 from onnxserve.protos import inference_pb2 as pb
 from onnxserve.serving.process import free_port, onnxserve_command, spawn
 
+pytestmark = pytest.mark.grpc  # run over both gRPC transports (make test)
+
 
 def _spawn(repository: Path, log_path: Path, *extra: str, held: bool = True,
            port: int | None = None) -> tuple[subprocess.Popen, str]:
@@ -352,8 +354,6 @@ def test_spawned_children_die_with_their_parent(tmp_path: Path, held: str) -> No
 _FORK_HANDLERS = """
 import os, sys
 from onnxserve.serving.process import ServerProcess, spawn
-
-pytestmark = pytest.mark.grpc  # run over both gRPC transports (make test)
 marker = sys.argv[1]
 os.register_at_fork(after_in_child=lambda: open(marker, "a").write("forked "))
 spawn([sys.executable, "-c", "pass"], hold_signals=True).wait()

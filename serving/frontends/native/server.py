@@ -150,12 +150,13 @@ class _Call:
     )
 
     def __init__(self, server: NativeServer, call_id: int, method: str, metadata: Metadata,
-                 time_remaining: float | None, peer: str) -> None:
+                 deadline: float | None, peer: str) -> None:
         self.id = call_id
         self.server = server
         self.method = method
         self.metadata = metadata
-        self.deadline = None if time_remaining is None else time.monotonic() + time_remaining
+        #: time.monotonic() at the call's deadline (None: none), as gRPC C++ counts it
+        self.deadline = deadline
         self.peer = peer
         self.handler: grpc.RpcMethodHandler | None = None
         self.task: asyncio.Task | None = None
@@ -336,9 +337,9 @@ class NativeServer:
             elif kind == _native.CANCELLED:
                 call.ended()
 
-    def _begin(self, call_id: int, method: str, metadata: list, time_remaining: float | None,
+    def _begin(self, call_id: int, method: str, metadata: list, deadline: float | None,
                peer: str, message: bytes | None) -> None:
-        call = _Call(self, call_id, method, tuple(metadata), time_remaining, peer)
+        call = _Call(self, call_id, method, tuple(metadata), deadline, peer)
         if message is None:
             call.half_closed = True
             call.messages.append(None)

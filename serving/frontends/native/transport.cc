@@ -67,7 +67,10 @@ struct Event {
   // kStart only
   std::string method;
   std::vector<std::pair<std::string, std::string>> metadata;
-  double time_remaining = -1.0;  // seconds; < 0: no deadline
+  // the call's deadline on the monotonic clock (CLOCK_MONOTONIC, Python's time.monotonic),
+  // in seconds; < 0: none. Absolute, so the time the event waits in the queue does not
+  // move it later.
+  double deadline = -1.0;
   std::string peer;
 };
 
@@ -231,7 +234,7 @@ class Transport final : public grpc::CallbackGenericService {
   int fd() const { return wake_fd_; }
 
   // Every event queued since the last call, as (call, kind, payload) tuples: kStart's
-  // payload is (method, metadata, time_remaining or None, peer, first message or None),
+  // payload is (method, metadata, deadline or None, peer, first message or None),
   // kMessage's the message, the others None.
   py::list Take() {
     std::deque<Event> events;
@@ -258,8 +261,8 @@ class Transport final : public grpc::CallbackGenericService {
         }
         payload = py::make_tuple(
             event.method, metadata,
-            event.time_remaining < 0 ? py::object(py::none())
-                                     : py::object(py::float_(event.time_remaining)),
+            event.deadline < 0 ? py::object(py::none())
+                               : py::object(py::float_(event.deadline)),
             event.peer,
             event.has_message ? py::object(ToBytes(event.message)) : py::object(py::none()));
       } else if (event.kind == kMessage) {
@@ -381,9 +384,10 @@ void Call::OnReadDone(bool ok) {
     }
     auto deadline = context_->deadline();
     if (deadline != std::chrono::system_clock::time_point::max()) {
-      event.time_remaining =
-          std::max(0.0, std::chrono::duration<double>(deadline - std::chrono::system_clock::now())
-                            .count());
+      auto left = deadline - std::chrono::system_clock::now();
+      event.deadline = std::chrono::duration<double>(
+                           (std::chrono::steady_clock::now() + left).time_since_epoch())
+                           .count();
     }
     event.peer = context_->peer();
     if (ok) {
