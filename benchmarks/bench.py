@@ -17,6 +17,12 @@ client's CPU, and every row names its ``client``. perf_analyzer measures once pe
 ``--pa-protocol`` (grpc, http) and ``--pa-mode`` (plain, streaming, shared-memory), each
 combination its own row (``pa_protocol``, ``pa_mode``; streaming is gRPC's only).
 
+``--grpc-transport native python`` measures each onnxserve set-up once per gRPC transport
+(``onnxserve serve --grpc-transport``), each row naming its ``grpc_transport``; without it
+the server runs with its own default. ``--cpp-null PATH`` also measures a do-nothing KServe
+V2 server written in C++ (rows ``null (C++)``, JSON ``null_cpp_server``), with the same
+clients and loads as the Python null server, and adds a "vs C++ null" column.
+
 Each configuration (server x load) warms up for --warmup s and measures 3 to --max-windows
 windows of --window s: 11-20 s with the defaults, 20 configurations per model, so about
 8-14 minutes for the two default models; the run prints [n/total] before each one.
@@ -40,8 +46,9 @@ from pathlib import Path
 import numpy as np
 from google.protobuf import text_format
 
-from onnxserve.clients.client import Client
+from onnxserve.clients.client import Client, InferenceServerError
 from onnxserve.export.cpu import this_cpu
+from onnxserve.protos.datatypes import by_config_type
 from onnxserve.serving.models.repository import read_model
 from onnxserve.serving.process import ServerProcess, free_port
 
@@ -70,6 +77,12 @@ MIN_WINDOWS = 3
 #: --client choices -> the load generators they run, in the order they run.
 CLIENTS = {"python": ("python",), "perf_analyzer": ("perf_analyzer",),
            "both": ("python", "perf_analyzer")}
+#: --grpc-transport choices: onnxserve serve's, less ``auto`` (a row names what served it).
+GRPC_TRANSPORTS = ("native", "python")
+#: Threads the C++ null server of --cpp-null serves with (its --threads).
+CPP_NULL_THREADS = 2
+#: Seconds the C++ null server has to answer ServerReady after it starts.
+CPP_NULL_START_S = 30.0
 _TICKS = os.sysconf("SC_CLK_TCK")
 
 
@@ -188,6 +201,19 @@ def _runs(args) -> list[tuple[str, Transport | None]]:
     return runs
 
 
+def _grpc_transports(args) -> list[str | None]:
+    """The gRPC transports each onnxserve set-up is measured with, in the order of
+    --grpc-transport; [None] (the server's own default, no flag passed) without it."""
+    return list(dict.fromkeys(getattr(args, "grpc_transport", None) or [None]))
+
+
+def server_label(row: dict) -> str:
+    """An onnxserve row's server as the table names it: ``onnxserve``, or with the gRPC
+    transport it was started with, ``onnxserve (native)``."""
+    transport = row.get("grpc_transport")
+    return "onnxserve" if transport is None else f"onnxserve ({transport})"
+
+
 def client_label(row: dict) -> str:
     """A row's client as the table names it: ``python``, or ``perf_analyzer`` with its
     protocol and mode (``perf_analyzer (http shared-memory)``); rows written before
@@ -200,9 +226,12 @@ def client_label(row: dict) -> str:
 
 def configurations_per_model(args) -> int:
     """Loads measured per model: on the null server (and its parsing variant with
-    --null-parse) and on each onnxserve set-up (each measured once per client of --client)."""
-    nulls = 2 if getattr(args, "null_parse", False) else 1
-    return (nulls + len(args.workers) * len(args.batching)) * len(_loads(args))
+    --null-parse, and the C++ one with --cpp-null) and on each onnxserve set-up (workers x
+    batching x gRPC transport; each measured once per client of --client)."""
+    nulls = (1 + bool(getattr(args, "null_parse", False))
+             + (getattr(args, "cpp_null", None) is not None))
+    setups = len(args.workers) * len(args.batching) * len(_grpc_transports(args))
+    return (nulls + setups) * len(_loads(args))
 
 
 def measurements_per_model(args) -> int:
@@ -350,6 +379,53 @@ def _workers_refusal(workers: int) -> Callable[[Transport], str | None]:
     return refusal
 
 
+def start_cpp_null(binary: Path) -> ServerProcess:
+    """Start the C++ null server ``binary`` (--cpp-null) on a free port of 127.0.0.1 with
+    CPP_NULL_THREADS threads, as the Python null server is started (stop signals not held:
+    it takes SIGTERM from the start). Unlike the Python servers it cannot ask to die with
+    this process (process.die_with_parent_if_asked), so where util-linux's ``setpriv`` is
+    found it starts through ``setpriv --pdeathsig TERM``, which asks that for it and then
+    runs it in its own place (same PID)."""
+    port = free_port()
+    command = [str(binary.absolute()), "--port", str(port), "--threads",
+               str(CPP_NULL_THREADS), "--host", "127.0.0.1"]
+    setpriv = shutil.which("setpriv")
+    if setpriv:
+        command = [setpriv, "--pdeathsig", "TERM", "--", *command]
+    return ServerProcess(command, f"127.0.0.1:{port}", serve=False)
+
+
+def _tensors(tensors: list[tuple[str, str, list[int]]]) -> str:
+    return ", ".join(f"`{n}` {t} {s}" for n, t, s in tensors) or "no input"
+
+
+def cpp_null_fit(name: str, config, answer) -> tuple[str | None, str | None]:
+    """Whether the C++ null server measures model ``name`` (its ``config``), judged from
+    ``answer``, the server's ModelMetadata for that name (clients.client.ModelMetadata, or
+    the InferenceServerError it answered): (why it measures nothing of the model, why
+    perf_analyzer does not measure it), None where it does.
+
+    It serves models of its own (by name, not the repository's) and answers any inference
+    request for one of them, whatever its inputs, so the Python client, which sends the
+    model's own pre-serialised request, measures it whenever it serves the name.
+    perf_analyzer builds its requests from the server's metadata: where that declares an
+    input named, typed or shaped otherwise than the model's, it would send other data (or
+    stop), so it is not run there."""
+    if isinstance(answer, InferenceServerError):
+        return f"it does not serve {name} ({answer})", None
+    if answer.name != name:
+        return f"it does not serve {name} (its ModelMetadata names {answer.name!r})", None
+    want = [(t.name, by_config_type(t.data_type).name,
+             ([-1] if config.max_batch_size > 0 else []) + list(t.dims)) for t in config.input]
+    got = [(t.name, t.datatype, list(t.shape)) for t in answer.inputs]
+    if got != want:
+        return None, (f"its {name} takes {_tensors(got)} where the model takes "
+                      f"{_tensors(want)}, so perf_analyzer, which sends what the server's "
+                      "metadata declares, would send other data (the Python client sends "
+                      "the model's own request, which it answers whatever its inputs)")
+    return None, None
+
+
 def _row(result: dict, client: str, server_cpu: float, before: dict | None,
          after: dict | None) -> dict:
     """A result's row: the client's figures, the server's CPU % and, from the
@@ -380,13 +456,17 @@ def _stats(url: str, name: str | None) -> dict | None:
 
 def bench_model(repository: Path, name: str, args, progress: Progress,
                 analyzer: PerfAnalyzer | None = None) -> dict:
-    """Measure model ``name``: raw onnxruntime, the null server, then onnxserve with each
-    --workers and --batching at each load, with each client of --client (``analyzer``
-    runs the perf_analyzer ones); ``progress`` numbers the configurations.
+    """Measure model ``name``: raw onnxruntime, the null server (then its parsing variant
+    with --null-parse and the C++ one with --cpp-null), then onnxserve with each --workers,
+    --batching and --grpc-transport at each load, with each client of --client
+    (``analyzer`` runs the perf_analyzer ones); ``progress`` numbers the configurations.
 
     The result's ``perf_analyzer_not_measured`` lists each load perf_analyzer failed at
-    or did not try (``skipped``), with the server (``null`` or ``onnxserve`` with its
-    workers and batching), the transport (``pa_protocol``, ``pa_mode``) and the reason."""
+    or did not try (``skipped``), with the server (``null``, ``null (C++)`` or
+    ``onnxserve`` with its workers, batching and ``grpc_transport``), the transport
+    (``pa_protocol``, ``pa_mode``) and the reason. With --cpp-null, ``null_cpp_server``
+    holds the C++ null server's rows, and ``null_cpp_not_measured`` why it measured none
+    when it does not serve the model (cpp_null_fit)."""
     config = read_model(repository, name).config
     sample = _sample(config)
     batch = np.repeat(sample[np.newaxis], args.samples_per_request, axis=0)
@@ -427,35 +507,86 @@ def bench_model(repository: Path, name: str, args, progress: Progress,
             for item in measured.not_measured:
                 out["perf_analyzer_not_measured"].append(
                     {"server": "null (parse)" if parse else "null", **item})
+    cpp_null = getattr(args, "cpp_null", None)
+    if cpp_null is not None:
+        out["null_cpp_server"] = []
+        null = start_cpp_null(cpp_null)
+        try:
+            null.wait_ready(CPP_NULL_START_S)
+            try:
+                with Client(null.url, timeout=10.0) as client:
+                    answer = client.model_metadata(name)
+            except InferenceServerError as exc:
+                answer = exc
+            refused, pa_reason = cpp_null_fit(name, config, answer)
+            if refused is not None:
+                progress.skip(len(_loads(args)) * len(_runs(args)))
+                print(f"  the C++ null server measures nothing of {name}: {refused}",
+                      flush=True)
+                out["null_cpp_not_measured"] = refused
+            else:
+                measured = _measure(
+                    null.url, payload, args.samples_per_request, args, null.pid, progress,
+                    f"{name} null server (C++)", optional=True,
+                    refusal=lambda t: _null_refusal(t) or pa_reason, **measure)
+                out["null_cpp_server"] = measured.rows
+                for item in measured.not_measured:
+                    out["perf_analyzer_not_measured"].append({"server": "null (C++)", **item})
+        finally:
+            null.stop()
     for workers in args.workers:
         for batching in args.batching:
-            with tempfile.TemporaryDirectory() as tmp:
-                _variant_repository(repository, name, Path(tmp), batching == "on")
-                server = ServerProcess.serve(Path(tmp), "--workers", str(workers),
-                                             "--log-level", "WARNING")
-                what = (f"{name} onnxserve, batching {batching}, {workers} "
-                        f"worker{'s' if workers > 1 else ''}")
-                try:
-                    server.wait_ready()
-                    measured = _measure(server.url, payload, args.samples_per_request, args,
-                                        server.pid, progress, what,
-                                        stats_name=name if workers == 1 else None,
-                                        http_url=server.http_url,
-                                        refusal=_workers_refusal(workers), **measure)
-                finally:
-                    server.stop()
-                for row in measured.rows:
-                    row.update(workers=workers, batching=batching)
-                out["onnxserve"].extend(measured.rows)
-                for item in measured.not_measured:
-                    out["perf_analyzer_not_measured"].append(
-                        {"server": "onnxserve", "workers": workers, "batching": batching,
-                         **item})
+            for grpc_transport in _grpc_transports(args):
+                _measure_onnxserve(repository, name, args, progress, out, workers, batching,
+                                   grpc_transport, payload, measure)
     return out
+
+
+def _measure_onnxserve(repository: Path, name: str, args, progress: Progress, out: dict,
+                       workers: int, batching: str, grpc_transport: str | None,
+                       payload: bytes, measure: dict) -> None:
+    """Measure onnxserve serving ``name`` with ``workers`` processes, dynamic batching on or
+    off and ``grpc_transport`` (None: the server's default) into ``out`` (bench_model's)."""
+    transport = {} if grpc_transport is None else {"grpc_transport": grpc_transport}
+    with tempfile.TemporaryDirectory() as tmp:
+        _variant_repository(repository, name, Path(tmp), batching == "on")
+        flags = [] if grpc_transport is None else ["--grpc-transport", grpc_transport]
+        server = ServerProcess.serve(Path(tmp), "--workers", str(workers),
+                                     "--log-level", "WARNING", *flags)
+        what = (f"{name} {server_label(transport)}, batching {batching}, {workers} "
+                f"worker{'s' if workers > 1 else ''}")
+        try:
+            server.wait_ready()
+            measured = _measure(server.url, payload, args.samples_per_request, args,
+                                server.pid, progress, what,
+                                stats_name=name if workers == 1 else None,
+                                http_url=server.http_url,
+                                refusal=_workers_refusal(workers), **measure)
+        finally:
+            server.stop()
+    for row in measured.rows:
+        row.update(workers=workers, batching=batching, **transport)
+    out["onnxserve"].extend(measured.rows)
+    for item in measured.not_measured:
+        out["perf_analyzer_not_measured"].append(
+            {"server": "onnxserve", "workers": workers, "batching": batching, **transport,
+             **item})
 
 
 def _load_cell(row: dict) -> str:
     return f"c={row['concurrency']}" if row["mode"] == "closed" else f"{row['rate']}/s"
+
+
+def _by_load(rows: list[dict]) -> dict[tuple, dict]:
+    """Rows by (client label, mode, concurrency, rate): what a row is compared at."""
+    return {(client_label(r), r["mode"], r["concurrency"], r["rate"]): r for r in rows}
+
+
+def _ratio(row: dict, references: dict[tuple, dict]) -> str:
+    """``row``'s throughput over that of its reference at the same load and client (from
+    _by_load), or "" where there is none."""
+    ref = references.get((client_label(row), row["mode"], row["concurrency"], row["rate"]))
+    return f"{row['throughput'] / ref['throughput']:.2f}" if ref and ref["throughput"] else ""
 
 
 def markdown(results: list[dict], meta: dict) -> str:
@@ -475,46 +606,62 @@ def markdown(results: list[dict], meta: dict) -> str:
                      f"{meta['window']} s windows until three agree within 10% on throughput "
                      "and latency (else three more, marked unstable); its client CPU covers "
                      "its whole run, and none of it is Python's.")
+    if any("grpc_transport" in r for res in results for r in res["onnxserve"]):
+        about.append("`onnxserve (native)`: the server started with `--grpc-transport "
+                     "native` (gRPC C++ in its process), `onnxserve (python)` with "
+                     "`--grpc-transport python` (grpcio).")
+    if any("null_cpp_server" in res for res in results):
+        about.append(f"`null (C++)`: a do-nothing KServe V2 gRPC server written in C++ "
+                     f"(`{meta.get('cpp_null', '?')}`, {CPP_NULL_THREADS} threads), "
+                     "answering zeros as the Python null server does; \"vs C++ null\" "
+                     "divides a row's throughput by its row at the same load and client.")
     lines = ["# Serving benchmark", "",
              f"Generated by `{meta['command']}` on {meta['machine']}. " + " ".join(about)
              + " Throughput in inferences/s; latencies per request.", ""]
     for res in results:
         raw = res["raw_onnxruntime"]
         best = max(r["throughput"] for r in raw.values())
+        cpp = "null_cpp_server" in res
         lines += [f"## {res['model']} ({res['samples_per_request']} sample(s) per request)", "",
                   "raw onnxruntime in-process: " + ", ".join(
                       f"batch {b}: {r['throughput']:.0f}/s (p50 {r['p50_ms']:.3f} ms)"
                       for b, r in raw.items()), "",
                   "| server | workers | batching | load | client | inf/s | vs raw best | vs null "
-                  "| p50 ms | p90 | p99 | errors | mean batch | queue ms | compute ms "
+                  + ("| vs C++ null " if cpp else "")
+                  + "| p50 ms | p90 | p99 | errors | mean batch | queue ms | compute ms "
                   "| client CPU % | server CPU % |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-        null = {(client_label(r), r["mode"], r["concurrency"], r["rate"]): r
-                for r in res["null_server"]}
+                  "|---" * (18 if cpp else 17) + "|"]
+        null, cpp_null = _by_load(res["null_server"]), _by_load(res.get("null_cpp_server", []))
         for server, rows in (("null", res["null_server"]),
                              ("null (parse)", res.get("null_parse_server", [])),
+                             ("null (C++)", res.get("null_cpp_server", [])),
                              ("onnxserve", res["onnxserve"])):
             for r in rows:
                 client = client_label(r)
                 load = _load_cell(r)
-                ref = null.get((client, r["mode"], r["concurrency"], r["rate"]))
-                vs_null = (f"{r['throughput'] / ref['throughput']:.2f}"
-                           if ref and server != "null" and ref["throughput"] else "")
+                vs_null = _ratio(r, null) if server != "null" else ""
+                vs_cpp = ("" if not cpp else
+                          f"{_ratio(r, cpp_null) if server != 'null (C++)' else ''} | ")
 
                 def fmt(key: str, digits: int = 2, row: dict = r) -> str:
                     value = row.get(key)
                     return "" if value is None else f"{value:.{digits}f}"
 
                 lines.append(
-                    f"| {server} | {r.get('workers', '')} | {r.get('batching', '')} | {load} | "
+                    f"| {server_label(r) if server == 'onnxserve' else server} | "
+                    f"{r.get('workers', '')} | {r.get('batching', '')} | {load} | "
                     f"{client}{'' if r.get('stable', True) else ' (unstable)'} | "
                     f"{r['throughput']:.0f} | {r['throughput'] / best:.2f} | {vs_null} | "
-                    f"{fmt('p50_ms')} | {fmt('p90_ms')} | {fmt('p99_ms')} | {r['errors']} | "
+                    f"{vs_cpp}{fmt('p50_ms')} | {fmt('p90_ms')} | {fmt('p99_ms')} | "
+                    f"{r['errors']} | "
                     f"{fmt('mean_batch', 1)} | {fmt('server_queue_ms', 3)} | "
                     f"{fmt('server_compute_ms', 3)} | {r['client_cpu_percent']:.0f} | "
                     f"{r['server_cpu_percent']:.0f} |"
                 )
         lines.append("")
+        if res.get("null_cpp_not_measured"):
+            lines += [f"The C++ null server measured nothing of {res['model']}: "
+                      f"{res['null_cpp_not_measured']}", ""]
         lines += _not_measured_lines(res.get("perf_analyzer_not_measured", []))
     return "\n".join(lines)
 
@@ -527,7 +674,8 @@ def _not_measured_lines(items: list[dict]) -> list[str]:
     for item in items:
         null = item["server"].startswith("null")
         where = (f"the {item['server']} server" if null
-                 else f"onnxserve, {item['workers']} worker(s), batching {item['batching']},")
+                 else f"{server_label(item)}, {item['workers']} worker(s), batching "
+                      f"{item['batching']},")
         unary_grpc = (item.get("pa_protocol", "grpc"), item.get("pa_mode", "plain")) == (
             "grpc", "plain")
         key = (where, client_label(item), item["reason"], null and unary_grpc)
@@ -572,9 +720,10 @@ def plot(results: list[dict], path: Path) -> bool:
         series: dict[str, list] = {}
         nulls = [(r, "null server") for r in res["null_server"]]
         nulls += [(r, "null server (parse)") for r in res.get("null_parse_server", [])]
+        nulls += [(r, "null server (C++)") for r in res.get("null_cpp_server", [])]
         for r, null_label in [*nulls, *((r, "") for r in res["onnxserve"])]:
             key = (null_label if "workers" not in r
-                   else f"onnxserve w={r['workers']} batching {r['batching']}")
+                   else f"{server_label(r)} w={r['workers']} batching {r['batching']}")
             if r.get("client", "python") != "python":
                 key += f", {client_label(r)}"
             series.setdefault(key, []).append(r)
@@ -688,8 +837,45 @@ def add_bench_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
                         "(one call, one answer), streaming (gRPC's ModelStreamInfer, async; "
                         "gRPC only), shared-memory (tensors in system shared memory regions "
                         "it registers; --workers 1 only) (default: plain)")
+    p.add_argument("--grpc-transport", nargs="+", choices=GRPC_TRANSPORTS,
+                   metavar="TRANSPORT",
+                   help="measure each onnxserve set-up once per gRPC transport, passing "
+                        "onnxserve serve --grpc-transport: native (gRPC C++ in the server's "
+                        "process) and/or python (grpcio); each row names it (default: none "
+                        "passed, the server's own choice)")
+    p.add_argument("--cpp-null", type=Path, metavar="PATH",
+                   help="also measure this do-nothing KServe V2 gRPC server written in C++ "
+                        f"(run as PATH --port P --threads {CPP_NULL_THREADS} --host "
+                        "127.0.0.1; serving the measured models by name) beside the Python "
+                        "null server, with the same clients and loads: rows 'null (C++)' and "
+                        "a 'vs C++ null' column")
     p.set_defaults(func=run_bench)
     return p  # the caller adds --model-repository (a setting of the server's)
+
+
+def _cpp_null_problem(binary: Path) -> str | None:
+    """Why ``binary`` (--cpp-null) cannot be the C++ null server without running it, or
+    None."""
+    if not binary.exists():
+        return "no such file"
+    if not binary.is_file():
+        return "not a file"
+    if not os.access(binary, os.X_OK):
+        return "not executable"
+    return None
+
+
+def _cpp_null_starts(binary: Path) -> str | None:
+    """Why the C++ null server ``binary`` does not serve when started as bench_model
+    starts it (start_cpp_null), or None: a trial start before anything is measured."""
+    null = start_cpp_null(binary)
+    try:
+        null.wait_ready(CPP_NULL_START_S)
+    except RuntimeError as exc:
+        return f"it did not start serving: {str(exc).strip()}"
+    finally:
+        null.stop()
+    return None
 
 
 def run_bench(args: argparse.Namespace) -> int:
@@ -698,6 +884,21 @@ def run_bench(args: argparse.Namespace) -> int:
         print(f"onnxserve bench: {', '.join(missing)} not in {args.model_repository}; export "
               "them first (make demo exports lenet5 and mobilenet_v2)", file=sys.stderr)
         return 2
+    cpp_null = getattr(args, "cpp_null", None)
+    problem = None if cpp_null is None else _cpp_null_problem(cpp_null)
+    if problem:
+        print(f"onnxserve bench: --cpp-null {cpp_null}: {problem}", file=sys.stderr)
+        return 2
+    if "native" in (getattr(args, "grpc_transport", None) or []):
+        from onnxserve.serving.frontends import native
+
+        if native.transport is None:
+            print("onnxserve bench: --grpc-transport native: the native gRPC transport is not "
+                  f"built ({native.BUILD_PROBLEM}): install gRPC C++ (Debian/Ubuntu: apt-get "
+                  "install libgrpc++-dev pkg-config) and reinstall onnxserve "
+                  "(docs/serving.md), or measure --grpc-transport python only",
+                  file=sys.stderr)
+            return 2
     clients = _clients(args)
     for flag, value in (("--perf-analyzer", args.perf_analyzer),
                         ("--pa-protocol", getattr(args, "pa_protocol", None)),
@@ -725,6 +926,11 @@ def run_bench(args: argparse.Namespace) -> int:
                   file=sys.stderr)
             return 2
         print(f"perf_analyzer: {analyzer.binary} ({version})", flush=True)
+    if cpp_null is not None:
+        problem = _cpp_null_starts(cpp_null)
+        if problem:
+            print(f"onnxserve bench: --cpp-null {cpp_null}: {problem}", file=sys.stderr)
+            return 2
     per_model = configurations_per_model(args)
     if clients == ("python",):
         each = f"{per_model} configurations, {_duration_range(*configuration_seconds(args))} each"
@@ -748,6 +954,10 @@ def run_bench(args: argparse.Namespace) -> int:
             "warmup": args.warmup, "window": args.window, "clients": list(clients)}
     if analyzer is not None:
         meta["perf_analyzer"] = version
+    if getattr(args, "grpc_transport", None):
+        meta["grpc_transports"] = _grpc_transports(args)
+    if cpp_null is not None:
+        meta["cpp_null"] = str(cpp_null)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"{args.tag}.json").write_text(json.dumps({"meta": meta, "results": results},
                                                           indent=2) + "\n")
@@ -767,7 +977,7 @@ def run_bench(args: argparse.Namespace) -> int:
               for item in r.get("perf_analyzer_not_measured", [])
               if not item["server"].startswith("null") and not item.get("skipped")]
     for model, item in failed:
-        print(f"onnxserve bench: {client_label(item)} failed on {model}, onnxserve "
+        print(f"onnxserve bench: {client_label(item)} failed on {model}, {server_label(item)} "
               f"{item['workers']} worker(s), batching {item['batching']}, {_load_cell(item)}: "
               f"{item['reason']}", file=sys.stderr)
     return 1 if failed else 0

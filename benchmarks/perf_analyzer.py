@@ -364,35 +364,44 @@ class CsvRow:
     p95_ms: float
     p99_ms: float
     client_send_ms: float
-    network_server_ms: float
-    server_queue_ms: float
-    server_compute_input_ms: float
-    server_compute_infer_ms: float
-    server_compute_output_ms: float
     client_recv_ms: float
     #: only in the --verbose-csv report
     avg_latency_ms: float | None
+    #: the server's side (SERVER_COLUMNS), None where the report has none: perf_analyzer
+    #: reports it only for a server whose ServerMetadata names the ``statistics`` extension
+    network_server_ms: float | None = None
+    server_queue_ms: float | None = None
+    server_compute_input_ms: float | None = None
+    server_compute_infer_ms: float | None = None
+    server_compute_output_ms: float | None = None
 
 
-#: CSV column -> CsvRow field, for the columns in microseconds.
+#: CSV column -> CsvRow field, for the columns in microseconds every report has.
 _MICROSECOND_COLUMNS = {
     "p50 latency": "p50_ms", "p90 latency": "p90_ms", "p95 latency": "p95_ms",
-    "p99 latency": "p99_ms", "Client Send": "client_send_ms",
+    "p99 latency": "p99_ms", "Client Send": "client_send_ms", "Client Recv": "client_recv_ms",
+}
+#: CSV column -> CsvRow field, for the server's side (microseconds): all or none of them,
+#: none when the server's ServerMetadata does not name the ``statistics`` extension.
+SERVER_COLUMNS = {
     "Network+Server Send/Recv": "network_server_ms", "Server Queue": "server_queue_ms",
     "Server Compute Input": "server_compute_input_ms",
     "Server Compute Infer": "server_compute_infer_ms",
-    "Server Compute Output": "server_compute_output_ms", "Client Recv": "client_recv_ms",
+    "Server Compute Output": "server_compute_output_ms",
 }
 
 
 def parse_csv(text: str) -> list[CsvRow]:
     """The rows of a perf_analyzer CSV report (``-f FILE``, with or without
-    ``--verbose-csv``); columns it does not know are ignored.
+    ``--verbose-csv``); columns it does not know are ignored. The server's side
+    (SERVER_COLUMNS) may be left out, all of it (perf_analyzer leaves it out for a server
+    that does not declare the statistics extension): its fields are then None.
 
     Raises:
         ValueError: no header, a load column (``Concurrency`` or ``Request Rate``) or
-            another needed column is missing, a cell is not a number, or there is no row;
-            the message names the column and the row.
+            another needed column is missing (one of SERVER_COLUMNS while others are
+            there), a cell is not a number, or there is no row; the message names the
+            column and the row.
     """
     lines = [line for line in text.splitlines() if line.strip()]
     if not lines:
@@ -402,7 +411,8 @@ def parse_csv(text: str) -> list[CsvRow]:
     columns = [c.strip() for c in reader.fieldnames or []]
     reader.fieldnames = columns
     load = next((c for c in ("Concurrency", "Request Rate") if c in columns), None)
-    needed = ["Inferences/Second", *_MICROSECOND_COLUMNS]
+    server = dict(SERVER_COLUMNS) if set(SERVER_COLUMNS) & set(columns) else {}
+    needed = ["Inferences/Second", *_MICROSECOND_COLUMNS, *server]
     missing = [c for c in needed if c not in columns] + (
         [] if load else ["Concurrency or Request Rate"])
     if missing:
@@ -423,7 +433,8 @@ def parse_csv(text: str) -> list[CsvRow]:
                                  "finite number")
             return value
 
-        times = {field: number_in(column) / 1000 for column, field in _MICROSECOND_COLUMNS.items()}
+        times = {field: number_in(column) / 1000
+                 for column, field in {**_MICROSECOND_COLUMNS, **server}.items()}
         level = number_in(load)
         rows.append(CsvRow(
             concurrency=int(level) if load == "Concurrency" else None,
@@ -521,11 +532,12 @@ class PerfAnalyzerResult(LoadResult):
 
     avg_latency_ms: float | None
     run_seconds: float
-    #: perf_analyzer's own breakdown of the mean request (ModelStatistics deltas, ms)
+    #: perf_analyzer's own breakdown of the mean request (ModelStatistics deltas, ms); the
+    #: server's side None where it reported none (parse_csv)
     client_send_ms: float
-    network_server_ms: float
-    pa_server_queue_ms: float
-    pa_server_compute_ms: float
+    network_server_ms: float | None
+    pa_server_queue_ms: float | None
+    pa_server_compute_ms: float | None
     client_recv_ms: float
     pa_protocol: str = "grpc"
     pa_mode: str = "plain"
@@ -626,8 +638,9 @@ def run_perf_analyzer(analyzer: PerfAnalyzer, url: str, model: str, *, concurren
         avg_latency_ms=row.avg_latency_ms, run_seconds=round(elapsed, 2),
         client_send_ms=row.client_send_ms, network_server_ms=row.network_server_ms,
         pa_server_queue_ms=row.server_queue_ms,
-        pa_server_compute_ms=(row.server_compute_input_ms + row.server_compute_infer_ms
-                              + row.server_compute_output_ms),
+        pa_server_compute_ms=None if row.server_compute_infer_ms is None else (
+            (row.server_compute_input_ms or 0.0) + row.server_compute_infer_ms
+            + (row.server_compute_output_ms or 0.0)),
         client_recv_ms=row.client_recv_ms, pa_protocol=transport.protocol,
         pa_mode=transport.mode,
     )

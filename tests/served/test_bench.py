@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shlex
 import subprocess
 import sys
 import time
@@ -36,6 +37,49 @@ def test_bench_writes_results(tmp_path: Path) -> None:
         assert row["errors"] == 0 and row["throughput"] > 0 and row["p50_ms"] > 0
         assert "server_compute_ms" in row
     assert "| onnxserve | 1 | off | c=4 |" in (out / "bench.md").read_text()
+
+
+def test_bench_measures_each_grpc_transport_and_a_cpp_null_server(tmp_path: Path) -> None:
+    from onnxserve.serving.frontends import native
+
+    repo = tmp_path / "repo"
+    build_test_models(repo)
+    # stands in for the C++ null server (--cpp-null): takes its command line, serves scores
+    config = tmp_path / "scores.pbtxt"
+    config.write_text('name: "scores"\n' + (repo / "scores" / "config.pbtxt").read_text())
+    fake = tmp_path / "null_server"
+    fake.write_text(
+        "#!/bin/sh\n"
+        'while [ $# -gt 0 ]; do [ "$1" = --port ] && port=$2; shift; done\n'
+        f"exec {shlex.quote(sys.executable)} -m onnxserve.benchmarks.null_server --port "
+        f'"$port" --model-config {shlex.quote(str(config))}\n')
+    fake.chmod(0o755)
+    transports = ["python"] if native.transport is None else ["native", "python"]
+    out = tmp_path / "results"
+    result = subprocess.run(
+        onnxserve_command("bench", "--model-repository", str(repo), "--models", "scores",
+                          "--concurrency", "1", "--batching", "on", "--workers", "1",
+                          "--grpc-transport", *transports, "--cpp-null", str(fake),
+                          "--warmup", "0.2", "--window", "0.3", "--max-windows", "3",
+                          "--out", str(out), "--tag", "transport"),
+        capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "scores null server (C++), concurrency 1" in result.stdout
+    data = json.loads((out / "transport.json").read_text())
+    assert data["meta"]["cpp_null"] == str(fake)
+    (model,) = data["results"]
+    (cpp_null,) = model["null_cpp_server"]
+    assert cpp_null["errors"] == 0 and cpp_null["throughput"] > 0
+    assert [r["grpc_transport"] for r in model["onnxserve"]] == transports
+    assert all(r["errors"] == 0 and r["throughput"] > 0 for r in model["onnxserve"])
+    table = (out / "transport.md").read_text()
+    assert "| vs null | vs C++ null |" in table and "| null (C++) |  |  | c=1 | python" in table
+    for transport in transports:
+        cells = next(line for line in table.splitlines()
+                     if line.startswith(f"| onnxserve ({transport}) | 1 | on | c=1 |"))
+        vs_null, vs_cpp_null = cells.split("|")[8:10]
+        assert float(vs_null) > 0 and float(vs_cpp_null) > 0, cells
 
 
 def test_two_workers_share_the_port(tmp_path: Path) -> None:

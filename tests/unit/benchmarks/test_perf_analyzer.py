@@ -53,6 +53,13 @@ Request concurrency: 4
     Inference count: 7728
     Successful request count: 3864
 """
+# Captured from perf_analyzer 2.41.0 against a server whose ServerMetadata does not name the
+# statistics extension: no server-side columns.
+NO_SERVER_STATS_CSV = """\
+Concurrency,Inferences/Second,Client Send,Client Recv,p50 latency,p90 latency,p95 latency,\
+p99 latency
+1,3729.45,3,1,231,310,347,920
+"""
 LDD_WITHOUT_LIBB64 = """\
 \tlinux-vdso.so.1 (0x00007fae70dda000)
 \tlibb64.so.0d => not found
@@ -77,8 +84,28 @@ def test_csv_report_in_milliseconds() -> None:
     assert row.server_compute_output_ms == 0.009
 
 
+def test_a_report_without_the_servers_side_leaves_it_out() -> None:
+    (row,) = pa.parse_csv(NO_SERVER_STATS_CSV)
+    assert (row.concurrency, row.throughput, row.p50_ms, row.p99_ms) == (1, 3729.45, 0.231,
+                                                                         0.92)
+    assert (row.client_send_ms, row.client_recv_ms) == (0.003, 0.001)
+    assert row.network_server_ms is None and row.server_queue_ms is None
+    assert row.server_compute_infer_ms is None
+
+
+def test_a_run_without_the_servers_side_measures_the_clients(tmp_path: Path) -> None:
+    analyzer = _fake_perf_analyzer(tmp_path, f"""
+csv=$(echo "$*" | sed 's/.* -f \\([^ ]*\\) .*/\\1/')
+printf '%s' '{NO_SERVER_STATS_CSV}' > "$csv"
+""")
+    result = pa.run_perf_analyzer(analyzer, "127.0.0.1:9", "m", window_s=0.1, max_windows=3)
+    assert (result.throughput, result.p50_ms, result.errors) == (3729.45, 0.231, 0)
+    assert result.pa_server_compute_ms is None and result.network_server_ms is None
+
+
 @pytest.mark.parametrize(("text", "message"), [
     ("", "perf_analyzer CSV is empty"),
+    (PLAIN_CSV.replace(",Server Queue", ",Queue"), "lacks column(s) Server Queue"),
     (PLAIN_CSV.splitlines()[0] + "\n", "has a header but no row"),
     (PLAIN_CSV.replace(",p99 latency", ",p99").replace(",991", ",991"),
      "lacks column(s) p99 latency"),
