@@ -24,6 +24,7 @@ import asyncio
 import collections
 import inspect
 import logging
+import os
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from pathlib import Path
@@ -45,6 +46,22 @@ READ_AHEAD = 4
 Metadata = tuple[tuple[str, str | bytes], ...]
 #: the compiled module (None when not built: NativeServer then refuses to start)
 _native: Any = transport
+#: set once a transport started in this process: a fork from then on is reported (gRPC
+#: C++'s threads do not survive into the child, whose copy of the transport must not be
+#: used; onnxserve spawns its workers, see serving/workers.py)
+_started = False
+FORKED = ("this process is a fork of one whose native gRPC transport had started; gRPC C++ "
+          "cannot be used in it (start servers before forking, or spawn processes)")
+
+
+def _fork_reported() -> None:
+    log.error("fork after the native gRPC transport started: the child must not use it")
+
+
+def _forked_child() -> None:
+    global _started
+    _started = False
+    NativeServer.forked = True
 
 
 class HandlerCallDetails(NamedTuple):
@@ -252,18 +269,27 @@ def _deserialize(handler: grpc.RpcMethodHandler, data: bytes) -> Any:
 class NativeServer:
     """The ``grpc.aio.Server`` methods server.py uses, over the native transport.
 
+    A process forked after a transport started logs an error, and its child refuses to
+    build or start one (RuntimeError naming why).
+
     ``interceptors`` are ``grpc.aio.ServerInterceptor`` objects, run for every call in
     order; ``options`` are grpcio's channel arguments (names and values as grpcio takes
     them), passed to gRPC C++ unchanged.
 
     Raises:
-        RuntimeError: the native transport is not built (naming why).
+        RuntimeError: the native transport is not built, or this process is such a child
+            (naming why).
     """
+
+    #: this process was forked from one whose transport had started
+    forked = False
 
     def __init__(self, interceptors: Sequence[Any] = (),
                  options: Iterable[tuple[str, int | str]] = ()) -> None:
         if transport is None:
             raise RuntimeError(f"the native gRPC transport is not built: {BUILD_PROBLEM}")
+        if NativeServer.forked:
+            raise RuntimeError(FORKED)
         self.transport = _native.Transport()
         self._interceptors = tuple(interceptors)
         self._options = [(name, value) for name, value in options]
@@ -297,6 +323,12 @@ class NativeServer:
         if tls_cert is not None and tls_key is not None:
             certificate, key = tls_cert.read_text(), tls_key.read_text()
             roots = tls_client_ca.read_text() if tls_client_ca is not None else ""
+        global _started
+        if NativeServer.forked:
+            raise RuntimeError(FORKED)
+        if not _started:
+            _started = True
+            os.register_at_fork(before=_fork_reported, after_in_child=_forked_child)
         self._port = self.transport.start(address, self._options, private_key=key,
                                           certificate=certificate, root_certificates=roots,
                                           require_client_certificate=bool(roots))
