@@ -292,6 +292,10 @@ class NativeServer:
             raise RuntimeError(FORKED)
         self.transport = _native.Transport()
         self._interceptors = tuple(interceptors)
+        #: the lookup through every interceptor, chained once (not per call)
+        self._intercepted: Callable[[HandlerCallDetails], Any] = self._lookup_async
+        for interceptor in reversed(self._interceptors):
+            self._intercepted = _chain(interceptor, self._intercepted)
         self._options = [(name, value) for name, value in options]
         self._methods: dict[str, grpc.RpcMethodHandler] = {}
         self._generic: list[grpc.GenericRpcHandler] = []
@@ -395,14 +399,10 @@ class NativeServer:
         details = HandlerCallDetails(call.method, call.metadata)
         if not self._interceptors:
             return self._lookup(details)
+        return await self._intercepted(details)
 
-        async def lookup(details: HandlerCallDetails) -> grpc.RpcMethodHandler | None:
-            return self._lookup(details)
-
-        continuation: Callable[[HandlerCallDetails], Any] = lookup
-        for interceptor in reversed(self._interceptors):
-            continuation = _chain(interceptor, continuation)
-        return await continuation(details)
+    async def _lookup_async(self, details: HandlerCallDetails) -> grpc.RpcMethodHandler | None:
+        return self._lookup(details)
 
     async def _run(self, call: _Call) -> None:
         context = NativeContext(call)
