@@ -54,11 +54,15 @@ GIL); a pool decodes encoded images; model loads run in a thread (asyncio.to_thr
 gRPC's own poller thread and the Prometheus HTTP server's thread serve their sockets.
 With the native gRPC transport, gRPC C++'s threads receive and send the calls: they never
 run Python or take the GIL; they queue each call's events under a mutex and wake the event
-loop through an eventfd, and the loop's thread takes the events and answers (write, finish:
-non-blocking, the GIL released). A call object lives until gRPC is done with it and no
-Python operation is using it (transport.cc's Transport::Use), so a late answer to a call
-that ended is dropped, never a use after free. The server ends by exiting the process
-(server._exit_process), and stopping the transport never waits for Python, so no transport
-thread can run into a finalising interpreter. The transport starts after the process's
-last fork (--workers N spawns workers; each starts its own).
+loop through an eventfd, and the loop's thread takes the events and answers (read, write,
+finish: they record what is asked under the call's mutex and queue the gRPC operation for
+the transport's sender thread, which starts it, so gRPC's inline work, encoding and the
+socket's sendmsg, is not done on the event loop's thread). A call object lives until gRPC
+is done with it and no Python operation is using it or waits to be started
+(transport.cc's Transport::Use), so a late answer to a call that ended is dropped, never a
+use after free. Stopping joins the sender after gRPC's server has waited for every call.
+The server ends by exiting the process (server._exit_process), and stopping the transport
+never waits for Python, so no transport thread can run into a finalising interpreter. The
+transport starts after the process's last fork (--workers N spawns workers; each starts
+its own).
 """

@@ -10,9 +10,11 @@
 // Threads: gRPC's own threads run the reactors below and never touch Python: they queue
 // events and wake the event loop through an eventfd. Python takes the queued events, all of
 // them at once (one wake-up per group of calls that arrived while Python was busy), with
-// Transport::take, on its own thread with the GIL held, and answers with write/finish,
-// which only start gRPC operations and return. So no Python code ever runs on a gRPC
-// thread, and nothing here runs Python after the interpreter finalises.
+// Transport::take, on its own thread with the GIL held, and answers with read/write/finish,
+// which only record what is asked and queue the gRPC operation to start for the sender
+// thread: starting one may run gRPC's work inline (encoding, sendmsg), which would
+// otherwise take the Python thread's time. So no Python code ever runs on a gRPC thread or
+// the sender, and nothing here runs Python after the interpreter finalises.
 //
 // Flow control: a call's first message is read with the call; each next one only when
 // Python asks (Transport::read), so a stream's client is held back by HTTP/2 flow control,
@@ -30,6 +32,7 @@
 #include <atomic>
 #include <cerrno>
 #include <chrono>
+#include <condition_variable>
 #include <cstdint>
 #include <cstring>
 #include <deque>
@@ -38,6 +41,7 @@
 #include <optional>
 #include <stdexcept>
 #include <string>
+#include <thread>
 #include <unordered_map>
 #include <utility>
 #include <variant>
@@ -58,6 +62,13 @@ enum EventKind : int {
 
 // Messages a call may have queued for sending before write() asks Python to wait.
 constexpr std::size_t kWriteWindow = 2;
+
+// gRPC operations Python asked for, started by the sender thread.
+enum OperationKind : int {
+  kStartRead = 0,    // read the next message
+  kStartWrite = 1,   // send the message at the front of the call's writes
+  kStartFinish = 2,  // send the status (after the last message, when there is one)
+};
 
 struct Event {
   std::uint64_t call = 0;
@@ -112,11 +123,15 @@ class Call final : public grpc::ServerGenericBidiReactor {
     StartRead(&read_);
   }
 
-  // Python's side (any thread, no lock held by the caller).
-  bool Write(grpc::ByteBuffer message);
-  void Finish(grpc::Status status, std::vector<std::pair<std::string, std::string>> trailing,
+  // Python's side (no lock held by the caller): record what is asked; true when the
+  // sender thread must start a gRPC operation for it (`Start`). Write's `wait`: Python
+  // should wait for kWritable before its next write.
+  bool Write(grpc::ByteBuffer message, bool& wait);
+  bool Finish(grpc::Status status, std::vector<std::pair<std::string, std::string>> trailing,
               std::optional<grpc::ByteBuffer> last);
-  void ReadNext();
+
+  // The sender thread's side: start the gRPC operation `kind`.
+  void Start(OperationKind kind);
 
   // bookkeeping for Transport, under its mutex
   int users = 0;
@@ -128,6 +143,7 @@ class Call final : public grpc::ServerGenericBidiReactor {
   void OnCancel() override;
   void OnDone() override;
   void FinishNow();  // with mutex_ not held
+  void ReadNext();
 
   Transport* transport_;
   const std::uint64_t id_;
@@ -142,6 +158,7 @@ class Call final : public grpc::ServerGenericBidiReactor {
   bool finish_started_ = false;
   bool cancelled_ = false;
   bool writable_wanted_ = false;  // Python waits for kWritable
+  bool write_and_finish_ = false;  // the finish sends the last message too
   grpc::Status status_;
   std::vector<std::pair<std::string, std::string>> trailing_;
 };
@@ -204,6 +221,7 @@ class Transport final : public grpc::CallbackGenericService {
       server_.reset();
       return 0;
     }
+    sender_ = std::thread([this] { Send(); });
     return port;
   }
 
@@ -221,14 +239,11 @@ class Transport final : public grpc::CallbackGenericService {
                     std::chrono::microseconds(static_cast<long long>(grace * 1e6));
     if (PyGILState_Check()) {
       py::gil_scoped_release release;
-      server->Shutdown(deadline);
-      server->Wait();
-      server.reset();
+      StopNow(*server, deadline);
     } else {
-      server->Shutdown(deadline);
-      server->Wait();
-      server.reset();
+      StopNow(*server, deadline);
     }
+    server.reset();
   }
 
   int fd() const { return wake_fd_; }
@@ -275,17 +290,17 @@ class Transport final : public grpc::CallbackGenericService {
 
   // Read call `id`'s next message (a kMessage or kHalfClose event follows).
   void Read(std::uint64_t id) {
-    py::gil_scoped_release release;
-    Use(id, [](Call& call) { call.ReadNext(); });
+    Use(id, [](Call&) { return std::optional(kStartRead); });
   }
 
   // Queue `message` on call `id`; true when Python should wait for kWritable before the
   // next write (WRITE_WINDOW messages queued). A call that ended takes nothing.
   bool Write(std::uint64_t id, const py::bytes& message) {
     grpc::ByteBuffer buffer = FromBytes(message);
-    py::gil_scoped_release release;
     bool wait = false;
-    Use(id, [&](Call& call) { wait = call.Write(std::move(buffer)); });
+    Use(id, [&](Call& call) {
+      return call.Write(std::move(buffer), wait) ? std::optional(kStartWrite) : std::nullopt;
+    });
     return wait;
   }
 
@@ -296,9 +311,10 @@ class Transport final : public grpc::CallbackGenericService {
     if (last) buffer = FromBytes(*last);
     if (code < 0 || code > 16) throw std::invalid_argument("a gRPC status code is 0 to 16");
     grpc::Status status(static_cast<grpc::StatusCode>(code), details);
-    py::gil_scoped_release release;
     Use(id, [&](Call& call) {
-      call.Finish(std::move(status), std::move(trailing), std::move(buffer));
+      return call.Finish(std::move(status), std::move(trailing), std::move(buffer))
+                 ? std::optional(kStartFinish)
+                 : std::nullopt;
     });
   }
 
@@ -341,10 +357,16 @@ class Transport final : public grpc::CallbackGenericService {
   }
 
  private:
-  // Run `operation` on call `id` if it still exists, keeping it alive meanwhile without
-  // holding the mutex (gRPC may run the call's reactions inline, on this thread).
-  template <typename Operation>
-  void Use(std::uint64_t id, Operation&& operation) {
+  struct Operation {
+    Call* call;
+    OperationKind kind;
+  };
+
+  // Apply `record` to call `id` if it still exists; it returns the gRPC operation to
+  // start, if any, which the sender thread starts. The call is kept alive, without the
+  // mutex held, while `record` runs and until its operation has started.
+  template <typename Record>
+  void Use(std::uint64_t id, Record&& record) {
     Call* call = nullptr;
     {
       std::lock_guard<std::mutex> lock(mutex_);
@@ -353,16 +375,63 @@ class Transport final : public grpc::CallbackGenericService {
       call = found->second;
       ++call->users;
     }
-    operation(*call);
+    std::optional<OperationKind> started = record(*call);
     bool free = false;
+    bool wake = false;
     {
       std::lock_guard<std::mutex> lock(mutex_);
-      free = --call->users == 0 && call->done;
+      if (started) {
+        operations_.push_back({call, *started});
+        wake = sender_idle_;
+        sender_idle_ = false;
+      } else {
+        free = --call->users == 0 && call->done;
+      }
     }
+    if (wake) operations_queued_.notify_one();
     if (free) delete call;
   }
 
+  // The sender thread: start the operations Python asked for, in order, until StopNow.
+  void Send() {
+    std::unique_lock<std::mutex> lock(mutex_);
+    while (true) {
+      while (operations_.empty() && !sender_stop_) {
+        sender_idle_ = true;
+        operations_queued_.wait(lock);
+      }
+      sender_idle_ = false;
+      if (operations_.empty()) return;  // stopped, and nothing is left to start
+      std::deque<Operation> operations;
+      operations.swap(operations_);
+      lock.unlock();
+      for (const auto& operation : operations) operation.call->Start(operation.kind);
+      lock.lock();
+      for (const auto& operation : operations) {
+        if (--operation.call->users == 0 && operation.call->done) delete operation.call;
+      }
+    }
+  }
+
+  // Shut `server` down (the calls in progress have until `deadline`), then the sender
+  // once every call is done: until then it starts the operations the calls need to end.
+  void StopNow(grpc::Server& server, std::chrono::system_clock::time_point deadline) {
+    server.Shutdown(deadline);
+    server.Wait();
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      sender_stop_ = true;
+    }
+    operations_queued_.notify_one();
+    if (sender_.joinable()) sender_.join();
+  }
+
   std::mutex mutex_;
+  std::deque<Operation> operations_;  // for the sender thread
+  std::condition_variable operations_queued_;
+  bool sender_idle_ = false;  // the sender waits for operations_queued_
+  bool sender_stop_ = false;
+  std::thread sender_;
   std::unique_ptr<grpc::Server> server_;
   std::unordered_map<std::uint64_t, Call*> calls_;
   std::uint64_t next_id_ = 1;
@@ -413,6 +482,32 @@ void Call::OnReadDone(bool ok) {
   transport_->Push(std::move(event));
 }
 
+void Call::Start(OperationKind kind) {
+  switch (kind) {
+    case kStartRead:
+      ReadNext();
+      break;
+    case kStartWrite: {
+      grpc::ByteBuffer* next = nullptr;
+      {
+        std::lock_guard<std::mutex> lock(mutex_);
+        next = &writes_.front();  // writing_: nothing takes it out before it is sent
+      }
+      StartWrite(next);
+      break;
+    }
+    case kStartFinish:
+      // finish_started_: nothing else touches the status, trailers or writes any more
+      for (const auto& [key, value] : trailing_) context_->AddTrailingMetadata(key, value);
+      if (write_and_finish_) {
+        StartWriteAndFinish(&writes_.front(), grpc::WriteOptions(), status_);
+      } else {
+        grpc::ServerGenericBidiReactor::Finish(status_);
+      }
+      break;
+  }
+}
+
 void Call::ReadNext() {
   // Under the mutex: a finish cannot start before the read is started, so gRPC waits for
   // the read before it calls OnDone (OnReadDone takes no lock of this call).
@@ -420,50 +515,37 @@ void Call::ReadNext() {
   if (!finish_started_) StartRead(&read_);
 }
 
-bool Call::Write(grpc::ByteBuffer message) {
-  grpc::ByteBuffer* next = nullptr;
-  bool wait = false;
-  {
-    std::lock_guard<std::mutex> lock(mutex_);
-    if (finish_requested_ || cancelled_) return false;
-    writes_.push_back(std::move(message));
-    if (!writing_) {
-      writing_ = true;
-      next = &writes_.front();
-    }
-    wait = writable_wanted_ = writes_.size() >= kWriteWindow;
-  }
-  if (next != nullptr) StartWrite(next);
-  return wait;
+bool Call::Write(grpc::ByteBuffer message, bool& wait) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  wait = false;
+  if (finish_requested_ || cancelled_) return false;
+  writes_.push_back(std::move(message));
+  wait = writable_wanted_ = writes_.size() >= kWriteWindow;
+  if (writing_) return false;  // OnWriteDone sends it
+  writing_ = true;
+  return true;
 }
 
-void Call::Finish(grpc::Status status, std::vector<std::pair<std::string, std::string>> trailing,
+bool Call::Finish(grpc::Status status, std::vector<std::pair<std::string, std::string>> trailing,
                   std::optional<grpc::ByteBuffer> last) {
-  grpc::ByteBuffer* only = nullptr;
-  {
-    std::lock_guard<std::mutex> lock(mutex_);
-    if (finish_requested_ || finish_started_) return;  // finished as cancelled already
-    finish_requested_ = true;
-    status_ = std::move(status);
-    trailing_ = std::move(trailing);
-    if (last && !cancelled_) {
-      writes_.push_back(std::move(*last));
-      if (!writing_ && writes_.size() == 1) {
-        // the usual unary answer: message, status and trailers in one operation
-        writing_ = true;
-        finish_started_ = true;
-        only = &writes_.front();
-      }
+  std::lock_guard<std::mutex> lock(mutex_);
+  if (finish_requested_ || finish_started_) return false;  // finished as cancelled already
+  finish_requested_ = true;
+  status_ = std::move(status);
+  trailing_ = std::move(trailing);
+  if (last && !cancelled_) {
+    writes_.push_back(std::move(*last));
+    if (!writing_ && writes_.size() == 1) {
+      // the usual unary answer: message, status and trailers in one operation
+      writing_ = true;
+      finish_started_ = true;
+      write_and_finish_ = true;
+      return true;
     }
-    if (only == nullptr && (writing_ || finish_started_)) return;  // OnWriteDone finishes
-    if (only == nullptr) finish_started_ = true;
   }
-  for (const auto& [key, value] : trailing_) context_->AddTrailingMetadata(key, value);
-  if (only != nullptr) {
-    StartWriteAndFinish(only, grpc::WriteOptions(), status_);
-  } else {
-    grpc::ServerGenericBidiReactor::Finish(status_);
-  }
+  if (writing_ || finish_started_) return false;  // OnWriteDone or OnCancel finishes
+  finish_started_ = true;
+  return true;
 }
 
 void Call::OnWriteDone(bool ok) {
