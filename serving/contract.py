@@ -11,6 +11,7 @@ only numpy, the shared types and shared_memory.py's parameter values
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -22,6 +23,15 @@ from onnxserve.serving.types import TensorSpec
 #: classification extension (top-k) and a request's own queue timeout (microseconds)
 CLASSIFICATION_PARAMETER = "classification"
 TIMEOUT_PARAMETER = "timeout"
+
+#: Set by a front end, in the task that serves a request, when other requests are in
+#: progress on it (calls taken and not yet answered: e.g. a group that arrived while the
+#: event loop was busy). A request that knows of none, and finds its model's queue empty,
+#: runs at once on its own (a tiny model's fastest answer); one that does waits, for one
+#: event loop turn, to be batched with them (serving/batching/scheduler.py). False when the
+#: front end cannot tell (grpcio's and the HTTP transports).
+OTHERS_IN_PROGRESS: ContextVar[bool] = ContextVar("onnxserve_others_in_progress",
+                                                  default=False)
 
 
 @dataclass(slots=True)

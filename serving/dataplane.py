@@ -33,6 +33,7 @@ from onnxserve.serving.batching.inflight import InFlight
 from onnxserve.serving.classification import class_strings, top_k
 from onnxserve.serving.contract import (
     CLASSIFICATION_PARAMETER,
+    OTHERS_IN_PROGRESS,
     TIMEOUT_PARAMETER,
     InferRequest,
     InferResult,
@@ -367,7 +368,8 @@ class DataPlane:
         batching = mark if timed else 0
         return await version.scheduler.infer(
             inputs, [n for n in names if n not in top], batch_size,
-            time_remaining=remaining, timeout_us=timeout_us, top_k=top, then=finish)
+            time_remaining=remaining, timeout_us=timeout_us, top_k=top, then=finish,
+            alone=not OTHERS_IN_PROGRESS.get())
 
     def _output_targets(self, outputs: Sequence[RequestedOutput],
                         held: list[Region]) -> dict[str, tuple[Region, Placement]] | None:

@@ -11,6 +11,8 @@ request runs alone.
 
 A scheduler made with ``run_on_event_loop=True`` runs its batches on the event loop's own
 thread instead: for models so small that the hand-off to a thread costs more than the run.
+A request there that knows of no other in progress and finds the queue empty runs at once,
+in its caller's task; requests that arrive together batch on the next event loop turn.
 """
 
 from __future__ import annotations
@@ -143,6 +145,7 @@ class Scheduler:
         timeout_us: int | None = None,
         top_k: dict[str, int] | None = None,
         then: Callable[[dict[str, OutputValue]], Any] | None = None,
+        alone: bool = True,
     ) -> Any:
         """Queue one request and wait for its outputs.
 
@@ -158,6 +161,11 @@ class Scheduler:
         and the front end's encoding) before the request is counted in ``stats``: an answer
         that cannot be made counts as a failure, not a success (returns what ``then``
         returns; the outputs without it).
+        ``alone``: the caller knows of no other request in progress (serving/contract.py's
+        OTHERS_IN_PROGRESS). On a scheduler that runs on the event loop, such a request
+        that finds the queue empty runs at once, in the caller's task; any other is
+        queued, and the worker forms its batch on the next event loop turn, with the
+        requests that arrived with it.
 
         Raises:
             SchedulerClosedError: the scheduler was closed or is draining.
@@ -171,7 +179,7 @@ class Scheduler:
         self._admit(time_remaining, top_k)
         inputs = self._instances[0].prepare(inputs)
         future = asyncio.get_running_loop().create_future()
-        if self._inline and not self._plan.max_delay_s and not len(self._queue):
+        if alone and self._inline and not self._plan.max_delay_s and not len(self._queue):
             # Nothing waits to join it: run it now, without the round trip through the
             # worker task (two event loop turns, a third of a tiny model's time), and
             # without the queue's bookkeeping (it cannot expire: it never waits).

@@ -23,7 +23,7 @@ from google.protobuf.message import Message
 
 from onnxserve.protos import inference_pb2 as pb
 from onnxserve.protos import inference_pb2_grpc
-from onnxserve.serving.contract import InferRequest, InferResult
+from onnxserve.serving.contract import OTHERS_IN_PROGRESS, InferRequest, InferResult
 from onnxserve.serving.dataplane import DataPlane
 from onnxserve.serving.errors import ResourceExhaustedError, ServingError, error_code
 from onnxserve.serving.frontends.decoding import infer_request
@@ -287,6 +287,8 @@ class InferenceService(inference_pb2_grpc.GRPCInferenceServiceServicer):
         running: set[asyncio.Task] = set()
 
         async def answer(request: pb.ModelInferRequest) -> None:
+            if len(running) > 1:  # this task's context is its own
+                OTHERS_IN_PROGRESS.set(True)
             ready.put_nowait(await self._stream_answer(request, context))
 
         async def read() -> None:

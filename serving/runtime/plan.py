@@ -16,8 +16,10 @@ benchmarks/results/defaults.md):
   ``INLINE_STALL_LIMIT_S`` at warm-up) run on the event loop's thread: handing a 50
   microsecond run to a worker thread and back costs more than the run itself. They keep
   their pool threads, spinning only during runs. A request that finds nothing queued runs
-  at once in its own handler (no worker round trip), so such models batch only with
-  max_queue_delay_microseconds > 0.
+  at once in its own handler (no worker round trip), unless its front end knows other
+  requests are in progress (serving/contract.py's OTHERS_IN_PROGRESS: the native gRPC
+  transport's calls taken and not answered, a stream's requests in flight): then it waits
+  one event loop turn and runs in one batch with those that arrived with it.
 """
 
 from __future__ import annotations

@@ -24,6 +24,7 @@ import grpc
 import pytest
 
 from onnxserve.serving import server as server_module
+from onnxserve.serving.contract import OTHERS_IN_PROGRESS
 from onnxserve.serving.frontends import native
 from onnxserve.serving.process import ServerProcess
 from onnxserve.serving.server import StartupError, grpc_transport
@@ -94,6 +95,8 @@ class Echo:
                 raise
         if request == b"remaining":
             return repr(context.time_remaining()).encode()
+        if request == b"others":
+            return repr(OTHERS_IN_PROGRESS.get()).encode()
         if request.startswith(b"sleep"):
             await asyncio.sleep(float(request[5:]))
         return request
@@ -250,6 +253,21 @@ def test_a_deadline_ends_the_call_and_its_handler(served: Served) -> None:
         time.sleep(0.01)
     assert served.echo.cancelled == ["unary"]
     assert _settled(served) == 0
+
+
+def test_a_call_knows_whether_others_are_in_progress(served: Served) -> None:
+    """The hint the data plane batches by (OTHERS_IN_PROGRESS): a call taken while
+    another is unanswered knows of it; one taken alone does not."""
+    unary = served.call("Unary")
+    assert unary(b"others", timeout=10) == b"False"
+    held = unary.future(b"sleep0.5", timeout=10)
+    try:
+        time.sleep(0.1)
+        assert unary(b"others", timeout=10) == b"True"
+    finally:
+        assert held.result() == b"sleep0.5"
+    assert _settled(served) == 0
+    assert unary(b"others", timeout=10) == b"False"
 
 
 def test_many_calls_at_once_get_their_own_answers(served: Served) -> None:

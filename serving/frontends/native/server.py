@@ -9,6 +9,10 @@ as a task with a ``NativeContext`` (the subset of ``grpc.aio.ServicerContext`` t
 servicers use), and its answer serialized and sent with its status. So every status code,
 message and trailing metadata comes from the same Python code for both transports.
 
+Each call's task knows whether other calls are in progress (taken and not answered: a
+group that arrived while the event loop was busy), serving/contract.py's
+``OTHERS_IN_PROGRESS``, so the data plane batches them rather than run each alone.
+
 Unary calls arrive with their message; a streaming call's next message is read only when
 its handler asks for it, and a handler writing faster than its client reads waits
 (``WRITE_WINDOW`` messages queued in C++). A call the client cancels, or whose deadline
@@ -32,6 +36,7 @@ from typing import Any, NamedTuple
 
 import grpc
 
+from onnxserve.serving.contract import OTHERS_IN_PROGRESS
 from onnxserve.serving.frontends.native import BUILD_PROBLEM, transport
 
 log = logging.getLogger(__name__)
@@ -405,6 +410,7 @@ class NativeServer:
         return self._lookup(details)
 
     async def _run(self, call: _Call) -> None:
+        OTHERS_IN_PROGRESS.set(len(self._calls) > 1)
         context = NativeContext(call)
         answer: bytes | None = None
         try:

@@ -319,6 +319,30 @@ def test_inline_scheduler_runs_on_the_event_loop_thread() -> None:
     assert [r["y"][0, 0] for r in results] == [2.0 * i for i in range(5)]
 
 
+def test_inline_requests_that_know_of_others_batch_on_the_next_turn() -> None:
+    """Requests that arrive together, each knowing others are in progress (the native
+    transport's OTHERS_IN_PROGRESS), wait one event loop turn and run as one batch, with
+    no queue delay; then one alone runs at once again."""
+    instance = FakeRunner()
+
+    async def body(scheduler):
+        together = [asyncio.ensure_future(scheduler.infer(
+            {"x": np.full((1, 2), float(i))}, ["y"], 1, alone=False)) for i in range(5)]
+        results = await asyncio.gather(*together)
+        batches = list(instance.batches)
+        last = await scheduler.infer({"x": np.full((2, 2), 7.0)}, ["y"], 2, alone=False)
+        alone = await scheduler.infer({"x": np.full((1, 2), 9.0)}, ["y"], 1)
+        return results, batches, last, alone, scheduler.stats
+
+    results, batches, last, alone, stats = run(
+        _with_scheduler(instance, body, max_batch_size=8, run_on_event_loop=True))
+    assert batches == [5]
+    assert [r["y"][0, 0] for r in results] == [2.0 * i for i in range(5)]
+    assert instance.batches == [5, 2, 1]
+    assert last["y"].tolist() == [[14.0, 14.0]] * 2 and alone["y"].tolist() == [[18.0, 18.0]]
+    assert stats.success.count == 7
+
+
 def test_inline_failures_fail_only_that_request() -> None:
     instance = FakeRunner()
     instance.fail_when = lambda x: bool((x < 0).any())
