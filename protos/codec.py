@@ -26,7 +26,7 @@ class TensorCodecError(ValueError):
 
 def element_count(shape: Sequence[int]) -> int:
     """Number of elements of a fixed shape; rejects negative dimensions."""
-    if any(d < 0 for d in shape):
+    if shape and min(shape) < 0:
         raise TensorCodecError(f"shape {list(shape)} has a negative dimension")
     return math.prod(shape)
 

@@ -32,15 +32,14 @@ class Datatype:
     contents_field: str | None
     #: The model_config DataType enum value (TYPE_FP32, ...).
     config_type: int
-
-    @property
-    def itemsize(self) -> int:
-        """Bytes per element on the wire; 0 for BYTES (variable)."""
-        return 0 if self.name == "BYTES" else self.numpy.itemsize
+    #: Bytes per element on the wire; 0 for BYTES (variable).
+    itemsize: int
 
 
 def _dt(name: str, numpy: str, field: str | None, config: str) -> Datatype:
-    return Datatype(name, np.dtype(numpy), field, model_config_pb2.DataType.Value(config))
+    dtype = np.dtype(numpy)
+    return Datatype(name, dtype, field, model_config_pb2.DataType.Value(config),
+                    0 if name == "BYTES" else dtype.itemsize)
 
 
 DATATYPES: dict[str, Datatype] = {
@@ -63,6 +62,8 @@ DATATYPES: dict[str, Datatype] = {
 }
 
 _BY_CONFIG_TYPE = {d.config_type: d for d in DATATYPES.values()}
+#: the native-order dtypes of the fixed-size datatypes
+_BY_DTYPE = {d.numpy.newbyteorder("="): d for d in DATATYPES.values() if d.name != "BYTES"}
 _BY_NUMPY_KIND = {
     (d.numpy.kind, d.numpy.itemsize): d for d in DATATYPES.values() if d.name != "BYTES"
 }
@@ -91,6 +92,9 @@ def by_config_type(config_type: int) -> Datatype:
 
 def by_numpy(dtype: np.dtype) -> Datatype:
     """The protocol datatype for a numpy dtype (bytes/str/object arrays map to BYTES)."""
+    found = _BY_DTYPE.get(dtype)  # the usual case: an output's native dtype
+    if found is not None:
+        return found
     dtype = np.dtype(dtype)
     if dtype.kind in "OSU":
         return DATATYPES["BYTES"]

@@ -30,29 +30,29 @@ def parameter_value(param: pb.InferParameter) -> object:
     return getattr(param, choice) if choice else None
 
 
-def _decoder(request: pb.ModelInferRequest, index: int, raw_index: int | None = None,
+def _decoder(request: pb.ModelInferRequest, index: int, shape: tuple[int, ...],
+             raw_index: int | None = None,
              raw_count: int | None = None) -> Callable[[], np.ndarray]:
-    """Input ``index``'s decoder; its raw data is entry ``raw_index`` of ``raw_count``
-    (when inputs in shared memory have none; default: ``index`` of every input)."""
+    """Input ``index``'s decoder (``shape``: its shape); its raw data is entry ``raw_index``
+    of ``raw_count`` (when inputs in shared memory have none; default: ``index`` of every
+    input)."""
     tensor = request.inputs[index]
 
     def decode() -> np.ndarray:
         datatype = datatype_of(tensor.datatype)
-        has_contents = tensor.HasField("contents") and bool(tensor.contents.ListFields())
         raw = request.raw_input_contents
+        if not raw:
+            return decode_contents(tensor.contents, datatype, shape)
         expected = len(request.inputs) if raw_count is None else raw_count
-        if raw and len(raw) != expected:
+        if len(raw) != expected:
             placed = "" if raw_count is None else " not in shared memory"
             raise TensorCodecError(
                 f"raw_input_contents has {len(raw)} entries but the request has "
                 f"{expected} inputs{placed}; send one per input{placed}, in order")
-        if raw:
-            if has_contents:
-                raise TensorCodecError(
-                    "has both contents and raw_input_contents; use one or the other")
-            return decode_raw(raw[index if raw_index is None else raw_index], datatype,
-                              tensor.shape)
-        return decode_contents(tensor.contents, datatype, tensor.shape)
+        if tensor.HasField("contents") and tensor.contents.ListFields():
+            raise TensorCodecError(
+                "has both contents and raw_input_contents; use one or the other")
+        return decode_raw(raw[index if raw_index is None else raw_index], datatype, shape)
 
     return decode
 
@@ -71,13 +71,13 @@ def _placed_inputs(request: pb.ModelInferRequest) -> list[RequestInput]:
     raw_count = sum(p is None for p in placements)
     inputs, raw_index = [], 0
     for index, (tensor, placed) in enumerate(zip(request.inputs, placements, strict=True)):
+        shape = tuple(tensor.shape)
         if placed is None:
-            decode = _decoder(request, index, raw_index, raw_count)
+            decode = _decoder(request, index, shape, raw_index, raw_count)
             raw_index += 1
         else:
             decode = in_region
-        inputs.append(RequestInput(tensor.name, tensor.datatype, tuple(tensor.shape), decode,
-                                   placed))
+        inputs.append(RequestInput(tensor.name, tensor.datatype, shape, decode, placed))
     return inputs
 
 
@@ -93,11 +93,15 @@ def infer_request(request: pb.ModelInferRequest,
                   time_remaining: float | None) -> InferRequest:
     """The data plane's request for a ModelInferRequest; nothing is decoded (or checked)
     until the data plane calls each input's ``decode``."""
-    if any(t.parameters for t in request.inputs):
-        inputs = _placed_inputs(request)
-    else:
-        inputs = [RequestInput(t.name, t.datatype, tuple(t.shape), _decoder(request, i))
-                  for i, t in enumerate(request.inputs)]
+    tensors = request.inputs
+    inputs = []
+    for index, tensor in enumerate(tensors):
+        if tensor.parameters:
+            inputs = _placed_inputs(request)
+            break
+        shape = tuple(tensor.shape)
+        inputs.append(RequestInput(tensor.name, tensor.datatype, shape,
+                                   _decoder(request, index, shape)))
     outputs = [_requested_output(o) if o.parameters else RequestedOutput(o.name)
                for o in request.outputs]
     timeout = (parameter_value(request.parameters[TIMEOUT_PARAMETER])

@@ -14,6 +14,11 @@ def expected_shape(dims: Sequence[int], max_batch_size: int) -> list[int]:
     return ([-1] if max_batch_size > 0 else []) + list(dims)
 
 
+#: declarations whose check passed, kept per model (requests declare the same few shapes
+#: over and over); cleared when full, so odd shapes cost a check, never memory
+CHECKED_LIMIT = 256
+
+
 def _shape_matches(shape: Sequence[int], expected: Sequence[int]) -> bool:
     return len(shape) == len(expected) and all(
         e == -1 or s == e for s, e in zip(shape, expected, strict=True)
@@ -38,13 +43,25 @@ class InputRules:
         for name in self.substitutes:
             self.inputs[name] = ("BYTES", expected_shape([1], config.max_batch_size), True)
         self.outputs = [t.name for t in config.output]
+        #: declarations that passed -> their batch size
+        self._passed: dict[tuple, int] = {}
 
     def check(self, declared: Sequence[tuple[str, str, Sequence[int]]]) -> int:
         """Validate (name, datatype, shape) of each request input; return the batch size.
 
         The batch size is 0 for models without batching. Errors name the input, what the
-        model expects and what the request sent.
+        model expects and what the request sent (InvalidInputError).
         """
+        key = tuple((name, datatype, tuple(shape)) for name, datatype, shape in declared)
+        batch_size = self._passed.get(key)
+        if batch_size is None:
+            batch_size = self._check(declared)
+            if len(self._passed) >= CHECKED_LIMIT:
+                self._passed.clear()
+            self._passed[key] = batch_size
+        return batch_size
+
+    def _check(self, declared: Sequence[tuple[str, str, Sequence[int]]]) -> int:
         seen: set[str] = set()
         batch_sizes: set[int] = set()
         for name, datatype, shape in declared:
