@@ -462,8 +462,11 @@ class NativeServer:
         code = code or context.code() or grpc.StatusCode.OK
         trailing = [(key, value if isinstance(value, str) else value.decode("latin-1"))
                     for key, value in context.trailing_metadata()]
+        # the only call in progress: nothing else waits for the event loop, so it starts
+        # the send itself rather than wake the transport's sender thread
         self.transport.finish(call.id, code.value[0], details or context.details(),
-                              trailing, answer if code == grpc.StatusCode.OK else None)
+                              trailing, answer if code == grpc.StatusCode.OK else None,
+                              now=not self._calls)
 
 
 class _Protocol(Exception):

@@ -304,18 +304,24 @@ class Transport final : public grpc::CallbackGenericService {
     return wait;
   }
 
+  // End call `id` with `code`, `details`, `trailing` metadata and, for OK, the `last`
+  // message. `now`: start the gRPC operation on this thread rather than the sender's
+  // (Python has nothing else to do: it saves the sender's wake-up).
   void Finish(std::uint64_t id, int code, const std::string& details,
               std::vector<std::pair<std::string, std::string>> trailing,
-              const std::optional<py::bytes>& last) {
+              const std::optional<py::bytes>& last, bool now) {
     std::optional<grpc::ByteBuffer> buffer;
     if (last) buffer = FromBytes(*last);
     if (code < 0 || code > 16) throw std::invalid_argument("a gRPC status code is 0 to 16");
     grpc::Status status(static_cast<grpc::StatusCode>(code), details);
-    Use(id, [&](Call& call) {
-      return call.Finish(std::move(status), std::move(trailing), std::move(buffer))
-                 ? std::optional(kStartFinish)
-                 : std::nullopt;
-    });
+    Use(
+        id,
+        [&](Call& call) {
+          return call.Finish(std::move(status), std::move(trailing), std::move(buffer))
+                     ? std::optional(kStartFinish)
+                     : std::nullopt;
+        },
+        now);
   }
 
   std::size_t calls() {
@@ -363,10 +369,10 @@ class Transport final : public grpc::CallbackGenericService {
   };
 
   // Apply `record` to call `id` if it still exists; it returns the gRPC operation to
-  // start, if any, which the sender thread starts. The call is kept alive, without the
-  // mutex held, while `record` runs and until its operation has started.
+  // start, if any, which the sender thread starts (`now`: this thread). The call is kept
+  // alive, without the mutex held, while `record` runs and until its operation started.
   template <typename Record>
-  void Use(std::uint64_t id, Record&& record) {
+  void Use(std::uint64_t id, Record&& record, bool now = false) {
     Call* call = nullptr;
     {
       std::lock_guard<std::mutex> lock(mutex_);
@@ -376,6 +382,10 @@ class Transport final : public grpc::CallbackGenericService {
       ++call->users;
     }
     std::optional<OperationKind> started = record(*call);
+    if (started && now) {
+      call->Start(*started);
+      started.reset();
+    }
     bool free = false;
     bool wake = false;
     {
@@ -632,6 +642,6 @@ PYBIND11_MODULE(_transport, module) {
       .def("read", &Transport::Read, py::arg("call"))
       .def("write", &Transport::Write, py::arg("call"), py::arg("message"))
       .def("finish", &Transport::Finish, py::arg("call"), py::arg("code"), py::arg("details"),
-           py::arg("trailing"), py::arg("message") = py::none())
+           py::arg("trailing"), py::arg("message") = py::none(), py::arg("now") = false)
       .def("calls", &Transport::calls);
 }
