@@ -192,9 +192,10 @@ class Client:
                 index = self.models()
             except InferenceServerError:
                 index = []  # not listening yet
-            if index and all(m["state"] != "LOADING" for m in index):
-                failed = [f"{m['name']}: {m['reason'] or m['state'] or 'not loaded'}"
-                          for m in index if m["state"] != "READY"]
+            failed = [f"{m['name']}: {m['reason'] or m['state'] or 'not loaded'}"
+                      for m in index if m["state"] != "READY"]
+            # every model READY but the server not yet: it is about to say so
+            if failed and all(m["state"] != "LOADING" for m in index):
                 raise RuntimeError("models failed to load: " + "; ".join(failed))
             time.sleep(poll_s)
         raise RuntimeError(f"the server was not ready after {timeout:.0f} s")
