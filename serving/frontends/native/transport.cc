@@ -305,8 +305,9 @@ class Transport final : public grpc::CallbackGenericService {
   }
 
   // End call `id` with `code`, `details`, `trailing` metadata and, for OK, the `last`
-  // message. `now`: start the gRPC operation on this thread rather than the sender's
-  // (Python has nothing else to do: it saves the sender's wake-up).
+  // message. `now`: Python has no other call in progress; then, unless events wait for
+  // Python or operations for the sender, the gRPC operation starts on this thread
+  // (saving the sender's wake-up) rather than the sender's.
   void Finish(std::uint64_t id, int code, const std::string& details,
               std::vector<std::pair<std::string, std::string>> trailing,
               const std::optional<py::bytes>& last, bool now) {
@@ -369,7 +370,8 @@ class Transport final : public grpc::CallbackGenericService {
   };
 
   // Apply `record` to call `id` if it still exists; it returns the gRPC operation to
-  // start, if any, which the sender thread starts (`now`: this thread). The call is kept
+  // start, if any, which the sender thread starts (`now`: this thread, when nothing else
+  // waits for Python or the sender). The call is kept
   // alive, without the mutex held, while `record` runs and until its operation started.
   template <typename Record>
   void Use(std::uint64_t id, Record&& record, bool now = false) {
@@ -383,8 +385,15 @@ class Transport final : public grpc::CallbackGenericService {
     }
     std::optional<OperationKind> started = record(*call);
     if (started && now) {
-      call->Start(*started);
-      started.reset();
+      bool idle = false;  // no call waits for Python, nothing waits for the sender
+      {
+        std::lock_guard<std::mutex> lock(mutex_);
+        idle = events_.empty() && operations_.empty();
+      }
+      if (idle) {
+        call->Start(*started);
+        started.reset();
+      }
     }
     bool free = false;
     bool wake = false;
