@@ -21,8 +21,9 @@ from onnxserve.protos.limits import MAX_MESSAGE_BYTES
 from .connection import DEFAULT_URL, clean_token, normalize_url, pem_bytes
 
 __all__ = ["DEFAULT_URL", "Client", "InferenceServerError", "ModelMetadata", "TensorInfo"]
-#: Retries of calls that failed with UNAVAILABLE (server gone or draining), with gRPC's
-#: jittered exponential backoff. Every inference call is idempotent, so all are retried.
+#: Retries of calls that failed with UNAVAILABLE (server gone or draining, or a model's
+#: queue full), with gRPC's jittered exponential backoff. Every inference call is
+#: idempotent, so all are retried.
 RETRY_ATTEMPTS = 5
 
 

@@ -13,19 +13,29 @@ from onnxserve.serving.settings import (
 )
 
 
-def _add_serve(subparsers: argparse._SubParsersAction) -> None:
+def _add_serve(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    from onnxserve.serving.triton_flags import add_triton_flags
+
     p = subparsers.add_parser(
         "serve", help="serve a model repository over gRPC and HTTP (KServe V2)",
         description="Serve a model repository over the KServe V2 gRPC protocol. Every flag "
                     "also reads the ONNXSERVE_* variable it names; a flag wins over its "
                     "variable.")
     add_setting_arguments(p)
+    add_triton_flags(p)
     p.set_defaults(func=_run_serve)
+    return p
 
 
 def _run_serve(args: argparse.Namespace) -> int:
+    from onnxserve.serving.triton_flags import apply_triton_tls
+
+    apply_triton_tls(args.parser, args)
+    from onnxserve.serving.observability.tracing import parse_trace_config
+
     try:
         settings = settings_from_arguments(args)
+        parse_trace_config(settings.trace_config)  # refused now, before any port opens
     except ValueError as exc:
         print(f"onnxserve serve: {exc}", file=sys.stderr)
         return 2
@@ -58,6 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_repository_argument(add_demo_parser(subparsers))
     add_repository_argument(add_bench_parser(subparsers))
     add_health_parser(subparsers)
+    for subparser in subparsers.choices.values():
+        subparser.set_defaults(parser=subparser)  # whose usage an error is said with
     return parser
 
 
@@ -78,7 +90,13 @@ def main(argv: list[str] | None = None) -> int:
         from onnxserve.serving.observability.logs import configure
 
         configure()
-    args = build_parser().parse_args(argv)
+    args, unknown = build_parser().parse_known_args(argv)
+    if unknown:
+        # said by the subcommand's parser, with its usage, not the top-level one's
+        parser = getattr(args, "parser", None)
+        if parser is not None:
+            parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+        build_parser().error(f"unrecognized arguments: {' '.join(unknown)}")
     return args.func(args)
 
 

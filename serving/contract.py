@@ -76,6 +76,9 @@ class InferRequest:
     time_remaining: float | None = None
     #: the front end's transport, the metrics' ``protocol`` label (grpc or http)
     protocol: str = "grpc"
+    #: the caller's W3C trace context (traceparent, tracestate), read by the front end
+    #: while tracing is on (None: none, or tracing off)
+    trace_context: dict[str, str] | None = None
 
 
 @dataclass(slots=True)

@@ -50,7 +50,7 @@ from onnxserve.serving.errors import (
     UnavailableError,
     error_code,
 )
-from onnxserve.serving.handlers import LogHandlers, RepositoryHandlers
+from onnxserve.serving.handlers import LogHandlers, RepositoryHandlers, TraceHandlers
 from onnxserve.serving.models.images import ImageDecoder
 from onnxserve.serving.models.model import Model, ModelVersion
 from onnxserve.serving.models.registry import READY, Registry
@@ -60,13 +60,14 @@ from onnxserve.serving.observability.accounting import RequestAccounting
 from onnxserve.serving.observability.metrics import UNKNOWN_MODEL, Metrics
 from onnxserve.serving.observability.stages import CLOCK
 from onnxserve.serving.observability.statistics import VersionStatistics
+from onnxserve.serving.observability.tracing import TraceConfig, Tracing
 from onnxserve.serving.shared_memory import (
     REGION_PARAMETER,
     Placement,
     Region,
     SharedMemoryRegistry,
 )
-from onnxserve.serving.types import OutputValue, TensorSpec, TopK
+from onnxserve.serving.types import OutputValue, RequestTiming, TensorSpec, TopK
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -79,10 +80,10 @@ SERVER_NAME = "onnxserve"
 DEADLINE_SLACK_S = 0.005
 #: Triton's names of the protocol extensions every front end implements, as ServerMetadata
 #: lists them (tests/served/test_extensions.py ties the list to the RPCs that answer); a front
-#: end adds its own ("binary_tensor_data" is HTTP's). Not built: "trace" (TraceSetting
-#: answers UNIMPLEMENTED), "sequence", "cuda_shared_memory".
+#: end adds its own ("binary_tensor_data" is HTTP's). Not built: "sequence",
+#: "cuda_shared_memory".
 EXTENSIONS = ("classification", "model_configuration", "model_repository", "statistics",
-              "logging", "system_shared_memory")
+              "logging", "trace", "system_shared_memory")
 
 
 def _printable(text: str, limit: int = 128) -> str:
@@ -119,8 +120,11 @@ def _whole_number(value: object, what: str, least: int) -> int:
 class DataPlane:
     """The V2 protocol's operations over a model registry."""
 
-    def __init__(self, registry: Registry, metrics: Metrics | None = None) -> None:
+    def __init__(self, registry: Registry, metrics: Metrics | None = None,
+                 tracing: Tracing | None = None) -> None:
         self.registry = registry
+        #: request tracing (off unless --trace-config or TraceSetting turn it on)
+        self.tracing = tracing or Tracing(TraceConfig())
         #: False from the moment a stop begins: new requests are refused
         self.accepting = True
         self._in_flight = InFlight()
@@ -131,6 +135,7 @@ class DataPlane:
         self.repository = RepositoryHandlers(registry)
         #: the logging and trace extensions
         self.logging = LogHandlers()
+        self.trace = TraceHandlers(self.tracing, registry)
         #: every request counted under its status, its failures logged
         self._accounting = RequestAccounting(metrics, log)
 
@@ -147,9 +152,11 @@ class DataPlane:
         return await self._in_flight.wait_idle(timeout)
 
     def close(self) -> None:
-        """Release what the data plane holds: the image decoders and every shared memory
-        region (unmapped now, or when the last request using one ends)."""
+        """Release what the data plane holds: the image decoders, the trace exporter (the
+        spans still queued are sent first) and every shared memory region (unmapped now,
+        or when the last request using one ends)."""
         self._images.close()
+        self.tracing.close()
         self._accounting.flush()
         regions = self.shared_memory.close()
         if regions:
@@ -234,6 +241,8 @@ class DataPlane:
         model_label = name if self.registry.knows(name) else UNKNOWN_MODEL
         version_label = ""
         held: list[Region] = []  # shared memory regions the request uses
+        traced = (self.tracing.start(name, request.trace_context) if self.tracing.active
+                  else None)
         try:
             if not self.accepting:
                 raise UnavailableError("the server is shutting down")
@@ -243,7 +252,8 @@ class DataPlane:
                 model, version = self.registry.get(name, request.model_version)
                 version_label = str(version.version)
                 try:
-                    answered = await self._infer(request, model, version, held, answer)
+                    answered = await self._infer(request, model, version, held, answer,
+                                                 None if traced is None else traced.timing)
                 except SchedulerClosedError:
                     if attempt == 2:
                         raise
@@ -251,6 +261,9 @@ class DataPlane:
                 observing = time.perf_counter_ns() if CLOCK.enabled else 0
                 self._accounting.succeeded(model_label, version_label,
                                            time.perf_counter() - started, request.protocol)
+                if traced is not None:
+                    self.tracing.finish(traced, version_label, request.id, request.protocol,
+                                        "OK")
                 if observing:
                     CLOCK.add(stages.OBSERVE, observing)
                 return answered
@@ -266,13 +279,19 @@ class DataPlane:
             self._accounting.failed(name, model_label, version_label, code, waited,
                                     protocol=request.protocol, request_id=request.id,
                                     reason=f"the caller left after {waited * 1e3:.1f} ms")
+            if traced is not None:
+                self.tracing.finish(traced, version_label, request.id, request.protocol, code,
+                                    "the caller left")
             raise
         except Exception as exc:
             if not isinstance(exc, ServingError):
                 log.error("inference failed unexpectedly", exc_info=exc)
             self._accounting.failed(name, model_label, version_label, error_code(exc),
                                     time.perf_counter() - started, protocol=request.protocol,
-                                    request_id=request.id, reason=str(exc))
+                                    request_id=request.id, reason=str(exc), error=exc)
+            if traced is not None:
+                self.tracing.finish(traced, version_label, request.id, request.protocol,
+                                    error_code(exc), str(exc))
             raise
         finally:
             if held and self.shared_memory.release(held):
@@ -297,7 +316,8 @@ class DataPlane:
         return request_id
 
     async def _infer(self, request: InferRequest, model: Model, version: ModelVersion,
-                     held: list[Region], answer: Callable[[InferResult], Any] | None) -> Any:
+                     held: list[Region], answer: Callable[[InferResult], Any] | None,
+                     timing: RequestTiming | None = None) -> Any:
         began = time.perf_counter()
         timed = CLOCK.enabled
         if timed:
@@ -369,7 +389,7 @@ class DataPlane:
         return await version.scheduler.infer(
             inputs, [n for n in names if n not in top], batch_size,
             time_remaining=remaining, timeout_us=timeout_us, top_k=top, then=finish,
-            alone=not OTHERS_IN_PROGRESS.get())
+            alone=not OTHERS_IN_PROGRESS.get(), timing=timing)
 
     def _output_targets(self, outputs: Sequence[RequestedOutput],
                         held: list[Region]) -> dict[str, tuple[Region, Placement]] | None:

@@ -43,6 +43,12 @@ class QueueTimeoutError(UnavailableError):
     batcher's rejected requests), and so does onnxserve."""
 
 
+class QueueFullError(UnavailableError):
+    """The model version's queue holds ``max_queue_size`` requests. Triton answers it
+    UNAVAILABLE (HTTP 503, "Exceeds maximum queue size"), the code gRPC names retryable,
+    so the retry policies written for Triton retry it; so does onnxserve."""
+
+
 class AlreadyExistsError(ServingError):
     """The name the operation would create is taken (a shared memory region's name)."""
 
@@ -56,8 +62,8 @@ class FailedPreconditionError(ServingError):
 
 
 class ResourceExhaustedError(ServingError):
-    """The server cannot take the request now (queue full), or its answer is larger than
-    the transport may send."""
+    """The request or its answer is larger than the transport may carry
+    (``--max-message-bytes``), as gRPC answers a message over its limit."""
 
     code = "RESOURCE_EXHAUSTED"
 

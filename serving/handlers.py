@@ -1,7 +1,8 @@
 """The control-plane handlers beside the data plane (as MLServer keeps its
 ``ModelRepositoryHandlers`` apart from its ``DataPlane``): the model repository extension
 (index, load, unload) and the logging and trace extensions. Both front ends call them
-through ``DataPlane.repository`` and ``DataPlane.logging``; Triton's system shared memory
+through ``DataPlane.repository``, ``DataPlane.logging`` and ``DataPlane.trace``; Triton's
+system shared memory
 extension is ``DataPlane.shared_memory`` (serving/shared_memory.py).
 """
 
@@ -10,13 +11,14 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Mapping, Sequence
-from typing import NoReturn, TypeVar
+from typing import TypeVar
 
 from onnxserve.serving.contract import IndexEntry
-from onnxserve.serving.errors import InvalidInputError, ModelLoadError, UnimplementedError
+from onnxserve.serving.errors import InvalidInputError, ModelLoadError
 from onnxserve.serving.models.registry import READY, ModelEntry, Registry
 from onnxserve.serving.observability import logs
 from onnxserve.serving.observability.logs import LogSettingValue, event
+from onnxserve.serving.observability.tracing import Tracing
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -78,8 +80,7 @@ class RepositoryHandlers:
 
 
 class LogHandlers:
-    """Triton's logging extension (this process's log settings) and its trace extension
-    (not built: answered with what to use instead)."""
+    """Triton's logging extension (this process's log settings)."""
 
     @staticmethod
     def settings(
@@ -106,15 +107,32 @@ class LogHandlers:
             event(log, logging.WARNING, "log_settings_changed", **changed)
         return after
 
-    @staticmethod
-    def trace_settings() -> NoReturn:
-        """Triton's trace extension, which onnxserve does not build.
+
+class TraceHandlers:
+    """Triton's trace extension: the trace settings, global or of one model, read and
+    changed at run time (serving/observability/tracing.py)."""
+
+    def __init__(self, tracing: Tracing, registry: Registry) -> None:
+        self._tracing = tracing
+        self._registry = registry
+
+    def settings(self, model: str = "",
+                 updates: Mapping[str, Sequence[str] | None] | None = None
+                 ) -> dict[str, list[str]]:
+        """The settings in force for ``model`` ("" for the global ones) after applying
+        ``updates`` (key -> values; None or an empty list clears the key; None or empty:
+        only read), every key as a list of strings, as TraceSetting answers.
 
         Raises:
-            UnimplementedError: always, naming what to use instead.
+            InvalidInputError: ``model`` is not loaded (Triton's wording), or an update
+                Triton would refuse.
+            UnimplementedError: trace_file or log_frequency, Triton's file mode's.
         """
-        raise UnimplementedError(
-            "request tracing is not built into onnxserve; to see where a request's time "
-            "goes, run with --stage-timing (per-stage totals at /metrics as "
-            "onnxserve_stage_seconds_total, and a summary logged at exit) and read the "
-            "onnxserve_request/queue/compute_duration_seconds histograms")
+        if model and not any(entry.name == model and entry.state == READY
+                             for entry in self._registry.index()):
+            raise InvalidInputError(f"Request for unknown model : {model}")
+        if updates:
+            self._tracing.update(model, updates)
+            event(log, logging.WARNING, "trace_settings_changed", model=model or "(all)",
+                  **{key: ",".join(values or ("(cleared)",)) for key, values in updates.items()})
+        return self._tracing.settings(model)

@@ -48,6 +48,8 @@ from onnxserve.serving.models.registry import Registry
 from onnxserve.serving.observability import profiling
 from onnxserve.serving.observability.metrics import Metrics, registry_gauges
 from onnxserve.serving.observability.stages import CLOCK
+from onnxserve.serving.observability.tracing import Tracing, parse_trace_config
+from onnxserve.serving.observability.triton_metrics import triton_families
 from onnxserve.serving.runtime.providers import announce
 from onnxserve.serving.settings import ServerSettings, port_unavailable
 
@@ -233,7 +235,8 @@ class Server:
         self.metrics = Metrics()
         self.registry = Registry(settings.model_repository, settings,
                                  on_change=self._models_changed, metrics=self.metrics)
-        self.plane = DataPlane(self.registry, self.metrics)
+        self.plane = DataPlane(self.registry, self.metrics,
+                               Tracing(parse_trace_config(settings.trace_config)))
         self.grpc: grpc.aio.Server | NativeServer | None = None
         #: what carries gRPC calls: "native" or "python" (--grpc-transport)
         self.grpc_transport = ""
@@ -241,6 +244,8 @@ class Server:
         self.http: HttpServer | None = None
         #: whether the start-up loads ended and readiness was reported
         self._serving = False
+        #: the readiness last logged (ready, reason)
+        self._readiness_reported: tuple[bool, str] | None = None
 
     async def serve(self, stop: asyncio.Event | None = None,
                     on_ready: Callable[[], None] | None = None) -> None:
@@ -269,6 +274,7 @@ class Server:
         """
         settings = self.settings
         self.metrics.watch(registry_gauges(self.registry.index))
+        self.metrics.watch(triton_families(self.registry.index, self.metrics))
         CLOCK.enabled = settings.stage_timing
         if settings.stage_timing:
             self.metrics.watch(CLOCK.metric_families)
@@ -355,11 +361,7 @@ class Server:
             await self.shutdown(" while loading models (the loads not done are abandoned)")
         self._serving = True
         await update_health(self.health, self.plane, ready=True)
-        ready, why = self.registry.readiness()
-        if ready:
-            log.info("ready: %s", why)
-        else:
-            log.warning("not ready: %s (readiness answers NOT_SERVING)", why)
+        self._report_readiness()
         profiling.start_from_environment()  # after loading: warm-up decisions stay unprofiled
         if on_ready is not None:
             on_ready()
@@ -375,6 +377,21 @@ class Server:
         """The registry's models changed: the health service follows once serving."""
         if self._serving:
             await update_health(self.health, self.plane, ready=self.plane.accepting)
+            if self.plane.accepting:
+                self._report_readiness()
+
+    def _report_readiness(self) -> None:
+        """Log what readiness answers, at start and each time the models change it."""
+        ready, why = self.registry.readiness()
+        if (ready, why) == self._readiness_reported:
+            return
+        self._readiness_reported = (ready, why)
+        if not ready:
+            log.warning("not ready: %s (readiness answers NOT_SERVING: gRPC ServerReady "
+                        "false, HTTP /v2/health/ready 400, grpc.health.v1 NOT_SERVING)", why)
+        else:
+            log.log(logging.INFO if self.registry.strictly_ready() else logging.WARNING,
+                    "ready: %s (readiness answers SERVING)", why)
 
     # --- shutdown ------------------------------------------------------------------------
 

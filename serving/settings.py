@@ -98,6 +98,10 @@ class ServerSettings:
         "none", "none: load every model at start; poll: also rescan the repository and load, "
         "reload and unload what changed; explicit: load only --load-model models and what "
         "the load/unload RPCs ask for")
+    strict_readiness: bool = setting(
+        True, "report the server ready only while every model it is meant to serve is "
+        "loaded; false: ready while it answers, even with some or all models unavailable "
+        "(Triton's flag and default); true/false, 1/0", metavar="BOOL")
     repository_poll_secs: float = setting(15.0, "seconds between repository scans in poll "
                                                 "mode")
     load_models: tuple[str, ...] = setting(
@@ -111,7 +115,15 @@ class ServerSettings:
                                          "shutdown, unload or reload")
     max_queue_size: int = setting(
         DEFAULT_MAX_QUEUE_SIZE, "requests waiting per model version beyond which new ones get "
-        "RESOURCE_EXHAUSTED; a config's max_queue_size wins; 0 = unbounded")
+        "UNAVAILABLE (HTTP 503), as Triton answers; a config's max_queue_size wins; 0 = "
+        "unbounded")
+    trace_config: tuple[str, ...] = setting(
+        (), "request tracing with OpenTelemetry, Triton's settings: level=TIMESTAMPS turns it "
+        "on (default OFF), rate=N traces one request in N (1000), count=N at most N (-1: no "
+        "limit), opentelemetry,url=URL the OTLP/HTTP endpoint (http://localhost:4318/v1/"
+        "traces), opentelemetry,resource=KEY=VALUE, opentelemetry,bsp_max_queue_size|"
+        "bsp_schedule_delay|bsp_max_export_batch_size=N; repeatable", flag="--trace-config",
+        metavar="[MODE,]SETTING=VALUE", env=False)
     metrics_port: int = setting(8002, "Prometheus /metrics port, 0 = off; with --workers N, "
                                       "worker k uses port + k")
     stage_timing: bool = setting(

@@ -18,8 +18,8 @@ import numpy as np
 from onnxserve.protos.datatypes import TensorSpec
 from onnxserve.protos.images import BACKGROUNDS, DEFAULT_BACKGROUND
 
-__all__ = ["RUN_ON_EVENT_LOOP_KEY", "Instance", "ModelOptions", "OutputValue", "Signature",
-           "TensorSpec", "TopK"]
+__all__ = ["RUN_ON_EVENT_LOOP_KEY", "Instance", "ModelOptions", "OutputValue", "RequestTiming",
+           "Signature", "TensorSpec", "TopK"]
 
 #: the config parameter that runs a model's batches on the event loop (models/options.py
 #: parses it; the runtime's plan names it in its errors)
@@ -49,6 +49,22 @@ class TopK(NamedTuple):
 
 #: what a model run hands back per output: the array, or its top-k classes
 OutputValue = np.ndarray | TopK
+
+
+@dataclass(slots=True)
+class RequestTiming:
+    """When a traced request passed each point of its way through its batch, as
+    time.perf_counter_ns() readings (0: not reached), and the batch it ran in: filled by
+    the batching layer for a request that asks (serving/observability/tracing.py)."""
+
+    enqueued_ns: int = 0
+    compute_start_ns: int = 0
+    input_end_ns: int = 0
+    output_start_ns: int = 0
+    compute_end_ns: int = 0
+    #: samples in the batch, and the requests they came from
+    batch_size: int = 0
+    batch_requests: int = 0
 
 
 class Instance(Protocol):

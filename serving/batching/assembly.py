@@ -225,6 +225,12 @@ def run_batch(plan: BatchPlan, instance: Instance, buffers: Buffers,
             results.append(result)
             start = stop
     samples = sum(max(p.batch_size, 1) for p in batch)
-    stats.record_batch(samples, t1 - t0, t2 - t1, time.perf_counter_ns() - t2, len(batch),
-                       max(rows, samples))
+    t3 = time.perf_counter_ns()
+    stats.record_batch(samples, t1 - t0, t2 - t1, t3 - t2, len(batch), max(rows, samples))
+    for request in batch:
+        timing = request.timing
+        if timing is not None:
+            timing.compute_start_ns, timing.input_end_ns = t0, t1
+            timing.output_start_ns, timing.compute_end_ns = t2, t3
+            timing.batch_size, timing.batch_requests = samples, len(batch)
     return results

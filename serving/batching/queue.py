@@ -26,6 +26,7 @@ from typing import cast
 import numpy as np
 
 from onnxserve.serving.errors import DeadlineExceededError, QueueTimeoutError
+from onnxserve.serving.types import RequestTiming
 
 #: which of a request's deadlines an entry of the deadline heap is for
 _CALLER, _QUEUE = "caller", "queue"
@@ -89,6 +90,8 @@ class QueuedRequest:
     armed_at: float | None = None
     enqueued_ns: int = field(default_factory=time.perf_counter_ns)
     started_ns: int | None = None
+    #: filled with its batch's times when the request is traced (None: not traced)
+    timing: RequestTiming | None = None
 
 
 class RequestQueue:

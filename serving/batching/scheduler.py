@@ -30,11 +30,11 @@ from onnxserve.serving.batching.inflight import InFlight
 from onnxserve.serving.batching.queue import QueuedRequest, QueuePolicy, RequestQueue
 from onnxserve.serving.errors import (
     DeadlineExceededError,
-    ResourceExhaustedError,
+    QueueFullError,
     SchedulerClosedError,
 )
 from onnxserve.serving.observability.statistics import ModelStats
-from onnxserve.serving.types import Instance, OutputValue
+from onnxserve.serving.types import Instance, OutputValue, RequestTiming
 
 
 class Scheduler:
@@ -146,6 +146,7 @@ class Scheduler:
         top_k: dict[str, int] | None = None,
         then: Callable[[dict[str, OutputValue]], Any] | None = None,
         alone: bool = True,
+        timing: RequestTiming | None = None,
     ) -> Any:
         """Queue one request and wait for its outputs.
 
@@ -166,10 +167,13 @@ class Scheduler:
         that finds the queue empty runs at once, in the caller's task; any other is
         queued, and the worker forms its batch on the next event loop turn, with the
         requests that arrived with it.
+        ``timing`` (a traced request's) is filled with the times the request was queued
+        and its batch ran, and the batch's size.
 
         Raises:
             SchedulerClosedError: the scheduler was closed or is draining.
-            ResourceExhaustedError: the queue holds ``max_queue_size`` requests.
+            QueueFullError: the queue holds ``max_queue_size`` requests (UNAVAILABLE, as
+                Triton answers).
             DeadlineExceededError: the caller's deadline passed before the request ran.
             QueueTimeoutError: the queue policy's timeout (REJECT) expired first.
             UnavailableError: the model was unloaded while the request waited.
@@ -183,11 +187,16 @@ class Scheduler:
             # Nothing waits to join it: run it now, without the round trip through the
             # worker task (two event loop turns, a third of a tiny model's time), and
             # without the queue's bookkeeping (it cannot expire: it never waits).
-            return self._run_now(QueuedRequest(inputs, tuple(outputs), batch_size, (), future,
-                                               top_k=dict(top_k or {})), then)
+            lone = QueuedRequest(inputs, tuple(outputs), batch_size, (), future,
+                                 top_k=dict(top_k or {}), timing=timing)
+            if timing is not None:
+                timing.enqueued_ns = lone.enqueued_ns
+            return self._run_now(lone, then)
         request = QueuedRequest(inputs, tuple(outputs), batch_size,
                                 batch_key(inputs) if self._plan.batching else (), future,
-                                dict(top_k or {}))
+                                dict(top_k or {}), timing=timing)
+        if timing is not None:
+            timing.enqueued_ns = request.enqueued_ns
         self._set_deadlines(request, time_remaining, timeout_us)
         self._queue.add(request)
         self._in_flight.enter()
@@ -213,7 +222,7 @@ class Scheduler:
         max_queue_size = self._policy.max_queue_size
         if max_queue_size and len(self._queue) >= max_queue_size:
             self.stats.record_request(False, 0, None)
-            raise ResourceExhaustedError(
+            raise QueueFullError(
                 f"model {self._name}: the queue is full ({max_queue_size} requests "
                 "waiting, max_queue_size); retry later"
             )

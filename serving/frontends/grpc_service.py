@@ -31,6 +31,7 @@ from onnxserve.serving.frontends.encoding import encode_response
 from onnxserve.serving.observability import stages
 from onnxserve.serving.observability.stages import CLOCK
 from onnxserve.serving.observability.statistics import StatisticDuration, VersionStatistics
+from onnxserve.serving.observability.tracing import trace_context
 from onnxserve.serving.shared_memory import cuda_shared_memory_unsupported
 
 log = logging.getLogger(__name__)
@@ -259,6 +260,8 @@ class InferenceService(inference_pb2_grpc.GRPCInferenceServiceServicer):
     @_answers(logged=False)
     async def ModelInfer(self, request, context):
         plain, started = _build(request, context.time_remaining())
+        if self._plane.tracing.active:
+            plain.trace_context = trace_context(context.invocation_metadata)
         try:
             return await self._infer(request, plain, started)
         except Exception:
@@ -326,6 +329,8 @@ class InferenceService(inference_pb2_grpc.GRPCInferenceServiceServicer):
         plain: InferRequest | None = None
         try:
             plain, started = _build(request, context.time_remaining())
+            if self._plane.tracing.active:
+                plain.trace_context = trace_context(context.invocation_metadata)
             await self._infer(request, plain, started, answer.infer_response, answer)
         except Exception as exc:  # answered on the stream; the data plane logged it
             answer.Clear()
@@ -354,8 +359,13 @@ class InferenceService(inference_pb2_grpc.GRPCInferenceServiceServicer):
 
     @_answers
     async def TraceSetting(self, request, context):
-        """UNIMPLEMENTED: tracing is not built (the message says what to use instead)."""
-        self._plane.logging.trace_settings()
+        """Triton's trace extension: the settings of ``model_name`` ("" for all), after
+        applying ``settings`` (an empty value list clears a key)."""
+        updates = {key: list(value.value) for key, value in request.settings.items()}
+        response = pb.TraceSettingResponse()
+        for key, values in self._plane.trace.settings(request.model_name, updates).items():
+            response.settings[key].value.extend(values)
+        return response
 
 
 def _setting_value(value: pb.LogSettingsRequest.SettingValue) -> object:

@@ -22,9 +22,12 @@ Routes:
 
 from __future__ import annotations
 
+import json
+
 from aiohttp import web
 
 from onnxserve.serving.dataplane import DataPlane
+from onnxserve.serving.errors import InvalidInputError
 from onnxserve.serving.frontends.http_answers import HttpFrontEndError, json_response
 from onnxserve.serving.frontends.http_body import read_json_body
 from onnxserve.serving.shared_memory import cuda_shared_memory_unsupported
@@ -94,8 +97,26 @@ class ExtensionRoutes:
         return json_response(self._plane.logging.settings(updates))
 
     async def trace_settings(self, request: web.Request) -> web.Response:
-        """501: tracing is not built (the message says what to use instead)."""
-        self._plane.logging.trace_settings()
+        """GET: the trace settings (of the model in the path, else the global ones); POST:
+        apply the body's changes first, a JSON object of Triton's keys whose values are a
+        string, a list of strings, or null (clears the key). Answered as Triton's HTTP API
+        does: ``trace_level`` a list, the other keys a string (a list when they hold
+        several values)."""
+        updates: dict[str, list[str] | None] = {}
+        if request.method == "POST":
+            body = await read_json_body(request, self._limit)
+            for key, value in body.items():
+                if value is None or isinstance(value, str):
+                    updates[key] = None if value is None else [value]
+                elif isinstance(value, list) and all(isinstance(v, str) for v in value):
+                    updates[key] = value
+                else:
+                    raise InvalidInputError(
+                        f"trace setting {key!r}: expected a string, a list of strings or "
+                        f"null, not {json.dumps(value)}")
+        settings = self._plane.trace.settings(request.match_info.get("model", ""), updates)
+        return json_response({key: values if key == "trace_level" or len(values) != 1
+                              else values[0] for key, values in settings.items()})
 
     # --- system shared memory ------------------------------------------------------------
 

@@ -67,6 +67,7 @@ from onnxserve.serving.frontends.http_codec import (
 from onnxserve.serving.frontends.http_extensions import ExtensionRoutes
 from onnxserve.serving.observability import stages
 from onnxserve.serving.observability.stages import CLOCK
+from onnxserve.serving.observability.tracing import trace_context
 
 log = logging.getLogger(__name__)
 
@@ -232,6 +233,8 @@ class HttpService:
             return self._refused(request, exc, header, received)
         if timed:
             CLOCK.add(stages.BUILD, started)
+        if self._plane.tracing.active:
+            parsed.request.trace_context = trace_context(request.headers.items)
 
         def answer(result: InferResult) -> web.Response:
             encoding = time.perf_counter_ns() if timed else 0

@@ -227,19 +227,36 @@ class Registry:
 
     @property
     def all_ready(self) -> bool:
-        """Strict readiness: every model the server is meant to serve is loaded, and at least
-        one is (see ``readiness``)."""
+        """Whether the models make the server ready (see ``readiness``)."""
         return self.readiness()[0]
 
     def readiness(self) -> tuple[bool, str]:
         """Whether the models make the server ready, and the reason in words.
 
-        Ready when every model the server is meant to serve is loaded, and at least one is.
-        A server holding no model answers every request NOT_FOUND; reporting it ready
-        would make an orchestrator route traffic to it and retire a healthy replica. The
-        one exception is explicit mode started without --load-model: it was asked to start
-        empty and wait for RepositoryModelLoad.
+        Strict readiness (``--strict-readiness``, Triton's, on by default): ready when every
+        model the server is meant to serve is loaded, and at least one is. A server holding
+        no model answers every request NOT_FOUND; reporting it ready would make an
+        orchestrator route traffic to it and retire a healthy replica. The one exception
+        is explicit mode started without --load-model: it was asked to start empty and
+        wait for RepositoryModelLoad. Without strict readiness the models never make the
+        server unready (Triton: ready while the server is responsive, even if some or all
+        models are unavailable); the reason still names the models not loaded.
         """
+        ready, why = self._strict_readiness()
+        if ready:
+            return ready, why
+        if self._settings.strict_readiness:
+            return False, (f"{why}; every model must load for the server to be ready "
+                           "(--strict-readiness false: ready while it answers)")
+        return True, (f"{why}; ready all the same, as --strict-readiness false asks (requests "
+                      "for the models not loaded fail)")
+
+    def strictly_ready(self) -> bool:
+        """Whether every model the server is meant to serve is loaded (the readiness of
+        ``--strict-readiness true``, whatever the setting)."""
+        return self._strict_readiness()[0]
+
+    def _strict_readiness(self) -> tuple[bool, str]:
         wanted = [e for e in self._entries.values() if e.wanted]
         mode = f"model control mode {self.control_mode}"
         if not wanted:
@@ -255,8 +272,8 @@ class Registry:
         shown = ", ".join(f"{e.name} {e.state}" + (f" ({e.reason[:200]})" if e.reason else "")
                           for e in pending[:5])
         more = f" and {len(pending) - 5} more" if len(pending) > 5 else ""
-        return False, (f"{len(loaded)} of {len(wanted)} models loaded ({mode}); every model "
-                       f"must load for the server to be ready; not loaded: {shown}{more}")
+        return False, (f"{len(loaded)} of {len(wanted)} models loaded ({mode}); not loaded: "
+                       f"{shown}{more}")
 
     async def close(self) -> None:
         for task in list(self._retired):

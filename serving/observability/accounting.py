@@ -16,6 +16,7 @@ from collections.abc import Callable
 
 from onnxserve.serving.observability.logs import FailureLog
 from onnxserve.serving.observability.metrics import Metrics
+from onnxserve.serving.observability.triton_metrics import failure_reason
 
 
 def _call_later(delay: float, callback: Callable[[], None]) -> None:
@@ -37,12 +38,15 @@ class RequestAccounting:
             self._metrics.observe_request(model, version, "OK", seconds, protocol)
 
     def failed(self, name: str, model: str, version: str, status: str, seconds: float, *,
-               protocol: str, request_id: str, reason: str) -> None:
+               protocol: str, request_id: str, reason: str,
+               error: BaseException | None = None) -> None:
         """A request answered with the canonical code ``status`` after ``seconds``: counted
-        under ``model`` (the metrics label: the name, or the unknown-model label) and
-        logged under ``name`` (the name sent, cut to 200 characters) with ``reason``."""
+        under ``model`` (the metrics label: the name, or the unknown-model label), with
+        Triton's failure reason for ``error`` (None: none was raised), and logged under
+        ``name`` (the name sent, cut to 200 characters) with ``reason``."""
         if self._metrics is not None:
-            self._metrics.observe_request(model, version, status, seconds, protocol)
+            self._metrics.observe_request(model, version, status, seconds, protocol,
+                                          failure_reason(error, status))
         self._failures.failed(model=name[:200], version=version, status=status,
                               request_id=request_id, reason=reason)
 

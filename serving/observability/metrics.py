@@ -16,12 +16,14 @@ from __future__ import annotations
 
 import bisect
 import logging
+import socket
 import threading
 import weakref
 from collections.abc import Callable, Iterable
-from wsgiref.simple_server import WSGIServer
+from socketserver import ThreadingMixIn
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
-from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
@@ -107,6 +109,8 @@ class Metrics:
         self._requests: dict[tuple[str, str, str, str], int] = {}
         #: (model, version, protocol) -> durations of successful requests (event loop only)
         self._request_seconds: dict[tuple[str, str, str], Histogram] = {}
+        #: (model, version, Triton's failure reason) -> failed requests (event loop only)
+        self._failures: dict[tuple[str, str, str], int] = {}
         metrics = self
 
         class _Totals(Collector):
@@ -115,6 +119,8 @@ class Metrics:
 
         self.registry.register(_Totals())
         self._server: WSGIServer | None = None
+        #: counter families exposed without the _total suffix (keep_names)
+        self._unsuffixed: set[str] = set()
 
     def for_version(self, model: str, version: int) -> VersionMetrics:
         """The figures of a model version for one more scheduler (a reload of the same
@@ -144,24 +150,44 @@ class Metrics:
             self._requests.pop(request_key, None)
         for seconds_key in [k for k in list(self._request_seconds) if k[:2] == key]:
             self._request_seconds.pop(seconds_key, None)
+        for failure_key in [k for k in list(self._failures) if k[:2] == key]:
+            self._failures.pop(failure_key, None)
 
     def observe_request(self, model: str, version: str, status: str, seconds: float,
-                        protocol: str) -> None:
+                        protocol: str, failure_reason: str = "OTHER") -> None:
         """An inference request that came over ``protocol`` (grpc or http) answered with
-        ``status`` (OK or the error code) after ``seconds``. Call on the event loop's
-        thread. A version whose figures were released (unloaded, or replaced while this
-        request waited) is counted under version "", so that its series do not come back
-        for ever."""
+        ``status`` (OK or the error code) after ``seconds``; a failure's ``failure_reason``
+        is Triton's (``FAILURE_REASONS``). Call on the event loop's thread. A version whose
+        figures were released (unloaded, or replaced while this request waited) is counted
+        under version "", so that its series do not come back for ever."""
         if version and (model, version) not in self._versions:
             version = ""
         key = (model, version, protocol, status)
         self._requests[key] = self._requests.get(key, 0) + 1
-        if status == "OK":
+        if status != "OK":
+            failure = (model, version, failure_reason)
+            self._failures[failure] = self._failures.get(failure, 0) + 1
+        else:
             histogram = self._request_seconds.get((model, version, protocol))
             if histogram is None:
                 histogram = self._request_seconds[(model, version, protocol)] = Histogram(
                     _LATENCY_BUCKETS)
             histogram.observe(seconds)
+
+    def request_outcomes(self) -> dict[tuple[str, str], tuple[int, dict[str, int]]]:
+        """(model, version) -> (requests answered OK, failed requests by Triton's reason),
+        for the versions whose figures are held (call on the event loop's thread or at a
+        scrape: the dicts are copied first)."""
+        out: dict[tuple[str, str], tuple[int, dict[str, int]]] = {
+            key: (0, {}) for key in list(self._versions)}
+        for (model, version, _protocol, status), count in list(self._requests.items()):
+            if status == "OK" and (model, version) in out:
+                ok, failed = out[(model, version)]
+                out[(model, version)] = (ok + count, failed)
+        for (model, version, reason), count in list(self._failures.items()):
+            if (model, version) in out:
+                out[(model, version)][1][reason] = count
+        return out
 
     def _families(self) -> list[Metric]:
         """The counters and histograms, from the totals (at each scrape)."""
@@ -210,9 +236,42 @@ class Metrics:
 
         self.registry.register(_Computed())
 
+    def keep_names(self, counters: Iterable[str]) -> None:
+        """Counter families whose samples carry their family's name, without the ``_total``
+        suffix prometheus-client gives counters (Triton's ``nv_inference_*``): /metrics
+        names them so in its HELP and TYPE lines too."""
+        self._unsuffixed.update(counters)
+
+    def exposition(self) -> bytes:
+        """The registry in Prometheus' text format (0.0.4), as /metrics serves it."""
+        text = generate_latest(self.registry)
+        for name in self._unsuffixed:
+            for kind in (b"HELP", b"TYPE"):
+                text = text.replace(b"# %s %s_total " % (kind, name.encode()),
+                                    b"# %s %s " % (kind, name.encode()))
+        return text
+
     def serve(self, host: str, port: int) -> int:
-        """Serve /metrics over HTTP in a background thread; returns the bound port."""
-        server, _thread = start_http_server(port, addr=host, registry=self.registry)
+        """Serve /metrics (any path) over HTTP in a background thread; returns the bound
+        port."""
+        metrics = self
+
+        def app(environ: dict, start_response: Callable) -> list[bytes]:
+            body = metrics.exposition()
+            start_response("200 OK", [("Content-Type", CONTENT_TYPE_LATEST),
+                                      ("Content-Length", str(len(body)))])
+            return [body] if environ.get("REQUEST_METHOD") != "HEAD" else []
+
+        class Server(ThreadingMixIn, WSGIServer):
+            daemon_threads = True
+            address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
+
+        class Quiet(WSGIRequestHandler):
+            def log_message(self, format: str, *args: object) -> None:
+                pass
+
+        server = make_server(host, port, app, Server, handler_class=Quiet)
+        threading.Thread(target=server.serve_forever, name="metrics", daemon=True).start()
         self._server = server
         return server.server_port
 

@@ -430,9 +430,12 @@ class _GatedPlane:
     def __init__(self) -> None:
         import asyncio
 
+        from onnxserve.serving.observability.tracing import TraceConfig, Tracing
+
         self.accepting = True
         self.gate = asyncio.Event()
         self.entered = asyncio.Event()
+        self.tracing = Tracing(TraceConfig())  # off
 
     def live(self) -> bool:
         return True

@@ -28,7 +28,6 @@ from onnxserve.protos.datatypes import by_name
 from onnxserve.serving.process import ServerProcess
 
 CUDA_MESSAGE = "CUDA shared memory is not supported"
-TRACE_MESSAGE = "request tracing is not built into onnxserve"
 
 
 @pytest.fixture(scope="module")
@@ -345,17 +344,23 @@ def test_log_settings_bodies(http_server) -> None:
         assert answer.status == 400 and text in answer.error
 
 
-@pytest.mark.parametrize("model", ["", "add_one"])
-def test_trace_settings_answer_501(client, model: str) -> None:
-    for call in (lambda: client.get_trace_settings(model_name=model or None),
-                 lambda: client.update_trace_settings(model_name=model or None,
-                                                      settings={"trace_level": ["TIMESTAMPS"]})):
-        status, message = _failure(call)
-        assert status == "501" and TRACE_MESSAGE in message and "--stage-timing" in message
+def test_trace_settings_bodies(http_server) -> None:
+    """Tracing itself: tests/served/test_tracing_served.py. Here, what a body may hold."""
+    answer = _call(http_server, "GET", "/v2/trace/setting")
+    assert answer.status == 200 and json.loads(answer.body)["trace_level"] == ["OFF"]
+    assert json.loads(answer.body)["trace_rate"] == "1000"
+    for body, text in ((b"{", "not valid JSON"), (b"[]", "must be a JSON object"),
+                       (b'{"trace_rate": 5}', "expected a string, a list of strings or null"),
+                       (b'{"trace_level": [1]}', "expected a string, a list of strings"),
+                       (b'{"colour": "blue"}', "unknown trace setting 'colour'")):
+        answer = _call(http_server, "POST", "/v2/trace/setting", body)
+        assert answer.status == 400 and text in answer.error, (body, answer.error)
+    answer = _call(http_server, "GET", "/v2/models/no_such_model/trace/setting")
+    assert answer.status == 400 and "Request for unknown model : no_such_model" in answer.error
 
 
 def test_server_metadata_over_http_lists_the_extensions(client) -> None:
     extensions = client.get_server_metadata()["extensions"]
-    assert {"logging", "system_shared_memory", "binary_tensor_data"} <= set(extensions)
-    assert not {"trace", "cuda_shared_memory"} & set(extensions)
+    assert {"logging", "trace", "system_shared_memory", "binary_tensor_data"} <= set(extensions)
+    assert "cuda_shared_memory" not in extensions
 

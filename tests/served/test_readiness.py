@@ -10,6 +10,8 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import time
+import urllib.request
 from pathlib import Path
 
 import grpc
@@ -60,6 +62,67 @@ def test_the_start_up_line_says_why_the_server_is_not_ready(tmp_path: Path) -> N
         assert "WARNING" in line and "not ready: 1 of 2 models loaded" in line, line
         assert "broken UNAVAILABLE" in line and "not_a_field" in line, line
         assert "NOT_SERVING" in line, line
+    finally:
+        assert server.stop() == 0
+
+
+@pytest.mark.parametrize("flag", [("--strict-readiness", "false"), ("--strict-readiness=0",),
+                                  ("env",)])
+def test_without_strict_readiness_one_bad_model_leaves_the_server_ready(
+        tmp_path: Path, flag: tuple[str, ...]) -> None:
+    """Triton's --strict-readiness false: replicas sharing a repository with one bad model
+    stay behind the load balancer; the bad model alone is not ready."""
+    add_one_model(tmp_path / "add_one" / "1" / "model.onnx")
+    write_config(tmp_path / "broken", "max_batch_size: 4\nnot_a_field: 1\n")
+    if flag == ("env",):
+        os.environ["ONNXSERVE_STRICT_READINESS"] = "false"
+    try:
+        server = start_server(tmp_path, tmp_path / "server.log",
+                              *(() if flag == ("env",) else flag))
+    finally:
+        os.environ.pop("ONNXSERVE_STRICT_READINESS", None)
+    try:
+        with Client(server.url) as client:
+            assert client.is_server_ready()
+            assert client.is_model_ready("add_one") and not client.is_model_ready("broken")
+        assert _health(server.url) == "SERVING"
+        assert _health(server.url, "broken") == "NOT_SERVING"
+        http = urllib.request.urlopen(f"http://{server.http_url}/v2/health/ready", timeout=10)
+        assert http.status == 200
+        (line,) = [x for x in server.output().splitlines() if "ready:" in x]
+        assert "WARNING" in line and "ready: 1 of 2 models loaded" in line, line
+        assert "broken UNAVAILABLE" in line and "ready all the same" in line, line
+        assert "readiness answers SERVING" in line, line
+    finally:
+        assert server.stop() == 0
+
+
+def test_a_bad_model_polled_in_later_is_logged_with_what_readiness_answers(
+        tmp_path: Path) -> None:
+    """A folder copied into a polled repository with the old name in its config: the
+    server goes not ready, and its log says so and why."""
+    add_one_model(tmp_path / "add_one" / "1" / "model.onnx")
+    server = start_server(tmp_path, tmp_path / "server.log", "--model-control-mode", "poll",
+                          "--repository-poll-secs", "0.2")
+    try:
+        with Client(server.url) as client:
+            assert client.is_server_ready()
+            shutil.copytree(tmp_path / "add_one", tmp_path / "add_two")
+            write_config(tmp_path / "add_two", 'name: "add_one"\n')
+            deadline = time.monotonic() + 30
+            while client.is_server_ready():
+                assert time.monotonic() < deadline, server.output()
+                time.sleep(0.1)
+        deadline = time.monotonic() + 10
+        while "add_two UNAVAILABLE" not in server.output():
+            assert time.monotonic() < deadline, server.output()
+            time.sleep(0.1)
+        # each change is logged: add_two LOADING, then add_two UNAVAILABLE and why
+        line = [x for x in server.output().splitlines() if "not ready:" in x][-1]
+        assert "not ready: 1 of 2 models loaded" in line, line
+        assert "add_two UNAVAILABLE" in line and "name is 'add_one'" in line, line
+        assert "NOT_SERVING" in line, line
+        assert "ready: 1 of 1 models loaded" in server.output()
     finally:
         assert server.stop() == 0
 

@@ -7,6 +7,8 @@ from __future__ import annotations
 import contextlib
 import io
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 from support import ROOT
@@ -28,6 +30,13 @@ def test_every_python_block_runs(server: ServerProcess, samples: Path) -> None:
         code = (block.replace("localhost:8001", server.url)
                 .replace("localhost:8000", str(server.http_url))
                 .replace("samples/", f"{samples}/"))
+        if "tritonclient.grpc" in code:
+            # in a process of its own: tritonclient's generated modules and onnxserve's
+            # (imported here) register the same proto file names
+            done = subprocess.run([sys.executable, "-c", code], capture_output=True,
+                                  text=True, timeout=120)
+            assert done.returncode == 0 and done.stdout.strip(), (page.name, done.stderr)
+            continue
         printed = io.StringIO()
         with contextlib.redirect_stdout(printed):
             exec(compile(code, str(page.relative_to(ROOT)), "exec"), {})

@@ -29,6 +29,7 @@ from onnxserve.serving.frontends.grpc_service import (
     STREAM_TASK_NAME,
     InferenceService,
 )
+from onnxserve.serving.observability.tracing import TraceConfig, Tracing
 from onnxserve.serving.process import ServerProcess
 
 pytestmark = pytest.mark.grpc  # run over both gRPC transports (make test)
@@ -49,6 +50,7 @@ class GatedPlane:
         self.running = 0
         self.most = 0
         self.changed = asyncio.Event()
+        self.tracing = Tracing(TraceConfig())  # off
 
     def gate(self, request_id: str) -> asyncio.Event:
         return self.gates.setdefault(request_id, asyncio.Event())

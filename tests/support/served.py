@@ -101,3 +101,19 @@ def slow_request() -> pb.ModelInferRequest:
     request.inputs.add(name="x", datatype="FP32", shape=[1, 1024])
     request.raw_input_contents.append(np.ones((1, 1024), np.float32).tobytes())
     return request
+
+
+def triton_grpc(url: str, *calls: dict) -> list[dict]:
+    """Run tritonclient.grpc ``calls`` against ``url`` in a process of their own
+    (tests/support/triton_grpc_calls.py says what a call is): one result per call."""
+    import json
+    import subprocess
+    import sys
+
+    from support import SUPPORT
+
+    done = subprocess.run([sys.executable, str(SUPPORT / "triton_grpc_calls.py"), url,
+                           json.dumps(list(calls))], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)

@@ -90,8 +90,7 @@ def logging_settings(url: str) -> dict:
         {"log_verbose_level": 0, "log_info": True, "log_format": "text"},
         as_json=True)["settings"]
     try:
-        client.get_trace_settings()
-        out["trace"] = None
+        out["trace"] = client.get_trace_settings(as_json=True)["settings"]
     except InferenceServerException as exc:
         out["trace"] = [exc.status(), exc.message()]
     client.close()

@@ -380,7 +380,7 @@ def _held(instance, scheduler_kwargs, body_after_hold):
 
 def test_a_full_queue_refuses_at_once() -> None:
     from onnxserve.serving.batching.queue import QueuePolicy
-    from onnxserve.serving.errors import ResourceExhaustedError
+    from onnxserve.serving.errors import QueueFullError
 
     instance = FakeRunner()
 
@@ -389,7 +389,7 @@ def test_a_full_queue_refuses_at_once() -> None:
                   for _ in range(2)]
         await asyncio.sleep(0)
         started = asyncio.get_running_loop().time()
-        with pytest.raises(ResourceExhaustedError, match="queue is full"):
+        with pytest.raises(QueueFullError, match="queue is full"):
             await scheduler.infer({"x": np.ones((1, 2))}, ["y"], 1)
         assert asyncio.get_running_loop().time() - started < 0.01
         instance.gate.set()

@@ -107,6 +107,35 @@ def test_a_broken_model_fails_alone(tmp_path: Path) -> None:
     _run(body())
 
 
+def test_without_strict_readiness_models_never_make_the_server_unready(tmp_path: Path) -> None:
+    """Triton's --strict-readiness false: ready while the server answers; the reason still
+    names what is not loaded."""
+    (tmp_path / "broken" / "1").mkdir(parents=True)
+    (tmp_path / "broken" / "1" / "model.onnx").write_bytes(b"not an onnx file")
+
+    async def body():
+        strict = _registry(tmp_path)
+        lenient = _registry(tmp_path, strict_readiness=False)
+        for registry in (strict, lenient):
+            await registry.load_initial()
+        assert not strict.all_ready and not strict.strictly_ready()
+        assert "every model must load" in strict.readiness()[1]
+        ready, why = lenient.readiness()
+        assert ready and not lenient.strictly_ready()
+        assert "0 of 1 models loaded" in why and "broken UNAVAILABLE" in why, why
+        assert "ready all the same, as --strict-readiness false asks" in why, why
+        for registry in (strict, lenient):
+            await registry.close()
+        empty = tmp_path / "empty"
+        empty.mkdir()
+        nothing = _registry(empty, strict_readiness=False)
+        await nothing.load_initial()
+        assert nothing.all_ready and "no model to serve" in nothing.readiness()[1]
+        await nothing.close()
+
+    _run(body())
+
+
 def test_poll_loads_new_reloads_changed_and_unloads_removed(tmp_path: Path) -> None:
     add_one_model(tmp_path / "a" / "1" / "model.onnx")
 

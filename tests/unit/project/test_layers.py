@@ -1,13 +1,13 @@
 """The layers' dependency rules (ARCHITECTURE.md), on every import, inside functions too.
 
-serving/ is layered: cli > commands | workers > process > server > frontends > data plane
-(dataplane > contract, its plain values > classification | shared_memory) > models >
-batching | runtime (siblings: batching depends on serving/types.py's Instance protocol,
-never on the runtime); errors, settings and types are shared by all, and observability
-is used by all and uses only those. The runtime imports neither asyncio nor gRPC nor the
-protocol's service messages; front ends never reach around the data plane into models/,
-batching/ or runtime/; clients/ and export/ never import the server; and no module imports
-itself back through others (no cycles).
+serving/ is layered: cli > triton_flags (its Triton flags) > commands | workers > process
+> server > frontends > data plane (dataplane > contract, its plain values > classification
+| shared_memory) > models > batching | runtime (siblings: batching depends on
+serving/types.py's Instance protocol, never on the runtime); errors, settings and types
+are shared by all, and observability is used by all and uses only those. The runtime
+imports neither asyncio nor gRPC nor the protocol's service messages; front ends never
+reach around the data plane into models/, batching/ or runtime/; clients/ and export/
+never import the server; and no module imports itself back through others (no cycles).
 """
 
 from __future__ import annotations
@@ -23,7 +23,8 @@ PACKAGES = {"serving": "onnxserve.serving", "clients": "onnxserve.clients",
 SHARED = ("errors", "settings", "types")
 #: serving layer -> rank; a module may import layers of lower rank, the shared modules and
 #: observability, and modules of its own layer
-RANKS = {"cli": 9, "commands": 8, "workers": 8, "process": 7, "server": 6, "frontends": 5,
+RANKS = {"cli": 9, "triton_flags": 8.5, "commands": 8, "workers": 8, "process": 7,
+         "server": 6, "frontends": 5,
          "dataplane": 4.5, "handlers": 4.4, "contract": 4.25, "classification": 4,
          "shared_memory": 4,
          "models": 3, "batching": 1, "runtime": 1,

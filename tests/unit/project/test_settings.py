@@ -37,6 +37,7 @@ SAMPLES = {
     "grpc_http2_max_pings_without_data": ("0", 0),
     "grpc_http2_min_recv_ping_interval_without_data_ms": ("100", 100),
     "grpc_http2_max_ping_strikes": ("2", 2), "load_models": None,
+    "strict_readiness": ("false", False), "trace_config": None,
 }
 
 

@@ -10,6 +10,7 @@ import numpy as np
 from onnxserve.protos import inference_pb2 as pb
 from onnxserve.serving.contract import OTHERS_IN_PROGRESS, InferResult
 from onnxserve.serving.frontends.grpc_service import InferenceService
+from onnxserve.serving.observability.tracing import TraceConfig, Tracing
 
 
 class _Plane:
@@ -17,6 +18,7 @@ class _Plane:
 
     def __init__(self) -> None:
         self.seen: list[bool] = []
+        self.tracing = Tracing(TraceConfig())  # off
 
     async def infer(self, request, answer):
         self.seen.append(OTHERS_IN_PROGRESS.get())
