@@ -79,7 +79,16 @@ def _answers(handler: Handler | None = None, *, logged: bool = True) -> Any:
                     log.info("%s failed: %s %s", handler.__name__, exc.code, message)
                 elif logged:
                     log.error("%s failed unexpectedly", handler.__name__, exc_info=exc)
-                await context.abort(grpc.StatusCode[error_code(exc)], message)
+                try:
+                    await context.abort(grpc.StatusCode[error_code(exc)], message)
+                except grpc.aio.AbortError:
+                    raise
+                except Exception:
+                    # The call ended before its status could be sent: gRPC answered its
+                    # deadline itself, or its client left (grpcio then fails the send with
+                    # ExecuteBatchError, and would log it with a traceback). No one is left
+                    # to answer; end the handler as cancelled.
+                    raise asyncio.CancelledError() from None
 
         return answer
 
