@@ -24,7 +24,7 @@ from support.served import start_server
 
 from onnxserve.clients.client import Client
 from onnxserve.serving.models.repository import list_models
-from onnxserve.serving.process import free_port, onnxserve_command
+from onnxserve.serving.process import ServerProcess, free_port, onnxserve_command
 
 pytestmark = pytest.mark.grpc  # run over both gRPC transports (make test)
 
@@ -52,18 +52,27 @@ def test_an_empty_repository_is_live_but_not_ready(tmp_path: Path) -> None:
 
 
 def test_the_start_up_line_says_why_the_server_is_not_ready(tmp_path: Path) -> None:
-    add_one_model(tmp_path / "add_one" / "1" / "model.onnx")
-    write_config(tmp_path / "broken", "max_batch_size: 4\nnot_a_field: 1\n")
+    _one_bad_model(tmp_path)
     server = start_server(tmp_path, tmp_path / "server.log")
     try:
         with Client(server.url) as client:
             assert not client.is_server_ready()
-        (line,) = [x for x in server.output().splitlines() if "ready:" in x]
-        assert "WARNING" in line and "not ready: 1 of 2 models loaded" in line, line
-        assert "broken UNAVAILABLE" in line and "not_a_field" in line, line
-        assert "NOT_SERVING" in line, line
+        line = _readiness_line(server)
+        assert "not ready: 1 of 2 models loaded" in line and "NOT_SERVING" in line, line
     finally:
         assert server.stop() == 0
+
+
+def _one_bad_model(folder: Path) -> None:
+    add_one_model(folder / "add_one" / "1" / "model.onnx")
+    write_config(folder / "broken", "max_batch_size: 4\nnot_a_field: 1\n")
+
+
+def _readiness_line(server: ServerProcess) -> str:
+    """The one readiness line logged: a warning that names the bad model and why."""
+    (line,) = [x for x in server.output().splitlines() if "ready:" in x]
+    assert "WARNING" in line and "broken UNAVAILABLE" in line and "not_a_field" in line, line
+    return line
 
 
 @pytest.mark.parametrize("flag", [("--strict-readiness", "false"), ("--strict-readiness=0",),
@@ -72,8 +81,7 @@ def test_without_strict_readiness_one_bad_model_leaves_the_server_ready(
         tmp_path: Path, flag: tuple[str, ...]) -> None:
     """Triton's --strict-readiness false: replicas sharing a repository with one bad model
     stay behind the load balancer; the bad model alone is not ready."""
-    add_one_model(tmp_path / "add_one" / "1" / "model.onnx")
-    write_config(tmp_path / "broken", "max_batch_size: 4\nnot_a_field: 1\n")
+    _one_bad_model(tmp_path)
     if flag == ("env",):
         os.environ["ONNXSERVE_STRICT_READINESS"] = "false"
     try:
@@ -89,9 +97,8 @@ def test_without_strict_readiness_one_bad_model_leaves_the_server_ready(
         assert _health(server.url, "broken") == "NOT_SERVING"
         http = urllib.request.urlopen(f"http://{server.http_url}/v2/health/ready", timeout=10)
         assert http.status == 200
-        (line,) = [x for x in server.output().splitlines() if "ready:" in x]
-        assert "WARNING" in line and "ready: 1 of 2 models loaded" in line, line
-        assert "broken UNAVAILABLE" in line and "ready all the same" in line, line
+        line = _readiness_line(server)
+        assert "ready: 1 of 2 models loaded" in line and "ready all the same" in line, line
         assert "readiness answers SERVING" in line, line
     finally:
         assert server.stop() == 0
