@@ -434,12 +434,20 @@ class Tracing:
             self._tracer = provider.get_tracer("onnxserve")
             log.info("tracing: OpenTelemetry spans to %s (OTLP/HTTP)", config.url)
 
-    def close(self, timeout_s: float = 5.0) -> None:
-        """Export the spans still queued (at most ``timeout_s``), then stop the exporter."""
+    def close(self, timeout_s: float = 3.0) -> None:
+        """Export the spans still queued and stop the exporter, waiting at most
+        ``timeout_s`` (an unreachable receiver must not hold the process's exit: the
+        exporter retries each batch for up to 10 s)."""
         provider, self._provider, self._tracer = self._provider, None, None
-        if provider is not None:
-            provider.force_flush(int(timeout_s * 1000))
-            provider.shutdown()
+        if provider is None:
+            return
+        stopping = threading.Thread(target=provider.shutdown, name="trace-export-stop",
+                                    daemon=True)
+        stopping.start()
+        stopping.join(timeout_s)
+        if stopping.is_alive():
+            log.warning("tracing: spans still queued after %.0f s were not exported (is the "
+                        "OTLP receiver at %s reachable?)", timeout_s, self.config.url)
 
 
 def trace_context(pairs: Callable[[], Any]) -> dict[str, str] | None:

@@ -188,3 +188,23 @@ def _http_inputs(module, samples: int):
     tensor = module.InferInput("x", list(data.shape), "FP32")
     tensor.set_data_from_numpy(data)
     return [tensor]
+
+
+def test_an_unreachable_receiver_fails_no_request_and_holds_no_exit(tmp_path: Path) -> None:
+    from onnxserve.serving.process import free_port
+
+    build_test_models(tmp_path)
+    nowhere = f"http://127.0.0.1:{free_port()}/v1/traces"  # nothing listens there
+    server = start_server(tmp_path, tmp_path / "server.log", "--trace-config=level=TIMESTAMPS",
+                          "--trace-config=rate=1",
+                          f"--trace-config=opentelemetry,url={nowhere}",
+                          "--trace-config=opentelemetry,bsp_schedule_delay=10")
+    try:
+        results = triton_grpc(server.url, *[_infer()] * 5)
+        assert all(result["ok"] for result in results), results
+        time.sleep(0.5)  # the exporter has tried by now
+    finally:
+        started = time.monotonic()
+        assert server.stop() == 0
+        assert time.monotonic() - started < 15  # the drain's linger, and at most 3 s more
+    assert "Traceback" not in server.output()
