@@ -100,8 +100,9 @@ class ServerSettings:
         "the load/unload RPCs ask for")
     strict_readiness: bool = setting(
         True, "report the server ready only while every model it is meant to serve is "
-        "loaded; false: ready while it answers, even with some or all models unavailable "
-        "(Triton's flag and default); true/false, 1/0", metavar="BOOL")
+        "loaded; false: ready once the start-up loads ended, even with some or all models "
+        "unavailable (Triton's flag, default true there too); true/false, 1/0",
+        metavar="BOOL")
     repository_poll_secs: float = setting(15.0, "seconds between repository scans in poll "
                                                 "mode")
     load_models: tuple[str, ...] = setting(

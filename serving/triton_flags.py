@@ -86,10 +86,13 @@ class _Alias(argparse.Action):
 
     def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
                  values: Any, option_string: str | None = None) -> None:
+        flag = option_string or self.option_strings[0]
         try:
-            self._apply(namespace, option_string or self.option_strings[0], values)
+            self._apply(namespace, flag, values)
         except argparse.ArgumentError as exc:
             parser.error(exc.message)
+        except ValueError:
+            parser.error(f"{flag}: not a value it takes: {values!r}")
 
 
 class _Refused(argparse.Action):
@@ -135,7 +138,9 @@ def _log_quieter(level: str) -> Callable[[argparse.Namespace, str, str], None]:
     order = ["DEBUG", "INFO", "WARNING", "ERROR"]
 
     def apply(namespace: argparse.Namespace, flag: str, value: str) -> None:
-        if not _boolean(flag, value) and order.index(namespace.log_level) < order.index(level):
+        current = str(namespace.log_level).upper()
+        if not _boolean(flag, value) and (current not in order
+                                          or order.index(current) < order.index(level)):
             namespace.log_level = level
     return apply
 

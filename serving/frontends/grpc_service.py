@@ -79,8 +79,9 @@ def _answers(handler: Handler | None = None, *, logged: bool = True) -> Any:
                     log.info("%s failed: %s %s", handler.__name__, exc.code, message)
                 elif logged:
                     log.error("%s failed unexpectedly", handler.__name__, exc_info=exc)
+                code = grpc.StatusCode[error_code(exc)]
                 try:
-                    await context.abort(grpc.StatusCode[error_code(exc)], message)
+                    await context.abort(code, message)
                 except grpc.aio.AbortError:
                     raise
                 except Exception:

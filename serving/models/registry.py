@@ -78,6 +78,8 @@ class Registry:
         self._retired: set[asyncio.Task] = set()
         #: the repository's models: names, folders, the ones loaded at start
         self.listing = RepositoryListing(repository, settings)
+        #: the start-up loads ended (until then the server is not ready, strict or not)
+        self.started = False
 
     @property
     def control_mode(self) -> str:
@@ -87,11 +89,14 @@ class Registry:
         """Load ``names`` (default: ``initial_models()``); a model that fails is UNAVAILABLE."""
         if names is None:
             names = self.listing.initial_models()
-        for name in names:
-            try:
-                await self.load(name)
-            except (NotFoundError, InvalidInputError) as exc:
-                log.error("model %s: %s", name, exc)
+        try:
+            for name in names:
+                try:
+                    await self.load(name)
+                except (NotFoundError, InvalidInputError) as exc:
+                    log.error("model %s: %s", name, exc)
+        finally:
+            self.started = True
 
     def _lock(self, name: str) -> asyncio.Lock:
         return self._locks.setdefault(name, asyncio.Lock())
@@ -239,12 +244,15 @@ class Registry:
         orchestrator route traffic to it and retire a healthy replica. The one exception
         is explicit mode started without --load-model: it was asked to start empty and
         wait for RepositoryModelLoad. Without strict readiness the models never make the
-        server unready (Triton: ready while the server is responsive, even if some or all
-        models are unavailable); the reason still names the models not loaded.
+        server unready once the start-up loads ended (Triton: ready while the server is
+        responsive, even if some or all models are unavailable; its endpoints open after
+        those loads); the reason still names the models not loaded.
         """
         ready, why = self._strict_readiness()
         if ready:
             return ready, why
+        if not self.started:
+            return False, f"{why}; the start-up loads have not ended"
         if self._settings.strict_readiness:
             return False, (f"{why}; every model must load for the server to be ready "
                            "(--strict-readiness false: ready while it answers)")

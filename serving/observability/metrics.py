@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterable
 from socketserver import ThreadingMixIn
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
@@ -35,6 +35,8 @@ from prometheus_client.registry import Collector
 log = logging.getLogger(__name__)
 
 UNKNOWN_MODEL = "_unknown"
+#: what generate_latest writes: Prometheus' text format 0.0.4 (the one Triton serves)
+TEXT_FORMAT = "text/plain; version=0.0.4; charset=utf-8"
 _LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
                     0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
@@ -258,7 +260,7 @@ class Metrics:
 
         def app(environ: dict, start_response: Callable) -> list[bytes]:
             body = metrics.exposition()
-            start_response("200 OK", [("Content-Type", CONTENT_TYPE_LATEST),
+            start_response("200 OK", [("Content-Type", TEXT_FORMAT),
                                       ("Content-Length", str(len(body)))])
             return [body] if environ.get("REQUEST_METHOD") != "HEAD" else []
 
@@ -302,7 +304,8 @@ def registry_gauges(entries: Callable[[], Iterable]) -> Callable[[], list[GaugeM
                 state.add_metric((entry.name, entry.state), 1)
             if entry.model is None:
                 continue
-            for number, version in entry.model.versions.items():
+            # a copy: loads and unloads change it on the event loop's thread meanwhile
+            for number, version in list(entry.model.versions.items()):
                 in_flight.add_metric((entry.name, str(number)), version.scheduler.in_flight)
                 queued.add_metric((entry.name, str(number)), version.scheduler.queued)
                 placed: dict[tuple[str, str], int] = {}

@@ -29,6 +29,7 @@ are imported and started only when tracing is first turned on.
 from __future__ import annotations
 
 import logging
+import re
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -48,6 +49,8 @@ UNLIMITED = -1
 MAX_RATE = 2**32 - 1
 #: the W3C trace context headers (gRPC metadata keys are lower case)
 CONTEXT_KEYS = ("traceparent", "tracestate")
+#: a W3C traceparent (version, trace id, parent id, flags); others are not followed
+_TRACEPARENT = re.compile(r"[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}\Z")
 MODE = "opentelemetry"
 #: what Triton's level words mean (case-insensitive)
 _LEVEL_WORDS = {"off": "OFF", "false": "OFF", "timestamps": "TIMESTAMPS", "on": "TIMESTAMPS",
@@ -181,28 +184,31 @@ def parse_trace_config(entries: Sequence[str]) -> TraceConfig:
 
 
 class _Sampler:
-    """One setting in force and its sampling state (requests seen, traces left)."""
+    """One setting in force and its sampling state: requests seen, and the traces left in
+    ``budget`` (its own, or the global sampler's for a model that sets no count)."""
 
-    __slots__ = ("left", "seen", "setting")
+    __slots__ = ("budget", "left", "seen", "setting")
 
-    def __init__(self, setting: TraceSetting) -> None:
+    def __init__(self, setting: TraceSetting, budget: _Sampler | None = None) -> None:
         self.setting = setting
         self.seen = 0
         self.left = setting.count
+        self.budget = budget or self
 
     def sample(self, propagated: bool) -> bool:
         setting = self.setting
         if not setting.on:
             return False
-        if propagated:
+        if propagated:  # as Triton: a caller's trace is followed whatever the rate and count
             return True
-        if not setting.rate or self.left == 0:
+        budget = self.budget
+        if not setting.rate or budget.left == 0:
             return False
         self.seen += 1
         if self.seen % setting.rate:
             return False
-        if self.left > 0:
-            self.left -= 1
+        if budget.left > 0:
+            budget.left -= 1
         return True
 
 
@@ -242,6 +248,8 @@ class Tracing:
         self._tracer: Any = None
         self._provider: Any = None
         self._lock = threading.Lock()
+        #: the exporter failed to start (logged once; nothing is traced)
+        self._broken = False
 
     # --- settings ------------------------------------------------------------------------
 
@@ -254,7 +262,7 @@ class Tracing:
         sampler = self._sampler(model) if model else self._global
         setting = sampler.setting
         return {"trace_level": list(setting.level), "trace_rate": [str(setting.rate)],
-                "trace_count": [str(sampler.left)], "trace_mode": [MODE],
+                "trace_count": [str(sampler.budget.left)], "trace_mode": [MODE],
                 **self.config.exporter_settings()}
 
     def update(self, model: str, changes: Mapping[str, Sequence[str] | None]) -> None:
@@ -315,10 +323,11 @@ class Tracing:
             current.update(parsed)
             for key in cleared:
                 current[names[key]] = start[names[key]]
-            left = self._global.left
+            before = self._global
             self._global = _Sampler(TraceSetting(**current))
+            self._global.seen = before.seen  # one in N goes on counting
             if "count" not in parsed and "trace_count" not in cleared:
-                self._global.left = left
+                self._global.left = before.left
             for name in self._overrides:  # their other settings follow the global ones
                 self._models[name] = self._model_sampler(name, None)
         self.active = self._global.setting.on or any(
@@ -327,17 +336,18 @@ class Tracing:
             self._start_exporter()
 
     def _model_sampler(self, model: str, new_count: int | None) -> _Sampler:
-        """The sampler of a model's own settings over the global ones; it keeps the traces
-        left it had unless its count was just set."""
+        """The sampler of a model's own settings over the global ones. A model that sets
+        no count draws on the global traces left; one that does keeps its own left, unless
+        its count was just set."""
         override = self._overrides[model]
-        setting = replace(self._global.setting, **override)
-        sampler = _Sampler(setting)
+        own_count = "count" in override
+        sampler = _Sampler(replace(self._global.setting, **override),
+                           None if own_count else self._global)
         before = self._models.get(model)
-        if new_count is None and before is not None:
-            sampler.left = before.left
+        if before is not None:
             sampler.seen = before.seen
-        elif "count" not in override:
-            sampler.left = self._global.left
+            if own_count and new_count is None and before.budget is before:
+                sampler.left = before.left
         return sampler
 
     # --- requests ------------------------------------------------------------------------
@@ -345,10 +355,12 @@ class Tracing:
     def start(self, model: str, context: dict[str, str] | None) -> TracedRequest | None:
         """A request for ``model`` came, with the caller's trace context headers
         ``context`` (None: none): a TracedRequest when it is to be traced."""
-        if not self._sampler(model).sample(bool(context and "traceparent" in context)):
+        propagated = bool(context and _TRACEPARENT.match(context.get("traceparent", "")))
+        if not self._sampler(model).sample(propagated):
             return None
-        self._start_exporter()
-        return TracedRequest(model, context)
+        if not self._start_exporter():
+            return None
+        return TracedRequest(model, context if propagated else None)
 
     def finish(self, traced: TracedRequest, version: str, request_id: str, protocol: str,
                status: str, message: str = "") -> None:
@@ -408,11 +420,24 @@ class Tracing:
 
     # --- the exporter --------------------------------------------------------------------
 
-    def _start_exporter(self) -> None:
-        """The OpenTelemetry tracer and its OTLP/HTTP exporter, once (the SDK is imported
-        only when tracing is first on)."""
+    def _start_exporter(self) -> bool:
+        """Start the OpenTelemetry tracer and its OTLP/HTTP exporter, once (the SDK is
+        imported only when tracing is first on); False when it cannot start (logged once:
+        tracing never fails a request)."""
         if self._tracer is not None:
-            return
+            return True
+        if self._broken:
+            return False
+        try:
+            self._start_tracer()
+        except Exception as exc:
+            self._broken = True
+            log.error("tracing: cannot start OpenTelemetry's exporter, no request is traced: "
+                      "%s: %s", type(exc).__name__, exc)
+            return False
+        return True
+
+    def _start_tracer(self) -> None:
         with self._lock:
             if self._tracer is not None:
                 return
@@ -439,6 +464,7 @@ class Tracing:
         ``timeout_s`` (an unreachable receiver must not hold the process's exit: the
         exporter retries each batch for up to 10 s)."""
         provider, self._provider, self._tracer = self._provider, None, None
+        self.active, self._broken = False, True  # a request from now on is not traced
         if provider is None:
             return
         stopping = threading.Thread(target=provider.shutdown, name="trace-export-stop",

@@ -106,7 +106,8 @@ def triton_families(entries: Callable[[], Iterable[Any]], metrics: Metrics
         for entry in entries():
             if entry.model is None:
                 continue
-            for number, version in entry.model.versions.items():
+            # a copy: loads and unloads change it on the event loop's thread meanwhile
+            for number, version in list(entry.model.versions.items()):
                 labels = {"model": entry.name, "version": str(number)}
                 stats = version.scheduler.stats.snapshot(entry.name, str(number))
                 ok, failed = outcomes.get((entry.name, str(number)), (0, {}))

@@ -168,3 +168,17 @@ def test_the_metric_name_reader_sees_a_misspelt_name() -> None:
     assert _metric_names('sum by (model) (rate(nv_inference_cout{model=~"$m"}[1m])) / 1000'
                          ) == {"nv_inference_cout"}
     assert _metric_names("label_values(nv_inference_count, model)") == {"nv_inference_count"}
+
+
+def test_metrics_are_served_in_prometheus_text_format_0_0_4(
+        served: tuple[ServerProcess, str]) -> None:
+    server, _ = served
+    request = urllib.request.Request(f"http://127.0.0.1:{server.metrics_port}/metrics",
+                                     headers={"Accept": "application/openmetrics-text"})
+    with urllib.request.urlopen(request, timeout=10) as answer:
+        assert answer.headers["Content-Type"] == "text/plain; version=0.0.4; charset=utf-8"
+        assert b"# TYPE nv_inference_count counter\n" in answer.read()
+    head = urllib.request.Request(f"http://127.0.0.1:{server.metrics_port}/metrics",
+                                  method="HEAD")
+    with urllib.request.urlopen(head, timeout=10) as answer:
+        assert answer.status == 200 and answer.read() == b""

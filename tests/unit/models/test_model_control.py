@@ -116,6 +116,8 @@ def test_without_strict_readiness_models_never_make_the_server_unready(tmp_path:
     async def body():
         strict = _registry(tmp_path)
         lenient = _registry(tmp_path, strict_readiness=False)
+        assert not lenient.all_ready  # not before the start-up loads ended
+        assert "the start-up loads have not ended" in lenient.readiness()[1]
         for registry in (strict, lenient):
             await registry.load_initial()
         assert not strict.all_ready and not strict.strictly_ready()

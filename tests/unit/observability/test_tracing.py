@@ -55,7 +55,7 @@ def test_trace_config_refuses_what_it_cannot_take(entry: str, said: str) -> None
 
 def _tracing(**setting) -> Tracing:
     tracing = Tracing(TraceConfig(setting=TraceSetting(**setting)))
-    tracing._start_exporter = lambda: None  # type: ignore[method-assign]  # no export here
+    tracing._start_exporter = lambda: True  # type: ignore[method-assign]  # no export here
     return tracing
 
 
@@ -122,3 +122,50 @@ def test_the_context_is_read_from_metadata_or_headers() -> None:
                                                             "tracestate": "c"}
     assert trace_context(lambda: (("TraceParent", "a"),)) == {"traceparent": "a"}
     assert trace_context(lambda: (("grpc-bin", b"\0"),)) is None
+
+
+def test_a_model_without_a_count_of_its_own_draws_on_the_global_one() -> None:
+    tracing = _tracing(level=("TIMESTAMPS",), rate=1, count=2)
+    tracing.update("m", {"trace_rate": ["1"]})  # its own rate, the global count
+    assert _traced(tracing, "m", 5) + _traced(tracing, "other", 5) == 2
+    assert tracing.settings("m")["trace_count"] == tracing.settings()["trace_count"] == ["0"]
+    tracing.update("", {"trace_count": ["3"]})  # a new global count reaches the model too
+    assert tracing.settings("m")["trace_count"] == ["3"]
+    assert _traced(tracing, "m", 5) == 3
+    tracing.update("m", {"trace_count": ["1"]})  # now its own
+    tracing.update("", {"trace_count": ["5"]})
+    assert tracing.settings("m")["trace_count"] == ["1"]
+    assert _traced(tracing, "m", 5) == 1 and _traced(tracing, "other", 9) == 5
+    tracing.update("m", {"trace_count": None})  # cleared: the global one again
+    assert tracing.settings("m")["trace_count"] == tracing.settings()["trace_count"] == ["0"]
+
+
+def test_a_global_change_keeps_counting_one_in_rate() -> None:
+    tracing = _tracing(level=("TIMESTAMPS",), rate=4)
+    assert _traced(tracing, "m", 3) == 0
+    tracing.update("", {"trace_count": ["10"]})
+    assert _traced(tracing, "m", 1) == 1  # the 4th request since the start
+
+
+def test_only_a_well_formed_traceparent_is_followed() -> None:
+    tracing = _tracing(level=("TIMESTAMPS",))  # rate 1000
+    good = {"traceparent": "00-" + "a" * 32 + "-" + "b" * 16 + "-01", "tracestate": "k=v"}
+    traced = tracing.start("m", good)
+    assert traced is not None and traced.context == good
+    for bad in ("garbage", "00-" + "a" * 31 + "-" + "b" * 16 + "-01", ""):
+        assert tracing.start("m", {"traceparent": bad}) is None
+
+
+def test_an_exporter_that_cannot_start_traces_nothing_and_fails_nothing(
+        caplog: pytest.LogCaptureFixture) -> None:
+    tracing = Tracing(TraceConfig(setting=TraceSetting(("TIMESTAMPS",), 1, -1)))
+
+    def broken() -> None:
+        raise RuntimeError("no exporter here")
+
+    tracing._start_tracer = broken  # type: ignore[method-assign]
+    assert [tracing.start("m", None) for _ in range(3)] == [None, None, None]
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 1 and "no exporter here" in errors[0]
+    tracing.close()
+    assert not tracing.active

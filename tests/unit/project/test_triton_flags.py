@@ -110,3 +110,11 @@ def test_the_triton_page_lists_every_triton_flag() -> None:
               for flag in re.findall(r"`(--[a-z0-9-]+)", line.split("|")[1])}
     assert listed == set(ALIASES) | set(REFUSED), (sorted(set(ALIASES) | set(REFUSED) - listed),
                                                    sorted(listed - set(ALIASES) - set(REFUSED)))
+
+
+def test_a_value_an_alias_cannot_take_is_a_usage_error(
+        capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    assert "--exit-timeout-secs: not a value it takes: 'soon'" in _refusal(
+        capsys, "--exit-timeout-secs", "soon")
+    monkeypatch.setenv("ONNXSERVE_LOG_LEVEL", "info")  # as typed, before its conversion
+    assert _settings("--log-info", "false").log_level == "WARNING"
