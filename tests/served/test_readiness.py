@@ -97,6 +97,14 @@ def test_without_strict_readiness_one_bad_model_leaves_the_server_ready(
         assert _health(server.url, "broken") == "NOT_SERVING"
         http = urllib.request.urlopen(f"http://{server.http_url}/v2/health/ready", timeout=10)
         assert http.status == 200
+        import tritonclient.http as triton_http
+
+        triton = triton_http.InferenceServerClient(str(server.http_url))
+        try:  # as a Triton user's client sees it
+            assert triton.is_server_ready() and triton.is_model_ready("add_one")
+            assert not triton.is_model_ready("broken")
+        finally:
+            triton.close()
         line = _readiness_line(server)
         assert "ready: 1 of 2 models loaded" in line and "ready all the same" in line, line
         assert "readiness answers SERVING" in line, line

@@ -182,3 +182,14 @@ def test_metrics_are_served_in_prometheus_text_format_0_0_4(
                                   method="HEAD")
     with urllib.request.urlopen(head, timeout=10) as answer:
         assert answer.status == 200 and answer.read() == b""
+
+
+def test_the_triton_page_lists_every_family() -> None:
+    text = (ROOT / "docs" / "triton.md").read_text()
+    table = text.split("| family | type | what it counts |", 1)[1].split("\n\n", 1)[0]
+    listed = {name for line in table.splitlines()[2:]
+              for name in re.findall(r"`(nv_inference_[a-z_]+)`", line.split("|")[1])}
+    assert listed == set(TRITON), (sorted(set(TRITON) - listed), sorted(listed - set(TRITON)))
+    for line in table.splitlines()[2:]:
+        names = re.findall(r"`(nv_inference_[a-z_]+)`", line.split("|")[1])
+        assert {TRITON[name][0] for name in names} == {line.split("|")[2].strip()}, line
