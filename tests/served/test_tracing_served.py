@@ -208,3 +208,37 @@ def test_an_unreachable_receiver_fails_no_request_and_holds_no_exit(tmp_path: Pa
         assert server.stop() == 0
         assert time.monotonic() - started < 15  # the drain's linger, and at most 3 s more
     assert "Traceback" not in server.output()
+
+
+def test_a_streams_requests_join_the_trace_of_its_call(tmp_path: Path,
+                                                        receiver: OtlpReceiver) -> None:
+    """ModelStreamInfer: the call's metadata carries the context of every request on it."""
+    import grpc
+
+    from onnxserve.protos import inference_pb2 as pb
+    from onnxserve.protos import inference_pb2_grpc
+
+    receiver.clear()
+    server = _server(tmp_path, receiver, "level=TIMESTAMPS")  # rate 1000: only propagated
+
+    def requests():
+        for index in range(3):
+            request = pb.ModelInferRequest(model_name="add_one", id=f"s{index}")
+            request.inputs.add(name="x", datatype="FP32", shape=[1, 4])
+            request.raw_input_contents.append(np.zeros((1, 4), np.float32).tobytes())
+            yield request
+
+    try:
+        with grpc.insecure_channel(server.url) as channel:
+            stub = inference_pb2_grpc.GRPCInferenceServiceStub(channel)
+            answers = list(stub.ModelStreamInfer(
+                requests(), metadata=(("traceparent", _traceparent("4" * 32)),), timeout=30))
+        assert [a.error_message for a in answers] == ["", "", ""]
+        spans = receiver.wait_for(12)
+    finally:
+        server.stop()
+    roots = [s for s in spans if s.name == "InferRequest"]
+    assert len(roots) == 3 and {s.trace_id for s in spans} == {"4" * 32}
+    assert {s.parent_span_id for s in roots} == {PARENT_ID}
+    assert sorted(s.attributes["triton.request_id"] for s in spans if s.name == "add_one") == [
+        "s0", "s1", "s2"]
