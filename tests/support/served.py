@@ -4,6 +4,7 @@ certificates and a TLS server, and a repository holding a slow model to fill que
 from __future__ import annotations
 
 import datetime
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -101,6 +102,30 @@ def slow_request() -> pb.ModelInferRequest:
     request.inputs.add(name="x", datatype="FP32", shape=[1, 1024])
     request.raw_input_contents.append(np.ones((1, 1024), np.float32).tobytes())
     return request
+
+
+def triton_grpc_when(url: str, before: Callable[[], object], *calls: dict) -> list[dict]:
+    """As ``triton_grpc``, with the calls made as soon as ``before()`` returned (the
+    client process started, imported and connected beforehand)."""
+    import json
+    import subprocess
+    import sys
+
+    from support import SUPPORT
+
+    child = subprocess.Popen([sys.executable, str(SUPPORT / "triton_grpc_calls.py"), url,
+                              json.dumps(list(calls)), "--when-told"], stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout is not None and child.stdin is not None
+        assert child.stdout.readline().strip() == "ready", child.stderr
+        before()
+        out, err = child.communicate("go\n", timeout=120)
+    finally:
+        if child.poll() is None:
+            child.kill()
+    assert child.returncode == 0, err
+    return json.loads(out)
 
 
 def triton_grpc(url: str, *calls: dict) -> list[dict]:

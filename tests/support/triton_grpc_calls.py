@@ -2,14 +2,17 @@
 generated modules and onnxserve's register the same proto file names, which one process's
 descriptor pool refuses.
 
-Usage: python triton_grpc_calls.py URL CALLS, CALLS a JSON list of objects, each with "op":
+Usage: python triton_grpc_calls.py URL CALLS [--when-told], CALLS a JSON list of objects,
+each with "op":
 - "infer": "model", "input", "output", "shape" (float32 zeros), optional "version",
   "request_id", "headers" (gRPC metadata);
 - "get_trace_settings": optional "model";
 - "update_trace_settings": optional "model", "settings" (values: a string, a list of strings
   or null);
 and optional "channel_args" ([[name, value], ...], tritonclient's). Prints a JSON list with a
-result per call: {"ok": true, ...} or {"ok": false, "status": ..., "message": ...}.
+result per call: {"ok": true, ...} or {"ok": false, "status": ..., "message": ...}. With
+--when-told it prints "ready" once its clients are made and calls when a line comes on its
+standard input (so that a test can time the calls to the millisecond).
 """
 
 from __future__ import annotations
@@ -49,13 +52,19 @@ def call(client: triton.InferenceServerClient, spec: dict[str, Any]) -> dict[str
 def main() -> None:
     url, calls = sys.argv[1], json.loads(sys.argv[2])
     clients: dict[str, triton.InferenceServerClient] = {}
-    results = []
     for spec in calls:
         args = spec.get("channel_args")
         key = json.dumps(args)
         if key not in clients:
             clients[key] = triton.InferenceServerClient(
                 url, channel_args=[tuple(a) for a in args] if args else None)
+            clients[key].is_server_live()  # connected before any timed call
+    if "--when-told" in sys.argv[3:]:
+        print("ready", flush=True)
+        sys.stdin.readline()
+    results = []
+    for spec in calls:
+        key = json.dumps(spec.get("channel_args"))
         try:
             results.append(call(clients[key], spec))
         except InferenceServerException as exc:
