@@ -28,11 +28,10 @@ def _add_serve(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 
 def _run_serve(args: argparse.Namespace) -> int:
+    from onnxserve.serving.observability.tracing import parse_trace_config
     from onnxserve.serving.triton_flags import apply_triton_tls
 
     apply_triton_tls(args.parser, args)
-    from onnxserve.serving.observability.tracing import parse_trace_config
-
     try:
         settings = settings_from_arguments(args)
         parse_trace_config(settings.trace_config)  # refused now, before any port opens

@@ -14,7 +14,7 @@ from collections.abc import Awaitable, Mapping, Sequence
 from typing import TypeVar
 
 from onnxserve.serving.contract import IndexEntry
-from onnxserve.serving.errors import InvalidInputError, ModelLoadError
+from onnxserve.serving.errors import InvalidInputError, ModelLoadError, ServingError
 from onnxserve.serving.models.registry import READY, ModelEntry, Registry
 from onnxserve.serving.observability import logs
 from onnxserve.serving.observability.logs import LogSettingValue, event
@@ -128,9 +128,11 @@ class TraceHandlers:
                 Triton would refuse.
             UnimplementedError: trace_file or log_frequency, Triton's file mode's.
         """
-        if model and not any(entry.name == model and entry.state == READY
-                             for entry in self._registry.index()):
-            raise InvalidInputError(f"Request for unknown model : {model}")
+        if model:
+            try:
+                self._registry.get(model)  # loaded and ready, as ModelReady asks
+            except ServingError:
+                raise InvalidInputError(f"Request for unknown model : {model}") from None
         if updates:
             self._tracing.update(model, updates)
             event(log, logging.WARNING, "trace_settings_changed", model=model or "(all)",

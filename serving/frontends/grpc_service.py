@@ -96,15 +96,17 @@ def _answers(handler: Handler | None = None, *, logged: bool = True) -> Any:
     return wrap(handler) if handler is not None else wrap
 
 
-def _build(request: pb.ModelInferRequest,
-           time_remaining: float | None) -> tuple[InferRequest, int]:
-    """The data plane's request for ``request``, and when stage timing is on the clock
-    reading the handler's time counts from (0 when off)."""
-    if not CLOCK.enabled:
-        return infer_request(request, time_remaining), 0
-    started = time.perf_counter_ns()
-    plain = infer_request(request, time_remaining)
-    CLOCK.add(stages.BUILD, started)
+def _build(request: pb.ModelInferRequest, context: grpc.aio.ServicerContext,
+           tracing: bool) -> tuple[InferRequest, int]:
+    """The data plane's request for ``request`` (with the call's deadline, and its trace
+    context while ``tracing``), and when stage timing is on the clock reading the
+    handler's time counts from (0 when off)."""
+    started = time.perf_counter_ns() if CLOCK.enabled else 0
+    plain = infer_request(request, context.time_remaining())
+    if tracing:
+        plain.trace_context = trace_context(context.invocation_metadata)
+    if started:
+        CLOCK.add(stages.BUILD, started)
     return plain, started
 
 
@@ -269,9 +271,7 @@ class InferenceService(inference_pb2_grpc.GRPCInferenceServiceServicer):
 
     @_answers(logged=False)
     async def ModelInfer(self, request, context):
-        plain, started = _build(request, context.time_remaining())
-        if self._plane.tracing.active:
-            plain.trace_context = trace_context(context.invocation_metadata)
+        plain, started = _build(request, context, self._plane.tracing.active)
         try:
             return await self._infer(request, plain, started)
         except Exception:
@@ -338,9 +338,7 @@ class InferenceService(inference_pb2_grpc.GRPCInferenceServiceServicer):
         answer = pb.ModelStreamInferResponse()
         plain: InferRequest | None = None
         try:
-            plain, started = _build(request, context.time_remaining())
-            if self._plane.tracing.active:
-                plain.trace_context = trace_context(context.invocation_metadata)
+            plain, started = _build(request, context, self._plane.tracing.active)
             await self._infer(request, plain, started, answer.infer_response, answer)
         except Exception as exc:  # answered on the stream; the data plane logged it
             answer.Clear()

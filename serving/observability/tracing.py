@@ -305,11 +305,11 @@ class Tracing:
                     parsed["count"] = count
             except ValueError as exc:
                 raise InvalidInputError(str(exc)) from None
-        names = {"trace_level": "level", "trace_rate": "rate", "trace_count": "count"}
+        cleared = [key.removeprefix("trace_") for key in cleared]  # TraceSetting's names
         if model:
             override = {**self._overrides.get(model, {}), **parsed}
-            for key in cleared:
-                override.pop(names[key], None)
+            for name in cleared:
+                override.pop(name, None)
             if override:
                 self._overrides[model] = override
                 self._models[model] = self._model_sampler(model, parsed.get("count"))
@@ -317,16 +317,12 @@ class Tracing:
                 self._overrides.pop(model, None)
                 self._models.pop(model, None)
         else:
-            start = {name: getattr(self._started, name) for name in ("level", "rate", "count")}
-            current = {name: getattr(self._global.setting, name)
-                       for name in ("level", "rate", "count")}
-            current.update(parsed)
-            for key in cleared:
-                current[names[key]] = start[names[key]]
             before = self._global
-            self._global = _Sampler(TraceSetting(**current))
+            self._global = _Sampler(replace(
+                before.setting, **parsed,
+                **{name: getattr(self._started, name) for name in cleared}))
             self._global.seen = before.seen  # one in N goes on counting
-            if "count" not in parsed and "trace_count" not in cleared:
+            if "count" not in parsed and "count" not in cleared:
                 self._global.left = before.left
             for name in self._overrides:  # their other settings follow the global ones
                 self._models[name] = self._model_sampler(name, None)
