@@ -86,7 +86,7 @@ CPP_NULL_START_S = 30.0
 _TICKS = os.sysconf("SC_CLK_TCK")
 
 
-def _tree_cpu_seconds(pid: int) -> float:
+def tree_cpu_seconds(pid: int) -> float:
     """CPU seconds used so far by ``pid`` and its child processes."""
     total = 0.0
     for stat in Path("/proc").glob("[0-9]*/stat"):
@@ -314,7 +314,7 @@ def _measure(url, payload, samples, args, pid, progress: Progress, what: str,
             progress.next(f"{what}, {label}" + (
                 "" if transport is None else f", perf_analyzer ({transport.label})"))
             before = _stats(url, stats_name)
-            cpu0, t0 = _tree_cpu_seconds(pid), time.perf_counter()
+            cpu0, t0 = tree_cpu_seconds(pid), time.perf_counter()
             if transport is None:
                 result = asyncio.run(run_load(
                     url, payload, samples_per_request=samples, concurrency=concurrency or 1,
@@ -339,7 +339,7 @@ def _measure(url, payload, samples, args, pid, progress: Progress, what: str,
                     else:
                         print(f"  perf_analyzer failed: {exc}", flush=True)
                     continue
-            server_cpu = 100 * (_tree_cpu_seconds(pid) - cpu0) / (time.perf_counter() - t0)
+            server_cpu = 100 * (tree_cpu_seconds(pid) - cpu0) / (time.perf_counter() - t0)
             measured.rows.append(_row(result, client, server_cpu, before,
                                       _stats(url, stats_name)))
     return measured

@@ -3,32 +3,40 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
 
 
 def raw_onnxruntime(
-    model_path: Path, sample: np.ndarray, batch_sizes=(1, 8, 32), seconds: float = 3.0,
-    threads: int = 0,
+    model_path: Path, sample: np.ndarray | Mapping[str, np.ndarray],
+    batch_sizes=(1, 8, 32), seconds: float = 3.0, threads: int = 0, min_runs: int = 1,
 ) -> dict[int, dict[str, float]]:
-    """Inferences/s and p50 latency of back-to-back runs at each batch size."""
+    """Inferences/s and p50 latency (ms) of back-to-back runs at each batch size: each
+    batch size runs for ``seconds`` and at least ``min_runs`` times after 3 warm-up runs.
+
+    ``sample``: one sample of the first input, or of each input by name (without the batch
+    dimension; repeated to each batch size). ``threads``: onnxruntime's intra-op threads (0:
+    its default, one per core).
+    """
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     session = ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
-    name = session.get_inputs()[0].name
+    samples = (dict(sample) if isinstance(sample, Mapping)
+               else {session.get_inputs()[0].name: sample})
     results = {}
     for batch in batch_sizes:
-        x = np.repeat(sample[np.newaxis], batch, axis=0)
+        feed = {name: np.repeat(x[np.newaxis], batch, axis=0) for name, x in samples.items()}
         for _ in range(3):
-            session.run(None, {name: x})
-        times = []
+            session.run(None, feed)
+        times: list[float] = []
         end = time.perf_counter() + seconds
-        while time.perf_counter() < end:
+        while time.perf_counter() < end or len(times) < min_runs:
             start = time.perf_counter()
-            session.run(None, {name: x})
+            session.run(None, feed)
             times.append(time.perf_counter() - start)
         results[batch] = {"throughput": batch * len(times) / sum(times),
                           "p50_ms": float(np.median(times) * 1e3)}

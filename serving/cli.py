@@ -1,4 +1,4 @@
-"""The `onnxserve` command: serve, export, samples, demo, bench."""
+"""The `onnxserve` command: serve, export, samples, demo, bench, tune."""
 
 from __future__ import annotations
 
@@ -53,6 +53,7 @@ def _run_serve(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from onnxserve.benchmarks.bench import add_bench_parser
+    from onnxserve.benchmarks.tune.command import add_tune_parser
     from onnxserve.export.cli import add_export_parser, add_samples_parser
     from onnxserve.serving.commands.demo import add_demo_parser
     from onnxserve.serving.commands.health import add_health_parser
@@ -66,6 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_samples_parser(subparsers)
     add_repository_argument(add_demo_parser(subparsers))
     add_repository_argument(add_bench_parser(subparsers))
+    add_repository_argument(add_tune_parser(subparsers))
     add_health_parser(subparsers)
     for subparser in subparsers.choices.values():
         subparser.set_defaults(parser=subparser)  # whose usage an error is said with

@@ -67,6 +67,17 @@ def _spec(arg: ort.NodeArg) -> TensorSpec:
     return TensorSpec(arg.name, datatype, shape)
 
 
+def session_signature(session: ort.InferenceSession) -> Signature:
+    """The inputs and outputs ``session``'s ONNX file declares (-1: a dimension of no fixed
+    size).
+
+    Raises:
+        ModelLoadError: a tensor of a type no KServe V2 datatype carries.
+    """
+    return Signature(inputs=tuple(_spec(a) for a in session.get_inputs()),
+                     outputs=tuple(_spec(a) for a in session.get_outputs()))
+
+
 _GRAPH_LEVELS = {
     "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
     "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
@@ -132,10 +143,7 @@ class SessionInstance:
             raise
         except Exception as exc:  # onnxruntime raises several unrelated types
             raise ModelLoadError(f"cannot load {model_path}: {exc}") from exc
-        self.signature = Signature(
-            inputs=tuple(_spec(a) for a in self._session.get_inputs()),
-            outputs=tuple(_spec(a) for a in self._session.get_outputs()),
-        )
+        self.signature = session_signature(self._session)
         on_gpu = self.provider != "CPUExecutionProvider"
         self.io_binding = gpu.io_binding if gpu.io_binding is not None else on_gpu
         #: where bound outputs live: onnxruntime's device name and id
