@@ -12,13 +12,15 @@ import numpy as np
 def raw_onnxruntime(
     model_path: Path, sample: np.ndarray | Mapping[str, np.ndarray],
     batch_sizes=(1, 8, 32), seconds: float = 3.0, threads: int = 0, min_runs: int = 1,
+    batched: bool = True,
 ) -> dict[int, dict[str, float]]:
     """Inferences/s and p50 latency (ms) of back-to-back runs at each batch size: each
     batch size runs for ``seconds`` and at least ``min_runs`` times after 3 warm-up runs.
 
     ``sample``: one sample of the first input, or of each input by name (without the batch
     dimension; repeated to each batch size). ``threads``: onnxruntime's intra-op threads (0:
-    its default, one per core).
+    its default, one per core). ``batched`` false: the model has no batch dimension, the
+    sample is fed as it is, and ``batch_sizes`` must be (1,).
     """
     import onnxruntime as ort
 
@@ -27,9 +29,13 @@ def raw_onnxruntime(
     session = ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
     samples = (dict(sample) if isinstance(sample, Mapping)
                else {session.get_inputs()[0].name: sample})
+    if not batched and tuple(batch_sizes) != (1,):
+        raise ValueError(f"a model without a batch dimension runs at batch size 1 only, not "
+                         f"{tuple(batch_sizes)}")
     results = {}
     for batch in batch_sizes:
-        feed = {name: np.repeat(x[np.newaxis], batch, axis=0) for name, x in samples.items()}
+        feed = ({name: np.repeat(x[np.newaxis], batch, axis=0) for name, x in samples.items()}
+                if batched else samples)
         for _ in range(3):
             session.run(None, feed)
         times: list[float] = []

@@ -190,7 +190,8 @@ class Tuner:
             _say(f"[costs] raw onnxruntime, {v.name}: batch {', '.join(map(str, sizes))} x "
                  f"{', '.join(map(str, threads))} thread(s)")
             self.profiles[v.name] = profile_raw(v.name, v.model_file, v.inputs, sizes,
-                                                threads, RAW_SECONDS)
+                                                threads, RAW_SECONDS,
+                                                batched=v.config.max_batch_size > 0)
             for t in threads:
                 _say("  " + f"{t} thread(s): " + ", ".join(
                     f"b{b} {self.profiles[v.name].latencies_ms[t, b]:.3f} ms" for b in sizes))

@@ -109,13 +109,15 @@ class RawProfile:
 
 def profile_raw(model: str, model_file: Path, inputs: dict[str, np.ndarray],
                 batch_sizes: list[int], thread_counts: list[int],
-                seconds: float) -> RawProfile:
+                seconds: float, batched: bool = True) -> RawProfile:
     """Raw onnxruntime's p50 latency at each batch size and thread count, each run for
-    ``seconds`` (at least 5 runs)."""
+    ``seconds`` (at least 5 runs); ``batched`` false: a model without a batch dimension,
+    ``inputs`` whole and ``batch_sizes`` [1]."""
     profile = RawProfile(model)
     for threads in thread_counts:
         measured = raw_onnxruntime(model_file, inputs, batch_sizes=batch_sizes,
-                                   seconds=seconds, threads=threads, min_runs=5)
+                                   seconds=seconds, threads=threads, min_runs=5,
+                                   batched=batched)
         for batch, figures in measured.items():
             profile.latencies_ms[threads, batch] = figures["p50_ms"]
     return profile

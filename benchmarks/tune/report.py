@@ -72,7 +72,8 @@ def markdown(result: dict, plotted: bool = True) -> str:
                   + f". Its config: `{result['model']}/config.pbtxt` beside tune.md.", ""]
     lines += ["## Every configuration measured", "",
               "One row per server run: its best load within the budget (else its lowest "
-              "p99). `loads` lists every load measured (x: over the budget).", "",
+              "p99). `loads` lists every load measured (x: over the budget); unstable: its "
+              "windows never agreed within 10%.", "",
               "| # | run | why | configuration | agreement | load | inf/s | p50 | p95 | p99 "
               "| server CPU | client CPU | mean batch | within budget | on the front | loads |",
               "|---" * 16 + "|"]
@@ -92,7 +93,8 @@ def markdown(result: dict, plotted: bool = True) -> str:
         index = trial["points"].index(point)
         lines.append(
             f"| {trial['number']} | {trial['run']} | {trial['phase']} | {trial['describe']} | "
-            f"{agree_text} | {_load(point)} | {point['throughput']:.0f} | "
+            f"{agree_text} | {_load(point)} | {point['throughput']:.0f}"
+            f"{'' if point['stable'] else ' (unstable)'} | "
             f"{_f(point['p50_ms'])} | {_f(point['p95_ms'])} | {_f(point['p99_ms'])} | "
             f"{point['server_cpu_percent']:.0f} | {point['client_cpu_percent']:.0f} | "
             f"{_f(point['mean_batch'], 1)} | {'yes' if point['meets'] else 'no'} | "

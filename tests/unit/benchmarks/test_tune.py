@@ -354,6 +354,30 @@ def test_a_model_with_a_variable_input_dimension_is_refused(tmp_path: Path) -> N
         find_variants(tmp_path, "v")
 
 
+def test_a_model_without_a_batch_dimension_is_measured_whole(tmp_path: Path) -> None:
+    from onnx import TensorProto, helper
+    from support.onnx_models import save_model
+
+    from onnxserve.benchmarks.raw_onnxruntime import raw_onnxruntime
+    from onnxserve.benchmarks.tune.costs import profile_raw
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 5])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 5])
+    save_model(helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "w", [x], [y]),
+               tmp_path / "w" / "1" / "model.onnx")
+    (tmp_path / "w" / "config.pbtxt").write_text(
+        'max_batch_size: 0\ninput { name: "x" data_type: TYPE_FP32 dims: [2, 5] }\n'
+        'output { name: "y" data_type: TYPE_FP32 dims: [2, 5] }\n')
+    (whole,) = find_variants(tmp_path, "w")
+    assert whole.inputs["x"].shape == (2, 5)
+    assert Candidate.from_config(whole.config) == Candidate(model="w", batching=False)
+    profile = profile_raw("w", whole.model_file, whole.inputs, batch_sizes(0), [1], 0.01,
+                          batched=False)
+    assert list(profile.latencies_ms) == [(1, 1)]
+    with pytest.raises(ValueError, match="runs at batch size 1 only"):
+        raw_onnxruntime(whole.model_file, whole.inputs, batch_sizes=(2,), batched=False)
+
+
 # -- the report and the command line ----------------------------------------------------
 
 def _result() -> dict:
