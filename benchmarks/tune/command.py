@@ -172,6 +172,8 @@ class Tuner:
         self.own_decision: Decision | None = None
         self.client = _client(args)
         self.measurer: Measurer | None = None
+        #: the code measuring: the checkout's revision when it started
+        self.revision = _revision()
 
     # phase 1
     def costs(self) -> None:
@@ -415,7 +417,7 @@ class Tuner:
             "meta": {
                 "command": "onnxserve tune " + " ".join(sys.argv[2:]),
                 "machine": f"{this_cpu()}, no GPU used",
-                "revision": _revision(),
+                "revision": self.revision,
                 "client": (self.client.kind if self.client.analyzer is None
                            else f"perf_analyzer ({self.client.analyzer.binary})"),
                 "objective": objective.describe(),
@@ -478,9 +480,10 @@ def write_config(chosen: Candidate, config: ModelConfig, out: Path, repository: 
 
 
 def _revision() -> str | None:
+    """The checkout's commit (``-dirty`` with uncommitted changes), None outside git."""
     here = Path(__file__).resolve().parent
     try:
-        out = subprocess.run(["git", "-C", str(here), "rev-parse", "--short", "HEAD"],
+        out = subprocess.run(["git", "-C", str(here), "describe", "--always", "--dirty"],
                              capture_output=True, text=True, timeout=10)
     except (OSError, subprocess.SubprocessError):
         return None

@@ -93,6 +93,10 @@ def decide(finalists: list[Finalist], default: Finalist, objective: Objective,
                 f"{f.spread(objective):.1%})")
 
     if best is default:
+        if len(meeting) == 1:
+            return Decision(default.candidate, False, (
+                f"no other configuration measured met {objective.describe()}: the model's own "
+                f"configuration is kept ({figures(default)})"))
         return Decision(default.candidate, False,
                         f"the model's own configuration measured best: {figures(default)}")
     gain = (best.median(objective) / default.median(objective) - 1

@@ -186,8 +186,9 @@ class Measurer:
 
     def measure(self, candidate: Candidate, phase: str, *, start_concurrency: int = 1,
                 fixed: Point | None = None, run: int = 0) -> Trial:
-        """Serve ``candidate`` and measure it: at the objective's fixed load, at ``fixed``'s
-        load (a confirmation), or sweeping the concurrency from ``start_concurrency``."""
+        """Serve ``candidate`` and measure it: at the objective's fixed load, sweeping the
+        concurrency from ``start_concurrency``, or for a confirmation at ``fixed``'s load
+        (where that breaks the budget this time, going down as a sweep does)."""
         trial = Trial(len(self.trials) + 1, candidate, phase, run=run)
         self.trials.append(trial)
         started = time.monotonic()
@@ -206,7 +207,10 @@ class Measurer:
                     return trial
                 trial.start_seconds = time.monotonic() - started
                 measure = _PointMeasure(self, server, variant, candidate.workers == 1)
-                if fixed is not None:
+                swept = self.objective.rate is None and self.objective.concurrency is None
+                if fixed is not None and swept:
+                    self._sweep(measure, fixed.concurrency, upward=False)
+                elif fixed is not None:
                     measure.at(fixed.concurrency, fixed.rate)
                 elif self.objective.rate is not None:
                     measure.at(1, self.objective.rate)
@@ -221,7 +225,10 @@ class Measurer:
                 trial.seconds = time.monotonic() - started
         return trial
 
-    def _sweep(self, measure: _PointMeasure, start: int) -> None:
+    def _sweep(self, measure: _PointMeasure, start: int, upward: bool = True) -> None:
+        """Sweep the load from ``start`` (module docstring); without ``upward``, a load
+        within the budget at ``start`` ends it (a confirmation: only when ``start`` breaks
+        the budget this time are lower loads measured)."""
         objective = self.objective
         c = max(1, min(start, objective.max_concurrency))
         point = measure.at(c)
@@ -236,7 +243,7 @@ class Measurer:
                     within = c
                     break
                 beyond = c
-        else:
+        elif upward:
             best = point
             while c * 2 <= objective.max_concurrency and measure.usable():
                 point = measure.at(c * 2)

@@ -234,10 +234,11 @@ class _FakeLoad:
         return point
 
 
-def _sweep(objective: Objective, start: int = 1, plateau: int = 1000) -> list[int]:
+def _sweep(objective: Objective, start: int = 1, plateau: int = 1000,
+           upward: bool = True) -> list[int]:
     measurer = Measurer(Path(), {}, objective, None, 2)  # type: ignore[arg-type]
     load = _FakeLoad(objective, plateau)
-    measurer._sweep(load, start)  # type: ignore[arg-type]
+    measurer._sweep(load, start, upward)  # type: ignore[arg-type]
     return [p.concurrency for p in load.points]
 
 
@@ -247,6 +248,9 @@ def test_the_sweep_doubles_then_bisects_at_the_budget() -> None:
     assert _sweep(Objective(0.5)) == [1]  # nothing within the budget
     assert _sweep(Objective(100.0, max_concurrency=8)) == [1, 2, 4, 8]
     assert _sweep(Objective(100.0), plateau=4) == [1, 2, 4, 8]  # 8 adds nothing: stop
+    # a confirmation stays at its load, and goes down only when that breaks the budget
+    assert _sweep(Objective(11.0), start=8, upward=False) == [8]
+    assert _sweep(Objective(11.0), start=12, upward=False) == [12, 6, 9]
 
 
 def test_the_objective_judges_points() -> None:
@@ -376,6 +380,98 @@ def test_a_model_without_a_batch_dimension_is_measured_whole(tmp_path: Path) -> 
     assert list(profile.latencies_ms) == [(1, 1)]
     with pytest.raises(ValueError, match="runs at batch size 1 only"):
         raw_onnxruntime(whole.model_file, whole.inputs, batch_sizes=(2,), batched=False)
+
+
+# -- the phases, against a fake server -------------------------------------------------
+
+class _FakeClock:
+    def __init__(self, minutes: float) -> None:
+        self.now, self.deadline = 0.0, minutes * 60
+
+    def left(self) -> float:
+        return self.deadline - self.now
+
+    def used(self) -> float:
+        return self.now
+
+
+def _tuner(tmp_path: Path, minutes: float, monkeypatch: pytest.MonkeyPatch,
+           speed=lambda c: 100.0 * c.instances * (3 if c.workers > 1 else 1)):
+    """A Tuner whose servers are fakes: each configuration takes 10 s (2 s to start) and
+    measures ``speed(candidate)`` inferences/s at concurrency 1 with p99 1 ms."""
+    import argparse
+
+    from onnxserve.benchmarks.tune import command
+    from onnxserve.benchmarks.tune.variants import ModelVariant
+
+    clock = _FakeClock(minutes)
+
+    class FakeMeasurer(Measurer):
+        def measure(self, candidate, phase, *, start_concurrency=1, fixed=None, run=0):
+            trial = Trial(len(self.trials) + 1, candidate, phase, run=run)
+            point = Point(1, None, speed(candidate), 0.5, 0.8, 1.0, 0, True, 100, 10)
+            point.meets = self.objective.meets(point)
+            trial.points, trial.seconds, trial.start_seconds = [point], 10.0, 2.0
+            clock.now += 10
+            self.trials.append(trial)
+            return trial
+
+    monkeypatch.setattr(command, "Measurer", FakeMeasurer)
+    args = argparse.Namespace(
+        model="m", model_repository=tmp_path, latency_budget_ms=6.0, latency_budget_x=None,
+        concurrency=None, request_rate=None, max_concurrency=64, max_minutes=minutes,
+        client="python", perf_analyzer=None, no_variants=True, window=1.0, max_windows=3,
+        warmup=0.5, runs=3, out=tmp_path / "out", apply=False)
+    tuner = command.Tuner(args)
+    tuner.clock = clock  # type: ignore[assignment]
+    tuner.cores = 2
+    tuner.variants = [ModelVariant("m", "fp32", _config(), tmp_path / "m.onnx", {})]
+    tuner.profiles = {"m": _profile()}
+    tuner.cost = COST
+    return tuner
+
+
+def test_the_phases_search_confirm_and_choose(tmp_path: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    tuner = _tuner(tmp_path, 15, monkeypatch)
+    tuner.search()
+    trials = tuner.measurer.trials
+    assert trials[0].phase == "default" and trials[0].candidate == Candidate.from_config(
+        _config())
+    assert [t.phase for t in trials[1:3]] == ["predicted", "predicted"]
+    assert "workers" in {t.phase for t in trials}  # knobs varied around the best
+    keys = [t.candidate.effective(2) for t in trials]
+    assert len(keys) == len(set(keys)), "no configuration served twice in the search"
+    tuner.confirm()
+    assert all(len(f.trials) == 3 for f in tuner.finalists)
+    assert tuner.finalists[-1].candidate == tuner.default
+    assert tuner.report() == 0
+    decision = tuner.decision
+    assert decision is not None and decision.beats_default
+    assert decision.chosen is not None and decision.chosen.workers == 2  # 300/s vs 100/s
+    assert (tmp_path / "out" / "m" / "config.pbtxt").is_file()
+    assert (tmp_path / "out" / "tune.md").is_file()
+
+
+def test_the_search_stops_at_max_minutes_keeping_time_to_confirm(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    tuner = _tuner(tmp_path, 1.5, monkeypatch)  # the default, two predicted, then the reserve
+    tuner.search()
+    assert "--max-minutes: 60 s left" in capsys.readouterr().out
+    assert [t.phase for t in tuner.measurer.trials] == ["default", "predicted", "predicted"]
+    assert tuner.not_measured, "the configurations left are reported"
+    tuner.confirm()
+    assert [len(f.trials) for f in tuner.finalists] == [3, 3, 3]
+    assert tuner.clock.used() <= 90
+    assert tuner.report() == 0 and tuner.decision is not None
+    assert tuner.decision.beats_default
+    # no time for more than the default: kept, saying nothing else was measured
+    short = _tuner(tmp_path, 0.3, monkeypatch)
+    short.search()
+    short.confirm()
+    assert short.report() == 0 and short.decision is not None
+    assert short.decision.chosen == short.default
+    assert "no other configuration measured met" in short.decision.reason
 
 
 # -- the report and the command line ----------------------------------------------------
