@@ -88,9 +88,19 @@ def decide(finalists: list[Finalist], default: Finalist, objective: Objective,
     best = max(meeting, key=lambda f: f.median(objective))
 
     def figures(f: Finalist) -> str:
-        return (f"median {f.median(objective):.1f} {unit}, runs {f.low(objective):.1f} to "
-                f"{f.high(objective):.1f} ({len(f.trials)} runs, spread "
-                f"{f.spread(objective):.1%})")
+        median, runs = f.median(objective), len(f.trials)
+        over = sum(1 for score in f.scores(objective) if not score)
+        return (f"median {median:.1f} {unit}, runs {f.low(objective):.1f} to "
+                f"{f.high(objective):.1f} ({runs} runs"
+                + (f", spread {f.spread(objective):.1%}" if median else "")
+                + (f"; {over} of them over the budget at every load measured" if over else "")
+                + ")")
+
+    def against_default() -> str:
+        if not default.median(objective):
+            return f"against the model's own configuration ({figures(default)})"
+        gain = best.median(objective) / default.median(objective) - 1
+        return f"{gain:+.1%} against the model's own configuration ({figures(default)})"
 
     if best is default:
         if len(meeting) == 1:
@@ -99,29 +109,23 @@ def decide(finalists: list[Finalist], default: Finalist, objective: Objective,
                 f"configuration is kept ({figures(default)})"))
         return Decision(default.candidate, False,
                         f"the model's own configuration measured best: {figures(default)}")
-    gain = (best.median(objective) / default.median(objective) - 1
-            if default.median(objective) else float("inf"))
     runs = min(len(best.trials), len(default.trials))
     if runs < min_runs:
         return Decision(default.candidate, False, (
-            f"the best measured, {best.candidate.describe()} ({figures(best)}), is "
-            f"{gain:+.1%} against the model's own configuration ({figures(default)}), but "
-            f"with {runs} run(s) the run-to-run spread is not known (--max-minutes ran out "
-            "before the confirmation): no winner called, the model's own configuration is "
-            "kept"))
+            f"the best measured, {best.candidate.describe()} ({figures(best)}), "
+            f"{against_default()}; with {runs} run(s) the run-to-run spread is not known "
+            "(--max-minutes ran out before the confirmation): no winner called, the model's "
+            "own configuration is kept"))
     if not best.apart(default, objective):
         return Decision(default.candidate, False, (
-            f"the best measured, {best.candidate.describe()} ({figures(best)}), is "
-            f"{gain:+.1%} against the model's own configuration ({figures(default)}), "
-            "inside the run-to-run spread: no winner called, the model's own configuration "
-            "is kept"))
+            f"the best measured, {best.candidate.describe()} ({figures(best)}), "
+            f"{against_default()}, is inside the run-to-run spread: no winner called, the "
+            "model's own configuration is kept"))
     tied = [f for f in meeting if f is not best and f is not default
             and not f.apart(best, objective) and f.apart(default, objective)]
     chosen = min([best, *tied], key=lambda f: f.cpu_per_inference(objective))
-    versus = ("no default figure within the budget" if not default.median(objective)
-              else f"{gain:+.1%} over the model's own configuration ({figures(default)}), "
-                   "beyond both run-to-run spreads")
-    reason = f"{best.candidate.describe()}: {figures(best)}, {versus}"
+    reason = (f"{best.candidate.describe()}: {figures(best)}, {against_default()}, beyond "
+              "both run-to-run spreads")
     if tied:
         reason += ("; " + ", ".join(f.candidate.describe() for f in tied)
                    + " measured within its spread, so no winner is called among them and "

@@ -101,13 +101,15 @@ def markdown(result: dict, plotted: bool = True) -> str:
             f"{'yes' if (trial['number'], index) in front else ''} | {loads} |")
     lines += ["", "## Finalists: run-to-run spread", "",
               "Each finalist measured again in turns on a fresh server at the load of its "
-              "first run. Spread: (highest - lowest) / median of its runs; a winner is "
-              "called only where the ranges do not overlap.", "",
+              "first run (lower where that breaks the budget this time). A run's figure is "
+              "0 when it broke the budget at every load it measured. Spread: (highest - "
+              "lowest) / median of its runs; a winner is called only where the ranges do not "
+              "overlap.", "",
               "| configuration | runs (#) | figures | median | spread |", "|---" * 5 + "|"]
     for f in result["finalists"]:
         lines.append(f"| {f['describe']} | {', '.join(map(str, f['trials']))} | "
                      f"{', '.join(f'{s:.1f}' for s in f['scores'])} | {f['median']:.1f} | "
-                     f"{f['spread']:.1%} |")
+                     + (f"{f['spread']:.1%} |" if f["median"] else "n/a |"))
     variants = [v for v in result["variants"] if v["variant"] != "fp32"]
     if variants:
         lines += ["", "## Variants", "", "| model | variant | candidate | agreement with "

@@ -297,6 +297,21 @@ def test_a_winner_is_called_only_beyond_the_spread() -> None:
     assert decision.chosen == A and "spread is not known" in decision.reason
 
 
+def test_runs_over_the_budget_count_as_zero_and_say_so() -> None:
+    def runs(candidate: Candidate, *figures: float) -> Finalist:
+        return Finalist(candidate, [_trial(candidate, t or 100, p99=1.0 if t else 9.0)
+                                    for t in figures])
+
+    default = runs(A, 0, 169, 0)  # over the budget in two of its three runs
+    decision = decide([runs(B, 227, 227, 220), default], default, GOAL, "inferences/s")
+    assert decision.chosen == B and decision.beats_default
+    assert "2 of them over the budget at every load measured" in decision.reason
+    close = runs(C, 168, 173, 132)
+    decision = decide([close, default], default, GOAL, "inferences/s")
+    assert decision.chosen == A and "inside the run-to-run spread" in decision.reason
+    assert "+inf" not in decision.reason and "spread 0.0%" not in decision.reason
+
+
 def test_among_configurations_inside_each_others_spread_the_cheapest_is_chosen() -> None:
     default = _finalist(A, 100, 101)
     best = _finalist(B, 150, 140, cpu=190)
