@@ -201,7 +201,6 @@ def plot(result: dict, path: Path) -> bool:
     ax.set_title(f"onnxserve tune {result['model']}: {result['meta']['objective']}",
                  fontsize=9)
     ax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    fig.savefig(path, dpi=100, bbox_inches="tight")  # the legend and title whole
     plt.close(fig)
     return True
