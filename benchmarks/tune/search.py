@@ -36,15 +36,20 @@ EVENT_LOOP_LIMIT_MS = 1.0
 MIN_QUEUE_DELAY_US = 50
 
 
+def _powers_of_two_and(n: int) -> list[int]:
+    """The powers of two below ``n``, and ``n``."""
+    sizes = {n}
+    p = 1
+    while p < n:
+        sizes.add(p)
+        p *= 2
+    return sorted(sizes)
+
+
 def thread_counts(cores: int) -> list[int]:
     """Intra-op thread counts worth measuring on ``cores`` cores: powers of two below it,
     and ``cores``."""
-    counts = {cores}
-    t = 1
-    while t < cores:
-        counts.add(t)
-        t *= 2
-    return sorted(counts)
+    return _powers_of_two_and(cores)
 
 
 def shapes(cores: int) -> list[tuple[int, int]]:
@@ -55,14 +60,7 @@ def shapes(cores: int) -> list[tuple[int, int]]:
 def batch_sizes(max_batch_size: int) -> list[int]:
     """Batch sizes raw onnxruntime is measured at: powers of two up to max_batch_size, and
     max_batch_size itself ([1] for a model without a batch dimension)."""
-    if max_batch_size <= 0:
-        return [1]
-    sizes = {max_batch_size}
-    b = 1
-    while b < max_batch_size:
-        sizes.add(b)
-        b *= 2
-    return sorted(sizes)
+    return _powers_of_two_and(max_batch_size) if max_batch_size > 0 else [1]
 
 
 @dataclass
