@@ -119,7 +119,8 @@ class ServerProcess:
 
     def __init__(self, command: Sequence[str], url: str, log_path: Path | None = None,
                  *, serve: bool = True, env: dict[str, str] | None = None,
-                 capture: bool = True, http_url: str | None = None) -> None:
+                 capture: bool = True, http_url: str | None = None,
+                 drop_env: Sequence[str] = ()) -> None:
         self.url = url
         #: ``host:port`` of its HTTP/REST front end (None: off)
         self.http_url = http_url
@@ -132,16 +133,19 @@ class ServerProcess:
         self.process = spawn(
             command, hold_signals=serve, stdout=self._log,
             stderr=subprocess.STDOUT if capture else None,
-            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
+            env={**{k: v for k, v in os.environ.items() if k not in drop_env},
+                 "PYTHONUNBUFFERED": "1", **(env or {})})
 
     @classmethod
     def serve(cls, repository: Path, *flags: str, log_path: Path | None = None,
               port: int | None = None, metrics_port: int = 0, http_port: int | None = None,
-              env: dict[str, str] | None = None, capture: bool = True) -> ServerProcess:
+              env: dict[str, str] | None = None, capture: bool = True,
+              drop_env: Sequence[str] = ()) -> ServerProcess:
         """Start ``onnxserve serve`` on 127.0.0.1 (a free port unless ``port``) for
         ``repository``, with ``flags`` after the defaults (later flags win). HTTP on
         ``http_port`` (None: a free port; 0: off). With ``capture`` false its output goes
-        to this process's stdout and stderr."""
+        to this process's stdout and stderr. ``drop_env``: variables of this process's
+        environment it does not inherit (e.g. the ``ONNXSERVE_*`` settings)."""
         port = port or free_port()
         while http_port is None or http_port == port:
             http_port = free_port()
@@ -150,7 +154,8 @@ class ServerProcess:
             "--grpc-port", str(port), "--http-port", str(http_port),
             "--metrics-port", str(metrics_port), *flags)
         server = cls(command, f"127.0.0.1:{port}", log_path, env=env, capture=capture,
-                     http_url=f"127.0.0.1:{http_port}" if http_port else None)
+                     http_url=f"127.0.0.1:{http_port}" if http_port else None,
+                     drop_env=drop_env)
         server.metrics_port = metrics_port
         return server
 

@@ -247,6 +247,11 @@ def env_of(name: str) -> str | None:
     return ENV_PREFIX + flag_of(name).removeprefix("--").replace("-", "_").upper()
 
 
+def setting_env_names() -> list[str]:
+    """Every environment variable a setting reads (``ONNXSERVE_*``)."""
+    return [env for name in _fields() if (env := env_of(name)) is not None]
+
+
 @cache
 def _fields() -> dict[str, dataclasses.Field]:
     return {f.name: f for f in dataclasses.fields(ServerSettings)}

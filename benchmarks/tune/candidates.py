@@ -36,7 +36,8 @@ class Candidate:
     variant: str = "fp32"
     #: sessions (instance_group count)
     instances: int = 1
-    #: onnxruntime intra-op threads per session (0: the server's share of the cores)
+    #: onnxruntime intra-op threads per session (0: the server's share of the cores, and
+    #: the warm-up may then move a small model's batches onto the event loop)
     intra_op_threads: int = 0
     #: dynamic batching on (off: every request runs alone)
     batching: bool = True
@@ -45,7 +46,8 @@ class Candidate:
     max_queue_delay_us: int = 0
     #: onnxserve.spinning (None: the server's default, ``run``)
     spinning: str | None = None
-    #: onnxserve.run_on_event_loop (None: decided by the warm-up's measurement)
+    #: onnxserve.run_on_event_loop (None: decided by the warm-up's measurement where the
+    #: server chooses the threads of one instance, else worker threads)
     run_on_event_loop: bool | None = None
     #: server processes (onnxserve serve --workers)
     workers: int = 1
@@ -82,10 +84,24 @@ class Candidate:
         return max(1, max(1, cores // self.workers) // self.instances)
 
     def effective(self, cores: int | None = None) -> Candidate:
-        """The same configuration with defaults spelled out (threads counted, spinning named,
-        no batching knobs when batching is off): equal when they serve alike."""
-        out = replace(self, intra_op_threads=self.threads(cores),
-                      spinning=self.spinning or DEFAULT_SPINNING)
+        """The same configuration with the server's defaults spelled out, as
+        serving/runtime/plan.py resolves them: equal when they serve alike.
+
+        Threads counted; spinning named (``run``, or ``off`` where the sessions' threads
+        outnumber the worker's cores); the event loop left to the warm-up (None) only for
+        one instance whose threads the server chooses (a thread count in the config keeps
+        batches in worker threads); no batching knobs when batching is off.
+        """
+        cores = cores or os.cpu_count() or 1
+        threads = self.threads(cores)
+        share = max(1, cores // self.workers)
+        spinning = self.spinning or (DEFAULT_SPINNING if self.instances * threads <= share
+                                     else "off")
+        inline = self.run_on_event_loop
+        if inline is None and (self.intra_op_threads or self.instances > 1):
+            inline = False
+        out = replace(self, intra_op_threads=threads, spinning=spinning,
+                      run_on_event_loop=inline)
         if not self.batching:
             out = replace(out, preferred_batch_size=0, max_queue_delay_us=0)
         return out
@@ -126,7 +142,8 @@ class Candidate:
         return out
 
     def serve_flags(self) -> list[str]:
-        """The `onnxserve serve` flags this candidate needs beyond its config."""
+        """The `onnxserve serve` flags this candidate needs beyond its config (the report's
+        serve command; the measured servers were also given ``--workers 1``)."""
         flags = ["--workers", str(self.workers)] if self.workers != 1 else []
         if self.grpc_transport is not None:
             flags += ["--grpc-transport", self.grpc_transport]
@@ -146,8 +163,10 @@ class Candidate:
                 parts.append(f"delay {e.max_queue_delay_us} us")
         if e.spinning != DEFAULT_SPINNING:
             parts.append(f"spinning {e.spinning}")
-        if e.run_on_event_loop is not None:
-            parts.append("on the event loop" if e.run_on_event_loop else "in worker threads")
+        if e.run_on_event_loop:
+            parts.append("on the event loop")
+        elif e.run_on_event_loop is False and e.instances == 1:
+            parts.append("in worker threads")
         if e.workers != 1:
             parts.append(f"{e.workers} workers")
         if e.grpc_transport is not None:

@@ -172,6 +172,8 @@ class Tuner:
         self.own_decision: Decision | None = None
         self.client = _client(args)
         self.measurer: Measurer | None = None
+        #: what stopped the search or the confirmation early (None: nothing)
+        self.error: str | None = None
         #: the code measuring: the checkout's revision when it started
         self.revision = _revision()
 
@@ -184,7 +186,9 @@ class Tuner:
             _say(f"variant {v.name} ({v.variant}): " + (
                 f"not a candidate: {v.refused}" if v.refused else
                 f"agreement with fp32 {v.agreement.describe() if v.agreement else '?'}"))
-        threads = thread_counts(self.cores)
+        # and the threads the model's own configuration gets, if not among those
+        own_threads = Candidate.from_config(self.variants[0].config).threads(self.cores)
+        threads = sorted({*thread_counts(self.cores), own_threads})
         for v in self.variants:
             if v.refused:
                 continue
@@ -223,18 +227,28 @@ class Tuner:
         self._measure(self.default, "default", reserve=False)
         self.predicted = predictions(list(by_name.values()), self.profiles, self.cost,
                                      self.objective, self.cores)
-        queue = []
-        for prediction in self.predicted:
-            if len(queue) == PREDICTED_SERVED or not prediction.viable:
+        # the best predicted of each variant first, then the next best, PREDICTED_SERVED
+        # in all (at least one per variant)
+        viable = [p for p in self.predicted if p.viable]
+        firsts = [next(p for p in viable if p.candidate.model == name)
+                  for name in dict.fromkeys(p.candidate.model for p in viable)]
+        queue: list = []
+        for prediction in [*firsts, *viable]:
+            if prediction in queue or len(queue) >= max(PREDICTED_SERVED, len(firsts)):
                 continue
-            if not self._seen(prediction.candidate, queue):
-                prediction.served = True
-                queue.append(prediction.candidate)
-        for i, candidate in enumerate(queue):
-            self._progress("search", f"predicted {i + 1} of {len(queue)}", candidate)
-            if not self._measure(candidate, "predicted"):
-                self.not_measured += [c.describe(self.cores) for c in queue[i:]]
+            if self._seen(prediction.candidate, [q.candidate for q in queue]):
+                if prediction.candidate.effective(self.cores) == self.default.effective(
+                        self.cores):
+                    prediction.note += "; the model's own configuration, measured first"
+                continue
+            queue.append(prediction)
+        for i, prediction in enumerate(queue):
+            self._progress("search", f"predicted {i + 1} of {len(queue)}",
+                           prediction.candidate)
+            if not self._measure(prediction.candidate, "predicted"):
+                self.not_measured += [p.candidate.describe(self.cores) for p in queue[i:]]
                 return
+            prediction.served = True
         # one knob at a time around the best, then (time permitting) around the best of
         # each other variant: the model's own precision gets its best configuration too
         climbed: set[str] = set()
@@ -281,6 +295,31 @@ class Tuner:
     # phase 3
     def confirm(self) -> None:
         assert self.measurer is not None
+        self.measurer.deadline = self.clock.deadline  # the search's reserve is for this
+        self._select_finalists()
+        # the model's own configuration first in each round: the one every other is judged
+        # against keeps its runs if the time runs out mid-round
+        order = [self.finalists[-1], *self.finalists[:-1]]
+        for run in range(1, self.args.runs):
+            for finalist in order:
+                first = finalist.trials[0]
+                fixed = first.best(self.objective) or (first.points[0] if first.points
+                                                       else None)
+                if fixed is None:
+                    continue  # it never served: nothing to repeat
+                if self.clock.left() < self._trial_seconds(1):
+                    _say("[confirm] --max-minutes reached: the spread comes from the runs "
+                         "measured so far")
+                    return
+                self._progress("confirm", f"run {run + 1} of {self.args.runs}",
+                               finalist.candidate)
+                finalist.trials.append(self.measurer.measure(
+                    finalist.candidate, "confirm", fixed=fixed, run=run))
+
+    def _select_finalists(self) -> None:
+        """The two best configurations, the best in the model's own precision and the
+        model's own configuration (last), each with the trials measured so far."""
+        assert self.measurer is not None
         runs: dict[Candidate, list[Trial]] = {}
         for trial in self.measurer.trials:
             runs.setdefault(trial.candidate.effective(self.cores), []).append(trial)
@@ -294,26 +333,12 @@ class Tuner:
             keys.append(own[0])
         keys.append(default_key)
         self.finalists = [Finalist(runs[k][0].candidate, list(runs[k])) for k in keys]
-        for run in range(1, self.args.runs):
-            for finalist in self.finalists:
-                first = finalist.trials[0]
-                fixed = first.best(self.objective) or (first.points[0] if first.points
-                                                       else None)
-                if fixed is None:
-                    continue  # it never served: nothing to repeat
-                if self.clock.left() < self._trial_seconds(1):
-                    _say("[confirm] --max-minutes reached: the spread comes from the runs "
-                         "measured so far")
-                    return
-                self._progress("confirm", f"run {run + 1} of {self.args.runs}",
-                               finalist.candidate)
-                assert self.measurer is not None
-                finalist.trials.append(self.measurer.measure(
-                    finalist.candidate, "confirm", fixed=fixed, run=run))
 
     # phase 4
     def report(self) -> int:
         assert self.measurer is not None
+        if not self.finalists:  # stopped before the confirmation
+            self._select_finalists()
         default = next(f for f in self.finalists
                        if f.candidate.effective(self.cores) == self.default.effective(
                            self.cores))
@@ -425,7 +450,7 @@ class Tuner:
                 "concurrency": objective.concurrency,
                 "rate": objective.rate, "max_minutes": self.args.max_minutes,
                 "seconds": round(self.clock.used(), 1), "window_s": self.client.window_s,
-                "runs": self.args.runs,
+                "runs": self.args.runs, "error": self.error,
             },
             "model": self.args.model,
             "variants": [v.as_dict() for v in self.variants],
@@ -502,9 +527,17 @@ def run_tune(args: argparse.Namespace) -> int:
         _say(f"onnxserve tune {args.model}: {budget}, at most {args.max_minutes:g} min; "
              f"results to {args.out}")
         tuner.costs()
-        tuner.search()
-        tuner.confirm()
-        return tuner.report()
+        try:
+            tuner.search()
+            tuner.confirm()
+        except Exception as exc:  # report what was measured, saying what stopped it
+            if tuner.measurer is None or not tuner.measurer.trials:
+                raise
+            tuner.error = f"{type(exc).__name__}: {exc}"
+            print(f"onnxserve tune: stopped by {tuner.error}; reporting what was measured",
+                  file=sys.stderr)
+        code = tuner.report()
+        return 1 if tuner.error else code
     except TuneError as exc:
         print(f"onnxserve tune: {exc}", file=sys.stderr)
         return 2

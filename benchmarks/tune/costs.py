@@ -79,19 +79,25 @@ class RawProfile:
     latencies_ms: dict[tuple[int, int], float] = field(default_factory=dict)
 
     def batch_sizes(self, threads: int) -> list[int]:
-        return sorted(b for t, b in self.latencies_ms if t == threads)
+        return sorted(b for t, b in self.latencies_ms if t == self._measured(threads))
+
+    def _measured(self, threads: int) -> int:
+        """``threads``, or the measured thread count nearest to it (the lower on a tie)."""
+        counts = sorted({t for t, _ in self.latencies_ms})
+        if not counts:
+            raise KeyError(f"{self.model}: no raw measurement")
+        return min(counts, key=lambda t: (abs(t - threads), t))
 
     def latency_ms(self, threads: int, batch: int) -> float:
         """The latency of a batch of ``batch`` with ``threads`` threads: measured, or
         interpolated linearly between the measured sizes around it (extrapolated from the
-        last two beyond them).
+        last two beyond them); a thread count not measured reads the nearest one measured.
 
         Raises:
-            KeyError: nothing was measured with ``threads`` threads.
+            KeyError: nothing was measured.
         """
+        threads = self._measured(threads)
         sizes = self.batch_sizes(threads)
-        if not sizes:
-            raise KeyError(f"{self.model}: no raw measurement with {threads} thread(s)")
         if batch in sizes:
             return self.latencies_ms[threads, batch]
         if len(sizes) == 1:

@@ -109,6 +109,21 @@ def decide(finalists: list[Finalist], default: Finalist, objective: Objective,
                 f"configuration is kept ({figures(default)})"))
         return Decision(default.candidate, False,
                         f"the model's own configuration measured best: {figures(default)}")
+    if not default.median(objective):  # it broke the budget in most runs, or never served
+        tied = [f for f in meeting if f is not best and not f.apart(best, objective)]
+        chosen = min([best, *tied], key=lambda f: f.cpu_per_inference(objective))
+        served = any(t.points for t in default.trials)
+        own = figures(default) if served else "it did not serve: " + "; ".join(
+            t.failure or "no figures" for t in default.trials[:1])
+        reason = (f"{chosen.candidate.describe()}: {figures(chosen)}; the model's own "
+                  f"configuration did not meet {objective.describe()} in most of its runs "
+                  f"({own})")
+        if tied:
+            reason += ("; " + ", ".join(f.candidate.describe() for f in [best, *tied]
+                                        if f is not chosen)
+                       + " measured within its spread: the one using the least server CPU "
+                         "per inference is chosen")
+        return Decision(chosen.candidate, True, reason)
     runs = min(len(best.trials), len(default.trials))
     if runs < min_runs:
         return Decision(default.candidate, False, (

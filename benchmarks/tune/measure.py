@@ -29,10 +29,16 @@ from google.protobuf import text_format
 
 from onnxserve.clients.client import Client, InferenceServerError
 from onnxserve.serving.process import ServerProcess
+from onnxserve.serving.settings import setting_env_names
 
 from ..bench import tree_cpu_seconds
 from ..load import build_request, run_load
-from ..perf_analyzer import PerfAnalyzer, PerfAnalyzerFailed, run_perf_analyzer
+from ..perf_analyzer import (
+    PerfAnalyzer,
+    PerfAnalyzerFailed,
+    PerfAnalyzerMissing,
+    run_perf_analyzer,
+)
 from .candidates import Candidate
 from .variants import ModelVariant
 
@@ -196,17 +202,22 @@ class Measurer:
         with tempfile.TemporaryDirectory(prefix="onnxserve-tune-") as tmp:
             repository = Path(tmp)
             self._stage(variant, candidate, repository)
-            server = ServerProcess.serve(repository, "--log-level", "WARNING",
-                                         *candidate.serve_flags())
+            # every flag the candidate depends on given, none of this shell's ONNXSERVE_*
+            # settings inherited: the server runs what the report will say
+            server = ServerProcess.serve(
+                repository, "--log-level", "WARNING", "--workers", str(candidate.workers),
+                *(["--grpc-transport", candidate.grpc_transport]
+                  if candidate.grpc_transport else []),
+                drop_env=setting_env_names())
             try:
                 try:
-                    server.wait_ready(START_TIMEOUT_S)
+                    server.wait_ready(self._start_timeout())
                 except RuntimeError as exc:
                     trial.failure = f"the server did not start: {_why_not_ready(str(exc))}"
                     self.log(f"  {trial.failure}")
                     return trial
                 trial.start_seconds = time.monotonic() - started
-                measure = _PointMeasure(self, server, variant, candidate.workers == 1)
+                measure = _PointMeasure(self, server, variant, candidate.workers)
                 swept = self.objective.rate is None and self.objective.concurrency is None
                 if fixed is not None and swept:
                     self._sweep(measure, fixed.concurrency, upward=False)
@@ -224,6 +235,13 @@ class Measurer:
                 server.stop()
                 trial.seconds = time.monotonic() - started
         return trial
+
+    def _start_timeout(self) -> float:
+        """Seconds a server may take to start: START_TIMEOUT_S, less where the deadline is
+        nearer (at least 30)."""
+        if self.deadline is None:
+            return START_TIMEOUT_S
+        return max(30.0, min(START_TIMEOUT_S, self.deadline - time.monotonic() + 30.0))
 
     def _sweep(self, measure: _PointMeasure, start: int, upward: bool = True) -> None:
         """Sweep the load from ``start`` (module docstring); without ``upward``, a load
@@ -281,11 +299,13 @@ class _PointMeasure:
     """Measures loads on one running server, keeping every point."""
 
     def __init__(self, measurer: Measurer, server: ServerProcess, variant: ModelVariant,
-                 statistics: bool) -> None:
+                 workers: int) -> None:
         self.m = measurer
         self.server = server
         self.variant = variant
-        self.statistics = statistics
+        self.workers = workers
+        #: ModelStatistics add up in one process only (each worker counts its own)
+        self.statistics = workers == 1
         batched = variant.config.max_batch_size > 0
         self.payload = build_request(variant.name, {
             n: x[None] if batched else x for n, x in variant.inputs.items()})
@@ -304,17 +324,21 @@ class _PointMeasure:
         cpu0, t0 = tree_cpu_seconds(self.server.pid), time.perf_counter()
         try:
             if client.kind == "python":
+                # connections enough for every worker to receive some (the kernel spreads
+                # connections, not requests, across the processes sharing the port)
+                connections = max(4 if rate is not None else min(concurrency, 4),
+                                  2 * self.workers)
                 result = asyncio.run(run_load(
                     self.server.url, self.payload, concurrency=concurrency, rate=rate,
                     warmup_s=client.warmup_s, window_s=client.window_s,
-                    max_windows=client.max_windows))
+                    max_windows=client.max_windows, connections=connections))
             else:
                 assert client.analyzer is not None
                 result = run_perf_analyzer(
                     client.analyzer, self.server.url, self.variant.name,
                     concurrency=concurrency, rate=rate, inputs=self.variant.inputs,
                     window_s=client.window_s, max_windows=client.max_windows)
-        except PerfAnalyzerFailed as exc:
+        except (PerfAnalyzerFailed, PerfAnalyzerMissing) as exc:
             self.failure = f"perf_analyzer failed at {load}: {exc}"
             self.m.log(f"  {self.failure}")
             return None

@@ -51,8 +51,11 @@ def markdown(result: dict, plotted: bool = True) -> str:
         + f"; client: {meta['client']}; {meta['seconds']:.0f} s of --max-minutes "
           f"{meta['max_minutes']:g}. Objective: {meta['objective']}. Throughput in "
           "inferences/s, latencies per request in ms, CPU in % of one core.", "",
-        "## Chosen", "",
     ]
+    if meta.get("error"):
+        lines += [f"**Stopped early by {meta['error']}**: what follows is what was measured "
+                  "until then.", ""]
+    lines += ["## Chosen", ""]
     if decision["chosen"] is None:
         lines += [f"Nothing: {decision['reason']}.", ""]
     else:
@@ -85,6 +88,8 @@ def markdown(result: dict, plotted: bool = True) -> str:
                       f"{agree['top1']:.1%}" if agree["top1"] is not None
                       else f"max diff {agree['max_abs_diff']:.2g}")
         loads = " ".join(_load(p) + ("" if p["meets"] else "x") for p in trial["points"])
+        if trial["failure"] and trial["points"]:
+            loads += f"; then {trial['failure']}"
         if point is None:
             lines.append(f"| {trial['number']} | {trial['run']} | {trial['phase']} | "
                          f"{trial['describe']} | {agree_text} | | | | | | | | | no | | "

@@ -11,7 +11,7 @@ more threads than cores only make sessions steal each other's cores) of a model 
   batch size, at most max_batch_size, and at most the requests in flight per instance with
   a fixed --concurrency) is the preferred batch size;
 - throughput is then at most ``instances * b / latency(b)``, and at most the requests/s the
-  do-nothing server answers;
+  do-nothing server answers (with a fixed --request-rate: the headroom above it ranks);
 - a shape whose batch of 1 alone (plus ``o``) exceeds the budget is pruned, as is one
   that cannot keep up with a fixed --request-rate.
 
@@ -21,6 +21,7 @@ The few best predicted are served; the rest are reported with their predicted fi
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, replace
 
 from .candidates import Candidate
@@ -86,14 +87,21 @@ class Prediction:
 
 
 def predict(variant: ModelVariant, profile: RawProfile, cost: TransportCost,
-            objective: Objective, instances: int, threads: int) -> Prediction:
-    """The prediction (module docstring) for ``instances`` x ``threads`` of ``variant``."""
+            objective: Objective, instances: int, threads: int,
+            cores: int | None = None) -> Prediction:
+    """The prediction (module docstring) for ``instances`` x ``threads`` of ``variant``
+    (``cores``: this machine's, by default)."""
+    cores = cores or os.cpu_count() or 1
     mbs = variant.config.max_batch_size
     o = cost.round_trip_ms
     budget = objective.p99_ms
     one = profile.latency_ms(threads, 1)
+    # the server's own share of the cores is left to it: a thread count in the config also
+    # keeps a small model's batches off the event loop (serving/runtime/plan.py)
+    share = max(1, cores // instances)
     candidate = Candidate(model=variant.name, variant=variant.variant, instances=instances,
-                          intra_op_threads=threads, batching=mbs > 0)
+                          intra_op_threads=0 if threads == share else threads,
+                          batching=mbs > 0)
     if o + one > budget:
         return Prediction(candidate, 0.0, 0, (
             f"pruned: a batch of 1 takes {one:.2f} ms with {threads} thread(s), plus "
@@ -102,26 +110,25 @@ def predict(variant: ModelVariant, profile: RawProfile, cost: TransportCost,
     fitting = [b for b in profile.batch_sizes(threads)
                if b <= max(mbs, 1) and o + 2 * profile.latency_ms(threads, b) <= budget]
     batch = max(fitting, default=1)
-    if objective.concurrency is not None:
-        batch = min(batch, max(1, math.ceil(objective.concurrency / instances)))
+    if objective.rate is None:  # no more requests in flight than the load has
+        in_flight = objective.concurrency or objective.max_concurrency
+        batch = min(batch, max(1, math.ceil(in_flight / instances)))
     latency = profile.latency_ms(threads, batch)
     capacity = min(instances * batch * 1000.0 / latency, cost.requests_per_s)
     if mbs > 0:
         candidate = replace(candidate, preferred_batch_size=batch if batch < mbs else 0)
     note = (f"batches of {batch} in {latency:.2f} ms on each of {instances} instance(s): "
             f"at most {capacity:.0f}/s")
-    if objective.rate is not None:
-        if capacity < objective.rate:
-            return Prediction(candidate, 0.0, batch, f"pruned: {note}, below the "
-                              f"{objective.rate:g}/s asked for")
-        capacity = objective.rate
+    if objective.rate is not None and capacity < objective.rate:
+        return Prediction(candidate, 0.0, batch, f"pruned: {note}, below the "
+                          f"{objective.rate:g}/s asked for")
     return Prediction(candidate, capacity, batch, note)
 
 
 def predictions(variants: list[ModelVariant], profiles: dict[str, RawProfile],
                 cost: TransportCost, objective: Objective, cores: int) -> list[Prediction]:
     """Every shape of every variant that is a candidate, best predicted first."""
-    out = [predict(v, profiles[v.name], cost, objective, instances, threads)
+    out = [predict(v, profiles[v.name], cost, objective, instances, threads, cores)
            for v in variants if v.refused is None
            for instances, threads in shapes(cores)]
     return sorted(out, key=lambda p: -p.throughput)
@@ -136,11 +143,10 @@ def neighbours(best: Candidate, variant: ModelVariant, profile: RawProfile,
     e = best.effective(cores)
     mbs = variant.config.max_batch_size
     groups: list[tuple[str, list[Candidate]]] = []
-    if cores >= 2 and e.workers == 1:
-        instances = max(1, e.instances // 2)
-        groups.append(("workers", [replace(
-            best, workers=2, instances=instances,
-            intra_op_threads=max(1, (cores // 2) // instances))]))
+    if cores >= 2 and e.workers == 1:  # each worker its share of the cores, split as now
+        groups.append(("workers", [replace(best, workers=2,
+                                           instances=max(1, e.instances // 2),
+                                           intra_op_threads=0)]))
     if e.batching and mbs > 1:
         current = e.preferred_batch_size or mbs
         sizes = {max(1, current // 2), min(mbs, current * 2), 0} - {e.preferred_batch_size}
@@ -168,7 +174,9 @@ def neighbours(best: Candidate, variant: ModelVariant, profile: RawProfile,
         groups.append(("dynamic batching", [replace(best, batching=False,
                                                     preferred_batch_size=0,
                                                     max_queue_delay_us=0)]))
-    return [(knob, values) for knob, values in groups if values]
+    # a value that serves as ``best`` does (the server's default spelled out) is no step
+    return [(knob, kept) for knob, values in groups
+            if (kept := [v for v in values if v.effective(cores) != e])]
 
 
 def _queue_delay_us(best: Candidate, profile: RawProfile, cost: TransportCost,

@@ -3,9 +3,10 @@
 
 `onnxserve export --fp16 / --int8` publishes variants as their own models, named
 ``<model>_fp16`` and ``<model>_int8`` (docs/export.md). A variant is a candidate when it
-takes inputs of the same names and per-sample shapes as the model (a client can switch to
-it by name); its agreement is measured here on the inputs tune sends, and the export's own
-figure (held-out data or real photos, ``verification.json``) is shown beside it.
+takes inputs of the same names, per-sample shapes and types as the model, and requests as
+large (a client can switch to it by name alone); its agreement is measured here on the
+inputs tune sends, and the export's own figure (held-out data or real photos,
+``verification.json``) is shown beside it.
 """
 
 from __future__ import annotations
@@ -82,6 +83,10 @@ def _model_file(repository: Path, name: str) -> tuple[ModelConfig, Path]:
 
     try:
         source = read_model(repository, name)
+        if source.path != repository / name:
+            raise TuneError(f"model {name!r} is a single-file repository ({source.path}); "
+                            "tune measures a model in its own folder of the repository "
+                            "(<repository>/<model>/<version>/model.onnx)")
         if not source.versions:
             raise TuneError(f"model {name!r} has no version folder with a model file in "
                             f"{repository}")
@@ -90,6 +95,8 @@ def _model_file(repository: Path, name: str) -> tuple[ModelConfig, Path]:
         return complete_config(source, session_signature(session)), path
     except ModelLoadError as exc:
         raise TuneError(str(exc)) from None
+    except Exception as exc:  # onnxruntime raises several unrelated types
+        raise TuneError(f"cannot load model {name!r}: {exc}") from None
 
 
 def find_variants(repository: Path, model: str, *, variants: bool = True) -> list[ModelVariant]:
@@ -121,7 +128,10 @@ def find_variants(repository: Path, model: str, *, variants: bool = True) -> lis
         refused = _mismatch(base, v_config, v_inputs)
         item = ModelVariant(name, variant, v_config, v_path, v_inputs, refused=refused)
         if refused is None:
-            item.agreement = agreement(base, item)
+            try:
+                item.agreement = agreement(base, item)
+            except Exception as exc:  # outputs that cannot be compared: say so, go on
+                item.refused = f"its outputs cannot be compared with {model}'s: {exc}"
         found.append(item)
     return found
 
@@ -132,10 +142,14 @@ def _mismatch(base: ModelVariant, config: ModelConfig,
     if (config.max_batch_size > 0) != (base.config.max_batch_size > 0):
         return (f"it {'batches' if config.max_batch_size > 0 else 'does not batch'} and "
                 f"{base.name} {'does' if base.config.max_batch_size > 0 else 'does not'}")
-    want = {n: x.shape for n, x in base.inputs.items()}
-    got = {n: x.shape for n, x in inputs.items()}
+    want = {n: (x.shape, x.dtype.name) for n, x in base.inputs.items()}
+    got = {n: (x.shape, x.dtype.name) for n, x in inputs.items()}
     if want != got:
-        return f"it takes inputs {got}, {base.name} takes {want}"
+        return (f"it takes inputs {got}, {base.name} takes {want} (shape and type per "
+                "sample): a client could not switch to it by name alone")
+    if 0 < config.max_batch_size < base.config.max_batch_size:
+        return (f"it takes at most {config.max_batch_size} samples per request, "
+                f"{base.name} {base.config.max_batch_size}")
     return None
 
 

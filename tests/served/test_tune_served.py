@@ -56,7 +56,9 @@ def test_tune_measures_reports_and_chooses_within_its_minutes(tmp_path: Path) ->
     report = json.loads((tmp_path / "tune_results" / "tune.json").read_text())
     trials = report["trials"]
     assert trials[0]["phase"] == "default" and len(trials) >= 3
-    assert {t["candidate"]["model"] for t in trials} == {"scores", "scores_int8"}
+    # the variant is a candidate (served when the minute allowed: under load it may not)
+    assert {t["candidate"]["model"] for t in trials} <= {"scores", "scores_int8"}
+    assert any(p["candidate"].startswith("scores_int8") for p in report["predictions"])
     assert all(t["points"] and t["failure"] is None for t in trials), trials
     assert report["meta"]["budget_ms"] == 200 and "cores" in report["meta"]["machine"]
     assert report["front"], "a Pareto front of the measured points"
@@ -64,10 +66,10 @@ def test_tune_measures_reports_and_chooses_within_its_minutes(tmp_path: Path) ->
     assert decision["chosen"] is not None and decision["reason"]
     assert [f["describe"] for f in report["finalists"]][-1] == decision["default"]
     # the confirmation ran the finalists again, or said the time ran out
-    assert any(t["phase"] == "confirm" for t in trials) or "spread is not known" in (
-        decision["reason"])
+    assert any(t["phase"] == "confirm" for t in trials) or "--max-minutes" in out
     markdown = (tmp_path / "tune_results" / "tune.md").read_text()
-    assert markdown.count("| scores") >= len(trials)
+    for trial in trials:  # a row of the table of every server run for each
+        assert f"| {trial['number']} | {trial['run']} | {trial['phase']} | " in markdown
     assert (tmp_path / "tune_results" / "tune.png").read_bytes()[:4] == b"\x89PNG"
     # the chosen config is written under --out, never into the repository without --apply
     written = tmp_path / decision["config"]  # as given: --out is relative
