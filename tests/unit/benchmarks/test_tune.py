@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 from google.protobuf import text_format
-from support.onnx_models import add_one_model
+from support.onnx_models import add_one_model, scores_model
 from support.repositories import build_test_models
 
 from onnxserve.benchmarks.tune import TuneError, report
@@ -385,8 +385,43 @@ def test_variants_are_found_measured_against_fp32_or_refused(tmp_path: Path) -> 
     agreement = found[2].agreement
     assert agreement is not None and agreement.top1 == 1.0 and agreement.max_abs_diff == 0
     assert [v.name for v in find_variants(tmp_path, "scores", variants=False)] == ["scores"]
+    # float16 inputs (an fp16 variant exported with --fp16-io): clients would send other data
+    from onnx import TensorProto, helper
+    from support.onnx_models import save_model
+
+    x = helper.make_tensor_value_info("scores_in", TensorProto.FLOAT16, ["batch", 5])
+    y = helper.make_tensor_value_info("scores", TensorProto.FLOAT16, ["batch", 5])
+    shutil.rmtree(tmp_path / "scores_fp16")
+    save_model(helper.make_graph([helper.make_node("Identity", ["scores_in"], ["scores"])],
+                                 "h", [x], [y]), tmp_path / "scores_fp16" / "1" / "model.onnx")
+    half = find_variants(tmp_path, "scores")[1]
+    assert half.refused is not None and "float16" in half.refused
     with pytest.raises(TuneError, match="model 'absent' has no folder"):
         find_variants(tmp_path, "absent")
+
+
+def test_a_single_file_repository_is_refused(tmp_path: Path) -> None:
+    scores_model(tmp_path / "scores" / "model.onnx")  # KServe's layout: the file at the root
+    with pytest.raises(TuneError, match="is a single-file repository"):
+        find_variants(tmp_path / "scores", "scores")
+
+
+def test_the_servers_tune_starts_inherit_no_onnxserve_settings(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    from onnxserve.serving.process import ServerProcess
+    from onnxserve.serving.settings import setting_env_names
+
+    names = setting_env_names()
+    assert {"ONNXSERVE_WORKERS", "ONNXSERVE_GRPC_TRANSPORT", "ONNXSERVE_SPINNING"} <= set(names)
+    monkeypatch.setenv("ONNXSERVE_WORKERS", "4")
+    monkeypatch.setenv("OTHER_VARIABLE", "kept")
+    child = ServerProcess([sys.executable, "-c", "import os; print(os.environ.get("
+                           "'ONNXSERVE_WORKERS'), os.environ.get('OTHER_VARIABLE'))"],
+                          "127.0.0.1:1", serve=False, drop_env=names)
+    child.process.wait(timeout=60)
+    assert child.output().split() == ["None", "kept"]
 
 
 def test_a_model_with_a_variable_input_dimension_is_refused(tmp_path: Path) -> None:
