@@ -744,7 +744,7 @@ def plot(results: list[dict], path: Path) -> bool:
     return True
 
 
-def _bounded(kind: type, minimum: float, inclusive: bool, unit: str = ""):
+def bounded(kind: type, minimum: float, inclusive: bool, unit: str = ""):
     """An argparse type: a ``kind`` (int or float) at least (or above) ``minimum``."""
     what = {int: "a whole number", float: "a number"}[kind] + (f" of {unit}" if unit else "")
 
@@ -763,12 +763,12 @@ def _bounded(kind: type, minimum: float, inclusive: bool, unit: str = ""):
     return parse
 
 
-_positive_int = _bounded(int, 1, inclusive=True)
-_rate = _bounded(float, 0, inclusive=False, unit="requests/s")
+_positive_int = bounded(int, 1, inclusive=True)
+_rate = bounded(float, 0, inclusive=False, unit="requests/s")
 
 
 def _seconds(minimum: float, inclusive: bool):
-    return _bounded(float, minimum, inclusive, unit="seconds")
+    return bounded(float, minimum, inclusive, unit="seconds")
 
 
 DESCRIPTION = (

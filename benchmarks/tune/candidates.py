@@ -19,12 +19,19 @@ import os
 from dataclasses import dataclass, replace
 
 from onnxserve.protos.model_config_pb2 import ModelConfig, ModelInstanceGroup
-from onnxserve.serving.models.options import INTRA_OP_KEY, SPINNING_KEY
-from onnxserve.serving.runtime.plan import instance_count
+from onnxserve.serving.models.options import INTRA_OP_KEY, SPINNING_KEY, model_options
+from onnxserve.serving.runtime.plan import (
+    ExecutionPlan,
+    instance_count,
+    plan_execution,
+    should_run_on_event_loop,
+)
 from onnxserve.serving.types import RUN_ON_EVENT_LOOP_KEY
 
 #: onnxserve's default spinning mode (serving/runtime/plan.py)
 DEFAULT_SPINNING = "run"
+#: the provider the warm-up's choice of the event loop is asked for (CPU sessions only)
+CPU_PROVIDER = "CPUExecutionProvider"
 
 
 @dataclass(frozen=True)
@@ -57,51 +64,49 @@ class Candidate:
     @classmethod
     def from_config(cls, config: ModelConfig, variant: str = "fp32") -> Candidate:
         """The configuration ``config`` (a model's config.pbtxt) describes, served with one
-        worker and the default transport: the baseline every other is compared with."""
-        params = config.parameters
-        threads = params[INTRA_OP_KEY].string_value.strip() if INTRA_OP_KEY in params else ""
-        spinning = params[SPINNING_KEY].string_value.strip().lower() if (
-            SPINNING_KEY in params) else None
-        inline = params[RUN_ON_EVENT_LOOP_KEY].string_value.strip().lower() if (
-            RUN_ON_EVENT_LOOP_KEY in params) else "auto"
+        worker and the default transport: the baseline every other is compared with.
+
+        Raises:
+            ModelLoadError: a parameter the server would refuse (serving/models/options.py).
+        """
+        options = model_options(config)
         batching = config.HasField("dynamic_batching") and config.max_batch_size > 0
         preferred = list(config.dynamic_batching.preferred_batch_size)
         return cls(
             model=config.name, variant=variant, instances=instance_count(config),
-            intra_op_threads=int(threads) if threads.isdigit() else 0, batching=batching,
+            intra_op_threads=options.intra_op_threads or 0, batching=batching,
             preferred_batch_size=max(preferred) if batching and preferred else 0,
             max_queue_delay_us=(config.dynamic_batching.max_queue_delay_microseconds
                                 if batching else 0),
-            spinning=spinning, run_on_event_loop={"true": True, "false": False}.get(inline))
+            spinning=options.spinning, run_on_event_loop=options.run_on_event_loop)
+
+    def _plan(self, cores: int | None) -> ExecutionPlan:
+        """The plan the server makes of this candidate's sessions in one of its workers
+        (serving/runtime/plan.py, each worker with its share of ``cores``)."""
+        cores = cores or os.cpu_count() or 1
+        config = self.apply(ModelConfig(name=self.model, max_batch_size=1))
+        return plan_execution(config, model_options(config),
+                              cores=max(1, cores // self.workers))
 
     def threads(self, cores: int | None = None) -> int:
         """The intra-op threads each session runs with: the configured count, else each
-        worker's share of the cores split between its instances (serving/workers.py,
-        serving/runtime/plan.py)."""
-        if self.intra_op_threads:
-            return self.intra_op_threads
-        cores = cores or os.cpu_count() or 1
-        return max(1, max(1, cores // self.workers) // self.instances)
+        worker's share of the cores split between its instances."""
+        return self._plan(cores).session.intra_op
 
     def effective(self, cores: int | None = None) -> Candidate:
-        """The same configuration with the server's defaults spelled out, as
-        serving/runtime/plan.py resolves them: equal when they serve alike.
+        """The same configuration with the server's defaults spelled out as its execution
+        plan resolves them (serving/runtime/plan.py): equal when they serve alike.
 
-        Threads counted; spinning named (``run``, or ``off`` where the sessions' threads
-        outnumber the worker's cores); the event loop left to the warm-up (None) only for
-        one instance whose threads the server chooses (a thread count in the config keeps
-        batches in worker threads); no batching knobs when batching is off.
+        Threads counted; spinning named; the event loop left to the warm-up (None) only
+        where the warm-up could choose it (one instance whose threads the server chooses),
+        else worker threads; no batching knobs when batching is off.
         """
-        cores = cores or os.cpu_count() or 1
-        threads = self.threads(cores)
-        share = max(1, cores // self.workers)
-        spinning = self.spinning or (DEFAULT_SPINNING if self.instances * threads <= share
-                                     else "off")
-        inline = self.run_on_event_loop
-        if inline is None and (self.intra_op_threads or self.instances > 1):
+        plan = self._plan(cores)
+        inline = plan.run_on_event_loop
+        if inline is None and not should_run_on_event_loop(plan, 0.0, 0.0, CPU_PROVIDER):
             inline = False
-        out = replace(self, intra_op_threads=threads, spinning=spinning,
-                      run_on_event_loop=inline)
+        out = replace(self, intra_op_threads=plan.session.intra_op,
+                      spinning=plan.session.spinning, run_on_event_loop=inline)
         if not self.batching:
             out = replace(out, preferred_batch_size=0, max_queue_delay_us=0)
         return out

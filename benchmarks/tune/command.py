@@ -16,8 +16,9 @@ from google.protobuf import text_format
 
 from onnxserve.export.cpu import this_cpu
 from onnxserve.protos.model_config_pb2 import ModelConfig
+from onnxserve.serving.errors import ModelLoadError
 
-from ..bench import _bounded
+from ..bench import bounded
 from ..perf_analyzer import PerfAnalyzerFailed, PerfAnalyzerMissing, find_perf_analyzer
 from . import TuneError
 from .candidates import Candidate
@@ -60,26 +61,26 @@ def add_tune_parser(subparsers: argparse._SubParsersAction) -> argparse.Argument
                               description=DESCRIPTION)
     p.add_argument("model", help="the repository model to tune")
     budget = p.add_mutually_exclusive_group(required=True)
-    budget.add_argument("--latency-budget-ms", type=_bounded(float, 0, False, "ms"),
+    budget.add_argument("--latency-budget-ms", type=bounded(float, 0, False, "ms"),
                         help="the p99 latency each configuration must stay within (ms)")
-    budget.add_argument("--latency-budget-x", type=_bounded(float, 0, False),
+    budget.add_argument("--latency-budget-x", type=bounded(float, 0, False),
                         metavar="FACTOR",
                         help="the p99 budget as a multiple of the model's batch-1 latency "
                              "(raw onnxruntime's p50 with the threads the model's own "
                              "configuration gets), measured first")
     load = p.add_mutually_exclusive_group()
-    load.add_argument("--concurrency", type=_bounded(int, 1, True),
+    load.add_argument("--concurrency", type=bounded(int, 1, True),
                       help="measure at this many requests in flight (closed loop); default: "
                            "each configuration's load is swept for its best within the "
                            "budget")
-    load.add_argument("--request-rate", type=_bounded(float, 0, False, "requests/s"),
+    load.add_argument("--request-rate", type=bounded(float, 0, False, "requests/s"),
                       help="measure at Poisson arrivals of this many requests/s; the "
                            "configuration with the lowest p99 that keeps up wins")
-    p.add_argument("--max-minutes", type=_bounded(float, 0, False, "minutes"),
+    p.add_argument("--max-minutes", type=bounded(float, 0, False, "minutes"),
                    default=DEFAULT_MAX_MINUTES,
                    help="stop measuring after this long, reporting what was measured "
                         "(default %(default)g)")
-    p.add_argument("--max-concurrency", type=_bounded(int, 1, True), default=256,
+    p.add_argument("--max-concurrency", type=bounded(int, 1, True), default=256,
                    help="the highest concurrency a load sweep goes to (default %(default)s)")
     p.add_argument("--client", choices=("auto", "perf_analyzer", "python"), default="auto",
                    help="load generator: perf_analyzer where one is found (no download), else "
@@ -89,15 +90,15 @@ def add_tune_parser(subparsers: argparse._SubParsersAction) -> argparse.Argument
                         "one onnxserve bench fetched)")
     p.add_argument("--no-variants", action="store_true",
                    help="leave the model's _int8/_fp16 variants out")
-    p.add_argument("--window", type=_bounded(float, 0, False, "seconds"), default=2.0,
+    p.add_argument("--window", type=bounded(float, 0, False, "seconds"), default=2.0,
                    help="seconds per measurement window; a load is measured until three "
                         "windows agree within 10%% (default %(default)g)")
-    p.add_argument("--max-windows", type=_bounded(int, 3, True), default=5,
+    p.add_argument("--max-windows", type=bounded(int, 3, True), default=5,
                    help="most windows per load (default %(default)s)")
-    p.add_argument("--warmup", type=_bounded(float, 0, True, "seconds"), default=1.0,
+    p.add_argument("--warmup", type=bounded(float, 0, True, "seconds"), default=1.0,
                    help="seconds of load before the Python client measures (default "
                         "%(default)g)")
-    p.add_argument("--runs", type=_bounded(int, 2, True), default=3,
+    p.add_argument("--runs", type=bounded(int, 2, True), default=3,
                    help="runs of each finalist, the search's included, for the run-to-run "
                         "spread (default %(default)s)")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT,
@@ -170,6 +171,8 @@ class Tuner:
         self.decision: Decision | None = None
         #: the choice among the model's own precision when a variant is chosen
         self.own_decision: Decision | None = None
+        #: the model's own configuration (read in the costs phase)
+        self.default = Candidate(model=args.model)
         self.client = _client(args)
         self.measurer: Measurer | None = None
         #: what stopped the search or the confirmation early (None: nothing)
@@ -186,8 +189,12 @@ class Tuner:
             _say(f"variant {v.name} ({v.variant}): " + (
                 f"not a candidate: {v.refused}" if v.refused else
                 f"agreement with fp32 {v.agreement.describe() if v.agreement else '?'}"))
+        try:
+            self.default = Candidate.from_config(self.variants[0].config)
+        except ModelLoadError as exc:
+            raise TuneError(str(exc)) from None
         # and the threads the model's own configuration gets, if not among those
-        own_threads = Candidate.from_config(self.variants[0].config).threads(self.cores)
+        own_threads = self.default.threads(self.cores)
         threads = sorted({*thread_counts(self.cores), own_threads})
         for v in self.variants:
             if v.refused:
@@ -203,11 +210,10 @@ class Tuner:
                     f"b{b} {self.profiles[v.name].latencies_ms[t, b]:.3f} ms" for b in sizes))
         base = self.variants[0]
         if args.latency_budget_x is not None:
-            threads_ = Candidate.from_config(base.config).threads(self.cores)
-            one = self.profiles[base.name].latency_ms(threads_, 1)
+            one = self.profiles[base.name].latency_ms(own_threads, 1)
             self.objective = replace(self.objective, p99_ms=round(args.latency_budget_x * one,
                                                                   3))
-            _say(f"budget: {args.latency_budget_x:g} x {one:.3f} ms (batch 1, {threads_} "
+            _say(f"budget: {args.latency_budget_x:g} x {one:.3f} ms (batch 1, {own_threads} "
                  f"thread(s)) = {self.objective.p99_ms:g} ms")
         _say("[costs] do-nothing server")
         self.cost = transport_cost(base.config, base.inputs, min(args.window, 1.0))
@@ -217,12 +223,10 @@ class Tuner:
     # phase 2
     def search(self) -> None:
         assert self.cost is not None
-        base = self.variants[0]
         by_name = {v.name: v for v in self.variants if v.refused is None}
         self.measurer = Measurer(self.repository, by_name, self.objective, self.client,
-                                 self.cores, log=_say)
+                                 log=_say)
         self.measurer.deadline = self.clock.deadline
-        self.default = Candidate.from_config(base.config)
         _say(f"[search] the model's own configuration: {self.default.describe(self.cores)}")
         self._measure(self.default, "default", reserve=False)
         self.predicted = predictions(list(by_name.values()), self.profiles, self.cost,
@@ -243,9 +247,8 @@ class Tuner:
                 continue
             queue.append(prediction)
         for i, prediction in enumerate(queue):
-            self._progress("search", f"predicted {i + 1} of {len(queue)}",
-                           prediction.candidate)
-            if not self._measure(prediction.candidate, "predicted"):
+            if not self._measure(prediction.candidate, "predicted",
+                                 where=f"predicted {i + 1} of {len(queue)}"):
                 self.not_measured += [p.candidate.describe(self.cores) for p in queue[i:]]
                 return
             prediction.served = True
@@ -285,9 +288,9 @@ class Tuner:
             for value in values:
                 if self._seen(value, []):
                     continue
-                self._progress("search", f"{variant.name}: {knob}, {len(groups) - 1} knob(s) "
-                                         "after it", value)
-                if not self._measure(value, knob, start_concurrency=start.concurrency):
+                if not self._measure(value, knob, start_concurrency=start.concurrency,
+                                     where=f"{variant.name}: {knob}, {len(groups) - 1} "
+                                           "knob(s) after it"):
                     self.not_measured += [c.describe(self.cores) for _, vs in groups
                                           for c in vs if not self._seen(c, [])]
                     return False
@@ -352,8 +355,7 @@ class Tuner:
         args = self.args
         out: Path = args.out
         out.mkdir(parents=True, exist_ok=True)
-        chosen = self.decision.chosen
-        config_path = None
+        config_path = applied = None
         if chosen is not None:
             variant = next(v for v in self.variants if v.name == chosen.model)
             config_path, applied = write_config(
@@ -370,7 +372,7 @@ class Tuner:
             own_path, _ = write_config(own, self.variants[0].config, out, self.repository,
                                        apply=False)
             _say(f"without the variants: {self.own_decision.reason} ({own_path})")
-        result = self._result(config_path)
+        result = self._result(config_path, applied is not None)
         written = write_report(result, out)
         _say(f"chosen: {self.decision.reason}")
         for path in written:
@@ -413,9 +415,10 @@ class Tuner:
         return (self.args.runs - 1) * finalists * self._trial_seconds(1)
 
     def _measure(self, candidate: Candidate, phase: str, *, reserve: bool = True,
-                 start_concurrency: int = 1) -> bool:
+                 start_concurrency: int = 1, where: str | None = None) -> bool:
         """Measure ``candidate`` if the time left allows it (keeping the confirmation's
-        share unless ``reserve`` is false); False when it does not."""
+        share unless ``reserve`` is false), announcing it with ``where`` it stands in the
+        search; False when the time does not allow it."""
         assert self.measurer is not None
         need = self._trial_seconds() + (self._confirm_reserve() if reserve else 0)
         if reserve and self.clock.left() < need:
@@ -423,6 +426,8 @@ class Tuner:
                  f"takes about {self._trial_seconds():.0f} s and the confirmation "
                  f"{self._confirm_reserve():.0f} s: stopping the search")
             return False
+        if where is not None:
+            self._progress("search", where, candidate)
         self.measurer.deadline = self.clock.deadline - (
             self._confirm_reserve() if reserve else 0)
         self.measurer.measure(candidate, phase, start_concurrency=start_concurrency)
@@ -433,7 +438,7 @@ class Tuner:
              f"{len(self.measurer.trials) + 1 if self.measurer else 1}, "
              f"{max(self.clock.left(), 0) / 60:.1f} min left)")
 
-    def _result(self, config_path: Path | None) -> dict:
+    def _result(self, config_path: Path | None, applied: bool) -> dict:
         assert self.measurer is not None and self.decision is not None
         objective = self.objective
         front = pareto_front(self.measurer.trials)
@@ -472,7 +477,7 @@ class Tuner:
                 "reason": self.decision.reason,
                 "config": None if config_path is None else str(config_path),
                 "serve_flags": [] if chosen is None else chosen.serve_flags(),
-                "applied": bool(self.args.apply and self.decision.beats_default),
+                "applied": applied,
             },
             "without_variants": None if self.own_decision is None else {
                 "chosen": (None if self.own_decision.chosen is None

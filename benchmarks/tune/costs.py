@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 from google.protobuf import text_format
 
+from onnxserve.protos.datatypes import by_config_type
 from onnxserve.protos.model_config_pb2 import ModelConfig
 from onnxserve.serving.process import ServerProcess, free_port
 
@@ -22,41 +23,33 @@ from ..load import build_request, run_load
 from ..raw_onnxruntime import raw_onnxruntime
 from . import TuneError
 
-#: onnxruntime's input type names -> numpy dtypes (the tensor types a CNN takes)
-ORT_DTYPES = {
-    "tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
-    "tensor(uint8)": np.uint8, "tensor(int8)": np.int8, "tensor(int16)": np.int16,
-    "tensor(int32)": np.int32, "tensor(int64)": np.int64, "tensor(bool)": np.bool_,
-}
 #: Concurrency at which the do-nothing server's throughput is measured (requests/s it
 #: answers when never idle: its per-request cost is the inverse).
 NULL_CONCURRENCY = 4
 
 
-def model_inputs(model_file: Path, batched: bool, seed: int = 0) -> dict[str, np.ndarray]:
-    """One sample of each input of ``model_file`` (without the batch dimension when
-    ``batched``), random_input's values.
+def model_inputs(config: ModelConfig, seed: int = 0) -> dict[str, np.ndarray]:
+    """One sample of each input of ``config`` (a model's config, completed from its ONNX
+    file: serving/models/repository.py's complete_config), as clients send it (without the
+    batch dimension when the model batches), random_input's values.
 
     Raises:
-        TuneError: an input has a dimension of no fixed size besides the batch one, or a
-            type that is not a number.
+        TuneError: an input has a dimension of no fixed size besides the batch one, or is
+            not numbers (BYTES).
     """
-    import onnxruntime as ort
-
-    session = ort.InferenceSession(str(model_file), providers=["CPUExecutionProvider"])
     rng = np.random.default_rng(seed)
     inputs = {}
-    for arg in session.get_inputs():
-        dims = list(arg.shape)[1:] if batched else list(arg.shape)
-        if any(not isinstance(d, int) or d < 1 for d in dims):
-            raise TuneError(f"input {arg.name!r} of {model_file} has shape {arg.shape}: tune "
-                            "measures inputs of one fixed shape (only the batch dimension "
-                            "may vary)")
-        dtype = ORT_DTYPES.get(arg.type)
-        if dtype is None:
-            raise TuneError(f"input {arg.name!r} of {model_file} is {arg.type}; tune makes "
-                            f"inputs of {', '.join(sorted(ORT_DTYPES))}")
-        inputs[arg.name] = random_input(tuple(dims), np.dtype(dtype), rng)
+    for tensor in config.input:
+        dims = tuple(tensor.dims)
+        if any(d < 1 for d in dims):
+            raise TuneError(f"input {tensor.name!r} of model {config.name!r} has dims "
+                            f"{list(dims)}: tune measures inputs of one fixed shape (only the "
+                            "batch dimension may vary)")
+        datatype = by_config_type(tensor.data_type)
+        if datatype.name == "BYTES":
+            raise TuneError(f"input {tensor.name!r} of model {config.name!r} is BYTES; tune "
+                            "makes inputs of numbers")
+        inputs[tensor.name] = random_input(dims, datatype.numpy, rng)
     return inputs
 
 

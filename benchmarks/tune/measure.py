@@ -178,13 +178,12 @@ class Measurer:
     ``repository``, numbering the trials; ``log`` prints progress."""
 
     def __init__(self, repository: Path, variants: dict[str, ModelVariant],
-                 objective: Objective, client: LoadClient, cores: int,
+                 objective: Objective, client: LoadClient,
                  log: Callable[[str], None] = print) -> None:
         self.repository = repository
         self.variants = variants
         self.objective = objective
         self.client = client
-        self.cores = cores
         self.log = log
         self.trials: list[Trial] = []
         #: stop sweeping loads after this time.monotonic() (None: no limit)

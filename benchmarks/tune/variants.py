@@ -109,8 +109,7 @@ def find_variants(repository: Path, model: str, *, variants: bool = True) -> lis
             tune cannot make.
     """
     config, path = _model_file(repository, model)
-    batched = config.max_batch_size > 0
-    base = ModelVariant(model, "fp32", config, path, model_inputs(path, batched))
+    base = ModelVariant(model, "fp32", config, path, model_inputs(config))
     found = [base]
     if not variants:
         return found
@@ -120,7 +119,7 @@ def find_variants(repository: Path, model: str, *, variants: bool = True) -> lis
             continue
         try:
             v_config, v_path = _model_file(repository, name)
-            v_inputs = model_inputs(v_path, v_config.max_batch_size > 0)
+            v_inputs = model_inputs(v_config)
         except TuneError as exc:
             found.append(ModelVariant(name, variant, ModelConfig(name=name), Path(), {},
                                       refused=str(exc)))

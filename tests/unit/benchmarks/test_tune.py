@@ -256,7 +256,7 @@ class _FakeLoad:
 
 def _sweep(objective: Objective, start: int = 1, plateau: int = 1000,
            upward: bool = True) -> list[int]:
-    measurer = Measurer(Path(), {}, objective, None, 2)  # type: ignore[arg-type]
+    measurer = Measurer(Path(), {}, objective, None)  # type: ignore[arg-type]
     load = _FakeLoad(objective, plateau)
     measurer._sweep(load, start, upward)  # type: ignore[arg-type]
     return [p.concurrency for p in load.points]
@@ -507,6 +507,7 @@ def _tuner(tmp_path: Path, minutes: float, monkeypatch: pytest.MonkeyPatch,
     tuner.variants = [ModelVariant("m", "fp32", _config(), tmp_path / "m.onnx", {})]
     tuner.profiles = {"m": _profile()}
     tuner.cost = COST
+    tuner.default = Candidate.from_config(_config())  # what the costs phase reads
     return tuner
 
 
